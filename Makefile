@@ -1,0 +1,55 @@
+# Every target installs what it needs into .venv first, so each works on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
+PROTO_GEN := $(VENV)/proto-gen
+
+.PHONY: run demo test bench bench-train bench-serve lint proto proto-check clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]" --config-settings editable_mode=strict
+	touch $@
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,bench]" --config-settings editable_mode=strict
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/nextchar serve
+
+demo: $(STAMP)
+	$(PY) -m nextchar.core.demo --out demo-out
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: bench-train bench-serve
+
+bench-train: $(BENCH_STAMP)
+	$(PY) bench/train_bench.py
+
+bench-serve: $(STAMP)
+	$(PY) bench/serve_bench.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy core server client bench tests
+
+proto: $(STAMP)
+	rm -rf $(PROTO_GEN) && mkdir -p $(PROTO_GEN)
+	$(PY) -m grpc_tools.protoc -Inextchar/proto=proto \
+		--python_out=$(PROTO_GEN) --grpc_python_out=$(PROTO_GEN) \
+		--mypy_out=$(PROTO_GEN) --mypy_grpc_out=$(PROTO_GEN) proto/nextchar.proto
+	cp $(PROTO_GEN)/nextchar/proto/* proto/
+
+# CI: the committed stubs must be what `make proto` generates.
+proto-check: proto
+	git diff --exit-code -- proto/
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo-out

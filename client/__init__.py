@@ -1,0 +1,1 @@
+"""nextchar.client: the Python client library and the Typer CLI."""

@@ -1,0 +1,220 @@
+"""CharRNN: a stack of recurrent layers over one-hot characters, with a linear read-out.
+
+The model contract is min-char-rnn's: ``loss_and_grads(inputs, targets, state)``
+returns ``(loss, grads, state_last)`` for a (T, B) chunk, and the gradients are checked
+against finite differences in tests/test_gradients.py. Inference has two shapes:
+``step`` advances N independent sessions by one character each (the server batches
+every waiting session into this one call), ``run`` feeds a whole chunk to one state.
+
+Parameters (l = layer, G = gates of the cell):
+  l{l}.Wxh (V or H, G*H)  input weights; layer 0 rows are gathered, never multiplied by a one-hot
+  l{l}.Whh (H, G*H)       recurrent weights
+  l{l}.bh  (G*H,)         bias
+  l{l}.bhn (H,)           GRU only: bias inside the reset gate, as in PyTorch
+  Why (H, V), by (V,)     read-out
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from nextchar.core import cells, losses
+from nextchar.core.vocab import Vocab
+
+Params = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cell: str = "rnn"
+    hidden: int = 256
+    layers: int = 1
+    loss: str = "ce"
+    dtype: str = "float32"  # float64 for gradient checks
+
+    def __post_init__(self) -> None:
+        if self.cell not in cells.GATES:
+            raise ValueError(f"cell must be one of {sorted(cells.GATES)}, got {self.cell!r}")
+        if not 1 <= self.hidden <= 4096:
+            raise ValueError(f"hidden must be in 1..4096, got {self.hidden}")
+        if not 1 <= self.layers <= 3:
+            raise ValueError(f"layers must be in 1..3, got {self.layers}")
+        if self.loss not in losses.LOSSES:
+            raise ValueError(f"loss must be one of {sorted(losses.LOSSES)}, got {self.loss!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def param_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    H, V, G = config.hidden, vocab_size, cells.GATES[config.cell] * config.hidden
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in range(config.layers):
+        shapes[f"l{layer}.Wxh"] = (V if layer == 0 else H, G)
+        shapes[f"l{layer}.Whh"] = (H, G)
+        shapes[f"l{layer}.bh"] = (G,)
+        if config.cell == "gru":
+            shapes[f"l{layer}.bhn"] = (H,)
+    shapes["Why"] = (H, V)
+    shapes["by"] = (V,)
+    return shapes
+
+
+def init_params(config: ModelConfig, vocab_size: int, rng: np.random.Generator) -> Params:
+    """Uniform(-1/sqrt(H), 1/sqrt(H)) for every weight, as PyTorch's RNN modules do; zero biases.
+
+    The notebook's 0.01 * randn starts a tanh RNN almost linear and learns slowly.
+    """
+    bound = 1.0 / np.sqrt(config.hidden)
+    params: Params = {}
+    for name, shape in param_shapes(config, vocab_size).items():
+        if len(shape) == 1:
+            params[name] = np.zeros(shape, dtype=config.dtype)
+        else:
+            params[name] = rng.uniform(-bound, bound, size=shape).astype(config.dtype)
+    if config.cell == "lstm":  # forget-gate bias 1: remember by default (Jozefowicz et al. 2015)
+        H = config.hidden
+        for layer in range(config.layers):
+            params[f"l{layer}.bh"][H : 2 * H] = 1.0
+    return params
+
+
+class CharRNN:
+    """Parameters plus the vocabulary they were trained on; stateless itself (states are passed in)."""
+
+    def __init__(self, config: ModelConfig, vocab: Vocab, params: Params) -> None:
+        expected = param_shapes(config, vocab.size)
+        if set(params) != set(expected):
+            raise ValueError(f"parameter names {sorted(params)} != expected {sorted(expected)}")
+        for name, shape in expected.items():
+            if params[name].shape != shape:
+                raise ValueError(f"{name} has shape {params[name].shape}, expected {shape}")
+        self.config = config
+        self.vocab = vocab
+        self.params = {k: np.ascontiguousarray(v, dtype=config.dtype) for k, v in params.items()}
+
+    @classmethod
+    def create(cls, config: ModelConfig, vocab: Vocab, seed: int = 0) -> CharRNN:
+        return cls(config, vocab, init_params(config, vocab.size, np.random.default_rng(seed)))
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return np.dtype(self.config.dtype)
+
+    @property
+    def layer_width(self) -> int:
+        return cells.STATE_WIDTH[self.config.cell] * self.config.hidden
+
+    @property
+    def state_size(self) -> int:
+        """Floats in one session's state: every layer's h (and c for LSTM), concatenated."""
+        return self.config.layers * self.layer_width
+
+    def initial_state(self, n: int = 1) -> np.ndarray:
+        return np.zeros((n, self.state_size), dtype=self.dtype)
+
+    # ------------------------------------------------------------ training
+
+    def loss_and_grads(
+        self, inputs: np.ndarray, targets: np.ndarray, state: np.ndarray
+    ) -> tuple[float, Params, np.ndarray, float]:
+        """Loss of a (T, B) chunk from state (B, S); returns (loss, grads, state_last, nats)."""
+        cfg, p = self.config, self.params
+        T, B = inputs.shape
+        H, W = cfg.hidden, self.layer_width
+        caches: list[cells.LayerCache] = []
+        new_state = np.empty_like(state)
+        x: np.ndarray | None = None  # (T, B, H) output of the layer below
+        for layer in range(cfg.layers):
+            xp = self._input_projection(layer, inputs, x)
+            s0 = state[:, layer * W : (layer + 1) * W]
+            s_last, cache = cells.forward(cfg.cell, xp, s0, p[f"l{layer}.Whh"], p.get(f"l{layer}.bhn"))
+            new_state[:, layer * W : (layer + 1) * W] = s_last
+            caches.append(cache)
+            x = cache.hs
+        assert x is not None
+        hs = x.reshape(T * B, H)
+        logits = hs @ p["Why"]
+        logits += p["by"]
+        loss, dlogits, nats = losses.LOSSES[cfg.loss](logits, targets.reshape(T * B))
+
+        grads: Params = {"Why": hs.T @ dlogits, "by": dlogits.sum(axis=0)}
+        dhs = (dlogits @ p["Why"].T).reshape(T, B, H)
+        for layer in reversed(range(cfg.layers)):
+            cache = caches[layer]
+            dxp, dWhh, dbhn = cells.backward(cfg.cell, cache, dhs, p[f"l{layer}.Whh"])
+            dxp2 = dxp.reshape(T * B, -1)
+            grads[f"l{layer}.Whh"] = dWhh
+            grads[f"l{layer}.bh"] = dxp2.sum(axis=0)
+            if dbhn is not None:
+                grads[f"l{layer}.bhn"] = dbhn
+            if layer == 0:
+                grads["l0.Wxh"] = _scatter_rows(inputs.reshape(T * B), dxp2, p["l0.Wxh"].shape[0])
+            else:
+                below = caches[layer - 1].hs.reshape(T * B, H)
+                grads[f"l{layer}.Wxh"] = below.T @ dxp2
+                dhs = (dxp2 @ p[f"l{layer}.Wxh"].T).reshape(T, B, H)
+        return loss, grads, new_state, nats
+
+    def _input_projection(self, layer: int, inputs: np.ndarray, below: np.ndarray | None) -> np.ndarray:
+        """xp = x @ Wxh + bh for a whole (T, B) chunk: a row gather at layer 0."""
+        Wxh, bh = self.params[f"l{layer}.Wxh"], self.params[f"l{layer}.bh"]
+        if below is None:
+            xp = Wxh[inputs]  # (T, B, G*H)
+        else:
+            T, B, H = below.shape
+            xp = (below.reshape(T * B, H) @ Wxh).reshape(T, B, -1)
+        xp += bh
+        return xp
+
+    # ------------------------------------------------------------ inference
+
+    def step(self, state: np.ndarray, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Advance N sessions by one character each: (N, S), (N,) -> (new states, probs (N, V))."""
+        cfg, p = self.config, self.params
+        W = self.layer_width
+        new_state = np.empty_like(state)
+        x: np.ndarray | None = None
+        for layer in range(cfg.layers):
+            Wxh, bh = p[f"l{layer}.Wxh"], p[f"l{layer}.bh"]
+            xp = Wxh[inputs] if x is None else x @ Wxh
+            xp += bh
+            s = cells.step(cfg.cell, xp, state[:, layer * W : (layer + 1) * W], p[f"l{layer}.Whh"], p.get(f"l{layer}.bhn"))
+            new_state[:, layer * W : (layer + 1) * W] = s
+            x = s[:, : cfg.hidden]
+        assert x is not None
+        return new_state, self.probabilities(x)
+
+    def run(self, state: np.ndarray, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Feed a chunk (T,) to one state (S,): returns (state after it, probs (T, V) after each char)."""
+        cfg, p = self.config, self.params
+        W = self.layer_width
+        new_state = np.empty_like(state)
+        x: np.ndarray | None = None
+        idx = inputs.reshape(-1, 1)
+        for layer in range(cfg.layers):
+            xp = self._input_projection(layer, idx, x)
+            s0 = state[None, layer * W : (layer + 1) * W]
+            s_last, cache = cells.forward(cfg.cell, xp, s0, p[f"l{layer}.Whh"], p.get(f"l{layer}.bhn"))
+            new_state[layer * W : (layer + 1) * W] = s_last[0]
+            x = cache.hs
+        assert x is not None
+        return new_state, self.probabilities(x[:, 0, :])
+
+    def probabilities(self, h: np.ndarray) -> np.ndarray:
+        """Next-character distribution (N, V) from the top layer's hidden state (N, H)."""
+        logits = h @ self.params["Why"]
+        logits += self.params["by"]
+        return losses.probabilities(self.config.loss, logits)
+
+
+def _scatter_rows(indices: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """sum of rows grouped by index, (n, G): the gradient of a row gather, without np.add.at's slowness."""
+    onehot = np.zeros((n, indices.shape[0]), dtype=rows.dtype)
+    onehot[indices, np.arange(indices.shape[0])] = 1.0
+    return onehot @ rows

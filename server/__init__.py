@@ -1,0 +1,1 @@
+"""nextchar.server: the gRPC service — sessions, batching, model registry."""
