@@ -191,42 +191,53 @@ def _rnn_backward(cache: LayerCache, dhs: np.ndarray, Whh: np.ndarray) -> np.nda
 def _gru_backward(cache: LayerCache, dhs: np.ndarray, Whh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     T, B, H = cache.hs.shape
     rz, n, ghn = cache.gates["rz"], cache.gates["n"], cache.gates["ghn"]
-    hprev = _previous_h(cache)
     r, z = rz[:, :, :H], rz[:, :, H:]
+    # Everything that does not depend on dh is computed for all T at once, outside the loop.
+    k_n = (1.0 - z) * (1.0 - np.square(n))  # dL/d(n preact) = dh * k_n
+    k_r = ghn * r * (1.0 - r)  # dL/d(r preact) = dn_pre * k_r
+    k_z = (_previous_h(cache) - n) * z * (1.0 - z)  # dL/d(z preact) = dh * k_z
     dxp = np.empty((T, B, 3 * H), dtype=dhs.dtype)
     dgh = np.empty((T, B, 3 * H), dtype=dhs.dtype)
     WhhT = np.ascontiguousarray(Whh.T)
     dh = np.zeros((B, H), dtype=dhs.dtype)
+    back = np.empty((B, H), dtype=dhs.dtype)
     for t in range(T - 1, -1, -1):
         dh += dhs[t]
-        dan = dh * (1.0 - z[t]) * (1.0 - np.square(n[t]))  # through tanh of n
-        dxp[t, :, 2 * H :] = dan
+        dan = np.multiply(dh, k_n[t], out=dxp[t, :, 2 * H :])
         np.multiply(dan, r[t], out=dgh[t, :, 2 * H :])
-        dr = dan * ghn[t]
-        dxp[t, :, :H] = dr * r[t] * (1.0 - r[t])
-        dxp[t, :, H : 2 * H] = dh * (hprev[t] - n[t]) * z[t] * (1.0 - z[t])
+        np.multiply(dan, k_r[t], out=dxp[t, :, :H])
+        np.multiply(dh, k_z[t], out=dxp[t, :, H : 2 * H])
         dgh[t, :, : 2 * H] = dxp[t, :, : 2 * H]
-        dh = dh * z[t] + dgh[t] @ WhhT
+        np.matmul(dgh[t], WhhT, out=back)
+        dh *= z[t]
+        dh += back
     return dxp, dgh
 
 
 def _lstm_backward(cache: LayerCache, dhs: np.ndarray, Whh: np.ndarray) -> np.ndarray:
     T, B, H = cache.hs.shape
     act, cs, tcs = cache.gates["act"], cache.gates["cs"], cache.gates["tcs"]
-    c0 = cache.h0[:, H:]
     i, f, g, o = act[:, :, :H], act[:, :, H : 2 * H], act[:, :, 2 * H : 3 * H], act[:, :, 3 * H :]
+    c_prev = np.concatenate([cache.h0[None, :, H:], cs[:-1]], axis=0)
+    # Factors that do not depend on the incoming gradient, for all T at once.
+    k_c = o * (1.0 - np.square(tcs))  # dc += dh * k_c
+    k_ifg = np.empty((T, B, 3, H), dtype=dhs.dtype)  # da_{i,f,g} = dc * k_ifg
+    k_ifg[:, :, 0] = g * i * (1.0 - i)
+    k_ifg[:, :, 1] = c_prev * f * (1.0 - f)
+    k_ifg[:, :, 2] = i * (1.0 - np.square(g))
+    k_o = tcs * o * (1.0 - o)  # da_o = dh * k_o
     da = np.empty_like(act)
+    da_ifg = da[:, :, : 3 * H].reshape(T, B, 3, H)
     WhhT = np.ascontiguousarray(Whh.T)
     dh = np.zeros((B, H), dtype=dhs.dtype)
     dc = np.zeros((B, H), dtype=dhs.dtype)
+    tmp = np.empty((B, H), dtype=dhs.dtype)
     for t in range(T - 1, -1, -1):
         dh += dhs[t]
-        c_prev = cs[t - 1] if t > 0 else c0
-        dc += dh * o[t] * (1.0 - np.square(tcs[t]))
-        da[t, :, :H] = dc * g[t] * i[t] * (1.0 - i[t])
-        da[t, :, H : 2 * H] = dc * c_prev * f[t] * (1.0 - f[t])
-        da[t, :, 2 * H : 3 * H] = dc * i[t] * (1.0 - np.square(g[t]))
-        da[t, :, 3 * H :] = dh * tcs[t] * o[t] * (1.0 - o[t])
+        np.multiply(dh, k_c[t], out=tmp)
+        dc += tmp
+        np.multiply(dc[:, None, :], k_ifg[t], out=da_ifg[t])
+        np.multiply(dh, k_o[t], out=da[t, :, 3 * H :])
         dc *= f[t]
-        dh = da[t] @ WhhT
+        np.matmul(da[t], WhhT, out=dh)
     return da

@@ -120,13 +120,11 @@ class CharRNN:
 
     # ------------------------------------------------------------ training
 
-    def loss_and_grads(
-        self, inputs: np.ndarray, targets: np.ndarray, state: np.ndarray
-    ) -> tuple[float, Params, np.ndarray, float]:
-        """Loss of a (T, B) chunk from state (B, S); returns (loss, grads, state_last, nats)."""
+    def forward(self, inputs: np.ndarray, state: np.ndarray) -> tuple[list[cells.LayerCache], np.ndarray, np.ndarray]:
+        """Run a (T, B) chunk from state (B, S): (layer caches, logits (T*B, V), state after it)."""
         cfg, p = self.config, self.params
         T, B = inputs.shape
-        H, W = cfg.hidden, self.layer_width
+        W = self.layer_width
         caches: list[cells.LayerCache] = []
         new_state = np.empty_like(state)
         x: np.ndarray | None = None  # (T, B, H) output of the layer below
@@ -138,9 +136,19 @@ class CharRNN:
             caches.append(cache)
             x = cache.hs
         assert x is not None
-        hs = x.reshape(T * B, H)
-        logits = hs @ p["Why"]
+        logits = x.reshape(T * B, cfg.hidden) @ p["Why"]
         logits += p["by"]
+        return caches, logits, new_state
+
+    def loss_and_grads(
+        self, inputs: np.ndarray, targets: np.ndarray, state: np.ndarray
+    ) -> tuple[float, Params, np.ndarray, float]:
+        """Loss of a (T, B) chunk from state (B, S); returns (loss, grads, state_last, nats summed)."""
+        cfg, p = self.config, self.params
+        T, B = inputs.shape
+        H = cfg.hidden
+        caches, logits, new_state = self.forward(inputs, state)
+        hs = caches[-1].hs.reshape(T * B, H)
         loss, dlogits, nats = losses.LOSSES[cfg.loss](logits, targets.reshape(T * B))
 
         grads: Params = {"Why": hs.T @ dlogits, "by": dlogits.sum(axis=0)}
@@ -192,19 +200,8 @@ class CharRNN:
 
     def run(self, state: np.ndarray, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Feed a chunk (T,) to one state (S,): returns (state after it, probs (T, V) after each char)."""
-        cfg, p = self.config, self.params
-        W = self.layer_width
-        new_state = np.empty_like(state)
-        x: np.ndarray | None = None
-        idx = inputs.reshape(-1, 1)
-        for layer in range(cfg.layers):
-            xp = self._input_projection(layer, idx, x)
-            s0 = state[None, layer * W : (layer + 1) * W]
-            s_last, cache = cells.forward(cfg.cell, xp, s0, p[f"l{layer}.Whh"], p.get(f"l{layer}.bhn"))
-            new_state[layer * W : (layer + 1) * W] = s_last[0]
-            x = cache.hs
-        assert x is not None
-        return new_state, self.probabilities(x[:, 0, :])
+        _, logits, new_state = self.forward(inputs.reshape(-1, 1), state[None, :])
+        return new_state[0], losses.probabilities(self.config.loss, logits)
 
     def probabilities(self, h: np.ndarray) -> np.ndarray:
         """Next-character distribution (N, V) from the top layer's hidden state (N, H)."""

@@ -1,0 +1,128 @@
+"""Model files: one .npz (no pickle) holding the parameters and a JSON metadata record.
+
+The metadata carries everything needed to rebuild and trust the model: format
+version, config, vocabulary, training summary, loss history, and a SHA-256 over the
+parameters. Writes go to a temporary file in the same directory and are renamed
+into place, so a crash mid-save never leaves a half-written model under the real
+name. Loading checks everything and raises ModelFileError naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nextchar.core.atomic import atomic_write
+from nextchar.core.model import CharRNN, ModelConfig, Params, param_shapes
+from nextchar.core.vocab import Vocab
+
+FORMAT = "nextchar.model"
+FORMAT_VERSION = 1
+META_KEY = "__meta__"
+PARAM_PREFIX = "param:"
+
+
+class ModelFileError(Exception):
+    """A model file is missing, unreadable, corrupt or inconsistent; the message says which and why."""
+
+
+@dataclass
+class ModelFile:
+    model: CharRNN
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def checksum(params: Params) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        array = np.ascontiguousarray(params[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def save_model(
+    path: str | os.PathLike[str],
+    model: CharRNN,
+    *,
+    history: list[dict[str, Any]] | None = None,
+    summary: dict[str, Any] | None = None,
+) -> None:
+    """Write model atomically (see nextchar.core.atomic): a crash mid-save leaves the old file."""
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "vocab": model.vocab.chars,
+        "summary": summary or {},
+        "history": history or [],
+        "checksum": checksum(model.params),
+    }
+    arrays: dict[str, np.ndarray] = {PARAM_PREFIX + k: v for k, v in model.params.items()}
+    arrays[META_KEY] = np.frombuffer(json.dumps(meta, allow_nan=True).encode(), dtype=np.uint8)
+    with atomic_write(path) as f:
+        np.savez(f, allow_pickle=False, **arrays)  # type: ignore[arg-type]
+
+
+def load_model(path: str | os.PathLike[str]) -> ModelFile:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as exc:
+        raise ModelFileError(f"{path}: not a readable model file (truncated or corrupted?): {exc}") from exc
+    meta = _read_meta(path, arrays.pop(META_KEY, None))
+    try:
+        config = ModelConfig(**meta["config"])
+        vocab = Vocab(meta["vocab"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ModelFileError(f"{path}: invalid config or vocab in metadata: {exc}") from exc
+    params = {k.removeprefix(PARAM_PREFIX): v for k, v in arrays.items() if k.startswith(PARAM_PREFIX)}
+    _check_params(path, config, vocab, params)
+    if checksum(params) != meta.get("checksum"):
+        raise ModelFileError(f"{path}: checksum mismatch: the parameters were modified or corrupted")
+    model = CharRNN(config, vocab, params)
+    return ModelFile(model, meta.get("history", []), meta.get("summary", {}), meta)
+
+
+def _read_meta(path: Path, raw: np.ndarray | None) -> dict[str, Any]:
+    if raw is None:
+        raise ModelFileError(f"{path}: no metadata record; not a nextchar model file")
+    try:
+        meta = json.loads(raw.tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: metadata is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a nextchar model file (format {meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: format version {meta.get('format_version')!r} is not supported "
+            f"(this nextchar reads version {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def _check_params(path: Path, config: ModelConfig, vocab: Vocab, params: Params) -> None:
+    expected = param_shapes(config, vocab.size)
+    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+    if missing or extra:
+        raise ModelFileError(f"{path}: parameters do not match the config: missing {missing}, unexpected {extra}")
+    for name, shape in expected.items():
+        array = params[name]
+        if array.shape != shape:
+            raise ModelFileError(f"{path}: {name} has shape {array.shape}, config implies {shape}")
+        if array.dtype != np.dtype(config.dtype):
+            raise ModelFileError(f"{path}: {name} has dtype {array.dtype}, config says {config.dtype}")
+        if not np.all(np.isfinite(array)):
+            raise ModelFileError(f"{path}: {name} contains NaN or infinite values")

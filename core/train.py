@@ -1,0 +1,252 @@
+"""Truncated-BPTT training over a corpus of any size, with B parallel streams.
+
+The training text is cut into B contiguous streams; each step trains on the next T
+characters of every stream, starting from the hidden state the previous step ended
+in (reset at each epoch). Validation streams the held-out tail through one carried
+state, so its bits/char is what a session on the server would see.
+
+Run: ``python -m nextchar.client.cli train --local FILE`` (or ``nextchar train``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nextchar.core.evaluate import evaluate_indices
+from nextchar.core.memory import keep_freed_memory
+from nextchar.core.model import CharRNN, ModelConfig
+from nextchar.core.optim import CLIPS, OPTIMIZERS, Optimizer, clip_grads
+from nextchar.core.vocab import Vocab
+
+ProgressFn = Callable[[dict[str, Any]], None]
+StopFn = Callable[[], bool]
+LN2 = math.log(2)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; nothing from the run should be kept."""
+
+
+class TrainingCancelled(RuntimeError):
+    """should_stop() asked the run to end; nothing from the run should be kept."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seq_len: int = 64  # T: BPTT window
+    batch: int = 64  # B: parallel streams; one update per B*T characters
+    epochs: int = 10
+    lr: float = 2e-3
+    optimizer: str = "adam"
+    clip: str = "norm"  # "value" is the notebook's elementwise clip
+    clip_value: float = 5.0
+    val_fraction: float = 0.1  # the tail of the text, never seen in training
+    patience: int = 0  # epochs without a better validation loss before stopping; 0 = off
+    seed: int = 0
+    log_every: int = 100  # steps between progress records (epoch ends always report)
+    max_chars: int = 0  # training-character budget; 0 = epochs decide
+    max_seconds: float = 0.0  # wall-clock budget; 0 = none
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.seq_len <= 10_000, "seq_len", "in 1..10000", self.seq_len)
+        _require(1 <= self.batch <= 4096, "batch", "in 1..4096", self.batch)
+        _require(1 <= self.epochs <= 1_000_000, "epochs", "in 1..1000000", self.epochs)
+        _require(0 < self.lr <= 10 and math.isfinite(self.lr), "lr", "in (0, 10]", self.lr)
+        _require(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}", self.optimizer)
+        _require(self.clip in CLIPS, "clip", f"one of {CLIPS}", self.clip)
+        _require(0 < self.clip_value < math.inf, "clip_value", "positive", self.clip_value)
+        _require(0 <= self.val_fraction < 0.5, "val_fraction", "in [0, 0.5)", self.val_fraction)
+        _require(self.patience >= 0, "patience", ">= 0", self.patience)
+        _require(self.log_every >= 1, "log_every", ">= 1", self.log_every)
+        _require(self.max_chars >= 0, "max_chars", ">= 0", self.max_chars)
+        _require(self.max_seconds >= 0, "max_seconds", ">= 0", self.max_seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _require(ok: bool, name: str, rule: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+@dataclass
+class TrainResult:
+    model: CharRNN
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def split_text(text: str, val_fraction: float) -> tuple[str, str]:
+    n_val = int(len(text) * val_fraction)
+    return text[: len(text) - n_val], text[len(text) - n_val :]
+
+
+def check_text(text: str, config: TrainConfig) -> None:
+    """Raise ValueError when the text cannot fill one (T, B) step after the validation split."""
+    train_text, val_text = split_text(text, config.val_fraction)
+    need = config.batch * config.seq_len + 1
+    if len(train_text) < need:
+        raise ValueError(
+            f"text: {len(train_text)} training characters cannot fill one step of "
+            f"batch {config.batch} x seq_len {config.seq_len} (needs {need}); "
+            "give more text or lower batch/seq_len"
+        )
+    if config.val_fraction > 0 and len(val_text) < 2:
+        raise ValueError("text: too short to hold out a validation split; set val_fraction 0")
+
+
+def train(
+    text: str,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    *,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> TrainResult:
+    """Train a new model on text; the best-validation weights are returned (the last, if no validation).
+
+    Same seed, data and machine give bit-identical weights: the only randomness is
+    the seeded initialisation.
+    """
+    check_text(text, config)
+    train_text, val_text = split_text(text, config.val_fraction)
+    model = CharRNN.create(model_config, Vocab.from_text(text), seed=config.seed)
+    return Trainer(model, config, on_progress, should_stop).run(
+        model.vocab.encode(train_text), model.vocab.encode(val_text)
+    )
+
+
+class Trainer:
+    """One training run: owns the optimizer, the carried states and the history."""
+
+    def __init__(
+        self, model: CharRNN, config: TrainConfig, on_progress: ProgressFn | None, should_stop: StopFn | None
+    ) -> None:
+        keep_freed_memory()
+        self.model, self.config = model, config
+        self.on_progress = on_progress or (lambda record: None)
+        self.should_stop = should_stop or (lambda: False)
+        self.optimizer = Optimizer(config.optimizer, config.lr, model.params)
+        self.history: list[dict[str, Any]] = []
+        self.step = self.chars = 0
+        self.train_seconds = 0.0
+
+    def run(self, train_idx: np.ndarray, val_idx: np.ndarray) -> TrainResult:
+        cfg, model = self.config, self.model
+        B, T = cfg.batch, cfg.seq_len
+        L = (len(train_idx) - 1) // B  # characters per stream
+        X = train_idx[: B * L].reshape(B, L).T  # (L, B) inputs; column b is stream b
+        Y = train_idx[1 : B * L + 1].reshape(B, L).T  # (L, B) targets
+        budget = cfg.max_chars or cfg.epochs * B * L
+        self.total_chars = min(budget, cfg.epochs * B * L)
+        best_val, best_params, stale = math.inf, None, 0
+        start = time.perf_counter()
+        for epoch in range(1, cfg.epochs + 1):
+            state = model.initial_state(B)
+            window, whole_epoch = Running(), Running()
+            for s in range(0, L, T):
+                if self.should_stop():
+                    raise TrainingCancelled("training cancelled")
+                x, y = X[s : s + T], Y[s : s + T]
+                state = self._step(epoch, x, y, state, (window, whole_epoch))
+                if self.step % cfg.log_every == 0:
+                    self._record("step", epoch, window)
+                    window = Running()
+                if self.chars >= budget or self._out_of_time(start):
+                    break
+            val = evaluate_indices(model, val_idx) if len(val_idx) > 1 else None
+            self._record("epoch", epoch, whole_epoch, val)
+            if val is not None and val["nats_per_char"] < best_val:
+                best_val, stale = val["nats_per_char"], 0
+                best_params = {k: v.copy() for k, v in model.params.items()}
+            else:
+                stale += 1
+            if (cfg.patience and stale >= cfg.patience) or self.chars >= budget or self._out_of_time(start):
+                break
+        if best_params is not None:
+            model.params = best_params
+        last = self.history[-1]
+        summary = {
+            "epochs": last["epoch"],
+            "steps": self.step,
+            "train_chars": self.chars,
+            "train_seconds": self.train_seconds,
+            "chars_per_sec": self.chars / max(self.train_seconds, 1e-9),
+            "wall_seconds": time.perf_counter() - start,
+            "train_loss": last["train_loss"],
+            "train_bpc": last["train_bpc"],
+            "val_bpc": best_val / LN2 if best_params is not None else None,
+            "config": cfg.to_dict(),
+        }
+        return TrainResult(model, self.history, summary)
+
+    def _step(
+        self, epoch: int, x: np.ndarray, y: np.ndarray, state: np.ndarray, meters: tuple[Running, ...]
+    ) -> np.ndarray:
+        """One update on a (T, B) chunk; returns the state to carry into the next chunk."""
+        t0 = time.perf_counter()
+        loss, grads, state, nats = self.model.loss_and_grads(x, y, state)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss} at epoch {epoch}, step {self.step + 1}; "
+                "lower the learning rate or clip harder"
+            )
+        clip_grads(grads, self.config.clip, self.config.clip_value)
+        self.optimizer.update(self.model.params, grads)
+        self.train_seconds += time.perf_counter() - t0
+        self.step += 1
+        self.chars += x.size
+        for meter in meters:
+            meter.add(loss, nats, x.size)
+        return state
+
+    def _out_of_time(self, start: float) -> bool:
+        return bool(self.config.max_seconds) and time.perf_counter() - start >= self.config.max_seconds
+
+    def _record(self, kind: str, epoch: int, meter: Running, val: dict[str, float] | None = None) -> None:
+        rate = self.chars / max(self.train_seconds, 1e-9)
+        record: dict[str, Any] = {
+            "kind": kind,
+            "epoch": epoch,
+            "step": self.step,
+            "chars": self.chars,
+            "total_chars": self.total_chars,
+            "train_loss": meter.loss,
+            "train_bpc": meter.bits_per_char,
+            "val_loss": None if val is None else val["loss"],
+            "val_bpc": None if val is None else val["bits_per_char"],
+            "chars_per_sec": rate,
+            "elapsed": self.train_seconds,
+            "eta_seconds": max(self.total_chars - self.chars, 0) / rate if rate > 0 else None,
+        }
+        self.history.append(record)
+        self.on_progress(record)
+
+
+class Running:
+    """Mean training loss and bits/char over the steps added since it was made."""
+
+    def __init__(self) -> None:
+        self.loss_sum = self.nats = 0.0
+        self.steps = self.chars = 0
+
+    def add(self, loss: float, nats: float, chars: int) -> None:
+        self.loss_sum += loss
+        self.nats += nats
+        self.steps += 1
+        self.chars += chars
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.steps, 1)
+
+    @property
+    def bits_per_char(self) -> float:
+        return self.nats / max(self.chars, 1) / LN2
