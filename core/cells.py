@@ -175,7 +175,7 @@ def _previous_h(cache: LayerCache) -> np.ndarray:
 
 
 def _rnn_backward(cache: LayerCache, dhs: np.ndarray, Whh: np.ndarray) -> np.ndarray:
-    T, B, H = cache.hs.shape
+    T = cache.hs.shape[0]
     da = np.square(cache.hs)  # becomes 1 - h^2, then dL/da in place
     np.subtract(1.0, da, out=da)
     WhhT = np.ascontiguousarray(Whh.T)

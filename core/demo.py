@@ -20,7 +20,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-
 from nextchar.core.history import export_history
 from nextchar.core.model import CharRNN, ModelConfig
 from nextchar.core.train import TrainConfig, train
@@ -85,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     stateful = stateful_predictions(model, NOTEBOOK_TEXT)
     stateless = stateless_predictions(model, NOTEBOOK_TEXT)
 
-    print("\nPredicting each next character (stateful: one hidden state carried; stateless: reset each time):")
+    print(
+        "\nPredicting each next character (stateful: one hidden state carried; stateless: reset each time):"
+    )
     hits = np.zeros(2, dtype=int)
     for i in range(len(NOTEBOOK_TEXT) - 1):
         actual = NOTEBOOK_TEXT[i + 1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from nextchar.core import losses
 from nextchar.core.model import CharRNN
 

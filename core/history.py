@@ -70,7 +70,10 @@ def plot_png(history: list[dict[str, Any]], title: str = "Training loss") -> byt
 
 
 def export_history(
-    history: list[dict[str, Any]], fmt: str, path: str | os.PathLike[str], title: str = "Training loss"
+    history: list[dict[str, Any]],
+    fmt: str,
+    path: str | os.PathLike[str],
+    title: str = "Training loss",
 ) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")

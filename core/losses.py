@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-
 from nextchar.core.cells import sigmoid
 
 Loss = Literal["ce", "sigmoid_mse"]

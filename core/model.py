@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-
 from nextchar.core import cells, losses
 from nextchar.core.vocab import Vocab
 
@@ -120,7 +119,9 @@ class CharRNN:
 
     # ------------------------------------------------------------ training
 
-    def forward(self, inputs: np.ndarray, state: np.ndarray) -> tuple[list[cells.LayerCache], np.ndarray, np.ndarray]:
+    def forward(
+        self, inputs: np.ndarray, state: np.ndarray
+    ) -> tuple[list[cells.LayerCache], np.ndarray, np.ndarray]:
         """Run a (T, B) chunk from state (B, S): (layer caches, logits (T*B, V), state after it)."""
         cfg, p = self.config, self.params
         T, B = inputs.shape
@@ -192,7 +193,13 @@ class CharRNN:
             Wxh, bh = p[f"l{layer}.Wxh"], p[f"l{layer}.bh"]
             xp = Wxh[inputs] if x is None else x @ Wxh
             xp += bh
-            s = cells.step(cfg.cell, xp, state[:, layer * W : (layer + 1) * W], p[f"l{layer}.Whh"], p.get(f"l{layer}.bhn"))
+            s = cells.step(
+                cfg.cell,
+                xp,
+                state[:, layer * W : (layer + 1) * W],
+                p[f"l{layer}.Whh"],
+                p.get(f"l{layer}.bhn"),
+            )
             new_state[:, layer * W : (layer + 1) * W] = s
             x = s[:, : cfg.hidden]
         assert x is not None

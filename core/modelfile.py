@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from nextchar.core.atomic import atomic_write
 from nextchar.core.model import CharRNN, ModelConfig, Params, param_shapes
 from nextchar.core.vocab import Vocab
@@ -70,7 +69,7 @@ def save_model(
     arrays: dict[str, np.ndarray] = {PARAM_PREFIX + k: v for k, v in model.params.items()}
     arrays[META_KEY] = np.frombuffer(json.dumps(meta, allow_nan=True).encode(), dtype=np.uint8)
     with atomic_write(path) as f:
-        np.savez(f, allow_pickle=False, **arrays)  # type: ignore[arg-type]
+        np.savez(f, allow_pickle=False, **arrays)
 
 
 def load_model(path: str | os.PathLike[str]) -> ModelFile:
@@ -117,7 +116,9 @@ def _check_params(path: Path, config: ModelConfig, vocab: Vocab, params: Params)
     expected = param_shapes(config, vocab.size)
     missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
     if missing or extra:
-        raise ModelFileError(f"{path}: parameters do not match the config: missing {missing}, unexpected {extra}")
+        raise ModelFileError(
+            f"{path}: parameters do not match the config: missing {missing}, unexpected {extra}"
+        )
     for name, shape in expected.items():
         array = params[name]
         if array.shape != shape:

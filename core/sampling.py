@@ -7,7 +7,6 @@ same for softmax and sigmoid models without needing their logits.
 from __future__ import annotations
 
 import numpy as np
-
 from nextchar.core.model import CharRNN
 from nextchar.core.vocab import UNK
 
@@ -22,7 +21,11 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
 
 
 def sample(
-    probs: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+    probs: np.ndarray,
+    rng: np.random.Generator,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> int:
     """Draw one index from probs (V,); the unknown slot is never drawn."""
     p = np.asarray(probs, dtype=np.float64).copy()

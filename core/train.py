@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-
 from nextchar.core.evaluate import evaluate_indices
 from nextchar.core.memory import keep_freed_memory
 from nextchar.core.model import CharRNN, ModelConfig
@@ -127,7 +126,11 @@ class Trainer:
     """One training run: owns the optimizer, the carried states and the history."""
 
     def __init__(
-        self, model: CharRNN, config: TrainConfig, on_progress: ProgressFn | None, should_stop: StopFn | None
+        self,
+        model: CharRNN,
+        config: TrainConfig,
+        on_progress: ProgressFn | None,
+        should_stop: StopFn | None,
     ) -> None:
         keep_freed_memory()
         self.model, self.config = model, config
@@ -188,17 +191,22 @@ class Trainer:
         return TrainResult(model, self.history, summary)
 
     def _step(
-        self, epoch: int, x: np.ndarray, y: np.ndarray, state: np.ndarray, meters: tuple[Running, ...]
+        self,
+        epoch: int,
+        x: np.ndarray,
+        y: np.ndarray,
+        state: np.ndarray,
+        meters: tuple[Running, ...],
     ) -> np.ndarray:
         """One update on a (T, B) chunk; returns the state to carry into the next chunk."""
         t0 = time.perf_counter()
         loss, grads, state, nats = self.model.loss_and_grads(x, y, state)
-        if not math.isfinite(loss):
+        grad_norm = clip_grads(grads, self.config.clip, self.config.clip_value)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise TrainingDiverged(
-                f"loss became {loss} at epoch {epoch}, step {self.step + 1}; "
+                f"loss became {loss} (gradient norm {grad_norm}) at epoch {epoch}, step {self.step + 1}; "
                 "lower the learning rate or clip harder"
             )
-        clip_grads(grads, self.config.clip, self.config.clip_value)
         self.optimizer.update(self.model.params, grads)
         self.train_seconds += time.perf_counter() - t0
         self.step += 1

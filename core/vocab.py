@@ -19,7 +19,7 @@ class Vocab:
 
     def __init__(self, chars: str) -> None:
         alphabet = "".join(sorted(set(chars)))
-        if len(alphabet) != len(chars):
+        if alphabet != chars:
             raise ValueError("vocab characters must be distinct and sorted")
         if UNK_CHAR in alphabet:
             raise ValueError(f"vocab may not contain the unknown marker {UNK_CHAR!r}")

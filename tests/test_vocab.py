@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from nextchar.core.vocab import UNK, UNK_CHAR, Vocab
+
+
+def test_sorted_alphabet_with_unknown_slot() -> None:
+    vocab = Vocab.from_text("hello world")
+    assert vocab.chars == " dehlorw"
+    assert vocab.size == len(vocab.chars) + 1
+    assert vocab.char(UNK) == UNK_CHAR
+    assert vocab.decode(vocab.encode("hello")) == "hello"
+
+
+def test_unknown_characters_never_crash_and_are_reported() -> None:
+    vocab = Vocab.from_text("abc")
+    text = "abz€\U0001f600a\udcff"  # unseen ASCII, BMP, astral, and a lone surrogate
+    idx = vocab.encode(text)
+    assert idx.tolist() == [1, 2, UNK, UNK, UNK, 1, UNK]
+    assert vocab.unknown(text) == "z€\U0001f600\udcff"
+    assert np.flatnonzero(idx == UNK).tolist() == [2, 3, 4, 6]
+
+
+def test_empty_text_and_reserved_marker_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        Vocab.from_text("")
+    with pytest.raises(ValueError):
+        Vocab("ab" + UNK_CHAR)
+    with pytest.raises(ValueError):
+        Vocab("ba")
