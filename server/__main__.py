@@ -1,0 +1,60 @@
+"""``python -m nextchar.server [--host H] [--port P] [--model-dir DIR] ...``: run the service.
+
+The Typer CLI (``nextchar serve``) calls the same ``nextchar.server.app.serve``. The BLAS
+thread limit is set before NumPy is imported, which is the only moment the
+environment variable is read.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    from nextchar.server.config import ServerConfig, default_model_dir
+
+    defaults = ServerConfig(model_dir=default_model_dir())
+    parser = argparse.ArgumentParser(
+        prog="python -m nextchar.server", description="Run the nextchar gRPC service."
+    )
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument("--model-dir", type=Path, default=defaults.model_dir)
+    parser.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
+    parser.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout, help="seconds")
+    parser.add_argument(
+        "--session-lifetime", type=float, default=defaults.session_lifetime, help="seconds; 0 = none"
+    )
+    parser.add_argument("--max-chunk-chars", type=int, default=defaults.max_chunk_chars)
+    parser.add_argument("--grace", type=float, default=defaults.grace, help="drain grace, seconds")
+    parser.add_argument("--max-jobs", type=int, default=defaults.max_jobs)
+    parser.add_argument(
+        "--no-default-model", action="store_true", help="do not train a model on an empty registry"
+    )
+    args = parser.parse_args(argv)
+
+    from nextchar.server.app import serve
+
+    serve(
+        ServerConfig(
+            host=args.host,
+            port=args.port,
+            model_dir=args.model_dir,
+            max_sessions=args.max_sessions,
+            idle_timeout=args.idle_timeout,
+            session_lifetime=args.session_lifetime,
+            max_chunk_chars=args.max_chunk_chars,
+            grace=args.grace,
+            max_jobs=args.max_jobs,
+            train_default_if_empty=not args.no_default_model,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Wiring and lifecycle: ``create_server`` builds and starts the gRPC server, ``serve`` runs it until signalled.
+
+``create_server(config)`` is separate from ``serve()`` so tests can bind
+127.0.0.1:0 and drive drain themselves. The server is ``grpc.aio`` (asyncio): the
+thread-pool server carries 2.5x fewer streamed messages on this machine (the GIL),
+and the batcher wants every handler on one loop anyway.
+
+Drain (SIGTERM/SIGINT, or ``NextCharServer.drain``): health turns NOT_SERVING, new
+sessions are refused with UNAVAILABLE, live streams get ``config.grace`` seconds to
+finish, then the server stops (cancelling what is left) and training jobs are
+cancelled (they register nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from nextchar.proto import nextchar_pb2, nextchar_pb2_grpc
+from nextchar.server.batcher import Batcher
+from nextchar.server.blas import limit_blas_threads
+from nextchar.server.config import ServerConfig
+from nextchar.server.jobs import JobManager
+from nextchar.server.registry import DEFAULT_NAME, Registry
+from nextchar.server.servicer import NextCharServicer
+from nextchar.server.sessions import InMemorySessionStore, Sessions, SessionStore
+
+log = logging.getLogger("nextchar.server")
+SERVICE_NAME = nextchar_pb2.DESCRIPTOR.services_by_name["NextCharService"].full_name
+
+
+def train_default_model(registry: Registry) -> None:
+    """First start on an empty registry: train the notebook's model so sessions work at once.
+
+    rnn H=50 on "hello world" x3, the whole text as one BPTT window, batch 1, no
+    validation split (35 characters cannot spare one): about a second of training.
+    """
+    from nextchar.core.demo import NOTEBOOK_TEXT, notebook_configs
+    from nextchar.core.train import train
+
+    model_config, train_config = notebook_configs(epochs=200)
+    result = train(NOTEBOOK_TEXT, model_config, train_config)
+    registry.register(
+        DEFAULT_NAME, result.model, history=result.history, summary=result.summary, promote=True
+    )
+
+
+class NextCharServer:
+    """The running service: the grpc.aio server plus the parts it serves, and its drain."""
+
+    def __init__(self, config: ServerConfig, store: SessionStore | None = None) -> None:
+        self.config = config
+        self.registry = Registry(config.model_dir)
+        self.sessions = Sessions(
+            store or InMemorySessionStore(config.idle_timeout, config.session_lifetime), config.max_sessions
+        )
+        self.batcher = Batcher(config.batch_inline_chars)
+        self.jobs = JobManager(self.registry, config.max_jobs)
+        self.servicer = NextCharServicer(config, self.registry, self.sessions, self.batcher, self.jobs)
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs predate health.aio
+        self.grpc = grpc.aio.server(options=config.grpc_options())
+        self.port = 0
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        await asyncio.to_thread(self.registry.load_all)
+        if self.registry.is_empty and self.config.train_default_if_empty:
+            log.info("empty model registry at %s: training the default model", self.config.model_dir)
+            await asyncio.to_thread(train_default_model, self.registry)
+        for mv in self.registry.versions():
+            if not mv.available:
+                log.warning("model %s v%d unavailable: %s", mv.name, mv.version, mv.reason)
+        nextchar_pb2_grpc.add_NextCharServiceServicer_to_server(self.servicer, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        self.port = self.grpc.add_insecure_port(self.config.address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.config.address}")
+        self.batcher.start()
+        await self.grpc.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        log.info(
+            "nextchar serving on %s:%d (models in %s)", self.config.host, self.port, self.config.model_dir
+        )
+        return self.port
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            self.sessions.store.sweep(time.time())
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Refuse new sessions, let live streams finish for up to grace seconds, then stop."""
+        grace = self.config.grace if grace is None else grace
+        if self.sessions.draining:
+            await self._stopped.wait()
+            return
+        self.sessions.draining = True
+        await self.health.enter_graceful_shutdown()
+        log.info("draining: %d live stream(s), grace %.1f s", self.servicer.live_streams, grace)
+        if self.servicer.live_streams:
+            self.servicer.streams_idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.servicer.streams_idle.wait(), grace)
+        await self.stop(0.5)
+
+    async def stop(self, grace: float | None = 0.0) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.grpc.stop(grace)
+        await self.jobs.shutdown()
+        await self.batcher.close()
+        self._stopped.set()
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+async def create_server(
+    config: ServerConfig, store: SessionStore | None = None
+) -> tuple[NextCharServer, int]:
+    """Build, bind and start the service; returns (server, bound port). Call inside a running loop."""
+    server = NextCharServer(config, store)
+    port = await server.start()
+    return server, port
+
+
+async def serve_async(config: ServerConfig) -> None:
+    server, _ = await create_server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: loop.create_task(server.drain()))
+    await server.wait_for_termination()
+    log.info("nextchar server stopped")
+
+
+def serve(config: ServerConfig | None = None) -> None:
+    """Run the server until SIGTERM/SIGINT, then drain and return. Blocking; the CLI calls this."""
+    limit_blas_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve_async(config or ServerConfig()))

@@ -1,0 +1,82 @@
+"""ServerConfig: every limit and default of the service in one dataclass, passed explicitly.
+
+The defaults are what ``nextchar serve`` with no arguments uses. Limits exist so one
+client cannot take the server down: a chunk cap bounds the work of one message, a
+session cap bounds memory (it refuses NEW sessions and never evicts live ones), and
+idle sessions expire after minutes, not seconds, so a client can reconnect and resume.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+def default_model_dir() -> Path:
+    """$XDG_DATA_HOME/nextchar/models, else ~/.local/share/nextchar/models (the XDG default)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "nextchar" / "models"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback by default: auth/TLS arrive with a later issue
+    port: int = 50051  # 0 picks a free port (tests)
+    model_dir: Path = field(default_factory=default_model_dir)
+    max_sessions: int = 100_000  # ~1 KB each beyond the state: well under 1 GB at H=256
+    idle_timeout: float = 30 * 60.0  # seconds; long enough to reconnect after a network blip
+    session_lifetime: float = 0.0  # seconds; 0 = sessions live as long as they are used
+    max_chunk_chars: int = 4096  # characters per prediction message
+    max_top_k: int = 256
+    max_generate_chars: int = 100_000
+    max_message_bytes: int = 64 * MIB  # training text travels in one message
+    max_jobs: int = 1  # concurrent training workers; the machine has 2 cores and serves too
+    grace: float = 10.0  # seconds live streams get to finish when draining
+    sweep_interval: float = 30.0  # seconds between idle-session sweeps
+    train_default_if_empty: bool = True  # first start on an empty registry trains the notebook model
+    batch_inline_chars: int = 16  # batches this small run on the event loop; bigger ones in a thread
+
+    def __post_init__(self) -> None:
+        checks = {
+            "port": 0 <= self.port <= 65535,
+            "max_sessions": self.max_sessions >= 1,
+            "idle_timeout": self.idle_timeout > 0,
+            "session_lifetime": self.session_lifetime >= 0,
+            "max_chunk_chars": self.max_chunk_chars >= 1,
+            "max_top_k": self.max_top_k >= 1,
+            "max_generate_chars": self.max_generate_chars >= 1,
+            "max_message_bytes": self.max_message_bytes >= 4096,
+            "max_jobs": self.max_jobs >= 1,
+            "grace": self.grace >= 0,
+            "sweep_interval": self.sweep_interval > 0,
+            "batch_inline_chars": self.batch_inline_chars >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}: out of range ({getattr(self, name)!r})")
+        object.__setattr__(self, "model_dir", Path(self.model_dir).expanduser())
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Channel arguments of the server: size limits and keepalive.
+
+        Keepalive pings every 60 s find dead peers of long-lived streams; clients may
+        ping every 10 s without data (the default 5 min would make gRPC answer a
+        client's keepalive with GOAWAY "too_many_pings").
+        """
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.so_reuseport", 0),
+        ]

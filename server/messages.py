@@ -1,0 +1,136 @@
+"""Conversions from server objects to nextchar.v1 messages, so the servicer stays a thin adapter.
+
+Predictions are packed as parallel repeated scalars (one list per field, n*k long),
+never one sub-message per character: a nested message costs ~3 µs to build, which
+would cap 64-character chunks near 200,000 characters/s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from typing import Any
+
+import numpy as np
+from nextchar.proto import nextchar_pb2 as pb
+from nextchar.server.batcher import ChunkResult
+from nextchar.server.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job
+from nextchar.server.registry import ModelVersion
+from nextchar.server.sessions import Session
+
+JOB_STATES = {
+    RUNNING: pb.JOB_STATE_RUNNING,
+    SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
+    FAILED: pb.JOB_STATE_FAILED,
+    CANCELLED: pb.JOB_STATE_CANCELLED,
+}
+
+
+def model_ref(mv: ModelVersion | None) -> pb.ModelRef:
+    return pb.ModelRef(name=mv.name, version=mv.version) if mv else pb.ModelRef()
+
+
+def session_info(session: Session, idle_timeout: float, lifetime: float) -> pb.SessionInfo:
+    return pb.SessionInfo(
+        session_id=session.id,
+        model=model_ref(session.model),
+        offset=session.offset,
+        created_at=session.created,
+        last_used_at=session.last_used,
+        idle_expires_at=session.last_used + idle_timeout,
+        lifetime_expires_at=session.created + lifetime if lifetime else 0.0,
+    )
+
+
+def predictions(result: ChunkResult, idx: np.ndarray, unknown_chars: str) -> pb.Predictions:
+    n, k = result.top_index.shape
+    msg = pb.Predictions(
+        start_offset=result.start_offset,
+        count=n,
+        top_k=k,
+        top_index=result.top_index.ravel().tolist(),
+        top_prob=result.top_prob.ravel().tolist(),
+        surprisal_bits=result.surprisal_bits.tolist(),
+    )
+    if result.distribution is not None:
+        msg.distribution.extend(result.distribution.ravel().tolist())
+    if unknown_chars:
+        msg.unknown_positions.extend(np.flatnonzero(idx == 0).tolist())
+        msg.unknown_chars = unknown_chars
+    return msg
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def progress(record: dict[str, Any]) -> pb.ProgressRecord:
+    msg = pb.ProgressRecord(
+        kind=str(record.get("kind", "")),
+        epoch=int(record.get("epoch", 0)),
+        step=int(record.get("step", 0)),
+        chars=int(record.get("chars", 0)),
+        total_chars=int(record.get("total_chars", 0)),
+        train_loss=float(record.get("train_loss") or 0.0),
+        train_bpc=float(record.get("train_bpc") or 0.0),
+        chars_per_sec=float(record.get("chars_per_sec") or 0.0),
+        elapsed=float(record.get("elapsed") or 0.0),
+    )
+    for name in ("val_loss", "val_bpc", "eta_seconds"):
+        value = _finite(record.get(name))
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def job_info(job: Job) -> pb.JobInfo:
+    msg = pb.JobInfo(
+        job_id=job.id,
+        state=JOB_STATES[job.state],
+        model_name=job.model_name,
+        error=job.error,
+        started_at=job.started,
+        finished_at=job.finished,
+        model_config_json=json.dumps(job.model_config),
+        train_config_json=json.dumps(job.train_config),
+    )
+    if job.result is not None:
+        msg.result.CopyFrom(model_ref(job.result))
+    if job.records:
+        msg.latest.CopyFrom(progress(job.records[-1]))
+    return msg
+
+
+def job_event(job: Job, record: dict[str, Any] | None) -> pb.JobEvent:
+    event = pb.JobEvent(job=job_info(job))
+    if record is not None:
+        event.progress.CopyFrom(progress(record))
+    return event
+
+
+def bits_per_char(mv: ModelVersion) -> float | None:
+    summary = mv.summary or {}
+    return _finite(summary.get("val_bpc")) or _finite(summary.get("train_bpc"))
+
+
+def model_info(mv: ModelVersion, default: ModelVersion | None) -> pb.ModelInfo:
+    msg = pb.ModelInfo(
+        model=model_ref(mv),
+        available=mv.available,
+        reason=mv.reason,
+        is_default=mv is default,
+    )
+    with contextlib.suppress(OSError):
+        msg.file_bytes = mv.path.stat().st_size
+    if mv.model is not None:
+        cfg = mv.model.config
+        msg.cell, msg.hidden, msg.layers = cfg.cell, cfg.hidden, cfg.layers
+        msg.vocab_size = mv.model.vocab.size
+    bpc = bits_per_char(mv)
+    if bpc is not None:
+        msg.bits_per_char = bpc
+    return msg

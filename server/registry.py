@@ -1,0 +1,219 @@
+"""The model registry: versions of named models on disk, loaded once and shared by sessions.
+
+Layout under ``model_dir``::
+
+    <name>/<version>.npz   one model file per version (nextchar.core.modelfile)
+    default.json           {"name": ..., "version": ...}, replaced atomically
+
+A file that fails to load marks its version unavailable with the reason, and the
+server starts anyway. Sessions hold a ModelVersion by reference, so deleting or
+replacing the default never disturbs a live session: it finishes on its version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nextchar.core.atomic import atomic_write
+from nextchar.core.model import CharRNN
+from nextchar.core.modelfile import ModelFileError, load_model, save_model
+from nextchar.server.errors import FailedPrecondition, InvalidArgument, NotFound
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+DEFAULT_NAME = "default"
+POINTER = "default.json"
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise InvalidArgument(f"model.name: {name!r} must be 1-64 characters of [a-z0-9_.-]")
+    return name
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    """One version: its model when the file loaded, else the reason it did not."""
+
+    name: str
+    version: int
+    path: Path
+    model: CharRNN | None = None
+    reason: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    initial_probs: np.ndarray | None = None  # (V,) the prediction before any character
+
+    @property
+    def available(self) -> bool:
+        return self.model is not None
+
+    @property
+    def checksum(self) -> str:
+        return str(self.meta.get("checksum", ""))
+
+    def require(self) -> CharRNN:
+        if self.model is None:
+            raise FailedPrecondition(f"model {self.name} v{self.version} is unavailable: {self.reason}")
+        return self.model
+
+    @classmethod
+    def load(cls, name: str, version: int, path: Path) -> ModelVersion:
+        try:
+            mf = load_model(path)
+        except ModelFileError as exc:
+            return cls(name, version, path, reason=str(exc))
+        except Exception as exc:  # any damage must mark the version, not stop the server
+            return cls(name, version, path, reason=f"{path}: {type(exc).__name__}: {exc}")
+        return cls.from_model(name, version, path, mf.model, mf.history, mf.summary, mf.meta)
+
+    @classmethod
+    def from_model(
+        cls,
+        name: str,
+        version: int,
+        path: Path,
+        model: CharRNN,
+        history: list[dict[str, Any]],
+        summary: dict[str, Any],
+        meta: dict[str, Any],
+    ) -> ModelVersion:
+        h0 = np.zeros((1, model.config.hidden), dtype=model.dtype)  # every cell starts from zeros
+        probs = model.probabilities(h0)[0]
+        return cls(name, version, path, model, "", history, summary, meta, probs)
+
+
+class Registry:
+    """Thread-safe: jobs register from a worker thread while the event loop reads."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self._lock = threading.Lock()
+        self._versions: dict[tuple[str, int], ModelVersion] = {}
+        self._default: tuple[str, int] | None = None
+
+    # ------------------------------------------------------------ loading
+
+    def load_all(self) -> None:
+        """Scan model_dir; every version loads or is marked unavailable."""
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        versions: dict[tuple[str, int], ModelVersion] = {}
+        for directory in sorted(p for p in self.model_dir.iterdir() if p.is_dir()):
+            if not NAME_RE.match(directory.name):
+                continue
+            for path in sorted(directory.glob("*.npz")):
+                if path.stem.isdigit() and int(path.stem) >= 1:
+                    v = int(path.stem)
+                    versions[(directory.name, v)] = ModelVersion.load(directory.name, v, path)
+        with self._lock:
+            self._versions = versions
+            self._default = self._read_pointer()
+
+    def _read_pointer(self) -> tuple[str, int] | None:
+        path = self.model_dir / POINTER
+        try:
+            data = json.loads(path.read_text())
+            ref = (str(data["name"]), int(data["version"]))
+        except FileNotFoundError:
+            ref = None
+        except (ValueError, KeyError, TypeError, OSError):
+            ref = None  # a damaged pointer falls back to the newest available version
+        if ref is not None and ref in self._versions:
+            return ref
+        available = [k for k, v in self._versions.items() if v.available]
+        prefer = [k for k in available if k[0] == DEFAULT_NAME] or available
+        return max(prefer, key=lambda k: k[1]) if prefer else None
+
+    def _write_pointer(self, ref: tuple[str, int]) -> None:
+        with atomic_write(self.model_dir / POINTER) as f:
+            f.write(json.dumps({"name": ref[0], "version": ref[1]}).encode())
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def is_empty(self) -> bool:
+        return not self._versions
+
+    @property
+    def default(self) -> ModelVersion | None:
+        ref = self._default
+        return self._versions.get(ref) if ref else None
+
+    def versions(self) -> list[ModelVersion]:
+        with self._lock:
+            return [self._versions[k] for k in sorted(self._versions)]
+
+    def resolve(self, name: str, version: int, *, need_available: bool = True) -> ModelVersion:
+        """name "" = the default model; version 0 = the newest available version of name."""
+        with self._lock:
+            if not name:
+                if self._default is None:
+                    raise NotFound("no default model: the registry is empty; train one first")
+                name, default_version = self._default
+                version = version or default_version
+            check_name(name)
+            if version == 0:
+                candidates = [v for (n, v), mv in self._versions.items() if n == name and mv.available]
+                if not candidates:
+                    raise NotFound(f"model {name!r}: no available version")
+                version = max(candidates)
+            mv = self._versions.get((name, version))
+        if mv is None:
+            raise NotFound(f"model {name!r} version {version}: not in the registry")
+        if need_available:
+            mv.require()
+        return mv
+
+    # ------------------------------------------------------------ changes
+
+    def register(
+        self,
+        name: str,
+        model: CharRNN,
+        *,
+        history: list[dict[str, Any]],
+        summary: dict[str, Any],
+        promote: bool = False,
+    ) -> ModelVersion:
+        """Save as the next version of name (atomic rename) and publish it; blocking file I/O."""
+        check_name(name)
+        with self._lock:
+            taken = [v for (n, v) in self._versions if n == name]
+            on_disk = [int(p.stem) for p in (self.model_dir / name).glob("*.npz") if p.stem.isdigit()]
+            version = max([0, *taken, *on_disk]) + 1
+            path = self.model_dir / name / f"{version}.npz"
+            save_model(path, model, history=history, summary=summary)
+            meta = load_model(path).meta  # read back: what sessions use is what is on disk
+            mv = ModelVersion.from_model(name, version, path, model, history, summary, meta)
+            self._versions[(name, version)] = mv
+            if promote or self._default is None:
+                self._write_pointer((name, version))
+                self._default = (name, version)
+        return mv
+
+    def set_default(self, name: str, version: int) -> tuple[ModelVersion, ModelVersion | None]:
+        mv = self.resolve(name or DEFAULT_NAME, version)
+        with self._lock:
+            previous = self._versions.get(self._default) if self._default else None
+            self._write_pointer((mv.name, mv.version))
+            self._default = (mv.name, mv.version)
+        return mv, previous
+
+    def delete(self, name: str, version: int) -> ModelVersion:
+        if version == 0:
+            raise InvalidArgument("model.version: give the version to delete")
+        mv = self.resolve(name, version, need_available=False)
+        with self._lock:
+            if self._default == (mv.name, mv.version):
+                raise FailedPrecondition(
+                    f"model {mv.name} v{mv.version} is the default; set another default first"
+                )
+            mv.path.unlink(missing_ok=True)
+            del self._versions[(mv.name, mv.version)]
+        return mv

@@ -1,0 +1,403 @@
+"""NextCharService: the thin adapter between nextchar.v1 messages and the server's parts.
+
+Each method validates its request, calls sessions / batcher / registry / jobs, and
+maps the answer to a message. Every ServiceError becomes ``context.abort(code,
+message)`` in one place (the two decorators below), which is the status-code
+table of docs/api.md. No model math here: predictions go through the batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from nextchar.core.sampling import check_sampling
+from nextchar.proto import nextchar_pb2 as pb
+from nextchar.proto import nextchar_pb2_grpc as pb_grpc
+from nextchar.server import messages
+from nextchar.server.batcher import Batcher
+from nextchar.server.config import ServerConfig
+from nextchar.server.errors import FailedPrecondition, InvalidArgument, ServiceError
+from nextchar.server.jobs import JobManager
+from nextchar.server.registry import DEFAULT_NAME, ModelVersion, Registry
+from nextchar.server.sessions import Session, Sessions
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+SNAPSHOT_FORMAT = 1
+DEFAULT_TOP_K = 3
+GENERATE_PIECE = 64  # characters per Generate response
+
+
+def unary(
+    fn: Callable[[NextCharServicer, Req, Ctx], Awaitable[Resp]],
+) -> Callable[[NextCharServicer, Req, Ctx], Awaitable[Resp]]:
+    @functools.wraps(fn)
+    async def wrapper(self: NextCharServicer, request: Req, context: Ctx) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except ServiceError as exc:
+            await context.abort(exc.code, str(exc))
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def streaming(
+    fn: Callable[[NextCharServicer, Req, Ctx], AsyncIterator[Resp]],
+) -> Callable[[NextCharServicer, Req, Ctx], AsyncIterator[Resp]]:
+    @functools.wraps(fn)
+    async def wrapper(self: NextCharServicer, request: Req, context: Ctx) -> AsyncIterator[Resp]:
+        self.live_streams += 1
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except ServiceError as exc:
+            await context.abort(exc.code, str(exc))
+        finally:
+            self.live_streams -= 1
+            if self.live_streams == 0:
+                self.streams_idle.set()
+
+    return wrapper
+
+
+class NextCharServicer(pb_grpc.NextCharServiceServicer):
+    def __init__(
+        self, config: ServerConfig, registry: Registry, sessions: Sessions, batcher: Batcher, jobs: JobManager
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.sessions = sessions
+        self.batcher = batcher
+        self.jobs = jobs
+        self.live_streams = 0
+        self.streams_idle = asyncio.Event()
+
+    # ------------------------------------------------------------ helpers
+
+    def _info(self, session: Session) -> pb.SessionInfo:
+        return messages.session_info(session, self.config.idle_timeout, self.config.session_lifetime)
+
+    def _model(self, ref: pb.ModelRef) -> ModelVersion:
+        return self.registry.resolve(ref.name, ref.version)
+
+    def _check_text(self, text: str, field: str = "text") -> None:
+        if not text:
+            raise InvalidArgument(f"{field}: empty; send at least one character")
+        if len(text) > self.config.max_chunk_chars:
+            raise InvalidArgument(
+                f"{field}: {len(text)} characters exceed max_chunk_chars ({self.config.max_chunk_chars}); "
+                "split it into chunks"
+            )
+
+    def _top_k(self, top_k: int, mv: ModelVersion) -> int:
+        k = top_k or DEFAULT_TOP_K
+        vocab_size = mv.require().vocab.size
+        if k > min(vocab_size, self.config.max_top_k):
+            raise InvalidArgument(
+                f"top_k: {k} is more than the {min(vocab_size, self.config.max_top_k)} allowed"
+            )
+        return min(k, vocab_size)
+
+    async def _predict(
+        self, session: Session, text: str, top_k: int, full: bool, expect_offset: int | None
+    ) -> pb.Predictions:
+        self._check_text(text)
+        k = self._top_k(top_k, session.model)
+        if expect_offset is not None and expect_offset != session.offset:
+            raise FailedPrecondition(
+                f"expect_offset: session {session.id!r} is at offset {session.offset}, not {expect_offset}; "
+                "resume from the session's offset"
+            )
+        vocab = session.model.require().vocab
+        idx = vocab.encode(text)
+        result = await self.batcher.predict(session, idx, k, full)
+        unknown = vocab.unknown(text) if not idx.all() else ""
+        return messages.predictions(result, idx, unknown)
+
+    async def _prime(self, session: Session, text: str) -> None:
+        step = self.config.max_chunk_chars
+        for start in range(0, len(text), step):
+            await self.batcher.predict(
+                session, session.model.require().vocab.encode(text[start : start + step]), 1, False
+            )
+
+    async def _new_session(self, requested_id: str, ref: pb.ModelRef, prime_text: str = "") -> Session:
+        session_id = self.sessions.admit(requested_id)
+        session = Session.fresh(session_id, self._model(ref))
+        if prime_text:
+            await self._prime(session, prime_text)
+        return self.sessions.add(session)
+
+    # ------------------------------------------------------------ sessions
+
+    @unary
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: Ctx) -> pb.CreateSessionResponse:
+        session = await self._new_session(request.session_id, request.model, request.prime_text)
+        return pb.CreateSessionResponse(
+            session=self._info(session), vocab=session.model.require().vocab.chars
+        )
+
+    @unary
+    async def GetSession(self, request: pb.GetSessionRequest, context: Ctx) -> pb.GetSessionResponse:
+        return pb.GetSessionResponse(session=self._info(self.sessions.get(request.session_id)))
+
+    @unary
+    async def ListSessions(self, request: pb.ListSessionsRequest, context: Ctx) -> pb.ListSessionsResponse:
+        size = min(request.page_size or 100, 1000)
+        try:
+            start = int(request.page_token or 0)
+        except ValueError:
+            raise InvalidArgument("page_token: not a token from ListSessions") from None
+        page = self.sessions.store.page(start, size)
+        total = len(self.sessions.store)
+        token = str(start + size) if start + size < total else ""
+        return pb.ListSessionsResponse(
+            sessions=[self._info(s) for s in page], next_page_token=token, total=total
+        )
+
+    @unary
+    async def ResetSession(self, request: pb.ResetSessionRequest, context: Ctx) -> pb.ResetSessionResponse:
+        session = self.sessions.get(request.session_id)
+        session.reset()
+        return pb.ResetSessionResponse(session=self._info(session))
+
+    @unary
+    async def ForkSession(self, request: pb.ForkSessionRequest, context: Ctx) -> pb.ForkSessionResponse:
+        source = self.sessions.get(request.source_session_id)
+        twin = source.copy(self.sessions.admit(request.session_id))
+        return pb.ForkSessionResponse(session=self._info(self.sessions.add(twin)))
+
+    @unary
+    async def CloseSession(self, request: pb.CloseSessionRequest, context: Ctx) -> pb.CloseSessionResponse:
+        return pb.CloseSessionResponse(session=self._info(self.sessions.close(request.session_id)))
+
+    @unary
+    async def ExportSession(self, request: pb.ExportSessionRequest, context: Ctx) -> pb.ExportSessionResponse:
+        session = self.sessions.get(request.session_id)
+        snapshot = pb.SessionSnapshot(
+            format_version=SNAPSHOT_FORMAT,
+            model=messages.model_ref(session.model),
+            model_checksum=session.model.checksum,
+            offset=session.offset,
+            dtype=str(session.state.dtype),
+            state=session.state.astype(session.state.dtype.newbyteorder("<")).tobytes(),
+            probs=session.probs.astype(session.probs.dtype.newbyteorder("<")).tobytes(),
+            session_id=session.id,
+        )
+        return pb.ExportSessionResponse(blob=snapshot.SerializeToString(), session=self._info(session))
+
+    @unary
+    async def ImportSession(self, request: pb.ImportSessionRequest, context: Ctx) -> pb.ImportSessionResponse:
+        snapshot = pb.SessionSnapshot()
+        try:
+            snapshot.ParseFromString(request.blob)
+        except Exception:  # any parse failure is the client's blob
+            raise InvalidArgument("blob: not a SessionSnapshot from ExportSession") from None
+        if snapshot.format_version != SNAPSHOT_FORMAT:
+            raise InvalidArgument(
+                f"blob: format version {snapshot.format_version} is not supported (this server reads 1)"
+            )
+        if not snapshot.model.name or not snapshot.model.version:
+            raise InvalidArgument("blob: names no model version")
+        mv = self.registry.resolve(snapshot.model.name, snapshot.model.version)
+        if snapshot.model_checksum and mv.checksum and snapshot.model_checksum != mv.checksum:
+            raise FailedPrecondition(
+                f"blob: model {mv.name} v{mv.version} on this server differs from the one the state came from"
+            )
+        net = mv.require()
+        if snapshot.dtype != str(net.dtype):
+            raise InvalidArgument(f"blob: dtype {snapshot.dtype!r} does not match the model's {net.dtype}")
+        dtype = net.dtype.newbyteorder("<")
+        state = np.frombuffer(snapshot.state, dtype=dtype).astype(net.dtype)
+        probs = np.frombuffer(snapshot.probs, dtype=dtype).astype(net.dtype)
+        if state.shape != (net.state_size,) or probs.shape != (net.vocab.size,):
+            raise InvalidArgument("blob: state or probs size does not match the model")
+        if not (np.all(np.isfinite(state)) and np.all(np.isfinite(probs))):
+            raise InvalidArgument("blob: state contains NaN or infinite values")
+        session = Session(self.sessions.admit(request.session_id), mv, state, probs)
+        session.offset = snapshot.offset
+        return pb.ImportSessionResponse(session=self._info(self.sessions.add(session)))
+
+    # ------------------------------------------------------------ predictions
+
+    @unary
+    async def Predict(self, request: pb.PredictRequest, context: Ctx) -> pb.PredictResponse:
+        if request.session_id:
+            session = self.sessions.get(request.session_id)
+        else:
+            session = Session.fresh("", self._model(request.model))
+        expect = request.expect_offset if request.HasField("expect_offset") else None
+        preds = await self._predict(session, request.text, request.top_k, request.full_distribution, expect)
+        return pb.PredictResponse(
+            session_id=session.id,
+            model=messages.model_ref(session.model),
+            vocab=session.model.require().vocab.chars,
+            predictions=preds,
+        )
+
+    @streaming
+    async def PredictStream(
+        self, request_iterator: AsyncIterator[pb.PredictStreamRequest], context: Ctx
+    ) -> AsyncIterator[pb.PredictStreamResponse]:
+        session: Session | None = None
+        async for request in request_iterator:
+            if session is None:
+                if request.session_id:
+                    session = self.sessions.get(request.session_id)
+                else:
+                    session = await self._new_session("", request.model)
+                first = True
+            else:
+                if request.session_id and request.session_id != session.id:
+                    raise InvalidArgument(
+                        f"session_id: this stream is attached to {session.id!r}, not {request.session_id!r}"
+                    )
+                session = self.sessions.get(session.id)  # still alive? (closed, expired) and touch it
+                first = False
+            expect = request.expect_offset if request.HasField("expect_offset") else None
+            preds = await self._predict(
+                session, request.text, request.top_k, request.full_distribution, expect
+            )
+            yield pb.PredictStreamResponse(
+                session_id=session.id,
+                model=messages.model_ref(session.model),
+                vocab=session.model.require().vocab.chars if first else "",
+                predictions=preds,
+            )
+
+    @streaming
+    async def Generate(self, request: pb.GenerateRequest, context: Ctx) -> AsyncIterator[pb.GenerateResponse]:
+        if not 1 <= request.length <= self.config.max_generate_chars:
+            raise InvalidArgument(
+                f"length: must be in 1..{self.config.max_generate_chars}, got {request.length}"
+            )
+        temperature = request.temperature or 1.0
+        top_p = request.top_p or 1.0
+        try:
+            check_sampling(temperature, request.top_k, top_p)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if request.prime_text and len(request.prime_text) > self.config.max_generate_chars:
+            raise InvalidArgument(f"prime_text: longer than {self.config.max_generate_chars} characters")
+        if request.session_id:
+            source = self.sessions.get(request.session_id)
+            session = source.copy("") if request.fork else source
+        else:
+            session = Session.fresh("", self._model(request.model))
+        reported_id = "" if request.fork or not request.session_id else session.id
+        rng = np.random.default_rng(request.seed if request.HasField("seed") else None)
+        if request.prime_text:
+            await self._prime(session, request.prime_text)
+        left = request.length
+        while left > 0:
+            n = min(left, GENERATE_PIECE)
+            result = await self.batcher.generate(session, n, rng, temperature, request.top_k, top_p)
+            left -= n
+            yield pb.GenerateResponse(
+                text=result.text,
+                offset=session.offset,
+                session_id=reported_id,
+                model=messages.model_ref(session.model),
+            )
+
+    # ------------------------------------------------------------ training
+
+    @streaming
+    async def Train(self, request: pb.TrainRequest, context: Ctx) -> AsyncIterator[pb.TrainResponse]:
+        mc = request.model_config
+        model_config: dict[str, Any] = {
+            k: v
+            for k, v in {
+                "cell": mc.cell,
+                "hidden": mc.hidden,
+                "layers": mc.layers,
+                "loss": mc.loss,
+                "dtype": mc.dtype,
+            }.items()
+            if v
+        }
+        tc = request.train_config
+        train_config = {f.name: value for f, value in tc.ListFields()}  # only the fields sent
+        for name, value in train_config.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidArgument(f"train_config.{name}: must be finite, got {value}")
+        job = self.jobs.start(
+            request.model_name or DEFAULT_NAME, request.text, model_config, train_config, request.promote
+        )
+        async for record in job.follow():
+            yield pb.TrainResponse(event=messages.job_event(job, record))
+        yield pb.TrainResponse(event=messages.job_event(job, None))
+
+    @unary
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
+        return pb.ListJobsResponse(jobs=[messages.job_info(j) for j in self.jobs.jobs.values()])
+
+    @streaming
+    async def WatchJob(self, request: pb.WatchJobRequest, context: Ctx) -> AsyncIterator[pb.WatchJobResponse]:
+        job = self.jobs.get(request.job_id)
+        async for record in job.follow():
+            yield pb.WatchJobResponse(event=messages.job_event(job, record))
+        yield pb.WatchJobResponse(event=messages.job_event(job, None))
+
+    @unary
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.CancelJobResponse:
+        return pb.CancelJobResponse(job=messages.job_info(self.jobs.cancel(request.job_id)))
+
+    # ------------------------------------------------------------ models
+
+    @unary
+    async def ListModels(self, request: pb.ListModelsRequest, context: Ctx) -> pb.ListModelsResponse:
+        default = self.registry.default
+        return pb.ListModelsResponse(
+            models=[messages.model_info(mv, default) for mv in self.registry.versions()],
+            default_model=messages.model_ref(default),
+        )
+
+    @unary
+    async def DescribeModel(self, request: pb.DescribeModelRequest, context: Ctx) -> pb.DescribeModelResponse:
+        mv = self.registry.resolve(request.model.name, request.model.version, need_available=False)
+        net = mv.model
+        return pb.DescribeModelResponse(
+            info=messages.model_info(mv, self.registry.default),
+            vocab=net.vocab.chars if net else "",
+            config_json=json.dumps(net.config.to_dict()) if net else "",
+            summary_json=json.dumps(mv.summary, default=str),
+            meta_json=json.dumps({k: v for k, v in mv.meta.items() if k != "history"}, default=str),
+        )
+
+    @unary
+    async def GetModelHistory(
+        self, request: pb.GetModelHistoryRequest, context: Ctx
+    ) -> pb.GetModelHistoryResponse:
+        mv = self.registry.resolve(request.model.name, request.model.version)
+        return pb.GetModelHistoryResponse(
+            model=messages.model_ref(mv), records=[messages.progress(r) for r in mv.history]
+        )
+
+    @unary
+    async def SetDefaultModel(
+        self, request: pb.SetDefaultModelRequest, context: Ctx
+    ) -> pb.SetDefaultModelResponse:
+        mv, previous = await asyncio.to_thread(
+            self.registry.set_default, request.model.name, request.model.version
+        )
+        return pb.SetDefaultModelResponse(
+            default_model=messages.model_ref(mv), previous=messages.model_ref(previous)
+        )
+
+    @unary
+    async def DeleteModel(self, request: pb.DeleteModelRequest, context: Ctx) -> pb.DeleteModelResponse:
+        if not request.model.name:
+            raise InvalidArgument("model.name: give the model to delete")
+        mv = await asyncio.to_thread(self.registry.delete, request.model.name, request.model.version)
+        self.sessions.evict_model(mv)
+        return pb.DeleteModelResponse(model=messages.model_ref(mv))

@@ -1,0 +1,45 @@
+"""The training worker: runs in its own process (spawn), so training never stalls serving.
+
+It imports only nextchar.core. Progress records go to the parent over a pipe as
+they happen; the last message is exactly one of ("done", payload), ("failed", why)
+or ("cancelled", why). The trained parameters travel back over the pipe and the
+parent writes the model file, so the registry has one writer.
+"""
+
+from __future__ import annotations
+
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event
+from typing import Any
+
+
+def run_training(
+    text: str, model_config: dict[str, Any], train_config: dict[str, Any], conn: Connection, stop: Event
+) -> None:
+    from nextchar.core.model import ModelConfig
+    from nextchar.core.train import TrainConfig, TrainingCancelled, TrainingDiverged, train
+
+    try:
+        result = train(
+            text,
+            ModelConfig(**model_config),
+            TrainConfig(**train_config),
+            on_progress=lambda record: conn.send(("progress", record)),
+            should_stop=stop.is_set,
+        )
+        payload = {
+            "config": result.model.config.to_dict(),
+            "vocab": result.model.vocab.chars,
+            "params": result.model.params,
+            "history": result.history,
+            "summary": result.summary,
+        }
+        conn.send(("done", payload))
+    except TrainingDiverged as exc:
+        conn.send(("failed", f"diverged: {exc}"))
+    except TrainingCancelled:
+        conn.send(("cancelled", "cancelled by request"))
+    except Exception as exc:  # whatever went wrong, the parent must hear why
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
