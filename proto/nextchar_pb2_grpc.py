@@ -275,7 +275,7 @@ class NextCharServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteModel(self, request, context):
-        """Deletes a model version from disk; live sessions on it keep running until they end.
+        """Deletes a model version from disk; sessions pinned to it are evicted (NOT_FOUND "evicted").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -81,7 +81,7 @@ class NextCharServiceStub:
     SetDefaultModel: _grpc.UnaryUnaryMultiCallable[_nextchar_pb2.SetDefaultModelRequest, _nextchar_pb2.SetDefaultModelResponse]
     """Makes a model version the default for new sessions; live sessions keep theirs."""
     DeleteModel: _grpc.UnaryUnaryMultiCallable[_nextchar_pb2.DeleteModelRequest, _nextchar_pb2.DeleteModelResponse]
-    """Deletes a model version from disk; live sessions on it keep running until they end."""
+    """Deletes a model version from disk; sessions pinned to it are evicted (NOT_FOUND "evicted")."""
 
 @_typing.type_check_only
 class NextCharServiceAsyncStub(NextCharServiceStub):
@@ -127,7 +127,7 @@ class NextCharServiceAsyncStub(NextCharServiceStub):
     SetDefaultModel: _aio.UnaryUnaryMultiCallable[_nextchar_pb2.SetDefaultModelRequest, _nextchar_pb2.SetDefaultModelResponse]  # type: ignore[assignment]
     """Makes a model version the default for new sessions; live sessions keep theirs."""
     DeleteModel: _aio.UnaryUnaryMultiCallable[_nextchar_pb2.DeleteModelRequest, _nextchar_pb2.DeleteModelResponse]  # type: ignore[assignment]
-    """Deletes a model version from disk; live sessions on it keep running until they end."""
+    """Deletes a model version from disk; sessions pinned to it are evicted (NOT_FOUND "evicted")."""
 
 class NextCharServiceServicer(metaclass=_abc_1.ABCMeta):
     """The nextchar service: sessions, predictions, generation, training and models."""
@@ -290,6 +290,6 @@ class NextCharServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _nextchar_pb2.DeleteModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_nextchar_pb2.DeleteModelResponse, _abc.Awaitable[_nextchar_pb2.DeleteModelResponse]]:
-        """Deletes a model version from disk; live sessions on it keep running until they end."""
+        """Deletes a model version from disk; sessions pinned to it are evicted (NOT_FOUND "evicted")."""
 
 def add_NextCharServiceServicer_to_server(servicer: NextCharServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
