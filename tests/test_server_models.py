@@ -1,0 +1,206 @@
+"""Models and training over the network: jobs in worker processes, registry, hot-swap, health, reflection."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from server_harness import ServerThread, expected, make_registry, start_server, surprisals
+
+from nextchar.core.demo import NOTEBOOK_TEXT
+from nextchar.proto import nextchar_pb2 as pb
+
+TEXT = NOTEBOOK_TEXT * 8
+SMALL = pb.ModelConfigSpec(cell="rnn", hidden=16)
+
+
+def quick(**fields: float | int | str) -> pb.TrainConfigSpec:
+    spec = {"seq_len": 16, "batch": 2, "epochs": 3, "val_fraction": 0.1, "log_every": 2}
+    spec.update(fields)
+    return pb.TrainConfigSpec(**spec)  # type: ignore[arg-type]
+
+
+def wait_job(srv: ServerThread, job_id: str) -> list[pb.WatchJobResponse]:
+    return list(srv.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=60))
+
+
+def versions(srv: ServerThread, name: str) -> list[int]:
+    listed = srv.stub.ListModels(pb.ListModelsRequest(), timeout=5).models
+    return [m.model.version for m in listed if m.model.name == name]
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    model_dir = tmp_path_factory.mktemp("models")
+    make_registry(model_dir, versions=1)
+    server = start_server(model_dir, max_jobs=1)
+    yield server
+    server.close()
+
+
+def test_train_streams_progress_and_registers_a_version(srv: ServerThread) -> None:
+    events = [
+        r.event
+        for r in srv.stub.Train(
+            pb.TrainRequest(model_name="small", text=TEXT, model_config=SMALL, train_config=quick()), timeout=60
+        )
+    ]
+    assert events[0].job.state == pb.JOB_STATE_RUNNING and not events[0].HasField("progress")
+    final = events[-1].job
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    assert final.result.name == "small" and final.result.version == 1
+    progress = [e.progress for e in events if e.HasField("progress")]
+    assert progress and progress[-1].kind == "epoch" and progress[-1].epoch == 3
+    assert progress[-1].HasField("val_bpc") and progress[-1].chars_per_sec > 0
+    history = srv.stub.GetModelHistory(pb.GetModelHistoryRequest(model=final.result), timeout=5).records
+    assert len(history) == len(progress)
+    described = srv.stub.DescribeModel(pb.DescribeModelRequest(model=final.result), timeout=5)
+    assert described.info.hidden == 16 and described.info.available
+    assert described.vocab == "".join(sorted(set(TEXT)))
+    assert json.loads(described.config_json)["cell"] == "rnn"
+    # a session on the new version works and the default did not move (promote was false)
+    created = srv.stub.CreateSession(pb.CreateSessionRequest(model=final.result), timeout=5)
+    assert created.session.model.name == "small"
+    assert srv.stub.ListModels(pb.ListModelsRequest(), timeout=5).default_model.name == "default"
+    watched = wait_job(srv, final.job_id)
+    assert [e.event.progress.step for e in watched if e.event.HasField("progress")] == [p.step for p in progress]
+
+
+def test_client_disconnect_does_not_kill_the_job(srv: ServerThread) -> None:
+    call = srv.stub.Train(
+        pb.TrainRequest(model_name="detached", text=TEXT, model_config=SMALL, train_config=quick(epochs=40)),
+        timeout=60,
+    )
+    job_id = next(call).event.job.job_id
+    call.cancel()
+    events = wait_job(srv, job_id)
+    assert events[-1].event.job.state == pb.JOB_STATE_SUCCEEDED
+    assert versions(srv, "detached") == [1]
+    jobs = srv.stub.ListJobs(pb.ListJobsRequest(), timeout=5).jobs
+    assert job_id in [j.job_id for j in jobs]
+
+
+def test_cancel_registers_nothing(srv: ServerThread) -> None:
+    call = srv.stub.Train(
+        pb.TrainRequest(model_name="cancelled", text=TEXT, model_config=SMALL, train_config=quick(epochs=100000)),
+        timeout=60,
+    )
+    first = next(call).event.job
+    # while it runs, the job limit refuses a second one
+    with pytest.raises(grpc.RpcError) as err:
+        list(srv.stub.Train(pb.TrainRequest(text=TEXT, model_config=SMALL, train_config=quick()), timeout=10))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    srv.stub.CancelJob(pb.CancelJobRequest(job_id=first.job_id), timeout=5)
+    last = list(call)[-1].event.job
+    assert last.state == pb.JOB_STATE_CANCELLED and "cancel" in last.error
+    assert versions(srv, "cancelled") == []
+
+
+def test_worker_death_fails_the_job_with_a_reason(srv: ServerThread) -> None:
+    call = srv.stub.Train(
+        pb.TrainRequest(model_name="killed", text=TEXT, model_config=SMALL, train_config=quick(epochs=100000)),
+        timeout=60,
+    )
+    job_id = next(call).event.job.job_id
+    process = srv.server.jobs.get(job_id).process
+    assert process is not None
+    process.kill()
+    last = list(call)[-1].event.job
+    assert last.state == pb.JOB_STATE_FAILED and "exit code" in last.error
+    assert versions(srv, "killed") == []
+
+
+def test_health_and_reflection(srv: ServerThread) -> None:
+    health = health_pb2_grpc.HealthStub(srv.channel)
+    for service in ("", "nextchar.v1.NextCharService"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
+    answers = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    names = {s.name for s in next(answers).list_services_response.service}
+    assert "nextchar.v1.NextCharService" in names and "grpc.health.v1.Health" in names
+
+
+def test_hot_swap_while_a_stream_is_live(tmp_path: Path) -> None:
+    registry = make_registry(tmp_path, versions=2)  # v1 default, v2 another model
+    v1, v2 = registry.resolve("default", 1).model, registry.resolve("default", 2).model
+    assert v1 is not None and v2 is not None
+    srv = start_server(tmp_path)
+    try:
+        feed: queue.Queue[pb.PredictStreamRequest | None] = queue.Queue()
+        call = srv.stub.PredictStream(iter(feed.get, None), timeout=30)
+        responses = []
+        for i, ch in enumerate(NOTEBOOK_TEXT):
+            feed.put(pb.PredictStreamRequest(text=ch))
+            responses.append(next(call))
+            if i == 10:
+                swapped = srv.stub.SetDefaultModel(pb.SetDefaultModelRequest(model=pb.ModelRef(version=2)), timeout=5)
+                assert swapped.default_model.version == 2 and swapped.previous.version == 1
+        feed.put(None)
+        assert list(call) == []
+        assert {r.model.version for r in responses} == {1}  # the live session finished on its version
+        np.testing.assert_allclose(surprisals(responses), expected(v1, NOTEBOOK_TEXT)[1], rtol=1e-4, atol=1e-5)
+        new = srv.stub.CreateSession(pb.CreateSessionRequest(), timeout=5).session
+        assert new.model.version == 2
+        got = srv.stub.Predict(pb.PredictRequest(session_id=new.session_id, text=NOTEBOOK_TEXT), timeout=5)
+        np.testing.assert_allclose(got.predictions.surprisal_bits, expected(v2, NOTEBOOK_TEXT)[1], rtol=1e-4, atol=1e-5)
+        assert json.loads((tmp_path / "default.json").read_text()) == {"name": "default", "version": 2}
+    finally:
+        srv.close()
+
+
+def test_corrupt_file_marks_version_unavailable_and_server_starts(tmp_path: Path) -> None:
+    make_registry(tmp_path, versions=1)
+    good = (tmp_path / "default" / "1.npz").read_bytes()
+    (tmp_path / "default" / "2.npz").write_bytes(good[: len(good) // 2])  # truncated
+    srv = start_server(tmp_path)
+    try:
+        models = {m.model.version: m for m in srv.stub.ListModels(pb.ListModelsRequest(), timeout=5).models}
+        assert models[1].available and not models[2].available
+        assert "2.npz" in models[2].reason
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.CreateSession(pb.CreateSessionRequest(model=pb.ModelRef(name="default", version=2)), timeout=5)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "unavailable" in str(err.value.details())
+        # the newest AVAILABLE version is what version 0 means
+        assert srv.stub.CreateSession(pb.CreateSessionRequest(), timeout=5).session.model.version == 1
+    finally:
+        srv.close()
+
+
+def test_delete_evicts_its_sessions_and_protects_the_default(tmp_path: Path) -> None:
+    make_registry(tmp_path, versions=2)
+    srv = start_server(tmp_path)
+    try:
+        ref = pb.ModelRef(name="default", version=2)
+        sid = srv.stub.CreateSession(pb.CreateSessionRequest(model=ref), timeout=5).session.session_id
+        srv.stub.DeleteModel(pb.DeleteModelRequest(model=ref), timeout=5)
+        assert not (tmp_path / "default" / "2.npz").exists()
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.Predict(pb.PredictRequest(session_id=sid, text="h"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "evicted" in str(err.value.details())
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.DeleteModel(pb.DeleteModelRequest(model=pb.ModelRef(name="default", version=1)), timeout=5)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        srv.close()
+
+
+def test_empty_registry_trains_the_embedded_default(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    srv = start_server(tmp_path / "fresh")
+    try:
+        assert time.perf_counter() - start < 30
+        listed = srv.stub.ListModels(pb.ListModelsRequest(), timeout=5)
+        assert listed.default_model.name == "default" and listed.default_model.version == 1
+        r = srv.stub.Predict(pb.PredictRequest(text="hello worl", top_k=1), timeout=5)
+        assert ("\ufffd" + r.vocab)[r.predictions.top_index[-1]] == "d"
+    finally:
+        srv.close()
