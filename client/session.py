@@ -1,0 +1,293 @@
+"""Session: one hidden state on the server, as an object that survives dropped connections.
+
+The session remembers the last offset the server acknowledged. Every chunk it
+sends carries ``expect_offset``, so the server refuses a chunk that would be fed
+twice. When a stream breaks, ``stream`` reconnects, asks the server where the
+session stands, drops the unacknowledged characters the server already consumed
+(their replies were lost with the connection; ``lost_chars`` counts them), and
+resends the rest: nothing is fed twice and nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import suppress
+from types import TracebackType
+
+from nextchar.client.channel import Connection, StreamCall
+from nextchar.client.errors import Cancelled, OffsetMismatch, SessionNotFound, Unavailable
+from nextchar.client.results import Generation, ModelRef, Predictions, SessionInfo
+from nextchar.proto import nextchar_pb2 as pb
+
+RESUMABLE = (Unavailable, Cancelled)  # what a dropped connection or a server-side drop looks like
+
+
+class Session:
+    """A live session; get one from ``NextCharClient.session``, ``attach`` or ``import_session``."""
+
+    def __init__(self, conn: Connection, info: SessionInfo, vocab: str = "", *, resume_attempts: int = 5):
+        self._conn = conn
+        self.info = info
+        self.vocab = vocab  # learnt from the first prediction when attaching
+        self.resume_attempts = resume_attempts
+        self.lost_chars = 0  # characters consumed during a drop whose predictions never arrived
+        self.resumes = 0  # how many times a stream was resumed
+        self.closed = False
+
+    @property
+    def id(self) -> str:
+        return self.info.session_id
+
+    @property
+    def model(self) -> ModelRef:
+        return self.info.model
+
+    @property
+    def offset(self) -> int:
+        """Characters the server has acknowledged consuming."""
+        return self.info.offset
+
+    def _set_offset(self, offset: int) -> None:
+        self.info = SessionInfo(**{**self.info.__dict__, "offset": offset})
+
+    # ------------------------------------------------------------ unary calls
+
+    def refresh(self) -> SessionInfo:
+        """Ask the server where the session stands (offset, expiry)."""
+        resp = self._conn.call(self._conn.stub.GetSession, pb.GetSessionRequest(session_id=self.id))
+        self.info = SessionInfo.from_pb(resp.session)
+        return self.info
+
+    def feed(self, text: str, *, top_k: int = 3, full_distribution: bool = False) -> Predictions:
+        """Consume text and return a prediction for every character of it."""
+        request = pb.PredictRequest(
+            session_id=self.id,
+            text=text,
+            top_k=top_k,
+            full_distribution=full_distribution,
+            expect_offset=self.offset,  # a retry after a lost reply is refused, not fed twice
+        )
+        try:
+            resp = self._conn.call(self._conn.stub.Predict, request)
+        except Unavailable:
+            resp = self._conn.call(self._conn.stub.Predict, request, wait_for_ready=True)
+        self.vocab = resp.vocab or self.vocab
+        self._set_offset(resp.predictions.start_offset + resp.predictions.count)
+        return Predictions(resp.predictions, self.vocab, text)
+
+    def stream(
+        self, chunks: Iterable[str], *, top_k: int = 3, full_distribution: bool = False
+    ) -> Iterator[Predictions]:
+        """Stream chunks of text over one PredictStream and yield each chunk's predictions in order.
+
+        A dropped stream is resumed (up to ``resume_attempts`` times in a row) at the
+        last acknowledged offset.
+        """
+        feeder = _Feeder(iter(chunks), self.id, top_k, full_distribution)
+        failures = 0
+        while True:
+            call: StreamCall[pb.PredictStreamResponse] | None = None
+            try:
+                if failures:
+                    self._resync(feeder)
+                call = self._conn.stream(self._conn.stub.PredictStream, feeder.requests(self.offset))
+                for resp in call:
+                    text = feeder.acknowledge()
+                    self.vocab = resp.vocab or self.vocab
+                    self._set_offset(resp.predictions.start_offset + resp.predictions.count)
+                    failures = 0
+                    yield Predictions(resp.predictions, self.vocab, text)
+                feeder.raise_source_error()
+                return
+            except RESUMABLE:
+                feeder.retire()  # the broken stream's request iterator must not pull any more
+                feeder.raise_source_error()
+                failures += 1
+                if failures > self.resume_attempts:
+                    raise
+            finally:
+                if call is not None:
+                    call.cancel()
+
+    def _resync(self, feeder: _Feeder) -> None:
+        """After a drop: wait for the server, learn its offset, skip what it already consumed."""
+        resp = self._conn.call(
+            self._conn.stub.GetSession, pb.GetSessionRequest(session_id=self.id), wait_for_ready=True
+        )
+        server_offset = resp.session.offset
+        if server_offset < self.offset or server_offset > self.offset + feeder.unacknowledged_chars():
+            raise OffsetMismatch(
+                f"session {self.id!r}: the server is at offset {server_offset}, but this client "
+                f"acknowledged {self.offset}; the session was reset or fed by someone else"
+            )
+        consumed = server_offset - self.offset
+        feeder.drop_consumed(consumed)
+        self.lost_chars += consumed
+        self.resumes += 1
+        self.info = SessionInfo.from_pb(resp.session)
+
+    def generate(
+        self,
+        length: int,
+        *,
+        prime: str = "",
+        fork: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Generation:
+        """Sample length characters after prime; advances the session unless fork is set."""
+        request = pb.GenerateRequest(
+            session_id=self.id,
+            fork=fork,
+            prime_text=prime,
+            length=length,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
+        pieces = list(self._conn.stream(self._conn.stub.Generate, request, timeout=self._conn.timeout))
+        text = "".join(p.text for p in pieces)
+        offset = pieces[-1].offset if pieces else self.offset
+        if not fork:
+            self._set_offset(offset)
+        model = ModelRef.from_pb(pieces[-1].model) if pieces else self.model
+        return Generation(text, model, "" if fork else self.id, offset)
+
+    def fork(self, session_id: str = "") -> Session:
+        """A new session starting from a copy of this one's state."""
+        request = pb.ForkSessionRequest(source_session_id=self.id, session_id=session_id)
+        resp = self._conn.call(self._conn.stub.ForkSession, request)
+        return Session(
+            self._conn, SessionInfo.from_pb(resp.session), self.vocab, resume_attempts=self.resume_attempts
+        )
+
+    def reset(self) -> SessionInfo:
+        """Back to the model's initial state and offset 0."""
+        resp = self._conn.call(self._conn.stub.ResetSession, pb.ResetSessionRequest(session_id=self.id))
+        self.info = SessionInfo.from_pb(resp.session)
+        return self.info
+
+    def export(self) -> bytes:
+        """The session's state as a portable blob for ``NextCharClient.import_session``."""
+        resp = self._conn.call(self._conn.stub.ExportSession, pb.ExportSessionRequest(session_id=self.id))
+        self.info = SessionInfo.from_pb(resp.session)
+        return resp.blob
+
+    def close(self) -> None:
+        """Close the session on the server; closing twice is harmless."""
+        if self.closed:
+            return
+        with suppress(SessionNotFound):  # already gone (expired or closed elsewhere): the goal is reached
+            self._conn.call(self._conn.stub.CloseSession, pb.CloseSessionRequest(session_id=self.id))
+        self.closed = True
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.id!r}, model={self.model}, offset={self.offset})"
+
+
+class _Feeder:
+    """The chunks of one ``Session.stream`` call: pulled from the caller's iterable once, kept until acknowledged.
+
+    gRPC consumes a request iterator on its own thread, and after a drop the old
+    iterator may still be blocked pulling from the source while a new stream starts.
+    So pulling is serialized, every pulled chunk lands in ``pending`` in order, and
+    an iterator whose stream was replaced stops before sending anything more.
+    """
+
+    def __init__(self, source: Iterator[str], session_id: str, top_k: int, full_distribution: bool) -> None:
+        self.source = source
+        self.session_id, self.top_k, self.full_distribution = session_id, top_k, full_distribution
+        self.pending: deque[str] = deque()  # pulled from source, not yet acknowledged
+        self.acked = 0  # sequence number of pending[0]
+        self.exhausted = False
+        self.source_error: BaseException | None = None
+        self.generation = 0  # bumped when a new stream replaces the old one
+        self.lock = threading.Lock()
+        self.pull_lock = threading.Lock()
+
+    def retire(self) -> None:
+        """Stop the current stream's request iterator before it pulls or sends anything more."""
+        with self.lock:
+            self.generation += 1
+
+    def requests(self, offset: int) -> Iterator[pb.PredictStreamRequest]:
+        """The requests of one stream: every unacknowledged chunk, then new ones from the source."""
+        with self.lock:
+            self.generation += 1
+            generation, seq = self.generation, self.acked
+        while True:
+            with self.lock:
+                if generation != self.generation:
+                    return
+                chunk = self.pending[seq - self.acked] if seq - self.acked < len(self.pending) else None
+            if chunk is None:
+                if not self._pull(seq):
+                    return
+                continue
+            yield pb.PredictStreamRequest(
+                session_id=self.session_id,
+                text=chunk,
+                top_k=self.top_k,
+                full_distribution=self.full_distribution,
+                expect_offset=offset,
+            )
+            offset += len(chunk)
+            seq += 1
+
+    def _pull(self, seq: int) -> bool:
+        """Make chunk seq available; False when the source has no more."""
+        with self.pull_lock:
+            with self.lock:
+                if seq - self.acked < len(self.pending):
+                    return True  # another stream's iterator pulled it meanwhile
+                if self.exhausted:
+                    return False
+            try:
+                chunk = next(self.source)
+            except StopIteration:
+                self.exhausted = True
+                return False
+            except BaseException as error:
+                self.source_error, self.exhausted = error, True
+                return False
+            with self.lock:
+                if chunk:
+                    self.pending.append(chunk)
+            return True
+
+    def acknowledge(self) -> str:
+        with self.lock:
+            self.acked += 1
+            return self.pending.popleft()
+
+    def unacknowledged_chars(self) -> int:
+        with self.lock:
+            return sum(map(len, self.pending))
+
+    def drop_consumed(self, n: int) -> None:
+        """The server consumed the first n unacknowledged characters: never send them again."""
+        with self.lock:
+            while n > 0:
+                chunk = self.pending.popleft()
+                if len(chunk) > n:
+                    self.pending.appendleft(chunk[n:])
+                    break
+                n -= len(chunk)
+                self.acked += 1
+
+    def raise_source_error(self) -> None:
+        if self.source_error is not None:
+            raise self.source_error
