@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
-from nextchar.server.app import NextCharServer, create_server
-from nextchar.server.config import ServerConfig
+from server_harness import ServerThread, start_server
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -30,37 +26,17 @@ def shakespeare() -> str:
 # ---------------------------------------------------------------- a live server (client and CLI tests)
 
 
-T = TypeVar("T")
-
-
-@dataclass
-class LiveServer:
-    """A real nextchar server on 127.0.0.1:<free port>, its asyncio loop on a background thread."""
-
-    address: str
-    model_dir: Path
-    server: NextCharServer
-    loop: asyncio.AbstractEventLoop
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine on the server's loop (e.g. to inspect or change its state)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """One server for the client and CLI tests; it trains the embedded default model on start."""
+    server = start_server(tmp_path_factory.mktemp("models"))
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """One server for the session, with the default (notebook) model trained on first start."""
-    model_dir = tmp_path_factory.mktemp("models")
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="live-server", daemon=True)
-    thread.start()
-    config = ServerConfig(port=0, model_dir=model_dir, grace=0.5)
-    server, port = asyncio.run_coroutine_threadsafe(create_server(config), loop).result(120)
-    live = LiveServer(f"127.0.0.1:{port}", model_dir, server, loop)
-    yield live
-    live.run(server.stop(0))
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+def server_address(live_server: ServerThread) -> str:
+    return f"127.0.0.1:{live_server.port}"
 
 
 class DroppingProxy:
@@ -113,7 +89,7 @@ class DroppingProxy:
 
 
 @pytest.fixture
-def proxy(live_server: LiveServer) -> Iterator[DroppingProxy]:
-    relay = DroppingProxy(live_server.address)
+def proxy(server_address: str) -> Iterator[DroppingProxy]:
+    relay = DroppingProxy(server_address)
     yield relay
     relay.close()

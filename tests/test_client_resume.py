@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import DroppingProxy, LiveServer
+from conftest import DroppingProxy
 from nextchar.client import NextCharClient, SessionNotFound
 from nextchar.core.demo import NOTEBOOK_TEXT
 
@@ -24,7 +24,7 @@ def chunks_dropping_midway(proxy: DroppingProxy, text: str, drop_at: set[int]) -
         yield text[start : start + 5]
 
 
-def test_stream_resumes_after_drops(live_server: LiveServer, proxy: DroppingProxy) -> None:
+def test_stream_resumes_after_drops(server_address: str, proxy: DroppingProxy) -> None:
     with NextCharClient(proxy.address, timeout=10) as c, c.session() as s:
         preds = list(s.stream(chunks_dropping_midway(proxy, TEXT, {3, 9, 10, 20})))
         assert s.resumes >= 1, "the relay never cut the stream"
@@ -32,7 +32,7 @@ def test_stream_resumes_after_drops(live_server: LiveServer, proxy: DroppingProx
         assert sum(map(len, preds)) + s.lost_chars == len(TEXT)
         offsets = [p.start_offset for p in preds]
         assert offsets == sorted(offsets)  # in order, never repeated
-        with NextCharClient(live_server.address) as direct, direct.session() as ref:
+        with NextCharClient(server_address) as direct, direct.session() as ref:
             expected = ref.feed(TEXT)
         for p in preds:  # the same state as one uninterrupted feed gives the same predictions
             assert p.next_chars == expected.next_chars[p.start_offset : p.end_offset]
@@ -46,13 +46,13 @@ def test_feed_retries_once_after_a_drop(proxy: DroppingProxy) -> None:
         assert s.offset == 9
 
 
-def test_resume_gives_up_when_the_session_is_gone(live_server: LiveServer, proxy: DroppingProxy) -> None:
+def test_resume_gives_up_when_the_session_is_gone(server_address: str, proxy: DroppingProxy) -> None:
     with NextCharClient(proxy.address, timeout=10) as c:
         s = c.session()
 
         def chunks() -> Iterator[str]:
             yield "hello"
-            with NextCharClient(live_server.address) as direct:
+            with NextCharClient(server_address) as direct:
                 direct.attach(s.id).close()
             proxy.drop()
             yield " world"
@@ -61,7 +61,7 @@ def test_resume_gives_up_when_the_session_is_gone(live_server: LiveServer, proxy
             list(s.stream(chunks()))
 
 
-def test_source_errors_reach_the_caller(live_server: LiveServer) -> None:
+def test_source_errors_reach_the_caller(server_address: str) -> None:
     class Boom(Exception):
         pass
 
@@ -69,5 +69,5 @@ def test_source_errors_reach_the_caller(live_server: LiveServer) -> None:
         yield "hello"
         raise Boom("source broke")
 
-    with NextCharClient(live_server.address) as c, c.session() as s, pytest.raises(Boom):
+    with NextCharClient(server_address) as c, c.session() as s, pytest.raises(Boom):
         list(s.stream(chunks()))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import LiveServer
 from nextchar.client import (
     AlreadyExists,
     InvalidArgument,
@@ -20,8 +19,8 @@ from nextchar.core.demo import NOTEBOOK_TEXT
 
 
 @pytest.fixture
-def client(live_server: LiveServer) -> Iterator[NextCharClient]:
-    with NextCharClient(live_server.address, timeout=10) as c:
+def client(server_address: str) -> Iterator[NextCharClient]:
+    with NextCharClient(server_address, timeout=10) as c:
         yield c
 
 
