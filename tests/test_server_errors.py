@@ -1,0 +1,237 @@
+"""Every row of the status-code table in docs/api.md, over the network; bad input loses nothing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from server_harness import ServerThread, make_registry, start_server
+
+from nextchar.core.demo import NOTEBOOK_TEXT
+from nextchar.proto import nextchar_pb2 as pb
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models")
+    make_registry(path, versions=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def srv(model_dir: Path) -> Iterator[ServerThread]:
+    server = start_server(model_dir, max_chunk_chars=64, max_generate_chars=100_000)
+    yield server
+    server.close()
+
+
+def status_of(fn: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        result = fn()
+        if isinstance(result, Iterator):
+            list(result)
+    return err.value.code(), str(err.value.details())
+
+
+def session(srv: ServerThread, **fields: Any) -> str:
+    return str(srv.stub.CreateSession(pb.CreateSessionRequest(**fields), timeout=5).session.session_id)
+
+
+def predict(srv: ServerThread, **fields: Any) -> Callable[[], Any]:
+    return lambda: srv.stub.Predict(pb.PredictRequest(**fields), timeout=5)
+
+
+def train(srv: ServerThread, text: str = NOTEBOOK_TEXT * 4, **fields: Any) -> Callable[[], Any]:
+    return lambda: srv.stub.Train(pb.TrainRequest(text=text, **fields), timeout=10)
+
+
+def gen(srv: ServerThread, **fields: Any) -> Callable[[], Any]:
+    return lambda: srv.stub.Generate(pb.GenerateRequest(**fields), timeout=10)
+
+
+def test_unknown_session_is_not_found(srv: ServerThread) -> None:
+    code, details = status_of(predict(srv, session_id="nobody", text="h"))
+    assert code == grpc.StatusCode.NOT_FOUND and "no such session" in details
+
+
+def test_closed_session_is_not_found_with_the_reason(srv: ServerThread) -> None:
+    sid = session(srv)
+    srv.stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=5)
+    code, details = status_of(predict(srv, session_id=sid, text="h"))
+    assert code == grpc.StatusCode.NOT_FOUND and "closed" in details
+
+
+def test_idle_and_lifetime_expiry_are_not_found_with_the_reason(model_dir: Path) -> None:
+    srv = start_server(model_dir, idle_timeout=0.3, session_lifetime=0.6)
+    try:
+        idle, swept = session(srv), session(srv)
+        time.sleep(0.5)  # > idle timeout + one sweep interval
+        for _ in range(2):  # the reason is remembered, not only reported once
+            code, details = status_of(predict(srv, session_id=idle, text="h"))
+            assert code == grpc.StatusCode.NOT_FOUND and "idle" in details
+        assert not srv.server.sessions.store.contains(swept)  # the sweeper removed it unasked
+        busy, start = session(srv), time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:  # keep `busy` in use until its lifetime ends
+            while time.monotonic() - start < 5:
+                srv.stub.Predict(pb.PredictRequest(session_id=busy, text="h"), timeout=5)
+                time.sleep(0.05)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "lifetime" in str(err.value.details())
+        assert time.monotonic() - start >= 0.5
+    finally:
+        srv.close()
+
+
+def test_evicted_session_is_not_found_with_the_reason() -> None:
+    """Covered over the network in test_server_models.test_delete_evicts_its_sessions_and_protects_the_default."""
+
+
+def test_duplicate_session_id_already_exists(srv: ServerThread) -> None:
+    session(srv, session_id="dup")
+    code, details = status_of(lambda: session(srv, session_id="dup"))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "session_id" in details
+    code, _ = status_of(lambda: srv.stub.ForkSession(pb.ForkSessionRequest(source_session_id="dup", session_id="dup")))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"text": ""}, "text"),
+        ({"text": "x" * 65}, "max_chunk_chars"),
+        ({"text": "h", "top_k": 10}, "top_k"),
+        ({"text": "h", "model": pb.ModelRef(name="Bad Name!")}, "model.name"),
+    ],
+)
+def test_bad_prediction_input_is_invalid_argument_and_loses_nothing(
+    srv: ServerThread, fields: dict[str, Any], named: str
+) -> None:
+    sid = session(srv, prime_text="hel")
+    with_session = {**fields, "session_id": sid} if "model" not in fields else fields
+    code, details = status_of(predict(srv, **with_session))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and named in details
+    assert srv.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=5).session.offset == 3
+
+
+def test_bad_chunk_mid_stream_ends_the_stream_but_keeps_the_session(srv: ServerThread) -> None:
+    sid = session(srv)
+    requests = [pb.PredictStreamRequest(session_id=sid, text="hello"), pb.PredictStreamRequest(text="")]
+    call = srv.stub.PredictStream(iter(requests), timeout=5)
+    assert next(call).predictions.count == 5
+    code, details = status_of(lambda: list(call))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "text" in details
+    assert srv.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=5).session.offset == 5
+    other = [pb.PredictStreamRequest(session_id=sid, text="h"), pb.PredictStreamRequest(session_id="other", text="h")]
+    code, details = status_of(lambda: srv.stub.PredictStream(iter(other), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "session_id" in details
+
+
+def test_bad_session_id_and_bad_blob_are_invalid_argument(srv: ServerThread) -> None:
+    code, details = status_of(lambda: session(srv, session_id="has space"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "session_id" in details
+    code, details = status_of(lambda: srv.stub.ImportSession(pb.ImportSessionRequest(blob=b"\xff\x00junk"), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "blob" in details
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"length": 0}, "length"),
+        ({"length": 10, "temperature": -1.0}, "temperature"),
+        ({"length": 10, "temperature": 1000.0}, "temperature"),
+        ({"length": 10, "top_p": 1.5}, "top_p"),
+    ],
+)
+def test_bad_sampling_parameters_are_invalid_argument(srv: ServerThread, fields: dict[str, Any], named: str) -> None:
+    code, details = status_of(gen(srv, **fields))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and named in details
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"model_config": pb.ModelConfigSpec(hidden=5000)}, "hidden"),
+        ({"model_config": pb.ModelConfigSpec(cell="transformer")}, "cell"),
+        ({"train_config": pb.TrainConfigSpec(lr=50.0)}, "lr"),
+        ({"train_config": pb.TrainConfigSpec(optimizer="rmsprop")}, "optimizer"),
+        ({"train_config": pb.TrainConfigSpec(val_fraction=0.9)}, "val_fraction"),
+        ({"model_name": "No Such Name"}, "model.name"),
+    ],
+)
+def test_out_of_range_hyperparameters_are_invalid_argument(
+    srv: ServerThread, fields: dict[str, Any], named: str
+) -> None:
+    code, details = status_of(train(srv, **fields))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and named in details
+
+
+def test_training_text_shorter_than_one_sequence_is_invalid_argument(srv: ServerThread) -> None:
+    code, details = status_of(train(srv, text="hello", train_config=pb.TrainConfigSpec(seq_len=16, batch=2)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "text" in details
+    code, details = status_of(train(srv, text=""))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "text" in details
+
+
+def test_unknown_model_and_unknown_job_are_not_found(srv: ServerThread) -> None:
+    code, details = status_of(lambda: session(srv, model=pb.ModelRef(name="nosuch")))
+    assert code == grpc.StatusCode.NOT_FOUND and "nosuch" in details
+    code, _ = status_of(lambda: session(srv, model=pb.ModelRef(name="default", version=99)))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = status_of(lambda: srv.stub.WatchJob(pb.WatchJobRequest(job_id="job-0"), timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = status_of(lambda: srv.stub.CancelJob(pb.CancelJobRequest(job_id="job-0"), timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_session_cap_refuses_new_sessions_and_never_starves_live_ones(model_dir: Path) -> None:
+    srv = start_server(model_dir, max_sessions=2)
+    try:
+        a, _ = session(srv), session(srv)
+        for call in (
+            lambda: session(srv),
+            lambda: srv.stub.ForkSession(pb.ForkSessionRequest(source_session_id=a), timeout=5),
+            lambda: srv.stub.PredictStream(iter([pb.PredictStreamRequest(text="h")]), timeout=5),
+        ):
+            code, details = status_of(call)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "cap" in details
+        assert srv.stub.Predict(pb.PredictRequest(session_id=a, text="hello"), timeout=5).predictions.count == 5
+    finally:
+        srv.close()
+
+
+def test_draining_refuses_new_sessions_with_unavailable(model_dir: Path) -> None:
+    srv = start_server(model_dir, grace=5.0)
+    try:
+        sid = session(srv)
+        call = srv.stub.PredictStream(iter([pb.PredictStreamRequest(session_id=sid, text="h")]), timeout=5)
+        srv.server.sessions.draining = True  # the first thing drain() does; the full drain is in test_server_drain
+        code, details = status_of(lambda: session(srv))
+        assert code == grpc.StatusCode.UNAVAILABLE and "draining" in details
+        assert srv.stub.Predict(pb.PredictRequest(session_id=sid, text="ello"), timeout=5).predictions.count == 4
+        assert len(list(call)) == 1
+    finally:
+        srv.close()
+
+
+def test_oversized_message_is_resource_exhausted(model_dir: Path) -> None:
+    srv = start_server(model_dir, max_message_bytes=8192)
+    try:
+        code, _ = status_of(train(srv, text="x" * 20_000))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        srv.close()
+
+
+def test_deadline_and_client_cancel_are_honoured(srv: ServerThread) -> None:
+    code, _ = status_of(lambda: srv.stub.Generate(pb.GenerateRequest(length=100_000), timeout=0.05))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    call = srv.stub.Generate(pb.GenerateRequest(length=100_000), timeout=10)
+    next(call)
+    call.cancel()
+    code, _ = status_of(lambda: list(call))
+    assert code == grpc.StatusCode.CANCELLED
+    # the server is unharmed
+    assert srv.stub.Predict(pb.PredictRequest(text="hello"), timeout=5).predictions.count == 5
