@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-
 from nextchar.core.demo import NOTEBOOK_TEXT, notebook_configs
 from nextchar.core.model import CharRNN
 from nextchar.core.train import train
@@ -31,7 +30,9 @@ T = TypeVar("T")
 UNK_CHAR = "\ufffd"
 
 
-def train_notebook_model(epochs: int = 200, seed: int = 0) -> tuple[CharRNN, list[dict[str, Any]], dict[str, Any]]:
+def train_notebook_model(
+    epochs: int = 200, seed: int = 0
+) -> tuple[CharRNN, list[dict[str, Any]], dict[str, Any]]:
     model_config, train_config = notebook_configs(epochs=epochs, seed=seed)
     result = train(NOTEBOOK_TEXT, model_config, train_config)
     return result.model, result.history, result.summary
@@ -93,7 +94,7 @@ def stream_chars(
 
 def top1(vocab: str, responses: list[pb.PredictStreamResponse]) -> str:
     table = UNK_CHAR + vocab
-    out = []
+    out: list[str] = []
     for r in responses:
         p = r.predictions
         out.extend(table[p.top_index[i * p.top_k]] for i in range(p.count))
@@ -117,3 +118,12 @@ def expected(model: CharRNN, text: str) -> tuple[str, np.ndarray]:
 
 def iter_until(it: Iterator[T], n: int) -> list[T]:
     return [next(it) for _ in range(n)]
+
+
+def take(call: grpc.CallIterator[T]) -> T:
+    """The next response of a streaming call (grpc-stubs lack __next__; iter() returns the call itself)."""
+    return next(iter(call))
+
+
+def cancel(call: grpc.Call) -> None:
+    call.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs

@@ -9,10 +9,9 @@ from typing import Any
 
 import grpc
 import pytest
-from server_harness import ServerThread, make_registry, start_server
-
 from nextchar.core.demo import NOTEBOOK_TEXT
 from nextchar.proto import nextchar_pb2 as pb
+from server_harness import ServerThread, cancel, make_registry, start_server, take
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +92,9 @@ def test_duplicate_session_id_already_exists(srv: ServerThread) -> None:
     session(srv, session_id="dup")
     code, details = status_of(lambda: session(srv, session_id="dup"))
     assert code == grpc.StatusCode.ALREADY_EXISTS and "session_id" in details
-    code, _ = status_of(lambda: srv.stub.ForkSession(pb.ForkSessionRequest(source_session_id="dup", session_id="dup")))
+    code, _ = status_of(
+        lambda: srv.stub.ForkSession(pb.ForkSessionRequest(source_session_id="dup", session_id="dup"))
+    )
     assert code == grpc.StatusCode.ALREADY_EXISTS
 
 
@@ -120,11 +121,14 @@ def test_bad_chunk_mid_stream_ends_the_stream_but_keeps_the_session(srv: ServerT
     sid = session(srv)
     requests = [pb.PredictStreamRequest(session_id=sid, text="hello"), pb.PredictStreamRequest(text="")]
     call = srv.stub.PredictStream(iter(requests), timeout=5)
-    assert next(call).predictions.count == 5
+    assert take(call).predictions.count == 5
     code, details = status_of(lambda: list(call))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "text" in details
     assert srv.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=5).session.offset == 5
-    other = [pb.PredictStreamRequest(session_id=sid, text="h"), pb.PredictStreamRequest(session_id="other", text="h")]
+    other = [
+        pb.PredictStreamRequest(session_id=sid, text="h"),
+        pb.PredictStreamRequest(session_id="other", text="h"),
+    ]
     code, details = status_of(lambda: srv.stub.PredictStream(iter(other), timeout=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "session_id" in details
 
@@ -132,7 +136,9 @@ def test_bad_chunk_mid_stream_ends_the_stream_but_keeps_the_session(srv: ServerT
 def test_bad_session_id_and_bad_blob_are_invalid_argument(srv: ServerThread) -> None:
     code, details = status_of(lambda: session(srv, session_id="has space"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "session_id" in details
-    code, details = status_of(lambda: srv.stub.ImportSession(pb.ImportSessionRequest(blob=b"\xff\x00junk"), timeout=5))
+    code, details = status_of(
+        lambda: srv.stub.ImportSession(pb.ImportSessionRequest(blob=b"\xff\x00junk"), timeout=5)
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "blob" in details
 
 
@@ -145,7 +151,9 @@ def test_bad_session_id_and_bad_blob_are_invalid_argument(srv: ServerThread) -> 
         ({"length": 10, "top_p": 1.5}, "top_p"),
     ],
 )
-def test_bad_sampling_parameters_are_invalid_argument(srv: ServerThread, fields: dict[str, Any], named: str) -> None:
+def test_bad_sampling_parameters_are_invalid_argument(
+    srv: ServerThread, fields: dict[str, Any], named: str
+) -> None:
     code, details = status_of(gen(srv, **fields))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and named in details
 
@@ -197,7 +205,9 @@ def test_session_cap_refuses_new_sessions_and_never_starves_live_ones(model_dir:
         ):
             code, details = status_of(call)
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "cap" in details
-        assert srv.stub.Predict(pb.PredictRequest(session_id=a, text="hello"), timeout=5).predictions.count == 5
+        assert (
+            srv.stub.Predict(pb.PredictRequest(session_id=a, text="hello"), timeout=5).predictions.count == 5
+        )
     finally:
         srv.close()
 
@@ -207,10 +217,14 @@ def test_draining_refuses_new_sessions_with_unavailable(model_dir: Path) -> None
     try:
         sid = session(srv)
         call = srv.stub.PredictStream(iter([pb.PredictStreamRequest(session_id=sid, text="h")]), timeout=5)
-        srv.server.sessions.draining = True  # the first thing drain() does; the full drain is in test_server_drain
+        srv.server.sessions.draining = (
+            True  # the first thing drain() does; the full drain is in test_server_drain
+        )
         code, details = status_of(lambda: session(srv))
         assert code == grpc.StatusCode.UNAVAILABLE and "draining" in details
-        assert srv.stub.Predict(pb.PredictRequest(session_id=sid, text="ello"), timeout=5).predictions.count == 4
+        assert (
+            srv.stub.Predict(pb.PredictRequest(session_id=sid, text="ello"), timeout=5).predictions.count == 4
+        )
         assert len(list(call)) == 1
     finally:
         srv.close()
@@ -229,8 +243,8 @@ def test_deadline_and_client_cancel_are_honoured(srv: ServerThread) -> None:
     code, _ = status_of(lambda: srv.stub.Generate(pb.GenerateRequest(length=100_000), timeout=0.05))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     call = srv.stub.Generate(pb.GenerateRequest(length=100_000), timeout=10)
-    next(call)
-    call.cancel()
+    take(call)
+    cancel(call)
     code, _ = status_of(lambda: list(call))
     assert code == grpc.StatusCode.CANCELLED
     # the server is unharmed

@@ -13,17 +13,22 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from server_harness import ServerThread, expected, make_registry, start_server, surprisals
-
 from nextchar.core.demo import NOTEBOOK_TEXT
 from nextchar.proto import nextchar_pb2 as pb
+from server_harness import ServerThread, cancel, expected, make_registry, start_server, surprisals, take
 
 TEXT = NOTEBOOK_TEXT * 8
 SMALL = pb.ModelConfigSpec(cell="rnn", hidden=16)
 
 
 def quick(**fields: float | int | str) -> pb.TrainConfigSpec:
-    spec = {"seq_len": 16, "batch": 2, "epochs": 3, "val_fraction": 0.1, "log_every": 2}
+    spec: dict[str, float | int | str] = {
+        "seq_len": 16,
+        "batch": 2,
+        "epochs": 3,
+        "val_fraction": 0.1,
+        "log_every": 2,
+    }
     spec.update(fields)
     return pb.TrainConfigSpec(**spec)  # type: ignore[arg-type]
 
@@ -50,7 +55,8 @@ def test_train_streams_progress_and_registers_a_version(srv: ServerThread) -> No
     events = [
         r.event
         for r in srv.stub.Train(
-            pb.TrainRequest(model_name="small", text=TEXT, model_config=SMALL, train_config=quick()), timeout=60
+            pb.TrainRequest(model_name="small", text=TEXT, model_config=SMALL, train_config=quick()),
+            timeout=60,
         )
     ]
     assert events[0].job.state == pb.JOB_STATE_RUNNING and not events[0].HasField("progress")
@@ -71,7 +77,9 @@ def test_train_streams_progress_and_registers_a_version(srv: ServerThread) -> No
     assert created.session.model.name == "small"
     assert srv.stub.ListModels(pb.ListModelsRequest(), timeout=5).default_model.name == "default"
     watched = wait_job(srv, final.job_id)
-    assert [e.event.progress.step for e in watched if e.event.HasField("progress")] == [p.step for p in progress]
+    assert [e.event.progress.step for e in watched if e.event.HasField("progress")] == [
+        p.step for p in progress
+    ]
 
 
 def test_client_disconnect_does_not_kill_the_job(srv: ServerThread) -> None:
@@ -79,8 +87,8 @@ def test_client_disconnect_does_not_kill_the_job(srv: ServerThread) -> None:
         pb.TrainRequest(model_name="detached", text=TEXT, model_config=SMALL, train_config=quick(epochs=40)),
         timeout=60,
     )
-    job_id = next(call).event.job.job_id
-    call.cancel()
+    job_id = take(call).event.job.job_id
+    cancel(call)
     events = wait_job(srv, job_id)
     assert events[-1].event.job.state == pb.JOB_STATE_SUCCEEDED
     assert versions(srv, "detached") == [1]
@@ -90,10 +98,12 @@ def test_client_disconnect_does_not_kill_the_job(srv: ServerThread) -> None:
 
 def test_cancel_registers_nothing(srv: ServerThread) -> None:
     call = srv.stub.Train(
-        pb.TrainRequest(model_name="cancelled", text=TEXT, model_config=SMALL, train_config=quick(epochs=100000)),
+        pb.TrainRequest(
+            model_name="cancelled", text=TEXT, model_config=SMALL, train_config=quick(epochs=100000)
+        ),
         timeout=60,
     )
-    first = next(call).event.job
+    first = take(call).event.job
     # while it runs, the job limit refuses a second one
     with pytest.raises(grpc.RpcError) as err:
         list(srv.stub.Train(pb.TrainRequest(text=TEXT, model_config=SMALL, train_config=quick()), timeout=10))
@@ -106,10 +116,12 @@ def test_cancel_registers_nothing(srv: ServerThread) -> None:
 
 def test_worker_death_fails_the_job_with_a_reason(srv: ServerThread) -> None:
     call = srv.stub.Train(
-        pb.TrainRequest(model_name="killed", text=TEXT, model_config=SMALL, train_config=quick(epochs=100000)),
+        pb.TrainRequest(
+            model_name="killed", text=TEXT, model_config=SMALL, train_config=quick(epochs=100000)
+        ),
         timeout=60,
     )
-    job_id = next(call).event.job.job_id
+    job_id = take(call).event.job.job_id
     process = srv.server.jobs.get(job_id).process
     assert process is not None
     process.kill()
@@ -124,8 +136,10 @@ def test_health_and_reflection(srv: ServerThread) -> None:
         status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING
     reflect = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
-    answers = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
-    names = {s.name for s in next(answers).list_services_response.service}
+    answers = reflect.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
+    names = {s.name for s in take(answers).list_services_response.service}
     assert "nextchar.v1.NextCharService" in names and "grpc.health.v1.Health" in names
 
 
@@ -140,18 +154,24 @@ def test_hot_swap_while_a_stream_is_live(tmp_path: Path) -> None:
         responses = []
         for i, ch in enumerate(NOTEBOOK_TEXT):
             feed.put(pb.PredictStreamRequest(text=ch))
-            responses.append(next(call))
+            responses.append(take(call))
             if i == 10:
-                swapped = srv.stub.SetDefaultModel(pb.SetDefaultModelRequest(model=pb.ModelRef(version=2)), timeout=5)
+                swapped = srv.stub.SetDefaultModel(
+                    pb.SetDefaultModelRequest(model=pb.ModelRef(version=2)), timeout=5
+                )
                 assert swapped.default_model.version == 2 and swapped.previous.version == 1
         feed.put(None)
         assert list(call) == []
         assert {r.model.version for r in responses} == {1}  # the live session finished on its version
-        np.testing.assert_allclose(surprisals(responses), expected(v1, NOTEBOOK_TEXT)[1], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            surprisals(responses), expected(v1, NOTEBOOK_TEXT)[1], rtol=1e-4, atol=1e-5
+        )
         new = srv.stub.CreateSession(pb.CreateSessionRequest(), timeout=5).session
         assert new.model.version == 2
         got = srv.stub.Predict(pb.PredictRequest(session_id=new.session_id, text=NOTEBOOK_TEXT), timeout=5)
-        np.testing.assert_allclose(got.predictions.surprisal_bits, expected(v2, NOTEBOOK_TEXT)[1], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            got.predictions.surprisal_bits, expected(v2, NOTEBOOK_TEXT)[1], rtol=1e-4, atol=1e-5
+        )
         assert json.loads((tmp_path / "default.json").read_text()) == {"name": "default", "version": 2}
     finally:
         srv.close()
@@ -167,8 +187,12 @@ def test_corrupt_file_marks_version_unavailable_and_server_starts(tmp_path: Path
         assert models[1].available and not models[2].available
         assert "2.npz" in models[2].reason
         with pytest.raises(grpc.RpcError) as err:
-            srv.stub.CreateSession(pb.CreateSessionRequest(model=pb.ModelRef(name="default", version=2)), timeout=5)
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "unavailable" in str(err.value.details())
+            srv.stub.CreateSession(
+                pb.CreateSessionRequest(model=pb.ModelRef(name="default", version=2)), timeout=5
+            )
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "unavailable" in str(
+            err.value.details()
+        )
         # the newest AVAILABLE version is what version 0 means
         assert srv.stub.CreateSession(pb.CreateSessionRequest(), timeout=5).session.model.version == 1
     finally:
@@ -187,7 +211,9 @@ def test_delete_evicts_its_sessions_and_protects_the_default(tmp_path: Path) -> 
             srv.stub.Predict(pb.PredictRequest(session_id=sid, text="h"), timeout=5)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "evicted" in str(err.value.details())
         with pytest.raises(grpc.RpcError) as err:
-            srv.stub.DeleteModel(pb.DeleteModelRequest(model=pb.ModelRef(name="default", version=1)), timeout=5)
+            srv.stub.DeleteModel(
+                pb.DeleteModelRequest(model=pb.ModelRef(name="default", version=1)), timeout=5
+            )
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         srv.close()

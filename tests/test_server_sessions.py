@@ -8,19 +8,20 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from nextchar.core.demo import NOTEBOOK_TEXT
+from nextchar.core.model import CharRNN
+from nextchar.proto import nextchar_pb2 as pb
 from server_harness import (
     ServerThread,
+    cancel,
     expected,
     make_registry,
     start_server,
     stream_chars,
     surprisals,
+    take,
     top1,
 )
-
-from nextchar.core.demo import NOTEBOOK_TEXT
-from nextchar.core.model import CharRNN
-from nextchar.proto import nextchar_pb2 as pb
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,9 @@ def test_chunks_and_single_characters_agree(srv: ServerThread, model: CharRNN) -
     one = srv.stub.Predict(pb.PredictRequest(text=text, top_k=2, full_distribution=True), timeout=10)
     dist = np.array(one.predictions.distribution).reshape(len(text), model.vocab.size)
     np.testing.assert_allclose(dist.sum(axis=1), 1.0, rtol=1e-4)
-    np.testing.assert_allclose(np.array(one.predictions.surprisal_bits), surprisals(singles), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(one.predictions.surprisal_bits), surprisals(singles), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_reconnect_and_resume_at_the_offset_last_seen(srv: ServerThread) -> None:
@@ -98,15 +101,19 @@ def test_broken_stream_leaves_session_alive(srv: ServerThread) -> None:
         yield pb.PredictStreamRequest(text="x")
 
     call = srv.stub.PredictStream(requests(), timeout=10)
-    assert next(call).predictions.count == 5
-    call.cancel()
+    assert take(call).predictions.count == 5
+    cancel(call)
     info = srv.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=5).session
     assert info.offset == 5
 
 
 def test_fork_continues_from_a_copy(srv: ServerThread) -> None:
-    sid = srv.stub.CreateSession(pb.CreateSessionRequest(prime_text="hello wor"), timeout=5).session.session_id
-    fork = srv.stub.ForkSession(pb.ForkSessionRequest(source_session_id=sid, session_id="the-fork"), timeout=5)
+    sid = srv.stub.CreateSession(
+        pb.CreateSessionRequest(prime_text="hello wor"), timeout=5
+    ).session.session_id
+    fork = srv.stub.ForkSession(
+        pb.ForkSessionRequest(source_session_id=sid, session_id="the-fork"), timeout=5
+    )
     assert fork.session.offset == 9 and fork.session.session_id == "the-fork"
     a = srv.stub.Predict(pb.PredictRequest(session_id=sid, text="ld"), timeout=5).predictions
     b = srv.stub.Predict(pb.PredictRequest(session_id="the-fork", text="ld"), timeout=5).predictions
@@ -158,7 +165,9 @@ def test_two_sessions_alternating_on_one_channel(srv: ServerThread, model: CharR
 def test_export_import_reset_close_list(srv: ServerThread) -> None:
     sid = srv.stub.CreateSession(pb.CreateSessionRequest(prime_text="hello w"), timeout=5).session.session_id
     blob = srv.stub.ExportSession(pb.ExportSessionRequest(session_id=sid), timeout=5).blob
-    clone = srv.stub.ImportSession(pb.ImportSessionRequest(blob=blob, session_id="imported"), timeout=5).session
+    clone = srv.stub.ImportSession(
+        pb.ImportSessionRequest(blob=blob, session_id="imported"), timeout=5
+    ).session
     assert clone.offset == 7 and clone.model.version == 1
     a = srv.stub.Predict(pb.PredictRequest(session_id=sid, text="orld"), timeout=5).predictions
     b = srv.stub.Predict(pb.PredictRequest(session_id="imported", text="orld"), timeout=5).predictions
@@ -185,7 +194,10 @@ def test_unknown_characters_are_reported_not_fatal(srv: ServerThread) -> None:
 def test_generate_advances_the_session_or_a_fork(srv: ServerThread) -> None:
     sid = srv.stub.CreateSession(pb.CreateSessionRequest(prime_text="hello "), timeout=5).session.session_id
     forked = "".join(
-        r.text for r in srv.stub.Generate(pb.GenerateRequest(session_id=sid, fork=True, length=20, seed=3), timeout=10)
+        r.text
+        for r in srv.stub.Generate(
+            pb.GenerateRequest(session_id=sid, fork=True, length=20, seed=3), timeout=10
+        )
     )
     assert srv.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=5).session.offset == 6
     pieces = list(srv.stub.Generate(pb.GenerateRequest(session_id=sid, length=20, seed=3), timeout=10))

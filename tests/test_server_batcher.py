@@ -1,0 +1,94 @@
+"""The batcher's arithmetic and the per-session memory budget, in-process (no network needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+from nextchar.core.model import CharRNN, ModelConfig
+from nextchar.core.vocab import Vocab
+from nextchar.server.batcher import Batcher, PredictWork, step_chunks, top_k_rows
+from nextchar.server.registry import ModelVersion
+from nextchar.server.sessions import InMemorySessionStore, Session, Sessions
+
+VOCAB = Vocab.from_text("abcdefghijklmnopqrstuvwxyz ,.")
+
+
+def version(hidden: int = 64, cell: str = "rnn") -> ModelVersion:
+    model = CharRNN.create(ModelConfig(cell=cell, hidden=hidden), VOCAB, seed=1)
+    return ModelVersion.from_model("m", 1, Path("m/1.npz"), model, [], {}, {})
+
+
+def solo(model: CharRNN, text: str) -> tuple[np.ndarray, np.ndarray]:
+    _, probs = model.run(model.initial_state(1)[0], VOCAB.encode(text))
+    return probs.argmax(axis=1), probs
+
+
+def test_mixed_length_batch_matches_each_session_alone() -> None:
+    mv = version(cell="gru")
+    model = mv.model
+    assert model is not None
+    texts = ["hello world", "a", "the quick brown fox", "zz top", "xyz"]
+    loop = asyncio.new_event_loop()
+    works = [
+        PredictWork(Session.fresh(str(i), mv), VOCAB.encode(t), 3, True, 0, loop.create_future())
+        for i, t in enumerate(texts)
+    ]
+    results = step_chunks(model, works)
+    for work, result, text in zip(works, results, texts, strict=True):
+        want_top1, want_probs = solo(model, text)
+        np.testing.assert_array_equal(result.top_index[:, 0], want_top1)
+        assert result.distribution is not None
+        np.testing.assert_allclose(result.distribution, want_probs, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result.probs, want_probs[-1], rtol=1e-5, atol=1e-6)
+        assert result.top_index.shape == (len(text), 3) and work.session.offset == 0
+    loop.close()
+
+
+def test_top_k_rows_sorted_and_complete() -> None:
+    probs = np.random.default_rng(0).dirichlet(np.ones(30), size=50).astype(np.float32)
+    idx, vals = top_k_rows(probs, 5)
+    np.testing.assert_array_equal(idx, np.argsort(-probs, axis=1, kind="stable")[:, :5])
+    assert np.all(np.diff(vals, axis=1) <= 0)
+    full_idx, _ = top_k_rows(probs, 30)
+    assert full_idx.shape == (50, 30)
+
+
+def test_concurrent_sessions_are_stepped_together() -> None:
+    mv = version()
+
+    async def main() -> Batcher:
+        batcher = Batcher(inline_chars=0)
+        batcher.start()
+        sessions = [Session.fresh(str(i), mv) for i in range(50)]
+        await asyncio.gather(*(batcher.predict(s, VOCAB.encode("hello"), 3, False) for s in sessions))
+        await batcher.close()
+        assert all(s.offset == 5 for s in sessions)
+        return batcher
+
+    stats = asyncio.run(main()).stats
+    assert stats.chars == 250 and stats.max_sessions == 50
+    assert stats.steps <= 10  # 5 positions, one or two batches: never one step per session
+
+
+def test_idle_session_costs_at_most_4_kb_beyond_its_state() -> None:
+    mv = version(hidden=256)
+    model = mv.model
+    assert model is not None
+    sessions = Sessions(InMemorySessionStore(idle_timeout=600), max_sessions=100_000)
+    n = 5000
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for _ in range(n):
+        session = Session.fresh(sessions.admit(""), mv)
+        session.state, session.probs = session.state.copy(), model.initial_state(1)[0][: VOCAB.size].copy()
+        session.offset = 123
+        sessions.add(session)
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    per_session = grown / n - model.state_size * model.dtype.itemsize
+    print(f"{per_session:.0f} bytes per idle session beyond its state")
+    assert per_session <= 4096, f"{per_session:.0f} bytes per idle session beyond its state"
