@@ -52,12 +52,17 @@ class Optimizer:
                 mem += g * g
                 p -= self.lr * g / (np.sqrt(mem) + self.eps)
         else:
+            # PyTorch's exact formula (eps added after bias correction), so runs compare step for step.
             b1, b2 = self.beta1, self.beta2
-            step = self.lr * np.sqrt(1 - b2**self.t) / (1 - b1**self.t)
+            step = self.lr / (1 - b1**self.t)
+            root_bc2 = np.sqrt(1 - b2**self.t)
             for k, p in params.items():
                 g, m, v = grads[k], self.m[k], self.v[k]
                 m *= b1
                 m += (1 - b1) * g
                 v *= b2
                 v += (1 - b2) * (g * g)
-                p -= step * m / (np.sqrt(v) + self.eps)
+                denom = np.sqrt(v)
+                denom /= root_bc2
+                denom += self.eps
+                p -= step * m / denom
