@@ -1,0 +1,313 @@
+"""Serving benchmark: nextchar's gRPC server vs a no-op echo server with the same messages.
+
+Run: ``make bench-serve`` (or ``python bench/serve_bench.py [--duration S]``).
+
+Both servers run as their own processes (nextchar via ``python -m nextchar.server``,
+one BLAS thread); the load comes from a separate client process (grpc.aio), one
+ping-pong stream per simulated client: 1, 100 and 1,000 concurrent streams, with
+1-character messages and 64-character chunks, top-3 predictions. Reported per
+case: characters/s, messages/s, p50/p99 per-message latency, and nextchar/echo
+ratios; plus the in-process batched-step throughput of the same H=256 rnn model
+(``model.step`` over N sessions, and the batcher's ``step_chunks`` with top-k),
+the compute ceiling the service is measured against. Results go to
+``bench/results/serve-<time>.json``; a short table is printed.
+
+The machine is shared and noisy (±15%): compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy loads OpenBLAS
+
+import argparse
+import asyncio
+import json
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+HIDDEN = 256
+TOP_K = 3
+CASES = [(1, 1), (100, 1), (1000, 1), (1, 64), (100, 64), (1000, 64)]  # (streams, chars per message)
+
+
+def corpus() -> str:
+    if CORPUS.is_file():
+        return CORPUS.read_text()[:200_000]
+    rng = np.random.default_rng(0)
+    alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'\n-&$3"))
+    return "".join(rng.choice(alphabet, 200_000))
+
+
+def make_model() -> Any:
+    """An H=256 rnn over the corpus's alphabet; random weights cost the same as trained ones."""
+    from nextchar.core.model import CharRNN, ModelConfig
+    from nextchar.core.vocab import Vocab
+
+    return CharRNN.create(ModelConfig(cell="rnn", hidden=HIDDEN), Vocab.from_text(corpus()), seed=0)
+
+
+# ---------------------------------------------------------------- echo server (own process)
+
+
+async def echo_server() -> None:
+    """Answers each PredictStream request with a prebuilt reply of the same shape nextchar sends."""
+    import grpc
+
+    from nextchar.proto import nextchar_pb2 as pb
+    from nextchar.proto import nextchar_pb2_grpc as pb_grpc
+
+    replies: dict[int, Any] = {}
+
+    def reply(n: int, first: bool) -> Any:
+        if n not in replies:
+            preds = pb.Predictions(
+                start_offset=0,
+                count=n,
+                top_k=TOP_K,
+                top_index=list(range(1, TOP_K + 1)) * n,
+                top_prob=[0.5, 0.25, 0.125] * n,
+                surprisal_bits=[1.5] * n,
+            )
+            replies[n] = pb.PredictStreamResponse(
+                session_id="0123456789abcdef0123456789abcdef", model=pb.ModelRef(name="default", version=1), predictions=preds
+            )
+        return replies[n]
+
+    class Echo(pb_grpc.NextCharServiceServicer):
+        async def PredictStream(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+            first = True
+            async for request in request_iterator:
+                yield reply(len(request.text), first)
+                first = False
+
+    server = grpc.aio.server()
+    pb_grpc.add_NextCharServiceServicer_to_server(Echo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"serving on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    await server.wait_for_termination()
+
+
+# ---------------------------------------------------------------- load client (own process)
+
+
+async def load(port: int, streams: int, chunk: int, duration: float, warmup: float) -> dict[str, Any]:
+    import grpc
+
+    from nextchar.proto import nextchar_pb2 as pb
+    from nextchar.proto import nextchar_pb2_grpc as pb_grpc
+
+    text = corpus()
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(max(1, streams // 100))]
+    stubs = [pb_grpc.NextCharServiceStub(c) for c in channels]
+    latencies: list[float] = []
+    chars = 0
+    t0 = time.perf_counter()
+    begin, end = t0 + warmup, t0 + warmup + duration
+    errors: list[str] = []
+
+    async def one(i: int) -> None:
+        nonlocal chars
+        call = stubs[i % len(stubs)].PredictStream()
+        pos = (i * 7919) % (len(text) - chunk)
+        try:
+            while True:
+                msg = pb.PredictStreamRequest(text=text[pos : pos + chunk], top_k=TOP_K)
+                pos = (pos + chunk) % (len(text) - chunk)
+                sent = time.perf_counter()
+                await call.write(msg)
+                await call.read()
+                got = time.perf_counter()
+                if sent >= begin and got <= end:
+                    latencies.append(got - sent)
+                    chars += chunk
+                if got > end:
+                    break
+            await call.done_writing()
+            while await call.read() is not grpc.aio.EOF:  # drain to the end of the stream
+                pass
+        except grpc.aio.AioRpcError as exc:
+            errors.append(f"{exc.code().name}: {exc.details()}")
+
+    await asyncio.gather(*(one(i) for i in range(streams)))
+    for channel in channels:
+        await channel.close()
+    lat = np.array(latencies) * 1000
+    return {
+        "streams": streams,
+        "chunk": chunk,
+        "chars_per_sec": chars / duration,
+        "messages_per_sec": len(latencies) / duration,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+        "errors": errors[:3],
+    }
+
+
+# ---------------------------------------------------------------- in-process compute ceiling
+
+
+def compute_ceiling(seconds: float = 1.5) -> dict[str, Any]:
+    from nextchar.server.batcher import PredictWork, step_chunks
+    from nextchar.server.registry import ModelVersion
+    from nextchar.server.sessions import Session
+
+    model = make_model()
+    out: dict[str, Any] = {}
+    rng = np.random.default_rng(0)
+    for n in (1, 100, 1000):
+        states = model.initial_state(n)
+        idx = rng.integers(1, model.vocab.size, size=n)
+        steps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            states, _ = model.step(states, idx)
+            steps += 1
+        out[f"step_{n}_chars_per_sec"] = n * steps / (time.perf_counter() - start)
+    mv = ModelVersion.from_model("bench", 1, Path("bench.npz"), model, [], {}, {})
+    loop = asyncio.new_event_loop()
+    text = corpus()
+    for n in (100, 1000):
+        works = [
+            PredictWork(Session.fresh(str(i), mv), model.vocab.encode(text[i * 64 : i * 64 + 64]), TOP_K, False, 0, loop.create_future())
+            for i in range(n)
+        ]
+        rounds, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3 or rounds < 2:
+            step_chunks(model, works)
+            rounds += 1
+        out[f"batcher_{n}x64_chars_per_sec"] = n * 64 * rounds / (time.perf_counter() - start)
+    loop.close()
+    return out
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def start(cmd: list[str]) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:
+        match = re.search(r"serving on [\d.]+:(\d+)", line)
+        if match:
+            return proc, int(match.group(1))
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError(f"{cmd} did not start")
+
+
+def run_client(port: int, streams: int, chunk: int, duration: float, warmup: float) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--client", str(port), str(streams), str(chunk), str(duration), str(warmup)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + warmup + 120, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def main(duration: float, warmup: float) -> dict[str, Any]:
+    from nextchar.server.registry import Registry
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Registry(Path(tmp)).register("default", make_model(), history=[], summary={}, promote=True)
+        servers = {
+            "nextchar": start([sys.executable, "-m", "nextchar.server", "--port", "0", "--model-dir", tmp, "--no-default-model"]),
+            "echo": start([sys.executable, __file__, "--echo"]),
+        }
+        cases: list[dict[str, Any]] = []
+        try:
+            for streams, chunk in CASES:
+                row: dict[str, Any] = {"streams": streams, "chunk": chunk}
+                for name in ("echo", "nextchar"):
+                    row[name] = run_client(servers[name][1], streams, chunk, duration, warmup)
+                row["chars_ratio"] = ratio(row["nextchar"]["chars_per_sec"], row["echo"]["chars_per_sec"])
+                row["p50_ratio"] = ratio(row["nextchar"]["p50_ms"], row["echo"]["p50_ms"])
+                row["p99_ratio"] = ratio(row["nextchar"]["p99_ms"], row["echo"]["p99_ms"])
+                cases.append(row)
+                print(
+                    f"  {streams:>5} streams x {chunk:>2} chars: nextchar {row['nextchar']['chars_per_sec']:>10,.0f} c/s"
+                    f"  echo {row['echo']['chars_per_sec']:>10,.0f} c/s  ratio {row['chars_ratio']:.2f}",
+                    flush=True,
+                )
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+            for proc, _ in servers.values():
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    ceiling = compute_ceiling()
+    chunked100 = next(c for c in cases if c["streams"] == 100 and c["chunk"] == 64)
+    goals = {
+        "1char_100_streams_vs_echo>=0.70": next(c for c in cases if c["streams"] == 100 and c["chunk"] == 1)["chars_ratio"],
+        "1char_1000_streams_vs_echo>=0.70": next(c for c in cases if c["streams"] == 1000 and c["chunk"] == 1)["chars_ratio"],
+        "pingpong_p50_vs_echo<=1.5": cases[0]["p50_ratio"],
+        "pingpong_p99_vs_echo<=2.0": cases[0]["p99_ratio"],
+        "64char_100_streams_vs_batched_step>=0.75": chunked100["nextchar"]["chars_per_sec"]
+        / ceiling["step_100_chars_per_sec"],
+    }
+    return {
+        "benchmark": "serve",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "numpy": np.__version__},
+        "model": {"cell": "rnn", "hidden": HIDDEN, "top_k": TOP_K},
+        "duration_s": duration,
+        "cases": cases,
+        "in_process": ceiling,
+        "goals": goals,
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"\n{'streams':>7} {'chars':>5} | {'nextchar c/s':>12} {'p50 ms':>7} {'p99 ms':>7} | "
+          f"{'echo c/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5}")
+    for c in result["cases"]:
+        n, e = c["nextchar"], c["echo"]
+        print(
+            f"{c['streams']:>7} {c['chunk']:>5} | {n['chars_per_sec']:>12,.0f} {n['p50_ms']:>7.2f} {n['p99_ms']:>7.2f} | "
+            f"{e['chars_per_sec']:>10,.0f} {e['p50_ms']:>7.2f} {e['p99_ms']:>7.2f} | {c['chars_ratio']:>5.2f}"
+        )
+    print("\nin-process compute (H=256 rnn, one BLAS thread):")
+    for key, value in result["in_process"].items():
+        print(f"  {key:<32} {value:>12,.0f}")
+    print("\ngoals:")
+    for key, value in result["goals"].items():
+        print(f"  {key:<44} {value:.2f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--echo":
+        asyncio.run(echo_server())
+    elif len(sys.argv) > 1 and sys.argv[1] == "--client":
+        port, streams, chunk = (int(a) for a in sys.argv[2:5])
+        print(json.dumps(asyncio.run(load(port, streams, chunk, float(sys.argv[5]), float(sys.argv[6])))))
+    else:
+        parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per case and server")
+        parser.add_argument("--warmup", type=float, default=1.0)
+        args = parser.parse_args()
+        print(f"nextchar serve benchmark: {len(CASES)} cases x 2 servers x {args.duration + args.warmup:.0f} s")
+        result = main(args.duration, args.warmup)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps(result, indent=2))
+        print_table(result)
+        print(f"\nwrote {path}")
