@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from nextchar.client.errors import ServerError
 from nextchar.client.results import Job, JobEvent, Progress
 from nextchar.core.model import ModelConfig
-from nextchar.core.train import TrainConfig
+from nextchar.core.train import TrainConfig, check_text
 from nextchar.proto import nextchar_pb2 as pb
 
 
@@ -23,8 +23,9 @@ def train_request(
     train_config: TrainConfig | None,
     promote: bool,
 ) -> pb.TrainRequest:
-    """A TrainRequest; config objects are validated locally (core's rules) before anything is sent."""
+    """A TrainRequest, checked locally by core's own rules first: a ValueError names the problem."""
     mc, tc = model_config or ModelConfig(), train_config or TrainConfig()
+    check_text(text, tc)
     return pb.TrainRequest(
         model_name=name,
         text=text,

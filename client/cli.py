@@ -1,0 +1,258 @@
+"""``nextchar``: the command line for the nextchar service (one Typer app, ``app``).
+
+    nextchar serve                      # start the service on 127.0.0.1:50051
+    nextchar train corpus.txt --epochs 5
+    echo "hello world" | nextchar stream
+    nextchar generate --prime "hello" --length 80
+    nextchar loss default --format png --output loss.png
+
+Every command that prints data takes ``--json``. Errors are one line on stderr
+and a non-zero exit code; OneLineErrors is the one place that turns them into that.
+Command groups live in cli_models / cli_sessions, the long commands in
+cli_train / cli_stream; this module wires them into ``app``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from nextchar.client.channel import DEFAULT_TARGET
+from nextchar.client.cli_common import (
+    SERVER_DEFAULTS,
+    JsonOpt,
+    ModelOpt,
+    ServerOpt,
+    TimeoutOpt,
+    TopKOpt,
+    connect,
+    print_json,
+    print_table,
+)
+from nextchar.client.cli_models import models_app
+from nextchar.client.cli_sessions import sessions_app
+from nextchar.client.cli_stream import evaluate, print_predictions, stream
+from nextchar.client.cli_train import train
+from nextchar.client.errors import NextCharError
+from nextchar.client.library import DEFAULT_TIMEOUT
+from nextchar.client.results import ModelRef
+from nextchar.core.history import export_history, to_csv, to_json
+from nextchar.server.config import ServerConfig
+from typer.core import TyperGroup
+
+EXIT_ERROR = 1
+
+
+class OneLineErrors(TyperGroup):
+    """The CLI's error boundary: any failure becomes ``nextchar: error: ...`` on stderr and an exit code.
+
+    Usage errors exit 2 (as Click does), interrupted commands 130, everything else 1.
+    Set NEXTCHAR_DEBUG=1 to see the traceback of an unexpected error instead.
+    """
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except typer.TyperException as exc:  # Click's usage errors, BadParameter, ...
+            code = _fail(exc.format_message(), exc.exit_code)
+        except NextCharError as exc:
+            code = _fail(exc.message, EXIT_ERROR)
+        except (OSError, ValueError) as exc:  # unreadable files, invalid hyperparameters
+            code = _fail(str(exc), EXIT_ERROR)
+        except typer.Abort:
+            code = _fail("aborted", 130)
+        except Exception as exc:
+            if os.environ.get("NEXTCHAR_DEBUG"):
+                raise
+            code = _fail(f"unexpected {type(exc).__name__}: {exc} (NEXTCHAR_DEBUG=1 shows where)", EXIT_ERROR)
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> int:
+    typer.echo(f"nextchar: error: {' '.join(message.split())}", err=True)
+    return code
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    help="Stateful next-character prediction: train, serve and stream char-RNNs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(models_app, name="models")
+app.add_typer(sessions_app, name="sessions")
+app.command()(train)
+app.command()(stream)
+app.command("eval")(evaluate)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = SERVER_DEFAULTS.host,
+    port: Annotated[int, typer.Option(help="Port; 0 picks a free one.")] = SERVER_DEFAULTS.port,
+    model_dir: Annotated[
+        Path, typer.Option(envvar="NEXTCHAR_MODEL_DIR", help="Model registry directory.")
+    ] = SERVER_DEFAULTS.model_dir,
+    max_sessions: Annotated[
+        int, typer.Option(help="Cap on live sessions; new ones are refused beyond it.")
+    ] = (SERVER_DEFAULTS.max_sessions),
+    idle_timeout: Annotated[float, typer.Option(help="Seconds an unused session lives.")] = (
+        SERVER_DEFAULTS.idle_timeout
+    ),
+    session_lifetime: Annotated[float, typer.Option(help="Seconds any session lives; 0 = unlimited.")] = (
+        SERVER_DEFAULTS.session_lifetime
+    ),
+    max_chunk_chars: Annotated[int, typer.Option(help="Characters per prediction message.")] = (
+        SERVER_DEFAULTS.max_chunk_chars
+    ),
+    max_jobs: Annotated[int, typer.Option(help="Concurrent training jobs.")] = SERVER_DEFAULTS.max_jobs,
+    grace: Annotated[float, typer.Option(help="Seconds live streams get to finish on SIGTERM.")] = (
+        SERVER_DEFAULTS.grace
+    ),
+    default_model: Annotated[
+        bool, typer.Option(help="Train the notebook model when the registry is empty.")
+    ] = SERVER_DEFAULTS.train_default_if_empty,
+) -> None:
+    """Run the nextchar service until SIGTERM or Ctrl-C, then drain and exit."""
+    from nextchar.server.app import serve as run_server
+
+    run_server(
+        ServerConfig(
+            host=host,
+            port=port,
+            model_dir=model_dir,
+            max_sessions=max_sessions,
+            idle_timeout=idle_timeout,
+            session_lifetime=session_lifetime,
+            max_chunk_chars=max_chunk_chars,
+            max_jobs=max_jobs,
+            grace=grace,
+            train_default_if_empty=default_model,
+        )
+    )
+
+
+@app.command()
+def predict(
+    text: Annotated[str, typer.Argument(help="Text to feed, character by character.")],
+    session_id: Annotated[str, typer.Option("--session", help="Feed a live session (advancing it).")] = "",
+    model: ModelOpt = "",
+    top_k: TopKOpt = 3,
+    as_json: JsonOpt = False,
+    server: ServerOpt = DEFAULT_TARGET,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """Predict the next character after every character of TEXT (from a fresh state unless --session)."""
+    with connect(server, timeout) as client:
+        if session_id:
+            predictions = client.attach(session_id).feed(text, top_k=top_k)
+        else:
+            predictions = client.predict(text, ModelRef.parse(model), top_k=top_k)
+    print_predictions(predictions, as_json)
+
+
+@app.command()
+def generate(
+    prime: Annotated[str, typer.Option("--prime", "-p", help="Text to start from.")] = "",
+    length: Annotated[int, typer.Option("--length", "-n", min=1, help="Characters to generate.")] = 200,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-t", help="Sampling temperature, (0, 100].")
+    ] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k likeliest; 0 = off.")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, (0, 1]; 1 = off.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed, for repeatable samples.")] = None,
+    session_id: Annotated[
+        str, typer.Option("--session", help="Generate from a live session, advancing it.")
+    ] = "",
+    model: ModelOpt = "",
+    as_json: JsonOpt = False,
+    server: ServerOpt = DEFAULT_TARGET,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """Sample text from a model, printed as it arrives."""
+    sampling: dict[str, Any] = {"length": length, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    with connect(server, timeout) as client:
+        if session_id:
+            pieces = iter([client.attach(session_id).generate(prime=prime, seed=seed, **sampling)])
+        else:
+            pieces = client.generate_stream(prime, ModelRef.parse(model), seed=seed, **sampling)
+        text = ""
+        for piece in pieces:
+            text += piece.text
+            if not as_json:
+                typer.echo(piece.text, nl=False)
+    if as_json:
+        print_json({"prime": prime, "text": text, "model": str(piece.model), "session_id": piece.session_id})
+    else:
+        typer.echo()
+
+
+class HistoryFormat(StrEnum):
+    csv = "csv"
+    json = "json"
+    png = "png"
+
+
+@app.command()
+def loss(
+    model: Annotated[str, typer.Argument(help="MODEL or MODEL:VERSION (the newest version when omitted).")],
+    fmt: Annotated[
+        HistoryFormat | None,
+        typer.Option("--format", "-f", help="csv, json or png; from --output's suffix if omitted."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", dir_okay=False, help="File to write; stdout for csv/json."),
+    ] = None,
+    server: ServerOpt = DEFAULT_TARGET,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """Export a model version's loss history as CSV, JSON or a PNG plot of train and validation loss."""
+    suffix = output.suffix.lstrip(".").lower() if output else ""
+    chosen = fmt.value if fmt else suffix if suffix in HistoryFormat.__members__ else "csv"
+    if chosen == "png" and output is None:
+        raise typer.BadParameter("a PNG needs --output PATH", param_hint="--format")
+    ref = ModelRef.parse(model)
+    with connect(server, timeout) as client:
+        history = [p.to_dict() for p in client.loss_history(ref)]
+    if not history:
+        raise typer.BadParameter(f"model {ref} has no loss history", param_hint="MODEL")
+    if output is None:
+        typer.echo((to_csv if chosen == "csv" else to_json)(history), nl=chosen == "json")
+        return
+    export_history(history, chosen, output, title=f"nextchar {ref}: training loss")
+    typer.echo(f"wrote {len(history)} records of {ref} to {output} ({chosen})", err=True)
+
+
+@app.command()
+def health(
+    as_json: JsonOpt = False, server: ServerOpt = DEFAULT_TARGET, timeout: TimeoutOpt = DEFAULT_TIMEOUT
+) -> None:
+    """Is the server serving? Exits 0 when it is, 1 when it is not (e.g. draining)."""
+    with connect(server, timeout) as client:
+        status = client.health()
+        models = client.models() if status == "SERVING" else []
+    default = next((str(m.model) for m in models if m.is_default), None)
+    report = {"server": server, "status": status, "default_model": default, "models": len(models)}
+    if as_json:
+        print_json(report)
+    else:
+        print_table("health", ("", "value"), list(report.items()))
+    if status != "SERVING":
+        raise typer.Exit(EXIT_ERROR)

@@ -1,0 +1,90 @@
+"""What every CLI command shares: option types, the client it connects with, and output helpers.
+
+Options are ``Annotated`` aliases so each command declares ``server: ServerOpt =
+DEFAULT_TARGET`` and gets the same flag, environment variable and help text.
+Data goes to stdout (JSON with ``--json``, rich tables otherwise); errors go to
+stderr as one line (see cli.OneLineErrors).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, is_dataclass
+from typing import Annotated, Any
+
+import typer
+from nextchar.client.library import NextCharClient
+from nextchar.server.config import ServerConfig
+from rich.console import Console
+from rich.table import Table
+
+ServerOpt = Annotated[
+    str,
+    typer.Option(
+        "--server",
+        "-s",
+        envvar="NEXTCHAR_SERVER",
+        help="Server address HOST:PORT; several, comma-separated, are balanced round-robin.",
+    ),
+]
+TimeoutOpt = Annotated[
+    float, typer.Option(min=0.1, envvar="NEXTCHAR_TIMEOUT", help="Seconds each call may take.")
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print JSON (JSON Lines for streams) instead of tables.")
+]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Model NAME or NAME:VERSION; the server's default when omitted.")
+]
+TopKOpt = Annotated[int, typer.Option("--top-k", "-k", min=1, help="Candidates shown per character.")]
+
+SERVER_DEFAULTS = ServerConfig()  # what `nextchar serve` uses, and where `train --local` writes
+
+# Piped output has no terminal width to fit; let tables take their natural width instead of 80 columns.
+console = Console(highlight=False, soft_wrap=True)
+if not console.is_terminal:
+    console = Console(highlight=False, soft_wrap=True, width=200)
+
+
+def connect(server: str, timeout: float) -> NextCharClient:
+    return NextCharClient(server, timeout=timeout)
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses become dicts; NaN/inf become null, so every line is strict JSON."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def print_json(value: Any) -> None:
+    typer.echo(json.dumps(to_jsonable(value), ensure_ascii=False))
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if cell is None else str(cell) for cell in row))
+    console.print(table)
+
+
+def show_char(char: str) -> str:
+    """A character printable on one line: whitespace and controls escaped, space shown as ␠."""
+    if char == " ":
+        return "␠"
+    shown = json.dumps(char, ensure_ascii=False)[1:-1]
+    return shown if char.isprintable() or shown != char else repr(char)[1:-1]
+
+
+def fmt_float(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"

@@ -1,0 +1,100 @@
+"""``nextchar sessions list|show|fork|close``: the server's live sessions."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from nextchar.client.channel import DEFAULT_TARGET
+from nextchar.client.cli_common import JsonOpt, ServerOpt, TimeoutOpt, connect, print_json, print_table
+from nextchar.client.library import DEFAULT_TIMEOUT
+from nextchar.client.results import SessionInfo
+
+SessionArg = Annotated[str, typer.Argument(help="Session id.")]
+
+sessions_app = typer.Typer(help="List, describe, fork and close live sessions.", no_args_is_help=True)
+
+
+def _ago(t: float) -> str:
+    return f"{max(time.time() - t, 0):.0f} s ago"
+
+
+def _until(t: float) -> str:
+    return "never" if not t else f"in {max(t - time.time(), 0):.0f} s"
+
+
+def _row(s: SessionInfo) -> tuple[object, ...]:
+    return (
+        s.session_id,
+        s.model,
+        s.offset,
+        _ago(s.created_at),
+        _ago(s.last_used_at),
+        _until(s.idle_expires_at),
+    )
+
+
+COLUMNS = ("session", "model", "offset", "created", "last used", "idle expiry")
+
+
+def _print_sessions(title: str, sessions: list[SessionInfo], as_json: bool) -> None:
+    """A table for people; with --json the list (or the one session's object when a command shows one)."""
+    if as_json:
+        print_json(sessions if len(sessions) != 1 or title == "sessions" else sessions[0])
+    else:
+        print_table(title, COLUMNS, [_row(s) for s in sessions])
+
+
+@sessions_app.command("list")
+def list_sessions(
+    as_json: JsonOpt = False, server: ServerOpt = DEFAULT_TARGET, timeout: TimeoutOpt = DEFAULT_TIMEOUT
+) -> None:
+    """Every live session, oldest first."""
+    with connect(server, timeout) as client:
+        _print_sessions("sessions", client.sessions(), as_json)
+
+
+@sessions_app.command("show")
+def show(
+    session_id: SessionArg,
+    as_json: JsonOpt = False,
+    server: ServerOpt = DEFAULT_TARGET,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """One live session: model, offset, expiry."""
+    with connect(server, timeout) as client:
+        _print_sessions(f"session {session_id}", [client.attach(session_id).info], as_json)
+
+
+@sessions_app.command("fork")
+def fork(
+    session_id: SessionArg,
+    new_id: Annotated[
+        str, typer.Option("--id", help="Id for the new session; the server picks one when omitted.")
+    ] = "",
+    as_json: JsonOpt = False,
+    server: ServerOpt = DEFAULT_TARGET,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """Start a new session from a copy of this one's state."""
+    with connect(server, timeout) as client:
+        twin = client.attach(session_id).fork(new_id)
+        _print_sessions(f"fork of {session_id}", [twin.info], as_json)
+
+
+@sessions_app.command("close")
+def close(
+    session_id: SessionArg,
+    as_json: JsonOpt = False,
+    server: ServerOpt = DEFAULT_TARGET,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """Close a session; later use of its id answers that it was closed."""
+    with connect(server, timeout) as client:
+        session = client.attach(session_id)
+        session.close()
+    if as_json:
+        print_json({"closed": session_id, "offset": session.offset})
+    else:
+        typer.echo(f"closed session {session_id} at offset {session.offset}")
