@@ -1,0 +1,177 @@
+"""The CLI through Typer's CliRunner against a real server: output, --json, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nextchar.client.cli import app
+from nextchar.core.demo import NOTEBOOK_TEXT
+from typer.testing import CliRunner
+
+runner = CliRunner()
+TINY = ["--hidden", "8", "--seq-len", "8", "--batch", "2", "--epochs", "2", "--log-every", "2"]
+
+
+def run(*args: str, input: str | None = None, ok: bool = True) -> tuple[str, str, int]:
+    result = runner.invoke(app, list(args), input=input)
+    if ok:
+        assert result.exit_code == 0, result.stderr or result.stdout
+    return result.stdout, result.stderr, result.exit_code
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_health_and_predict(server_address: str) -> None:
+    out, _, _ = run("health", "--json", "--server", server_address)
+    report = json.loads(out)
+    assert report["status"] == "SERVING" and report["default_model"] == "default:v1"
+    out, _, _ = run("predict", "hello wor", "--json", "-k", "2", "--server", server_address)
+    rows = json_lines(out)
+    assert [r["char"] for r in rows] == list("hello wor")
+    assert rows[-1]["top"][0]["char"] == "l" and len(rows[-1]["top"]) == 2
+    out, _, _ = run("predict", "hel", "--server", server_address)
+    assert "next: l" in out.splitlines()[-1]
+
+
+def test_server_from_environment(server_address: str) -> None:
+    result = runner.invoke(app, ["health"], env={"NEXTCHAR_SERVER": server_address})
+    assert result.exit_code == 0 and "SERVING" in result.stdout
+
+
+def test_stream_from_a_pipe_prints_every_character_and_a_summary(server_address: str) -> None:
+    out, _, _ = run("stream", "--json", "--chunk", "7", "--server", server_address, input=NOTEBOOK_TEXT)
+    rows = json_lines(out)
+    chars, summary = rows[:-1], rows[-1]["summary"]
+    assert "".join(r["char"] for r in chars) == NOTEBOOK_TEXT
+    assert [r["offset"] for r in chars] == list(range(len(NOTEBOOK_TEXT)))
+    assert summary["chars"] == len(NOTEBOOK_TEXT) and summary["accuracy"] > 0.9
+    assert 0 <= summary["bits_per_char"] < 1
+    out, _, _ = run("stream", "--server", server_address, input="hello")
+    assert "accuracy" in out and "next:" in out
+
+
+def test_stream_attaches_to_a_session_and_eval_scores_a_file(server_address: str, tmp_path: Path) -> None:
+    out, _, _ = run("stream", "--json", "--keep", "--server", server_address, input="hello wo")
+    session_id = json_lines(out)[-1]["summary"]["session_id"]
+    out, _, _ = run("stream", "--json", "--session", session_id, "--server", server_address, input="rld")
+    rows = json_lines(out)
+    assert rows[0]["offset"] == 8 and rows[-1]["summary"]["accuracy"] == 1.0
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(NOTEBOOK_TEXT)
+    out, _, _ = run("eval", str(corpus), "--json", "--server", server_address)
+    score = json.loads(out)["summary"]
+    assert score["chars"] == len(NOTEBOOK_TEXT) and score["accuracy"] > 0.9
+
+
+def test_generate_is_repeatable_with_a_seed(server_address: str) -> None:
+    args = ("generate", "--prime", "hello", "-n", "30", "--seed", "7", "--server", server_address)
+    first, _, _ = run(*args, "--json")
+    again, _, _ = run(*args, "--json")
+    assert json.loads(first) == json.loads(again)
+    assert len(json.loads(first)["text"]) == 30
+    plain, _, _ = run(*args)
+    assert plain.strip() == json.loads(first)["text"].strip()
+
+
+def test_sessions_commands(server_address: str) -> None:
+    out, _, _ = run("stream", "--json", "--keep", "--server", server_address, input="hel")
+    sid = json_lines(out)[-1]["summary"]["session_id"]
+    listed = json.loads(run("sessions", "list", "--json", "--server", server_address)[0])
+    assert sid in [s["session_id"] for s in listed]
+    shown = json.loads(run("sessions", "show", sid, "--json", "--server", server_address)[0])
+    assert shown["offset"] == 3
+    twin = json.loads(
+        run("sessions", "fork", sid, "--id", f"{sid}-twin", "--json", "--server", server_address)[0]
+    )
+    assert twin["session_id"] == f"{sid}-twin" and twin["offset"] == 3
+    for target in (sid, f"{sid}-twin"):
+        run("sessions", "close", target, "--server", server_address)
+    _, err, code = run("sessions", "show", sid, "--server", server_address, ok=False)
+    assert code == 1 and err.count("\n") == 1 and "closed" in err
+
+
+def test_loss_exports_csv_json_png(server_address: str, tmp_path: Path) -> None:
+    out, _, _ = run("loss", "default", "--format", "csv", "--server", server_address)
+    assert out.splitlines()[0].startswith("kind,epoch,step")
+    run("loss", "default:1", "--output", str(tmp_path / "loss.json"), "--server", server_address)
+    assert json.loads((tmp_path / "loss.json").read_text())[0]["kind"] == "step"
+    run("loss", "default", "-f", "png", "-o", str(tmp_path / "loss.png"), "--server", server_address)
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+    _, err, code = run("loss", "default", "-f", "png", "--server", server_address, ok=False)
+    assert code == 2 and "--output" in err
+
+
+def test_train_on_the_server_then_promote_and_delete(server_address: str) -> None:
+    s = ("--server", server_address)
+    out, _, _ = run("train", "--text", NOTEBOOK_TEXT * 8, "--name", "tiny", *TINY, "--json", *s)
+    rows = json_lines(out)
+    assert any(r.get("kind") == "epoch" for r in rows)
+    model = rows[-1]["model"]["model"]
+    ref = f"tiny:{model['version']}"
+    try:
+        out, _, _ = run("models", "promote", ref, *s)
+        assert f"default model: tiny:v{model['version']}" in out
+        listed = json.loads(run("models", "list", "--json", *s)[0])
+        assert [m["model"]["name"] for m in listed if m["is_default"]] == ["tiny"]
+    finally:
+        run("models", "promote", "default:1", *s)
+    shown = json.loads(run("models", "show", ref, "--json", *s)[0])
+    assert shown["config"]["hidden"] == 8
+    run("models", "delete", ref, "--yes", *s)
+    _, err, code = run("models", "show", ref, *s, ok=False)
+    assert code == 1 and "tiny" in err
+
+
+def test_train_detach_returns_a_running_job(server_address: str) -> None:
+    out, _, _ = run(
+        "train",
+        "--text",
+        NOTEBOOK_TEXT * 8,
+        "--name",
+        "detached",
+        *TINY,
+        "--detach",
+        "--json",
+        "--server",
+        server_address,
+    )
+    assert json.loads(out)["state"] == "running"
+
+
+def test_train_local_writes_where_the_server_reads(tmp_path: Path) -> None:
+    corpus = tmp_path / "a.txt"
+    corpus.write_text(NOTEBOOK_TEXT * 8)
+    out, _, _ = run("train", str(corpus), "--local", "--model-dir", str(tmp_path / "models"), *TINY, "--json")
+    result = json_lines(out)[-1]
+    assert result["model"] == {"name": "default", "version": 1} and result["default"] is True
+    assert (tmp_path / "models" / "default" / "1.npz").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["predict", "hello", "--model", "nope"], 1, "nope"),
+        (["predict", "hello", "--top-k", "0"], 2, "--top-k"),
+        (["predict", "hello", "--server", "127.0.0.1:1", "--timeout", "1"], 1, "cannot reach the server"),
+        (["eval", "/no/such/file"], 2, "does not exist"),
+        (["train", "--text", "hi", "--hidden", "0"], 1, "hidden"),
+        (["train", "--text", "hi"], 1, "cannot fill one step"),
+        (["train"], 2, "FILES or --text"),
+        (["generate", "--temperature", "-1"], 1, "temperature"),
+        (["sessions", "fork", "nope"], 1, "no such session"),
+        (["models", "delete", "default"], 2, "version"),
+    ],
+)
+def test_errors_are_one_line_with_a_non_zero_exit(
+    server_address: str, args: list[str], code: int, words: str
+) -> None:
+    result = runner.invoke(app, args, env={"NEXTCHAR_SERVER": server_address})
+    assert result.exit_code == code, result.stderr
+    assert result.stderr.startswith("nextchar: error: ") and result.stderr.count("\n") == 1
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
