@@ -187,18 +187,16 @@ def generate(
 ) -> None:
     """Sample text from a model, printed as it arrives."""
     sampling: dict[str, Any] = {"length": length, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    show = None if as_json else lambda piece: typer.echo(piece, nl=False)
     with connect(server, timeout) as client:
         if session_id:
-            pieces = iter([client.attach(session_id).generate(prime=prime, seed=seed, **sampling)])
+            result = client.attach(session_id).generate(prime=prime, seed=seed, on_piece=show, **sampling)
         else:
-            pieces = client.generate_stream(prime, ModelRef.parse(model), seed=seed, **sampling)
-        text = ""
-        for piece in pieces:
-            text += piece.text
-            if not as_json:
-                typer.echo(piece.text, nl=False)
+            result = client.generate(prime, ModelRef.parse(model), seed=seed, on_piece=show, **sampling)
     if as_json:
-        print_json({"prime": prime, "text": text, "model": str(piece.model), "session_id": piece.session_id})
+        print_json(
+            {"prime": prime, "text": result.text, "model": str(result.model), "session_id": result.session_id}
+        )
     else:
         typer.echo()
 

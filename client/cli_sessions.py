@@ -39,11 +39,19 @@ COLUMNS = ("session", "model", "offset", "created", "last used", "idle expiry")
 
 
 def _print_sessions(title: str, sessions: list[SessionInfo], as_json: bool) -> None:
-    """A table for people; with --json the list (or the one session's object when a command shows one)."""
+    """A table for people; with --json, the list."""
     if as_json:
-        print_json(sessions if len(sessions) != 1 or title == "sessions" else sessions[0])
+        print_json(sessions)
     else:
         print_table(title, COLUMNS, [_row(s) for s in sessions])
+
+
+def _print_session(title: str, session: SessionInfo, as_json: bool) -> None:
+    """A one-row table for people; with --json, the session's object."""
+    if as_json:
+        print_json(session)
+    else:
+        print_table(title, COLUMNS, [_row(session)])
 
 
 @sessions_app.command("list")
@@ -64,7 +72,7 @@ def show(
 ) -> None:
     """One live session: model, offset, expiry."""
     with connect(server, timeout) as client:
-        _print_sessions(f"session {session_id}", [client.attach(session_id).info], as_json)
+        _print_session(f"session {session_id}", client.attach(session_id).info, as_json)
 
 
 @sessions_app.command("fork")
@@ -80,7 +88,7 @@ def fork(
     """Start a new session from a copy of this one's state."""
     with connect(server, timeout) as client:
         twin = client.attach(session_id).fork(new_id)
-        _print_sessions(f"fork of {session_id}", [twin.info], as_json)
+        _print_session(f"fork of {session_id}", twin.info, as_json)
 
 
 @sessions_app.command("close")

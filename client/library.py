@@ -15,7 +15,7 @@ progress) have no overall deadline: keepalive pings find a dead server instead.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -123,30 +123,6 @@ class NextCharClient:
         resp = self._conn.call(self._conn.stub.Predict, request)
         return Predictions(resp.predictions, resp.vocab, text)
 
-    def generate_stream(
-        self,
-        prime: str = "",
-        model: ModelLike = None,
-        *,
-        length: int = 200,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> Iterator[Generation]:
-        """Sample text after prime from a fresh state, piece by piece as the server sends it."""
-        request = pb.GenerateRequest(
-            model=model_ref(model).to_pb(),
-            prime_text=prime,
-            length=length,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-        )
-        for piece in self._conn.stream(self._conn.stub.Generate, request, timeout=self._conn.timeout):
-            yield Generation(piece.text, ModelRef.from_pb(piece.model), piece.session_id, piece.offset)
-
     def generate(
         self,
         prime: str = "",
@@ -157,15 +133,23 @@ class NextCharClient:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
+        on_piece: Callable[[str], None] | None = None,
     ) -> Generation:
-        """Sample length characters after prime from a fresh state of model."""
-        pieces = list(
-            self.generate_stream(
-                prime, model, length=length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
-            )
+        """Sample length characters after prime from a fresh state of model.
+
+        on_piece sees the text piece by piece as the server sends it (to print it live).
+        """
+        request = pb.GenerateRequest(
+            model=model_ref(model).to_pb(),
+            prime_text=prime,
+            length=length,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
         )
-        last = pieces[-1] if pieces else Generation("", model_ref(model), "", 0)
-        return Generation("".join(p.text for p in pieces), last.model, "", last.offset)
+        pieces = self._conn.stream(self._conn.stub.Generate, request, timeout=self._conn.timeout)
+        return Generation.collect(pieces, on_piece)
 
     # ------------------------------------------------------------ training
 

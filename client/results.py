@@ -8,7 +8,7 @@ asked for, so streaming many characters costs no Python objects per character.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, overload
 
@@ -326,5 +326,18 @@ class Generation:
 
     text: str
     model: ModelRef
-    session_id: str
+    session_id: str  # "" for session-less or forked generation
     offset: int
+
+    @classmethod
+    def collect(
+        cls, pieces: Iterable[pb.GenerateResponse], on_piece: Callable[[str], None] | None = None
+    ) -> Generation:
+        """Join a Generate stream's pieces, handing each to on_piece as it arrives."""
+        text: list[str] = []
+        last = pb.GenerateResponse()
+        for last in pieces:
+            text.append(last.text)
+            if on_piece is not None:
+                on_piece(last.text)
+        return cls("".join(text), ModelRef.from_pb(last.model), last.session_id, last.offset)

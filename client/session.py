@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from types import TracebackType
 
@@ -138,8 +138,12 @@ class Session:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
+        on_piece: Callable[[str], None] | None = None,
     ) -> Generation:
-        """Sample length characters after prime; advances the session unless fork is set."""
+        """Sample length characters after prime; advances the session unless fork is set.
+
+        on_piece sees the text piece by piece as the server sends it.
+        """
         request = pb.GenerateRequest(
             session_id=self.id,
             fork=fork,
@@ -150,13 +154,11 @@ class Session:
             top_p=top_p,
             seed=seed,
         )
-        pieces = list(self._conn.stream(self._conn.stub.Generate, request, timeout=self._conn.timeout))
-        text = "".join(p.text for p in pieces)
-        offset = pieces[-1].offset if pieces else self.offset
+        pieces = self._conn.stream(self._conn.stub.Generate, request, timeout=self._conn.timeout)
+        generation = Generation.collect(pieces, on_piece)
         if not fork:
-            self._set_offset(offset)
-        model = ModelRef.from_pb(pieces[-1].model) if pieces else self.model
-        return Generation(text, model, "" if fork else self.id, offset)
+            self._set_offset(generation.offset)
+        return generation
 
     def fork(self, session_id: str = "") -> Session:
         """A new session starting from a copy of this one's state."""

@@ -96,3 +96,14 @@ def test_errors_are_typed(client: NextCharClient) -> None:
 def test_unreachable_server_is_unavailable() -> None:
     with NextCharClient("127.0.0.1:1", timeout=1) as c, pytest.raises(Unavailable):
         c.health()
+
+
+def test_generate_advances_a_session_or_leaves_it_on_fork(client: NextCharClient) -> None:
+    pieces: list[str] = []
+    with client.session(prime="hello") as s:
+        forked = s.generate(12, fork=True, seed=3)
+        assert s.offset == 5 and forked.session_id == ""
+        advanced = s.generate(12, seed=3, on_piece=pieces.append)
+        assert advanced.text == forked.text == "".join(pieces)  # same state, same seed
+        assert s.offset == advanced.offset == 17
+    assert len(client.generate("hello", length=70, seed=1).text) == 70
