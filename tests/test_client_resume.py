@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import DroppingProxy
 from nextchar.client import NextCharClient, SessionNotFound
+from nextchar.client.channel import channel_target
 from nextchar.core.demo import NOTEBOOK_TEXT
 
 TEXT = NOTEBOOK_TEXT * 4
@@ -71,3 +72,12 @@ def test_source_errors_reach_the_caller(server_address: str) -> None:
 
     with NextCharClient(server_address) as c, c.session() as s, pytest.raises(Boom):
         list(s.stream(chunks()))
+
+
+def test_several_addresses_are_balanced_round_robin(server_address: str, proxy: DroppingProxy) -> None:
+    target, options = channel_target(["127.0.0.1:1", "127.0.0.1:2"])
+    assert target == "ipv4:127.0.0.1:1,127.0.0.1:2" and ("grpc.lb_policy_name", "round_robin") in options
+    with pytest.raises(ValueError, match="IP:PORT"):
+        channel_target("localhost:1,localhost:2")
+    with NextCharClient(f"{server_address},{proxy.address}") as c:  # two routes to one server
+        assert [c.health() for _ in range(4)] == ["SERVING"] * 4
