@@ -65,7 +65,6 @@ def make_model() -> Any:
 async def echo_server() -> None:
     """Answers each PredictStream request with a prebuilt reply of the same shape nextchar sends."""
     import grpc
-
     from nextchar.proto import nextchar_pb2 as pb
     from nextchar.proto import nextchar_pb2_grpc as pb_grpc
 
@@ -82,19 +81,21 @@ async def echo_server() -> None:
                 surprisal_bits=[1.5] * n,
             )
             replies[n] = pb.PredictStreamResponse(
-                session_id="0123456789abcdef0123456789abcdef", model=pb.ModelRef(name="default", version=1), predictions=preds
+                session_id="0123456789abcdef0123456789abcdef",
+                model=pb.ModelRef(name="default", version=1),
+                predictions=preds,
             )
         return replies[n]
 
     class Echo(pb_grpc.NextCharServiceServicer):
-        async def PredictStream(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+        async def PredictStream(self, request_iterator: Any, context: Any) -> Any:
             first = True
             async for request in request_iterator:
                 yield reply(len(request.text), first)
                 first = False
 
     server = grpc.aio.server()
-    pb_grpc.add_NextCharServiceServicer_to_server(Echo(), server)
+    pb_grpc.add_NextCharServiceServicer_to_server(Echo(), server)  # type: ignore[abstract]  # only PredictStream
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(f"serving on 127.0.0.1:{port}", file=sys.stderr, flush=True)
@@ -106,13 +107,14 @@ async def echo_server() -> None:
 
 async def load(port: int, streams: int, chunk: int, duration: float, warmup: float) -> dict[str, Any]:
     import grpc
-
     from nextchar.proto import nextchar_pb2 as pb
     from nextchar.proto import nextchar_pb2_grpc as pb_grpc
 
     text = corpus()
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(max(1, streams // 100))]
-    stubs = [pb_grpc.NextCharServiceStub(c) for c in channels]
+    channels: list[Any] = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(max(1, streams // 100))
+    ]
+    stubs: list[Any] = [pb_grpc.NextCharServiceStub(c) for c in channels]  # grpc-stubs predate aio streams
     latencies: list[float] = []
     chars = 0
     t0 = time.perf_counter()
@@ -137,7 +139,7 @@ async def load(port: int, streams: int, chunk: int, duration: float, warmup: flo
                 if got > end:
                     break
             await call.done_writing()
-            while await call.read() is not grpc.aio.EOF:  # drain to the end of the stream
+            while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]  # drain to the end of the stream
                 pass
         except grpc.aio.AioRpcError as exc:
             errors.append(f"{exc.code().name}: {exc.details()}")
@@ -181,7 +183,14 @@ def compute_ceiling(seconds: float = 1.5) -> dict[str, Any]:
     text = corpus()
     for n in (100, 1000):
         works = [
-            PredictWork(Session.fresh(str(i), mv), model.vocab.encode(text[i * 64 : i * 64 + 64]), TOP_K, False, 0, loop.create_future())
+            PredictWork(
+                Session.fresh(str(i), mv),
+                model.vocab.encode(text[i * 64 : i * 64 + 64]),
+                TOP_K,
+                False,
+                0,
+                loop.create_future(),
+            )
             for i in range(n)
         ]
         rounds, start = 0, time.perf_counter()
@@ -211,7 +220,16 @@ def start(cmd: list[str]) -> tuple[subprocess.Popen[str], int]:
 
 
 def run_client(port: int, streams: int, chunk: int, duration: float, warmup: float) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--client", str(port), str(streams), str(chunk), str(duration), str(warmup)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--client",
+        str(port),
+        str(streams),
+        str(chunk),
+        str(duration),
+        str(warmup),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + warmup + 120, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
@@ -228,7 +246,18 @@ def main(duration: float, warmup: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         Registry(Path(tmp)).register("default", make_model(), history=[], summary={}, promote=True)
         servers = {
-            "nextchar": start([sys.executable, "-m", "nextchar.server", "--port", "0", "--model-dir", tmp, "--no-default-model"]),
+            "nextchar": start(
+                [
+                    sys.executable,
+                    "-m",
+                    "nextchar.server",
+                    "--port",
+                    "0",
+                    "--model-dir",
+                    tmp,
+                    "--no-default-model",
+                ]
+            ),
             "echo": start([sys.executable, __file__, "--echo"]),
         }
         cases: list[dict[str, Any]] = []
@@ -257,8 +286,12 @@ def main(duration: float, warmup: float) -> dict[str, Any]:
     ceiling = compute_ceiling()
     chunked100 = next(c for c in cases if c["streams"] == 100 and c["chunk"] == 64)
     goals = {
-        "1char_100_streams_vs_echo>=0.70": next(c for c in cases if c["streams"] == 100 and c["chunk"] == 1)["chars_ratio"],
-        "1char_1000_streams_vs_echo>=0.70": next(c for c in cases if c["streams"] == 1000 and c["chunk"] == 1)["chars_ratio"],
+        "1char_100_streams_vs_echo>=0.70": next(c for c in cases if c["streams"] == 100 and c["chunk"] == 1)[
+            "chars_ratio"
+        ],
+        "1char_1000_streams_vs_echo>=0.70": next(
+            c for c in cases if c["streams"] == 1000 and c["chunk"] == 1
+        )["chars_ratio"],
         "pingpong_p50_vs_echo<=1.5": cases[0]["p50_ratio"],
         "pingpong_p99_vs_echo<=2.0": cases[0]["p99_ratio"],
         "64char_100_streams_vs_batched_step>=0.75": chunked100["nextchar"]["chars_per_sec"]
@@ -277,8 +310,10 @@ def main(duration: float, warmup: float) -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"\n{'streams':>7} {'chars':>5} | {'nextchar c/s':>12} {'p50 ms':>7} {'p99 ms':>7} | "
-          f"{'echo c/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5}")
+    print(
+        f"\n{'streams':>7} {'chars':>5} | {'nextchar c/s':>12} {'p50 ms':>7} {'p99 ms':>7} | "
+        f"{'echo c/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5}"
+    )
     for c in result["cases"]:
         n, e = c["nextchar"], c["echo"]
         print(
@@ -301,10 +336,14 @@ if __name__ == "__main__":
         print(json.dumps(asyncio.run(load(port, streams, chunk, float(sys.argv[5]), float(sys.argv[6])))))
     else:
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-        parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per case and server")
+        parser.add_argument(
+            "--duration", type=float, default=4.0, help="measured seconds per case and server"
+        )
         parser.add_argument("--warmup", type=float, default=1.0)
         args = parser.parse_args()
-        print(f"nextchar serve benchmark: {len(CASES)} cases x 2 servers x {args.duration + args.warmup:.0f} s")
+        print(
+            f"nextchar serve benchmark: {len(CASES)} cases x 2 servers x {args.duration + args.warmup:.0f} s"
+        )
         result = main(args.duration, args.warmup)
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"

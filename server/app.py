@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 
 import grpc
@@ -32,6 +33,7 @@ from nextchar.server.servicer import NextCharServicer
 from nextchar.server.sessions import InMemorySessionStore, Sessions, SessionStore
 
 log = logging.getLogger("nextchar.server")
+SWITCH_INTERVAL = 0.0005  # seconds
 SERVICE_NAME = nextchar_pb2.DESCRIPTOR.services_by_name["NextCharService"].full_name
 
 
@@ -148,5 +150,8 @@ async def serve_async(config: ServerConfig) -> None:
 def serve(config: ServerConfig | None = None) -> None:
     """Run the server until SIGTERM/SIGINT, then drain and return. Blocking; the CLI calls this."""
     limit_blas_threads(1)
+    # The batch thread releases the GIL inside every BLAS call; with the default 5 ms
+    # switch interval the loop thread then keeps it for up to 5 ms and the batch stalls.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve_async(config or ServerConfig()))

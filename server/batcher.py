@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+from nextchar.core import losses
 from nextchar.core.model import CharRNN
 from nextchar.core.sampling import generate
 from nextchar.server.errors import Aborted
@@ -33,15 +35,38 @@ from nextchar.server.sessions import Session
 
 @dataclass(slots=True)
 class ChunkResult:
-    """Predictions for one chunk of n characters; arrays are the caller's to keep."""
+    """Predictions for one chunk of n characters: views into its batch's arrays, sliced on demand.
+
+    Slicing lazily keeps per-session work in the batch thread to two row copies
+    (state, probs); the handler turns the views into reply fields.
+    """
 
     start_offset: int
-    top_index: np.ndarray  # (n, k) uint32, most likely first
-    top_prob: np.ndarray  # (n, k) float32
-    surprisal_bits: np.ndarray  # (n,) float32
-    distribution: np.ndarray | None  # (n, V) when asked for
-    state: np.ndarray  # (S,) after the chunk
-    probs: np.ndarray  # (V,) prediction after the chunk
+    n: int
+    k: int
+    col: int  # this chunk's column in the batch arrays
+    batch_top_index: np.ndarray  # (T, N, K) uint32
+    batch_top_prob: np.ndarray  # (T, N, K) float32
+    batch_surprisal: np.ndarray  # (T, N) float32
+    batch_probs: np.ndarray | None  # (T + 1, N, V) when the full distribution was asked for
+    state: np.ndarray  # (S,) after the chunk, a copy
+    probs: np.ndarray  # (V,) prediction after the chunk, a copy
+
+    @property
+    def top_index(self) -> np.ndarray:  # (n, k), most likely first
+        return self.batch_top_index[: self.n, self.col, : self.k]
+
+    @property
+    def top_prob(self) -> np.ndarray:  # (n, k)
+        return self.batch_top_prob[: self.n, self.col, : self.k]
+
+    @property
+    def surprisal_bits(self) -> np.ndarray:  # (n,)
+        return self.batch_surprisal[: self.n, self.col]
+
+    @property
+    def distribution(self) -> np.ndarray | None:  # (n, V)
+        return None if self.batch_probs is None else self.batch_probs[1 : self.n + 1, self.col]
 
 
 @dataclass(slots=True)
@@ -75,6 +100,8 @@ class GenerateWork:
 
 
 Work = PredictWork | GenerateWork
+LONE_WINDOW = 0.002  # seconds: another session asking within this means streams overlap
+COLUMN_BLOCK = 256  # sessions per forward call: wider batches spill the (T, B, H) cache out of cache
 
 
 @dataclass
@@ -85,75 +112,89 @@ class BatchStats:
     steps: int = 0
     chars: int = 0
     max_sessions: int = 0
-    sessions_stepped: list[int] = field(default_factory=list)
+    compute_seconds: float = 0.0  # wall time inside compute(), inline or in the thread
 
 
 def top_k_rows(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k largest entries of each row of probs (M, V), largest first: (indices, values)."""
-    V = probs.shape[1]
+    M, V = probs.shape
+    rows = np.arange(M)[:, None]
     if k >= V:
         order = np.argsort(-probs, axis=1, kind="stable")
-        return order.astype(np.uint32), np.take_along_axis(probs, order, axis=1)
+        return order.astype(np.uint32), probs[rows, order]
     part = np.argpartition(probs, V - k, axis=1)[:, V - k :]  # (M, k) unordered
-    vals = np.take_along_axis(probs, part, axis=1)
+    vals = probs[rows, part]
     order = np.argsort(-vals, axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1).astype(np.uint32), np.take_along_axis(vals, order, axis=1)
+    return part[rows, order].astype(np.uint32), vals[rows, order]
 
 
 def step_chunks(model: CharRNN, works: Sequence[PredictWork]) -> list[ChunkResult]:
     """Advance every work's session through its chunk, all sessions stepped together.
 
-    Works are sorted longest first, so the sessions still active at position t
-    are a prefix of the batch: step t is one ``model.step(states[:n_t], idx[t, :n_t])``.
+    Works are ordered longest first, so the sessions still active at position t are
+    a prefix of the batch. Between two distinct chunk lengths the active prefix is
+    fixed, and that segment is ONE ``model.forward(idx (t, n), states (n, S))``: the
+    recurrence is one (n, H) @ (H, H) product per position, and the read-out one
+    product for the whole segment. Usually every chunk has the same length (1 or 64
+    characters), so a batch is a single forward call per column block.
     """
-    order = sorted(range(len(works)), key=lambda i: -len(works[i].idx))
+    lens = [len(w.idx) for w in works]
+    uniform = min(lens) == max(lens)
+    order = list(range(len(works))) if uniform else sorted(range(len(works)), key=lambda i: -lens[i])
     ws = [works[i] for i in order]
-    N = len(ws)
-    lens = np.fromiter((len(w.idx) for w in ws), dtype=np.int64, count=N)
-    T, V = int(lens[0]), model.vocab.size
+    lens = [lens[i] for i in order]
+    N, T, V = len(ws), lens[0], model.vocab.size
     K = max(w.top_k for w in ws)
-    probs_seq = np.empty((T + 1, N, V), dtype=model.dtype)  # [0]: before the chunk; [t+1]: after char t
-    idx = np.zeros((T, N), dtype=np.int64)
-    if N == 1:
-        w = ws[0]
-        idx[:, 0] = w.idx
-        probs_seq[0, 0] = w.session.probs
-        final, run_probs = model.run(w.session.state, w.idx)  # (S,), (T, V)
-        probs_seq[1:, 0] = run_probs
-        states = final[None, :]
+    if uniform:
+        idx = np.stack([w.idx for w in ws], axis=1)  # (T, N)
     else:
+        idx = np.zeros((T, N), dtype=np.int64)
         for i, w in enumerate(ws):
             idx[: lens[i], i] = w.idx
-        states = np.stack([w.session.state for w in ws])  # (N, S)
-        probs_seq[0] = np.stack([w.session.probs for w in ws])
-        active = (lens[None, :] > np.arange(T)[:, None]).sum(axis=1)  # (T,) sessions still going
-        for t in range(T):
-            n = int(active[t])
-            new_states, probs = model.step(states[:n], idx[t, :n])  # ONE product for n sessions
-            states[:n] = new_states  # rows past n keep their final state
-            probs_seq[t + 1, :n] = probs
+    states = np.stack([w.session.state for w in ws])  # (N, S)
+    probs_seq = np.empty((T + 1, N, V), dtype=model.dtype)  # [0]: before the chunk; [t+1]: after char t
+    probs_seq[0] = np.stack([w.session.probs for w in ws])
+    start = 0
+    for end in sorted(set(lens)):
+        n = sum(1 for length in lens if length >= end)  # the active prefix
+        for b in range(0, n, COLUMN_BLOCK):
+            cols = slice(b, min(n, b + COLUMN_BLOCK))
+            if end - start == 1:  # one position: the step path skips forward's BPTT cache
+                new_states, probs = model.step(states[cols], idx[start, cols])
+            else:
+                _, logits, new_states = model.forward(idx[start:end, cols], states[cols])
+                probs = losses.probabilities(model.config.loss, logits)  # (t * width, V)
+            states[cols] = new_states
+            probs_seq[start + 1 : end + 1, cols] = probs.reshape(end - start, -1, V)
+        start = end
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        # padding rows (past a chunk's end) hold garbage; they are computed, never read
-        surprisal = -np.log2(np.take_along_axis(probs_seq[:T], idx[:, :, None], axis=2)[:, :, 0])
+        # padding (past a short chunk's end) holds garbage; it is computed, never read
+        before = probs_seq[:T].reshape(T * N, V)[np.arange(T * N), idx.ravel()]  # (T*N,) p of each char
+        surprisal = -np.log2(before.reshape(T, N))
         top_i, top_p = top_k_rows(probs_seq[1:].reshape(T * N, V), K)
     top_i, top_p = top_i.reshape(T, N, K), top_p.reshape(T, N, K).astype(np.float32, copy=False)
+    surprisal = surprisal.astype(np.float32, copy=False)
+    full = probs_seq if any(w.full for w in ws) else None
     results: list[ChunkResult | None] = [None] * N
     for i, w in enumerate(ws):
-        n, k = int(lens[i]), w.top_k
         results[order[i]] = ChunkResult(
-            start_offset=w.session.offset,
-            top_index=np.ascontiguousarray(top_i[:n, i, :k]),
-            top_prob=np.ascontiguousarray(top_p[:n, i, :k]),
-            surprisal_bits=surprisal[:n, i].astype(np.float32),
-            distribution=probs_seq[1 : n + 1, i].astype(np.float32) if w.full else None,
-            state=states[i].copy(),
-            probs=probs_seq[n, i].copy(),
+            w.session.offset,
+            lens[i],
+            w.top_k,
+            i,
+            top_i,
+            top_p,
+            surprisal,
+            full,
+            states[i].copy(),
+            probs_seq[lens[i], i].copy(),
         )
     return [r for r in results if r is not None]
 
 
 def compute(batch: Sequence[Work], stats: BatchStats) -> list[ChunkResult | GenerateResult]:
     """Run one batch: predictions grouped by model version, generations one by one."""
+    start = time.perf_counter()
     out: dict[int, ChunkResult | GenerateResult] = {}
     groups: dict[int, list[int]] = {}
     for i, work in enumerate(batch):
@@ -182,19 +223,23 @@ def compute(batch: Sequence[Work], stats: BatchStats) -> list[ChunkResult | Gene
         stats.chars += sum(len(w.idx) for w in predict_works)
         stats.max_sessions = max(stats.max_sessions, len(predict_works))
     stats.batches += 1
+    stats.compute_seconds += time.perf_counter() - start
     return [out[i] for i in range(len(batch))]
 
 
 class Batcher:
     """Queues work from handlers; one loop task computes it in batches and applies the results."""
 
-    def __init__(self, inline_chars: int = 16) -> None:
+    def __init__(self, inline_chars: int = 1024) -> None:
         self.inline_chars = inline_chars
         self.stats = BatchStats()
         self._pending: list[Work] = []
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nextchar-step")
         self._task: asyncio.Task[None] | None = None
+        self._busy = False  # a batch is computing in the thread
+        self._last_session: Session | None = None
+        self._last_time = 0.0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="nextchar-batcher")
@@ -212,9 +257,35 @@ class Batcher:
     async def predict(self, session: Session, idx: np.ndarray, top_k: int, full: bool) -> ChunkResult:
         """Consume idx (n,) in session; returns the chunk's predictions once its batch ran."""
         future: asyncio.Future[ChunkResult] = asyncio.get_running_loop().create_future()
-        self._pending.append(PredictWork(session, idx, top_k, full, session.gen, future))
-        self._wake.set()
+        work = PredictWork(session, idx, top_k, full, session.gen, future)
+        if self._alone(session, len(idx)):
+            self._run_now(work)
+        else:
+            self._pending.append(work)
+            self._wake.set()
         return await future
+
+    def _alone(self, session: Session, size: int) -> bool:
+        """True when nobody could share this step: the batcher is idle and no OTHER session
+        asked within LONE_WINDOW. A lone ping-pong stream then skips two hops through the
+        batch task; as soon as streams overlap, everything queues and batches again."""
+        now = time.perf_counter()
+        alone = (
+            size <= self.inline_chars
+            and not self._pending
+            and not self._busy
+            and (session is self._last_session or now - self._last_time > LONE_WINDOW)
+        )
+        self._last_session, self._last_time = session, now
+        return alone
+
+    def _run_now(self, work: PredictWork) -> None:
+        try:
+            result = compute([work], self.stats)[0]
+        except Exception as exc:
+            work.future.set_exception(exc)
+            return
+        self._apply(work, result)
 
     async def generate(
         self,
@@ -264,7 +335,11 @@ class Batcher:
                 if size <= self.inline_chars:
                     results = compute(batch, self.stats)
                 else:
-                    results = await loop.run_in_executor(self._executor, compute, batch, self.stats)
+                    self._busy = True
+                    try:
+                        results = await loop.run_in_executor(self._executor, compute, batch, self.stats)
+                    finally:
+                        self._busy = False
             except Exception as exc:  # a failed batch must fail its callers, not the loop
                 for work in batch:
                     if not work.future.done():

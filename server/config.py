@@ -37,7 +37,9 @@ class ServerConfig:
     grace: float = 10.0  # seconds live streams get to finish when draining
     sweep_interval: float = 30.0  # seconds between idle-session sweeps
     train_default_if_empty: bool = True  # first start on an empty registry trains the notebook model
-    batch_inline_chars: int = 16  # batches this small run on the event loop; bigger ones in a thread
+    # batches of at most this many characters run on the event loop; bigger ones in a thread,
+    # where NumPy's products overlap gRPC work (a thread hop costs more than a small batch)
+    batch_inline_chars: int = 1024
 
     def __post_init__(self) -> None:
         checks = {

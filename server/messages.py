@@ -53,8 +53,9 @@ def predictions(result: ChunkResult, idx: np.ndarray, unknown_chars: str) -> pb.
         top_prob=result.top_prob.ravel().tolist(),
         surprisal_bits=result.surprisal_bits.tolist(),
     )
-    if result.distribution is not None:
-        msg.distribution.extend(result.distribution.ravel().tolist())
+    distribution = result.distribution
+    if distribution is not None:
+        msg.distribution.extend(distribution.astype(np.float32).ravel().tolist())
     if unknown_chars:
         msg.unknown_positions.extend(np.flatnonzero(idx == 0).tolist())
         msg.unknown_chars = unknown_chars

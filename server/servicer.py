@@ -117,10 +117,9 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
                 f"expect_offset: session {session.id!r} is at offset {session.offset}, not {expect_offset}; "
                 "resume from the session's offset"
             )
-        vocab = session.model.require().vocab
-        idx = vocab.encode(text)
+        idx, has_unknown = session.model.encode(text)
         result = await self.batcher.predict(session, idx, k, full)
-        unknown = vocab.unknown(text) if not idx.all() else ""
+        unknown = session.model.require().vocab.unknown(text) if has_unknown else ""
         return messages.predictions(result, idx, unknown)
 
     async def _prime(self, session: Session, text: str) -> None:
