@@ -42,7 +42,7 @@ lint: $(STAMP)
 
 proto: $(STAMP)
 	rm -rf $(PROTO_GEN) && mkdir -p $(PROTO_GEN)
-	$(PY) -m grpc_tools.protoc -Inextchar/proto=proto \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Inextchar/proto=proto \
 		--python_out=$(PROTO_GEN) --grpc_python_out=$(PROTO_GEN) \
 		--mypy_out=$(PROTO_GEN) --mypy_grpc_out=$(PROTO_GEN) proto/nextchar.proto
 	cp $(PROTO_GEN)/nextchar/proto/* proto/
