@@ -253,6 +253,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
                 if request.session_id:
                     session = self.sessions.get(request.session_id)
                 else:
+                    self._check_text(request.text)  # a bad first chunk must not leave a session behind
                     session = await self._new_session("", request.model)
                 first = True
             else:

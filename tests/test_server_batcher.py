@@ -7,9 +7,11 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import pytest
 from nextchar.core.model import CharRNN, ModelConfig
 from nextchar.core.vocab import Vocab
 from nextchar.server.batcher import Batcher, PredictWork, step_chunks, top_k_rows
+from nextchar.server.errors import Aborted
 from nextchar.server.registry import ModelVersion
 from nextchar.server.sessions import InMemorySessionStore, Session, Sessions
 
@@ -92,3 +94,21 @@ def test_idle_session_costs_at_most_4_kb_beyond_its_state() -> None:
     per_session = grown / n - model.state_size * model.dtype.itemsize
     print(f"{per_session:.0f} bytes per idle session beyond its state")
     assert per_session <= 4096, f"{per_session:.0f} bytes per idle session beyond its state"
+
+
+def test_result_for_a_session_reset_in_flight_is_dropped() -> None:
+    mv = version()
+
+    async def main() -> None:
+        batcher = Batcher(inline_chars=0)  # everything queues: the reset lands before the batch runs
+        session = Session.fresh("s", mv)
+        pending = asyncio.ensure_future(batcher.predict(session, VOCAB.encode("hello"), 3, False))
+        await asyncio.sleep(0)
+        session.reset()
+        batcher.start()
+        with pytest.raises(Aborted, match="reset or closed"):
+            await pending
+        assert session.offset == 0
+        await batcher.close()
+
+    asyncio.run(main())
