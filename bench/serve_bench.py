@@ -144,7 +144,9 @@ async def load(port: int, streams: int, chunk: int, duration: float, warmup: flo
         except grpc.aio.AioRpcError as exc:
             errors.append(f"{exc.code().name}: {exc.details()}")
 
+    cpu0 = time.process_time()
     await asyncio.gather(*(one(i) for i in range(streams)))
+    client_cpu = (time.process_time() - cpu0) / (time.perf_counter() - t0)
     for channel in channels:
         await channel.close()
     lat = np.array(latencies) * 1000
@@ -155,6 +157,7 @@ async def load(port: int, streams: int, chunk: int, duration: float, warmup: flo
         "messages_per_sec": len(latencies) / duration,
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+        "client_cpu": client_cpu,  # fraction of one core the load process used
         "errors": errors[:3],
     }
 

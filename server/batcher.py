@@ -101,6 +101,7 @@ class GenerateWork:
 
 Work = PredictWork | GenerateWork
 LONE_WINDOW = 0.002  # seconds: another session asking within this means streams overlap
+GATHER_LIMIT = 4096  # chunks per batch cut
 COLUMN_BLOCK = 256  # sessions per forward call: wider batches spill the (T, B, H) cache out of cache
 
 
@@ -303,6 +304,17 @@ class Batcher:
         self._wake.set()
         return await future
 
+    async def _gather(self) -> None:
+        """Let every handler that can run now add its chunk before the batch is cut.
+
+        One loop iteration per round (sleep(0) also polls the sockets); stop when a
+        round brings nothing new. No timer, so an idle server adds no latency.
+        """
+        seen = -1
+        while seen != len(self._pending) and len(self._pending) < GATHER_LIMIT:
+            seen = len(self._pending)
+            await asyncio.sleep(0)
+
     def _take(self) -> list[Work]:
         """Everything queued, at most one work per session (the rest waits its turn, in order)."""
         batch: list[Work] = []
@@ -325,6 +337,7 @@ class Batcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            await self._gather()
             batch = self._take()
             if self._pending:
                 self._wake.set()
