@@ -303,7 +303,12 @@ def main(duration: float, warmup: float) -> dict[str, Any]:
     return {
         "benchmark": "serve",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "numpy": np.__version__},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "numpy": np.__version__,
+            "load_average_1m": os.getloadavg()[0],  # the machine is shared: context for the figures
+        },
         "model": {"cell": "rnn", "hidden": HIDDEN, "top_k": TOP_K},
         "duration_s": duration,
         "cases": cases,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -193,6 +194,34 @@ def step_chunks(model: CharRNN, works: Sequence[PredictWork]) -> list[ChunkResul
     return [r for r in results if r is not None]
 
 
+def step_one(model: CharRNN, work: PredictWork) -> ChunkResult:
+    """One session, one character: the ping-pong case, with a third of step_chunks' NumPy calls."""
+    session, k = work.session, work.top_k
+    new_states, probs = model.step(session.state[None, :], work.idx)  # (1, S), (1, V)
+    p = probs[0]
+    V = p.shape[0]
+    if k < V:
+        part = np.argpartition(p, V - k)[V - k :]
+        order = part[np.argsort(-p[part], kind="stable")]
+    else:
+        order = np.argsort(-p, kind="stable")
+    before = float(session.probs[work.idx[0]])
+    surprisal = np.array([[-math.log2(before) if before > 0 else math.inf]], dtype=np.float32)
+    full = np.stack([session.probs, p])[:, None, :] if work.full else None
+    return ChunkResult(
+        session.offset,
+        1,
+        k,
+        0,
+        order.astype(np.uint32).reshape(1, 1, k),
+        p[order].astype(np.float32).reshape(1, 1, k),
+        surprisal,
+        full,
+        new_states[0],  # a view of a one-row array: nothing else is kept alive
+        p,
+    )
+
+
 def compute(batch: Sequence[Work], stats: BatchStats) -> list[ChunkResult | GenerateResult]:
     """Run one batch: predictions grouped by model version, generations one by one."""
     start = time.perf_counter()
@@ -218,7 +247,11 @@ def compute(batch: Sequence[Work], stats: BatchStats) -> list[ChunkResult | Gene
         works = [batch[i] for i in members]
         assert all(isinstance(w, PredictWork) for w in works)
         predict_works = [w for w in works if isinstance(w, PredictWork)]
-        results = step_chunks(predict_works[0].session.model.require(), predict_works)
+        model = predict_works[0].session.model.require()
+        if len(predict_works) == 1 and len(predict_works[0].idx) == 1:
+            results = [step_one(model, predict_works[0])]
+        else:
+            results = step_chunks(model, predict_works)
         out.update(zip(members, results, strict=True))
         stats.steps += max(len(w.idx) for w in predict_works)
         stats.chars += sum(len(w.idx) for w in predict_works)

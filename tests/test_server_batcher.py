@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from nextchar.core.model import CharRNN, ModelConfig
 from nextchar.core.vocab import Vocab
-from nextchar.server.batcher import Batcher, PredictWork, step_chunks, top_k_rows
+from nextchar.server.batcher import Batcher, PredictWork, step_chunks, step_one, top_k_rows
 from nextchar.server.errors import Aborted
 from nextchar.server.registry import ModelVersion
 from nextchar.server.sessions import InMemorySessionStore, Session, Sessions
@@ -112,3 +112,20 @@ def test_result_for_a_session_reset_in_flight_is_dropped() -> None:
         await batcher.close()
 
     asyncio.run(main())
+
+
+def test_single_character_fast_path_matches_the_batch_path() -> None:
+    mv = version(cell="lstm")
+    model = mv.model
+    assert model is not None
+    loop = asyncio.new_event_loop()
+    session = Session.fresh("s", mv)
+    state, probs = model.run(session.state, VOCAB.encode("the cat"))
+    session.state, session.probs = state, probs[-1]  # mid-text, so surprisal and state are non-trivial
+    work = PredictWork(session, VOCAB.encode("a"), 4, True, 0, loop.create_future())
+    fast, batch = step_one(model, work), step_chunks(model, [work])[0]
+    for name in ("top_index", "top_prob", "surprisal_bits", "distribution", "state", "probs"):
+        np.testing.assert_allclose(
+            getattr(fast, name), getattr(batch, name), rtol=1e-6, atol=1e-7, err_msg=name
+        )
+    loop.close()
