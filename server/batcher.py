@@ -27,11 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from nextchar.core import losses
 from nextchar.core.model import CharRNN
 from nextchar.core.sampling import generate
 from nextchar.server.errors import Aborted
 from nextchar.server.sessions import Session
+from nextchar.server.stepping import Advanced, Packed, advance
 
 
 @dataclass(slots=True)
@@ -103,7 +103,6 @@ class GenerateWork:
 Work = PredictWork | GenerateWork
 LONE_WINDOW = 0.002  # seconds: another session asking within this means streams overlap
 GATHER_LIMIT = 4096  # chunks per batch cut
-COLUMN_BLOCK = 256  # sessions per forward call: wider batches spill the (T, B, H) cache out of cache
 
 
 @dataclass
@@ -117,81 +116,52 @@ class BatchStats:
     compute_seconds: float = 0.0  # wall time inside compute(), inline or in the thread
 
 
-def top_k_rows(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k largest entries of each row of probs (M, V), largest first: (indices, values)."""
-    M, V = probs.shape
-    rows = np.arange(M)[:, None]
-    if k >= V:
-        order = np.argsort(-probs, axis=1, kind="stable")
-        return order.astype(np.uint32), probs[rows, order]
-    part = np.argpartition(probs, V - k, axis=1)[:, V - k :]  # (M, k) unordered
-    vals = probs[rows, part]
-    order = np.argsort(-vals, axis=1, kind="stable")
-    return part[rows, order].astype(np.uint32), vals[rows, order]
-
-
-def step_chunks(model: CharRNN, works: Sequence[PredictWork]) -> list[ChunkResult]:
-    """Advance every work's session through its chunk, all sessions stepped together.
-
-    Works are ordered longest first, so the sessions still active at position t are
-    a prefix of the batch. Between two distinct chunk lengths the active prefix is
-    fixed, and that segment is ONE ``model.forward(idx (t, n), states (n, S))``: the
-    recurrence is one (n, H) @ (H, H) product per position, and the read-out one
-    product for the whole segment. Usually every chunk has the same length (1 or 64
-    characters), so a batch is a single forward call per column block.
-    """
+def pack(works: Sequence[PredictWork]) -> Packed:
+    """Gather the works' chunks and states into batch arrays, longest chunk first."""
     lens = [len(w.idx) for w in works]
     uniform = min(lens) == max(lens)
     order = list(range(len(works))) if uniform else sorted(range(len(works)), key=lambda i: -lens[i])
     ws = [works[i] for i in order]
     lens = [lens[i] for i in order]
-    N, T, V = len(ws), lens[0], model.vocab.size
-    K = max(w.top_k for w in ws)
     if uniform:
         idx = np.stack([w.idx for w in ws], axis=1)  # (T, N)
     else:
-        idx = np.zeros((T, N), dtype=np.int64)
+        idx = np.zeros((lens[0], len(ws)), dtype=np.int64)
         for i, w in enumerate(ws):
             idx[: lens[i], i] = w.idx
     states = np.stack([w.session.state for w in ws])  # (N, S)
-    probs_seq = np.empty((T + 1, N, V), dtype=model.dtype)  # [0]: before the chunk; [t+1]: after char t
-    probs_seq[0] = np.stack([w.session.probs for w in ws])
-    start = 0
-    for end in sorted(set(lens)):
-        n = sum(1 for length in lens if length >= end)  # the active prefix
-        for b in range(0, n, COLUMN_BLOCK):
-            cols = slice(b, min(n, b + COLUMN_BLOCK))
-            if end - start == 1:  # one position: the step path skips forward's BPTT cache
-                new_states, probs = model.step(states[cols], idx[start, cols])
-            else:
-                _, logits, new_states = model.forward(idx[start:end, cols], states[cols])
-                probs = losses.probabilities(model.config.loss, logits)  # (t * width, V)
-            states[cols] = new_states
-            probs_seq[start + 1 : end + 1, cols] = probs.reshape(end - start, -1, V)
-        start = end
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        # padding (past a short chunk's end) holds garbage; it is computed, never read
-        before = probs_seq[:T].reshape(T * N, V)[np.arange(T * N), idx.ravel()]  # (T*N,) p of each char
-        surprisal = -np.log2(before.reshape(T, N))
-        top_i, top_p = top_k_rows(probs_seq[1:].reshape(T * N, V), K)
-    top_i, top_p = top_i.reshape(T, N, K), top_p.reshape(T, N, K).astype(np.float32, copy=False)
-    surprisal = surprisal.astype(np.float32, copy=False)
-    full = probs_seq if any(w.full for w in ws) else None
-    results: list[ChunkResult | None] = [None] * N
-    for i, w in enumerate(ws):
-        results[order[i]] = ChunkResult(
+    probs0 = np.stack([w.session.probs for w in ws])  # (N, V)
+    return Packed(order, lens, idx, states, probs0, max(w.top_k for w in ws), any(w.full for w in ws))
+
+
+def unpack(works: Sequence[PredictWork], packed: Packed, out: Advanced) -> list[ChunkResult]:
+    """One ChunkResult per work, in the works' order; per session only two row copies."""
+    results: list[ChunkResult | None] = [None] * len(works)
+    for i, j in enumerate(packed.order):
+        w, n = works[j], packed.lens[i]
+        results[j] = ChunkResult(
             w.session.offset,
-            lens[i],
+            n,
             w.top_k,
             i,
-            top_i,
-            top_p,
-            surprisal,
-            full,
-            states[i].copy(),
-            probs_seq[lens[i], i].copy(),
+            out.top_index,
+            out.top_prob,
+            out.surprisal,
+            out.probs_seq,
+            out.states[i].copy(),
+            out.last_probs[i].copy(),
         )
     return [r for r in results if r is not None]
+
+
+def step_chunks(model: CharRNN, works: Sequence[PredictWork]) -> list[ChunkResult]:
+    """Advance every work's session through its chunk, all sessions stepped together (see advance)."""
+    packed = pack(works)
+    return unpack(
+        works,
+        packed,
+        advance(model, packed.idx, packed.lens, packed.states, packed.probs0, packed.k, packed.full),
+    )
 
 
 def step_one(model: CharRNN, work: PredictWork) -> ChunkResult:

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from nextchar.core.model import CharRNN, ModelConfig
 from nextchar.core.vocab import Vocab
-from nextchar.server.batcher import Batcher, PredictWork, step_chunks, step_one, top_k_rows
+from nextchar.server.batcher import Batcher, PredictWork, step_chunks, step_one
 from nextchar.server.errors import Aborted
 from nextchar.server.registry import ModelVersion
 from nextchar.server.sessions import InMemorySessionStore, Session, Sessions
+from nextchar.server.stepping import top_k_rows
 
 VOCAB = Vocab.from_text("abcdefghijklmnopqrstuvwxyz ,.")
 
