@@ -9,7 +9,9 @@ ping-pong stream per simulated client: 1, 100 and 1,000 concurrent streams, with
 case: characters/s, messages/s, p50/p99 per-message latency, and nextchar/echo
 ratios; plus the in-process batched-step throughput of the same H=256 rnn model
 (``model.step`` over N sessions, and the batcher's ``step_chunks`` with top-k),
-the compute ceiling the service is measured against. Results go to
+the compute ceiling the service is measured against. The 64-character cases also
+run against a second nextchar server that computes big batches in a thread instead
+of its compute worker process (``--compute-in-thread``). Results go to
 ``bench/results/serve-<time>.json``; a short table is printed.
 
 The machine is shared and noisy (±15%): compare ratios within one run.
@@ -248,27 +250,30 @@ def main(duration: float, warmup: float) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         Registry(Path(tmp)).register("default", make_model(), history=[], summary={}, promote=True)
+        serve = [
+            sys.executable,
+            "-m",
+            "nextchar.server",
+            "--port",
+            "0",
+            "--model-dir",
+            tmp,
+            "--no-default-model",
+        ]
         servers = {
-            "nextchar": start(
-                [
-                    sys.executable,
-                    "-m",
-                    "nextchar.server",
-                    "--port",
-                    "0",
-                    "--model-dir",
-                    tmp,
-                    "--no-default-model",
-                ]
-            ),
+            "nextchar": start(serve),
+            "nextchar_thread": start(
+                [*serve, "--compute-in-thread"]
+            ),  # big batches in a thread, for comparison
             "echo": start([sys.executable, __file__, "--echo"]),
         }
         cases: list[dict[str, Any]] = []
         try:
             for streams, chunk in CASES:
                 row: dict[str, Any] = {"streams": streams, "chunk": chunk}
-                for name in ("echo", "nextchar"):
-                    row[name] = run_client(servers[name][1], streams, chunk, duration, warmup)
+                for name in ("echo", "nextchar", "nextchar_thread"):
+                    if name != "nextchar_thread" or chunk > 1:  # 1-char batches never leave the event loop
+                        row[name] = run_client(servers[name][1], streams, chunk, duration, warmup)
                 row["chars_ratio"] = ratio(row["nextchar"]["chars_per_sec"], row["echo"]["chars_per_sec"])
                 row["p50_ratio"] = ratio(row["nextchar"]["p50_ms"], row["echo"]["p50_ms"])
                 row["p99_ratio"] = ratio(row["nextchar"]["p99_ms"], row["echo"]["p99_ms"])
@@ -320,13 +325,14 @@ def main(duration: float, warmup: float) -> dict[str, Any]:
 def print_table(result: dict[str, Any]) -> None:
     print(
         f"\n{'streams':>7} {'chars':>5} | {'nextchar c/s':>12} {'p50 ms':>7} {'p99 ms':>7} | "
-        f"{'echo c/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5}"
+        f"{'echo c/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5} | {'thread c/s':>12}"
     )
     for c in result["cases"]:
         n, e = c["nextchar"], c["echo"]
+        thread = f"{c['nextchar_thread']['chars_per_sec']:>12,.0f}" if "nextchar_thread" in c else f"{'':>12}"
         print(
             f"{c['streams']:>7} {c['chunk']:>5} | {n['chars_per_sec']:>12,.0f} {n['p50_ms']:>7.2f} {n['p99_ms']:>7.2f} | "
-            f"{e['chars_per_sec']:>10,.0f} {e['p50_ms']:>7.2f} {e['p99_ms']:>7.2f} | {c['chars_ratio']:>5.2f}"
+            f"{e['chars_per_sec']:>10,.0f} {e['p50_ms']:>7.2f} {e['p99_ms']:>7.2f} | {c['chars_ratio']:>5.2f} | {thread}"
         )
     print("\nin-process compute (H=256 rnn, one BLAS thread):")
     for key, value in result["in_process"].items():

@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-default-model", action="store_true", help="do not train a model on an empty registry"
     )
+    parser.add_argument(
+        "--compute-in-thread", action="store_true", help="run big batches in a thread, not a worker process"
+    )
     args = parser.parse_args(argv)
 
     from nextchar.server.app import serve
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             grace=args.grace,
             max_jobs=args.max_jobs,
             train_default_if_empty=not args.no_default_model,
+            compute_process=not args.compute_in_thread,
         )
     )
 

@@ -62,7 +62,7 @@ class NextCharServer:
         self.sessions = Sessions(
             store or InMemorySessionStore(config.idle_timeout, config.session_lifetime), config.max_sessions
         )
-        self.batcher = Batcher(config.batch_inline_chars)
+        self.batcher = Batcher(config.batch_inline_chars, config.compute_process)
         self.jobs = JobManager(self.registry, config.max_jobs)
         self.servicer = NextCharServicer(config, self.registry, self.sessions, self.batcher, self.jobs)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs predate health.aio

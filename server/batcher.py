@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from nextchar.core.model import CharRNN
 from nextchar.core.sampling import generate
+from nextchar.server.compute import ComputeProcess
 from nextchar.server.errors import Aborted
 from nextchar.server.sessions import Session
 from nextchar.server.stepping import Advanced, Packed, advance
@@ -101,6 +103,7 @@ class GenerateWork:
 
 
 Work = PredictWork | GenerateWork
+log = logging.getLogger("nextchar.server")
 LONE_WINDOW = 0.002  # seconds: another session asking within this means streams overlap
 GATHER_LIMIT = 4096  # chunks per batch cut
 
@@ -114,6 +117,7 @@ class BatchStats:
     chars: int = 0
     max_sessions: int = 0
     compute_seconds: float = 0.0  # wall time inside compute(), inline or in the thread
+    remote_batches: int = 0  # batches the compute worker process ran
 
 
 def pack(works: Sequence[PredictWork]) -> Packed:
@@ -231,11 +235,35 @@ def compute(batch: Sequence[Work], stats: BatchStats) -> list[ChunkResult | Gene
     return [out[i] for i in range(len(batch))]
 
 
+def compute_remote(
+    batch: Sequence[Work], worker: ComputeProcess, stats: BatchStats
+) -> list[ChunkResult | GenerateResult]:
+    """compute() for prediction-only batches, with the arithmetic in the worker process."""
+    start = time.perf_counter()
+    groups: dict[int, list[int]] = {}
+    for i, work in enumerate(batch):
+        groups.setdefault(id(work.session.model), []).append(i)
+    out: dict[int, ChunkResult | GenerateResult] = {}
+    for members in groups.values():
+        works = [w for w in (batch[i] for i in members) if isinstance(w, PredictWork)]
+        packed = pack(works)
+        results = unpack(works, packed, worker.advance(works[0].session.model.require(), packed))
+        out.update(zip(members, results, strict=True))
+        stats.steps += packed.lens[0]
+        stats.chars += sum(packed.lens)
+        stats.max_sessions = max(stats.max_sessions, len(works))
+    stats.batches += 1
+    stats.remote_batches += 1
+    stats.compute_seconds += time.perf_counter() - start
+    return [out[i] for i in range(len(batch))]
+
+
 class Batcher:
     """Queues work from handlers; one loop task computes it in batches and applies the results."""
 
-    def __init__(self, inline_chars: int = 1024) -> None:
+    def __init__(self, inline_chars: int = 1024, compute_process: bool = False) -> None:
         self.inline_chars = inline_chars
+        self._worker = ComputeProcess() if compute_process else None
         self.stats = BatchStats()
         self._pending: list[Work] = []
         self._wake = asyncio.Event()
@@ -246,6 +274,8 @@ class Batcher:
         self._last_time = 0.0
 
     def start(self) -> None:
+        if self._worker is not None:
+            self._worker.start()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="nextchar-batcher")
 
     async def close(self) -> None:
@@ -256,7 +286,10 @@ class Batcher:
         for work in self._pending:
             if not work.future.done():
                 work.future.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        # wait for a running batch: the worker's pipe must not be written from two threads
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.close)
 
     async def predict(self, session: Session, idx: np.ndarray, top_k: int, full: bool) -> ChunkResult:
         """Consume idx (n,) in session; returns the chunk's predictions once its batch ran."""
@@ -318,6 +351,17 @@ class Batcher:
             seen = len(self._pending)
             await asyncio.sleep(0)
 
+    def _compute_big(self, batch: list[Work]) -> list[ChunkResult | GenerateResult]:
+        """In the batch thread: the worker process when there is one, else right here."""
+        if self._worker is not None and all(isinstance(w, PredictWork) for w in batch):
+            try:
+                return compute_remote(batch, self._worker, self.stats)
+            except Exception as exc:
+                log.warning("compute worker failed (%s); computing in-process from now on", exc)
+                self._worker.close()
+                self._worker = None
+        return compute(batch, self.stats)
+
     def _take(self) -> list[Work]:
         """Everything queued, at most one work per session (the rest waits its turn, in order)."""
         batch: list[Work] = []
@@ -353,7 +397,7 @@ class Batcher:
                 else:
                     self._busy = True
                     try:
-                        results = await loop.run_in_executor(self._executor, compute, batch, self.stats)
+                        results = await loop.run_in_executor(self._executor, self._compute_big, batch)
                     finally:
                         self._busy = False
             except Exception as exc:  # a failed batch must fail its callers, not the loop

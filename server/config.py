@@ -40,6 +40,8 @@ class ServerConfig:
     # batches of at most this many characters run on the event loop; bigger ones in a thread,
     # where NumPy's products overlap gRPC work (a thread hop costs more than a small batch)
     batch_inline_chars: int = 1024
+    # bigger batches run in a worker process (nextchar.server.compute), off the server's GIL
+    compute_process: bool = True
 
     def __post_init__(self) -> None:
         checks = {

@@ -130,3 +130,33 @@ def test_single_character_fast_path_matches_the_batch_path() -> None:
             getattr(fast, name), getattr(batch, name), rtol=1e-6, atol=1e-7, err_msg=name
         )
     loop.close()
+
+
+def test_big_batches_in_the_compute_process_match_each_session_alone() -> None:
+    mv = version(cell="gru")
+    model = mv.model
+    assert model is not None
+    texts = [f"the quick brown fox {i} jumps" for i in range(30)]
+
+    async def main() -> Batcher:
+        batcher = Batcher(inline_chars=0, compute_process=True)
+        batcher.start()
+        sessions = [Session.fresh(str(i), mv) for i in range(len(texts))]
+        results = await asyncio.gather(
+            *(batcher.predict(s, VOCAB.encode(t[:-3]), 2, True) for s, t in zip(sessions, texts, strict=True))
+        )
+        for s, t, r in zip(sessions, texts, results, strict=True):
+            assert s.offset == len(t) - 3
+            assert r.distribution is not None
+            np.testing.assert_allclose(r.distribution, solo(model, t[:-3])[1], rtol=1e-5, atol=1e-6)
+        again = await asyncio.gather(
+            *(batcher.predict(s, VOCAB.encode(t[-3:]), 2, True) for s, t in zip(sessions, texts, strict=True))
+        )
+        for t, r in zip(texts, again, strict=True):
+            assert r.distribution is not None
+            np.testing.assert_allclose(r.distribution, solo(model, t)[1][-3:], rtol=1e-5, atol=1e-6)
+        await batcher.close()
+        return batcher
+
+    stats = asyncio.run(main()).stats
+    assert stats.remote_batches >= 2 and stats.chars == sum(len(t) for t in texts)
