@@ -26,6 +26,9 @@ from nextchar.core.vocab import Vocab
 ProgressFn = Callable[[dict[str, Any]], None]
 StopFn = Callable[[], bool]
 LN2 = math.log(2)
+# A step loss this many times the first step's means the run blew up: tanh and softmax
+# keep the loss finite long after the weights have gone (lr 10 with Adam: 4.2 -> 75 nats).
+DIVERGED = 4.0
 
 
 class TrainingDiverged(RuntimeError):
@@ -139,6 +142,7 @@ class Trainer:
         self.optimizer = Optimizer(config.optimizer, config.lr, model.params)
         self.history: list[dict[str, Any]] = []
         self.step = self.chars = 0
+        self.first_loss = 0.0
         self.train_seconds = 0.0
 
     def run(self, train_idx: np.ndarray, val_idx: np.ndarray) -> TrainResult:
@@ -202,10 +206,11 @@ class Trainer:
         t0 = time.perf_counter()
         loss, grads, state, nats = self.model.loss_and_grads(x, y, state)
         grad_norm = clip_grads(grads, self.config.clip, self.config.clip_value)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        self.first_loss = self.first_loss or loss
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)) or loss > DIVERGED * self.first_loss:
             raise TrainingDiverged(
-                f"loss became {loss} (gradient norm {grad_norm}) at epoch {epoch}, step {self.step + 1}; "
-                "lower the learning rate or clip harder"
+                f"loss became {loss:.4g} (first step {self.first_loss:.4g}, gradient norm {grad_norm:.4g}) "
+                f"at epoch {epoch}, step {self.step + 1}; lower the learning rate or clip harder"
             )
         self.optimizer.update(self.model.params, grads)
         self.train_seconds += time.perf_counter() - t0

@@ -74,6 +74,15 @@ def test_divergence_stops_with_a_clear_error() -> None:
         Trainer(model, config, None, None).run(idx, idx[:0])
 
 
+def test_a_loss_that_explodes_but_stays_finite_counts_as_divergence() -> None:
+    text = "hello world, this is a test of divergence. " * 30
+    config = TrainConfig(
+        seq_len=32, batch=4, epochs=30, lr=10.0, optimizer="adam", clip="none", val_fraction=0
+    )
+    with pytest.raises(TrainingDiverged, match="first step"):
+        train(text, ModelConfig(cell="rnn", hidden=64), config)
+
+
 def test_cancel_hook_stops_the_run() -> None:
     calls = iter(range(1000))
     config = TrainConfig(seq_len=8, batch=2, epochs=100, val_fraction=0)
