@@ -1,14 +1,22 @@
-"""Test harness for the server tests: a REAL nextchar server on 127.0.0.1:0 in a background thread.
+"""Test harness for the server tests: a REAL nextchar server on 127.0.0.1:0, in a thread or a subprocess.
 
-The server runs on its own asyncio loop in a thread; tests talk to it over the
-network with the generated synchronous stubs, exactly as a client would, and use
-``run`` to reach into the server's loop (drain, inspect the batcher) when needed.
+``ServerThread`` runs the server on its own asyncio loop in a thread; tests talk to
+it over the network with the generated synchronous stubs, exactly as a client would,
+and use ``run`` to reach into the server's loop (drain, inspect the batcher) when
+needed. ``ServerProcess`` runs ``python -m nextchar.server`` for the tests where the
+server must be signalled, killed, or have its memory measured on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import queue
+import re
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import replace
@@ -17,6 +25,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nextchar.core.demo import NOTEBOOK_TEXT, notebook_configs
 from nextchar.core.model import CharRNN
 from nextchar.core.train import train
@@ -80,6 +89,66 @@ class ServerThread:
 def start_server(model_dir: Path, **overrides: Any) -> ServerThread:
     config = replace(ServerConfig(port=0, model_dir=model_dir, sweep_interval=0.2), **overrides)
     return ServerThread(config)
+
+
+class ServerProcess:
+    """``python -m nextchar.server --port 0 --model-dir DIR *args``; the bound port is read from its log."""
+
+    def __init__(self, model_dir: Path, *args: str) -> None:
+        cmd = [sys.executable, "-m", "nextchar.server", "--port", "0", "--model-dir", str(model_dir), *args]
+        self.proc = subprocess.Popen(
+            cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.port = self._wait_for_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = pb_grpc.NextCharServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+            self.lines.put(line)
+
+    def _wait_for_port(self) -> int:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            match = re.search(r"serving on [\d.]+:(\d+)", line)
+            if match:
+                return int(match.group(1))
+        self.proc.kill()
+        raise AssertionError("server did not start:\n" + "".join(self.log))
+
+    def status(self) -> int:
+        return int(self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status)
+
+    def rss_kb(self) -> int:
+        """Resident memory of the server process (VmRSS), in KiB."""
+        return proc_rss_kb(self.proc.pid)
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def proc_rss_kb(pid: int) -> int:
+    """VmRSS of a live process from /proc/<pid>/status, in KiB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def stream_chars(
