@@ -32,6 +32,7 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 SNAPSHOT_FORMAT = 1
+MAX_OFFSET = 2**63 - 1  # an imported offset leaves room for ~9e18 more characters
 DEFAULT_TOP_K = 3
 GENERATE_PIECE = 64  # characters per Generate response
 
@@ -216,12 +217,18 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         if snapshot.dtype != str(net.dtype):
             raise InvalidArgument(f"blob: dtype {snapshot.dtype!r} does not match the model's {net.dtype}")
         dtype = net.dtype.newbyteorder("<")
+        # sizes first: frombuffer raises ValueError on a length that is not a multiple of the item size
+        if (len(snapshot.state), len(snapshot.probs)) != (
+            net.state_size * dtype.itemsize,
+            net.vocab.size * dtype.itemsize,
+        ):
+            raise InvalidArgument("blob: state or probs size does not match the model")
         state = np.frombuffer(snapshot.state, dtype=dtype).astype(net.dtype)
         probs = np.frombuffer(snapshot.probs, dtype=dtype).astype(net.dtype)
-        if state.shape != (net.state_size,) or probs.shape != (net.vocab.size,):
-            raise InvalidArgument("blob: state or probs size does not match the model")
         if not (np.all(np.isfinite(state)) and np.all(np.isfinite(probs))):
             raise InvalidArgument("blob: state contains NaN or infinite values")
+        if snapshot.offset > MAX_OFFSET:  # else the next chunk overflows uint64 offsets in every reply
+            raise InvalidArgument(f"blob: offset {snapshot.offset} is above {MAX_OFFSET}")
         session = Session(self.sessions.admit(request.session_id), mv, state, probs)
         session.offset = snapshot.offset
         return pb.ImportSessionResponse(session=self._info(self.sessions.add(session)))
