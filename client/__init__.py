@@ -7,6 +7,7 @@ with NextCharClient("127.0.0.1:50051") as c, c.session() as s:
         print(p.next_chars)
 """
 
+from nextchar.client.channel import Tls
 from nextchar.client.errors import (
     AlreadyExists,
     Cancelled,
@@ -75,6 +76,7 @@ __all__ = [
     "SessionExpired",
     "SessionInfo",
     "SessionNotFound",
+    "Tls",
     "TrainConfig",
     "TrainingFailed",
     "TrainingRun",

@@ -3,12 +3,18 @@
 Every call goes through ``Connection.call`` / ``Connection.stream``: they apply the
 default timeout and translate ``grpc.RpcError`` (via nextchar.client.errors). With
 several addresses the channel uses gRPC's own ``round_robin`` policy over them.
+A token rides on every call as ``authorization: Bearer <token>`` metadata (plaintext
+or TLS alike); ``Tls`` makes the channel a TLS one, with a client certificate for
+servers that demand one.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -65,13 +71,47 @@ def _ip_family(address: str) -> str:
         ) from None
 
 
-class Connection:
-    """A channel and its stubs, with a default per-call timeout."""
+@dataclass(frozen=True)
+class Tls:
+    """TLS for a client channel, as PEM bytes: ``ca`` None trusts the system's roots.
 
-    def __init__(self, target: str | Sequence[str], timeout: float) -> None:
+    ``cert`` and ``key`` are the client's own certificate, for servers started with
+    ``--tls-client-ca`` (mutual TLS).
+    """
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        ca: str | os.PathLike[str] | None = None,
+        cert: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
+    ) -> Tls:
+        if (cert is None) != (key is None):
+            raise ValueError("client certificate: give both the certificate and its key")
+        return cls(*(Path(p).read_bytes() if p is not None else None for p in (ca, cert, key)))
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
+
+
+class Connection:
+    """A channel and its stubs, with a default per-call timeout and the token every call carries."""
+
+    def __init__(
+        self, target: str | Sequence[str], timeout: float, token: str = "", tls: Tls | None = None
+    ) -> None:
         self.target, extra = channel_target(target)
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS + extra)
+        options = CHANNEL_OPTIONS + extra
+        if tls is None:
+            self.channel = grpc.insecure_channel(self.target, options=options)
+        else:
+            self.channel = grpc.secure_channel(self.target, tls.credentials(), options=options)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.stub = nextchar_pb2_grpc.NextCharServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -85,7 +125,12 @@ class Connection:
     ) -> Resp:
         """One unary call with the default timeout unless given."""
         with translate_errors():
-            return method(request, timeout=timeout or self.timeout, wait_for_ready=wait_for_ready)
+            return method(
+                request,
+                timeout=timeout or self.timeout,
+                wait_for_ready=wait_for_ready,
+                metadata=self.metadata,
+            )
 
     def stream(
         self,
@@ -96,7 +141,7 @@ class Connection:
     ) -> StreamCall[Resp]:
         """A streaming call; ``timeout`` None means the stream may last as long as it needs."""
         with translate_errors():
-            return StreamCall(method(request, timeout=timeout))  # type: ignore[arg-type]
+            return StreamCall(method(request, timeout=timeout, metadata=self.metadata))  # type: ignore[arg-type]
 
     def close(self) -> None:
         self.channel.close()

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from nextchar.client.channel import DEFAULT_TARGET
+from nextchar.client.channel import DEFAULT_TARGET, Tls
 from nextchar.client.cli_common import (
+    CREDENTIALS,
     SERVER_DEFAULTS,
     JsonOpt,
     ModelOpt,
@@ -95,6 +96,43 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def pem_option(help: str, envvar: str | None = None) -> Any:
+    """A typer.Option for an existing PEM file."""
+    return typer.Option(envvar=envvar, dir_okay=False, exists=True, show_default=False, help=help)
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+@app.callback()
+def main(
+    token: Annotated[
+        str, typer.Option(envvar="NEXTCHAR_TOKEN", show_default=False, help="Bearer token for the server.")
+    ] = "",
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Connect with TLS (the system's trusted roots).")
+    ] = False,
+    tls_ca: Annotated[
+        Path | None, pem_option("Connect with TLS, trusting this CA.", "NEXTCHAR_TLS_CA")
+    ] = None,
+    client_cert: Annotated[
+        Path | None, pem_option("Client certificate (PEM) for mutual TLS.", "NEXTCHAR_CLIENT_CERT")
+    ] = None,
+    client_key: Annotated[Path | None, pem_option("Its private key (PEM).", "NEXTCHAR_CLIENT_KEY")] = None,
+) -> None:
+    """Stateful next-character prediction: train, serve and stream char-RNNs.
+
+    Connection options go before the command: nextchar --token T --tls-ca ca.pem stream
+    """
+    CREDENTIALS.token = token
+    use_tls = tls or tls_ca is not None or client_cert is not None
+    CREDENTIALS.tls = Tls.from_files(tls_ca, client_cert, client_key) if use_tls else None
+
+
 app.add_typer(models_app, name="models")
 app.add_typer(sessions_app, name="sessions")
 app.command()(train)
@@ -128,6 +166,22 @@ def serve(
     default_model: Annotated[
         bool, typer.Option(help="Train the notebook model when the registry is empty.")
     ] = SERVER_DEFAULTS.train_default_if_empty,
+    token: Annotated[
+        str,
+        typer.Option(
+            envvar="NEXTCHAR_TOKEN", show_default=False, help="Demand this bearer token on every call."
+        ),
+    ] = "",
+    tls_cert: Annotated[Path | None, pem_option("Serve TLS with this certificate chain (PEM).")] = None,
+    tls_key: Annotated[Path | None, pem_option("The certificate's private key (PEM).")] = None,
+    tls_client_ca: Annotated[
+        Path | None, pem_option("Demand client certificates signed by this CA (mutual TLS).")
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(show_default=False, help="Serve Prometheus /metrics on this port; 0 = any free."),
+    ] = None,
+    log_format: Annotated[LogFormat, typer.Option(help="Log lines as text or JSON.")] = LogFormat.text,
 ) -> None:
     """Run the nextchar service until SIGTERM or Ctrl-C, then drain and exit."""
     from nextchar.server.app import serve as run_server
@@ -144,6 +198,12 @@ def serve(
             max_jobs=max_jobs,
             grace=grace,
             train_default_if_empty=default_model,
+            token=token,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            metrics_port=metrics_port,
+            log_format=log_format.value,
         )
     )
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Annotated, Any
 
 import typer
+from nextchar.client.channel import Tls
 from nextchar.client.library import NextCharClient
 from nextchar.server.config import ServerConfig
 from rich.console import Console
@@ -48,8 +49,19 @@ if not console.is_terminal:
     console = Console(highlight=False, soft_wrap=True, width=200)
 
 
+@dataclass
+class Credentials:
+    """How the CLI authenticates: the app's global --token / --tls* options, set before any command runs."""
+
+    token: str = ""
+    tls: Tls | None = None
+
+
+CREDENTIALS = Credentials()  # the one process-wide setting; cli.main fills it from the command line
+
+
 def connect(server: str, timeout: float) -> NextCharClient:
-    return NextCharClient(server, timeout=timeout)
+    return NextCharClient(server, timeout=timeout, token=CREDENTIALS.token, tls=CREDENTIALS.tls)
 
 
 def to_jsonable(value: Any) -> Any:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from nextchar.client.channel import DEFAULT_TARGET, Connection
+from nextchar.client.channel import DEFAULT_TARGET, Connection, Tls
 from nextchar.client.errors import TrainingFailed
 from nextchar.client.results import (
     Generation,
@@ -51,8 +51,11 @@ class NextCharClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         resume_attempts: int = 5,
+        token: str = "",
+        tls: Tls | None = None,
     ) -> None:
-        self._conn = Connection(target, timeout)
+        """token: the server's bearer token, sent on every call; tls: a TLS channel (Tls.from_files)."""
+        self._conn = Connection(target, timeout, token, tls)
         self.resume_attempts = resume_attempts
 
     @property

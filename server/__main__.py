@@ -39,6 +39,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compute-in-thread", action="store_true", help="run big batches in a thread, not a worker process"
     )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("NEXTCHAR_TOKEN", ""),
+        help="demand this bearer token (default: $NEXTCHAR_TOKEN; the environment keeps it out of ps)",
+    )
+    parser.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate chain")
+    parser.add_argument("--tls-key", type=Path, help="the certificate's PEM private key")
+    parser.add_argument("--tls-client-ca", type=Path, help="demand client certificates signed by this CA")
+    parser.add_argument(
+        "--metrics-port", type=int, help="Prometheus /metrics port; 0 = any free; off if absent"
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), default=defaults.log_format)
+    parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default=defaults.log_level
+    )
     args = parser.parse_args(argv)
 
     from nextchar.server.app import serve
@@ -56,6 +71,13 @@ def main(argv: list[str] | None = None) -> None:
             max_jobs=args.max_jobs,
             train_default_if_empty=not args.no_default_model,
             compute_process=not args.compute_in_thread,
+            token=args.token,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            metrics_port=args.metrics_port,
+            log_format=args.log_format,
+            log_level=args.log_level,
         )
     )
 

@@ -24,10 +24,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nextchar.proto import nextchar_pb2, nextchar_pb2_grpc
+from nextchar.server.auth import add_port, interceptors
 from nextchar.server.batcher import Batcher
 from nextchar.server.blas import limit_blas_threads
 from nextchar.server.config import ServerConfig
 from nextchar.server.jobs import JobManager
+from nextchar.server.logs import configure_logging
+from nextchar.server.metrics import Metrics
 from nextchar.server.registry import DEFAULT_NAME, Registry
 from nextchar.server.servicer import NextCharServicer
 from nextchar.server.sessions import InMemorySessionStore, Sessions, SessionStore
@@ -58,16 +61,28 @@ class NextCharServer:
 
     def __init__(self, config: ServerConfig, store: SessionStore | None = None) -> None:
         self.config = config
+        self.metrics = Metrics()
         self.registry = Registry(config.model_dir)
         self.sessions = Sessions(
-            store or InMemorySessionStore(config.idle_timeout, config.session_lifetime), config.max_sessions
+            store
+            or InMemorySessionStore(
+                config.idle_timeout, config.session_lifetime, on_remove=self.metrics.session_ended
+            ),
+            config.max_sessions,
         )
-        self.batcher = Batcher(config.batch_inline_chars, config.compute_process)
+        self.batcher = Batcher(config.batch_inline_chars, config.compute_process, on_batch=self.metrics.batch)
         self.jobs = JobManager(self.registry, config.max_jobs)
         self.servicer = NextCharServicer(config, self.registry, self.sessions, self.batcher, self.jobs)
+        self.servicer.on_message = self.metrics.message_latency.observe
+        self.metrics.watch(
+            lambda: len(self.sessions.store), lambda: [j.state for j in list(self.jobs.jobs.values())]
+        )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs predate health.aio
-        self.grpc = grpc.aio.server(options=config.grpc_options())
+        self.grpc = grpc.aio.server(
+            options=config.grpc_options(), interceptors=interceptors(config, self.metrics.auth_failed)
+        )
         self.port = 0
+        self.metrics_port = 0  # the bound /metrics port once started, when config.metrics_port is set
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
@@ -84,7 +99,7 @@ class NextCharServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
-        self.port = self.grpc.add_insecure_port(self.config.address)
+        self.port = add_port(self.grpc, self.config)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.address}")
         self.batcher.start()
@@ -92,6 +107,9 @@ class NextCharServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         log.info(
             "nextchar serving on %s:%d (models in %s)", self.config.host, self.port, self.config.model_dir
         )
@@ -123,6 +141,7 @@ class NextCharServer:
         await self.grpc.stop(grace)
         await self.jobs.shutdown()
         await self.batcher.close()
+        self.metrics.close()
         self._stopped.set()
 
     async def wait_for_termination(self) -> None:
@@ -153,5 +172,6 @@ def serve(config: ServerConfig | None = None) -> None:
     # The batch thread releases the GIL inside every BLAS call; with the default 5 ms
     # switch interval the loop thread then keeps it for up to 5 ms and the batch stalls.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve_async(config or ServerConfig()))
+    config = config or ServerConfig()
+    configure_logging(config.log_format, config.log_level)
+    asyncio.run(serve_async(config))

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -261,8 +261,14 @@ def compute_remote(
 class Batcher:
     """Queues work from handlers; one loop task computes it in batches and applies the results."""
 
-    def __init__(self, inline_chars: int = 1024, compute_process: bool = False) -> None:
+    def __init__(
+        self,
+        inline_chars: int = 1024,
+        compute_process: bool = False,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
         self.inline_chars = inline_chars
+        self.on_batch = on_batch or (lambda sessions, chars: None)  # per batch run (metrics)
         self._worker = ComputeProcess() if compute_process else None
         self.stats = BatchStats()
         self._pending: list[Work] = []
@@ -322,6 +328,7 @@ class Batcher:
         except Exception as exc:
             work.future.set_exception(exc)
             return
+        self.on_batch(1, len(work.idx))
         self._apply(work, result)
 
     async def generate(
@@ -405,6 +412,7 @@ class Batcher:
                     if not work.future.done():
                         work.future.set_exception(exc)
                 continue
+            self.on_batch(len(batch), size)
             for work, result in zip(batch, results, strict=True):
                 self._apply(work, result)
 

@@ -15,6 +15,17 @@ from pathlib import Path
 MIB = 1024 * 1024
 
 
+def check_security(config: ServerConfig) -> None:
+    """Refuse half-configured TLS and tokens that cannot travel as a gRPC metadata value."""
+    token = config.token
+    if token and not (token.isascii() and token.isprintable() and " " not in token):
+        raise ValueError("token: must be printable ASCII without spaces (it travels as a gRPC header)")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ValueError("tls_cert, tls_key: give both, the certificate chain and its private key")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ValueError("tls_client_ca: client certificates need TLS; give tls_cert and tls_key too")
+
+
 def default_model_dir() -> Path:
     """$XDG_DATA_HOME/nextchar/models, else ~/.local/share/nextchar/models (the XDG default)."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -23,7 +34,7 @@ def default_model_dir() -> Path:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"  # loopback by default: auth/TLS arrive with a later issue
+    host: str = "127.0.0.1"  # loopback by default; listen wider only with a token and TLS
     port: int = 50051  # 0 picks a free port (tests)
     model_dir: Path = field(default_factory=default_model_dir)
     max_sessions: int = 100_000  # ~1 KB each beyond the state: well under 1 GB at H=256
@@ -42,6 +53,16 @@ class ServerConfig:
     batch_inline_chars: int = 1024
     # bigger batches run in a worker process (nextchar.server.compute), off the server's GIL
     compute_process: bool = True
+    # security (nextchar.server.auth): an empty token means no authentication;
+    # repr=False because configs get logged and the token must not be
+    token: str = field(default="", repr=False)
+    tls_cert: Path | None = None  # PEM chain; with tls_key the port speaks TLS only
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA bundle: clients must show a certificate it signed (mTLS)
+    # observability (nextchar.server.metrics, nextchar.server.logs)
+    metrics_port: int | None = None  # Prometheus over HTTP on host:metrics_port; None = off, 0 = any free
+    log_format: str = "text"  # "json": one object per line, with the session id where there is one
+    log_level: str = "info"
 
     def __post_init__(self) -> None:
         checks = {
@@ -57,11 +78,19 @@ class ServerConfig:
             "grace": self.grace >= 0,
             "sweep_interval": self.sweep_interval > 0,
             "batch_inline_chars": self.batch_inline_chars >= 0,
+            "metrics_port": self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+            "log_format": self.log_format in ("text", "json"),
+            "log_level": self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name}: out of range ({getattr(self, name)!r})")
+        check_security(self)
         object.__setattr__(self, "model_dir", Path(self.model_dir).expanduser())
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def address(self) -> str:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -35,6 +37,7 @@ SNAPSHOT_FORMAT = 1
 MAX_OFFSET = 2**63 - 1  # an imported offset leaves room for ~9e18 more characters
 DEFAULT_TOP_K = 3
 GENERATE_PIECE = 64  # characters per Generate response
+log = logging.getLogger("nextchar.server")
 
 
 def unary(
@@ -45,6 +48,7 @@ def unary(
         try:
             return await fn(self, request, context)
         except ServiceError as exc:
+            log.info("%s refused: %s: %s", fn.__name__, exc.code.name, exc)
             await context.abort(exc.code, str(exc))
             raise  # unreachable: abort raises
 
@@ -61,6 +65,7 @@ def streaming(
             async for item in fn(self, request, context):
                 yield item
         except ServiceError as exc:
+            log.info("%s refused: %s: %s", fn.__name__, exc.code.name, exc)
             await context.abort(exc.code, str(exc))
         finally:
             self.live_streams -= 1
@@ -81,6 +86,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         self.jobs = jobs
         self.live_streams = 0
         self.streams_idle = asyncio.Event()
+        self.on_message: Callable[[float], None] = lambda seconds: None  # latency hook (metrics)
 
     # ------------------------------------------------------------ helpers
 
@@ -111,6 +117,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     async def _predict(
         self, session: Session, text: str, top_k: int, full: bool, expect_offset: int | None
     ) -> pb.Predictions:
+        start = time.perf_counter()
         self._check_text(text)
         k = self._top_k(top_k, session.model)
         if expect_offset is not None and expect_offset != session.offset:
@@ -121,7 +128,9 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         idx, has_unknown = session.model.encode(text)
         result = await self.batcher.predict(session, idx, k, full)
         unknown = session.model.require().vocab.unknown(text) if has_unknown else ""
-        return messages.predictions(result, idx, unknown)
+        predictions = messages.predictions(result, idx, unknown)
+        self.on_message(time.perf_counter() - start)
+        return predictions
 
     async def _prime(self, session: Session, text: str) -> None:
         step = self.config.max_chunk_chars
@@ -160,9 +169,11 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         page = self.sessions.store.page(start, size)
         total = len(self.sessions.store)
         token = str(start + size) if start + size < total else ""
-        return pb.ListSessionsResponse(
-            sessions=[self._info(s) for s in page], next_page_token=token, total=total
-        )
+        infos = [self._info(s) for s in page]
+        if self.config.token:  # ids are keys: token holders see the load, not others' sessions (docs/api.md)
+            for info in infos:
+                info.ClearField("session_id")
+        return pb.ListSessionsResponse(sessions=infos, next_page_token=token, total=total)
 
     @unary
     async def ResetSession(self, request: pb.ResetSessionRequest, context: Ctx) -> pb.ResetSessionResponse:

@@ -13,14 +13,15 @@ its session is gone (idle, lifetime, closed, evicted) instead of just "not found
 from __future__ import annotations
 
 import re
+import secrets
 import time
-import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import numpy as np
 from nextchar.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from nextchar.server.logs import bind_session
 from nextchar.server.registry import ModelVersion
 
 ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -62,7 +63,8 @@ class Session:
 
 def new_id(requested: str = "") -> str:
     if not requested:
-        return uuid.uuid4().hex
+        # 128 random bits from the OS: a server-assigned id is the session's only key (docs/api.md)
+        return secrets.token_hex(16)
     if not ID_RE.match(requested):
         raise InvalidArgument("session_id: must be 1-128 characters of [A-Za-z0-9._:-]")
     return requested
@@ -84,9 +86,12 @@ class SessionStore(Protocol):
 class InMemorySessionStore:
     """A dict in insertion (= creation) order, with lazy and swept expiry."""
 
-    def __init__(self, idle_timeout: float, lifetime: float = 0.0) -> None:
+    def __init__(
+        self, idle_timeout: float, lifetime: float = 0.0, on_remove: Callable[[str, str], None] | None = None
+    ) -> None:
         self.idle_timeout = idle_timeout
         self.lifetime = lifetime
+        self.on_remove = on_remove  # (session id, reason): the metrics' counter of ended sessions
         self._sessions: dict[str, Session] = {}
         self._gone: OrderedDict[str, str] = OrderedDict()
 
@@ -125,6 +130,8 @@ class InMemorySessionStore:
         self._gone[session_id] = reason
         if len(self._gone) > TOMBSTONES:
             self._gone.popitem(last=False)
+        if self.on_remove is not None:
+            self.on_remove(session_id, reason)
         return session
 
     def page(self, start: int, size: int) -> list[Session]:
@@ -173,11 +180,13 @@ class Sessions:
     def add(self, session: Session) -> Session:
         self.admit(session.id)  # re-check: the cap or the id may have changed while priming
         self.store.add(session)
+        bind_session(session.id)
         return session
 
     def get(self, session_id: str) -> Session:
         if not session_id:
             raise InvalidArgument("session_id: required")
+        bind_session(session_id)  # this call's log records name the session
         session = self.store.get(session_id)
         session.last_used = time.time()
         return session

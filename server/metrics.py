@@ -1,0 +1,138 @@
+"""Prometheus metrics of one server, and the HTTP endpoint that exposes them.
+
+Every server owns a ``Metrics`` with its own ``CollectorRegistry`` (never the
+global one): tests run several servers in one process, and each must count only
+its own traffic. The hot path pays per message or per batch, never per character:
+one histogram observation per prediction message, two per batch, one counter per
+ended session. What can be read when Prometheus scrapes (live sessions, training
+jobs by state) is read then, from the server's own structures, at no cost between
+scrapes.
+
+    nextchar_sessions_active                      gauge
+    nextchar_sessions_ended_total{reason}         idle | lifetime | closed | evicted | other
+    nextchar_characters_total                     characters stepped (predicted, primed, generated)
+    nextchar_message_latency_seconds              histogram, one prediction message on the server
+    nextchar_batch_sessions / nextchar_batch_chars histograms, per batch the batcher runs
+    nextchar_training_jobs{state}                 gauge: running | succeeded | failed | cancelled
+    nextchar_store_rtt_seconds                    histogram, one session-store round trip
+    nextchar_auth_failures_total{reason}          missing | wrong token
+
+The session store times its round trips with ``metrics.store_rtt.observe(seconds)``
+or ``with metrics.store_rtt.time(): ...``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from nextchar.server.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("nextchar.server.sessions")
+
+REASONS = ("idle", "lifetime", "closed", "evicted", "other")
+JOB_STATES = (RUNNING, SUCCEEDED, FAILED, CANCELLED)
+# 0.1 ms (an inline one-character step) to 1 s (a big batch on a loaded machine)
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+SESSION_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # 4096 = the batcher's cut
+CHAR_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+
+
+def reason_label(reason: str) -> str:
+    """The metric label of a store's removal reason ("idle for more than 60 s" -> "idle")."""
+    word = reason.split(maxsplit=1)[0].rstrip(":") if reason else ""
+    return word if word in REASONS else "other"
+
+
+class JobStates(Collector):
+    """nextchar_training_jobs{state}, counted at scrape time from the job manager's states."""
+
+    def __init__(self, states: Callable[[], Iterable[str]]) -> None:
+        self._states = states
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # no scrape at registration: the job manager may not be ready yet
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("nextchar_training_jobs", "Training jobs by state.", labels=["state"])
+        counts = collections.Counter(self._states())
+        for state in JOB_STATES:
+            family.add_metric([state], counts[state])
+        yield family
+
+
+class Metrics:
+    """One server's metrics; call the hooks, read ``registry`` (or scrape ``serve``'s port)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.sessions_active = Gauge("nextchar_sessions_active", "Live sessions.", registry=r)
+        self.sessions_ended = Counter(
+            "nextchar_sessions_ended", "Sessions removed, by reason.", ["reason"], registry=r
+        )
+        self._ended = {reason: self.sessions_ended.labels(reason) for reason in REASONS}
+        self.characters = Counter(
+            "nextchar_characters", "Characters stepped through a model (rate() gives chars/s).", registry=r
+        )
+        self.message_latency = Histogram(
+            "nextchar_message_latency_seconds",
+            "Server time of one prediction message, from its session lookup to its predictions.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_sessions = Histogram(
+            "nextchar_batch_sessions",
+            "Sessions stepped together in one batch.",
+            buckets=SESSION_BUCKETS,
+            registry=r,
+        )
+        self.batch_chars = Histogram(
+            "nextchar_batch_chars", "Characters in one batch.", buckets=CHAR_BUCKETS, registry=r
+        )
+        self.store_rtt = Histogram(
+            "nextchar_store_rtt_seconds",
+            "One round trip to the session store.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "nextchar_auth_failures", "Calls refused for a missing or wrong token.", ["reason"], registry=r
+        )
+        self._http: WSGIServer | None = None
+
+    def watch(self, active_sessions: Callable[[], int], job_states: Callable[[], Iterable[str]]) -> None:
+        """Read these when scraped: the live session count and every training job's state."""
+        self.sessions_active.set_function(lambda: float(active_sessions()))
+        self.registry.register(JobStates(job_states))
+
+    # ------------------------------------------------------------ hooks (hot path: keep them cheap)
+
+    def session_ended(self, session_id: str, reason: str) -> None:
+        self._ended[reason_label(reason)].inc()
+        log.debug("session ended: %s", reason, extra={"session_id": session_id})
+
+    def batch(self, sessions: int, chars: int) -> None:
+        self.batch_sessions.observe(sessions)
+        self.batch_chars.observe(chars)
+        self.characters.inc(chars)
+
+    def auth_failed(self, reason: str) -> None:
+        self.auth_failures.labels(reason).inc()
+
+    # ------------------------------------------------------------ endpoint
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics over HTTP on host:port (0 = a free port) in a daemon thread; returns the port."""
+        self._http, _ = start_http_server(port, host, self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
