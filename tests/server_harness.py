@@ -10,9 +10,11 @@ server must be signalled, killed, or have its memory measured on its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -149,6 +151,66 @@ def proc_rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+class DroppingProxy:
+    """A TCP relay in front of a server whose live connections can be cut, as a network blip would.
+
+    ``mute_replies`` stops reading the server's side of every connection (the client's bytes
+    still flow): a client that never reads its responses, as the server's socket sees it.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._replies = threading.Event()
+        self._replies.set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            with self._lock:
+                self._conns += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, self._replies), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, gate: threading.Event | None) -> None:
+        try:
+            while (gate is None or gate.wait()) and (data := src.recv(65536)):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def mute_replies(self) -> None:
+        """From now on nothing the server sends is read (at most one read already under way)."""
+        self._replies.clear()
+
+    def drop(self) -> None:
+        """Cut every live connection (both directions); new connections are accepted as before."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self._replies.set()
+        self.drop()
 
 
 def stream_chars(
