@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 PROTO_GEN := $(VENV)/proto-gen
 
-.PHONY: run demo test bench bench-train bench-serve lint proto proto-check clean
+.PHONY: run demo test bench bench-train bench-serve bench-load lint proto proto-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,13 +27,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: bench-train bench-serve
+bench: bench-train bench-serve bench-load
 
 bench-train: $(BENCH_STAMP)
 	$(PY) bench/train_bench.py
 
 bench-serve: $(STAMP)
 	$(PY) bench/serve_bench.py
+
+# 1,000 streaming sessions held for 60 s: zero errors, p50/p99, server memory slope
+bench-load: $(STAMP)
+	$(PY) bench/load_bench.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
