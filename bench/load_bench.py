@@ -27,6 +27,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ async def hold(
             while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
                 pass
         except grpc.aio.AioRpcError as exc:
-            errors.append(f"{exc.code().name}: {exc.details()}")
+            errors.append(f"{exc.code().name} at {time.perf_counter() - t0:.1f} s: {exc.details()}")
 
     await asyncio.gather(*(one(i) for i in range(sessions)))
     for channel in channels:
@@ -156,6 +157,10 @@ def run(sessions: int, duration: float, warmup: float, chunk: int, clients: int)
             "--no-default-model",
         ]
         server, port = start([*cmd, "--max-sessions", str(2 * sessions)])
+        log: list[str] = []  # drained, or a full stderr pipe would stall the server's logging
+        assert server.stderr is not None
+        stderr = server.stderr
+        threading.Thread(target=lambda: log.extend(stderr), daemon=True).start()
         try:
             shares = [sessions // clients + (i < sessions % clients) for i in range(clients)]
             procs = [
@@ -228,6 +233,7 @@ def run(sessions: int, duration: float, warmup: float, chunk: int, clients: int)
             "slope_kb_per_s": slope,  # least squares over the samples after the warm-up
         },
         "rss_samples": samples,
+        "server_log_tail": log[-20:],
     }
 
 
