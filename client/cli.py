@@ -182,6 +182,17 @@ def serve(
         typer.Option(show_default=False, help="Serve Prometheus /metrics on this port; 0 = any free."),
     ] = None,
     log_format: Annotated[LogFormat, typer.Option(help="Log lines as text or JSON.")] = LogFormat.text,
+    store: Annotated[
+        str,
+        typer.Option(
+            envvar="NEXTCHAR_STORE",
+            help="redis://HOST:PORT/DB: sessions shared by replicas; in memory if unset.",
+        ),
+    ] = SERVER_DEFAULTS.store,
+    store_write_every: Annotated[
+        int,
+        typer.Option(help="Characters between a session's state writes to the store (1 = every message)."),
+    ] = SERVER_DEFAULTS.store_write_every,
 ) -> None:
     """Run the nextchar service until SIGTERM or Ctrl-C, then drain and exit."""
     from nextchar.server.app import serve as run_server
@@ -204,6 +215,8 @@ def serve(
             tls_client_ca=tls_client_ca,
             metrics_port=metrics_port,
             log_format=log_format.value,
+            store=store,
+            store_write_every=store_write_every,
         )
     )
 

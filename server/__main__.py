@@ -52,6 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--log-format", choices=("text", "json"), default=defaults.log_format)
     parser.add_argument(
+        "--store", default=defaults.store, help="redis://HOST:PORT/DB: sessions shared by replicas"
+    )
+    parser.add_argument(
+        "--store-write-every",
+        type=int,
+        default=defaults.store_write_every,
+        help="characters between state writes to the store (docs/deploy.md)",
+    )
+    parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default=defaults.log_level
     )
     args = parser.parse_args(argv)
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
             metrics_port=args.metrics_port,
             log_format=args.log_format,
             log_level=args.log_level,
+            store=args.store,
+            store_write_every=args.store_write_every,
         )
     )
 

@@ -19,6 +19,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,9 +29,11 @@ from nextchar.server.auth import add_port, interceptors
 from nextchar.server.batcher import Batcher
 from nextchar.server.blas import limit_blas_threads
 from nextchar.server.config import ServerConfig
+from nextchar.server.errors import ServiceError
 from nextchar.server.jobs import JobManager
 from nextchar.server.logs import configure_logging
 from nextchar.server.metrics import Metrics
+from nextchar.server.redis_store import RedisSessionStore
 from nextchar.server.registry import DEFAULT_NAME, Registry
 from nextchar.server.servicer import NextCharServicer
 from nextchar.server.sessions import InMemorySessionStore, Sessions, SessionStore
@@ -38,6 +41,7 @@ from nextchar.server.sessions import InMemorySessionStore, Sessions, SessionStor
 log = logging.getLogger("nextchar.server")
 SWITCH_INTERVAL = 0.0005  # seconds
 SERVICE_NAME = nextchar_pb2.DESCRIPTOR.services_by_name["NextCharService"].full_name
+STORE_CHECK = 1.0  # seconds between pings of a shared session store (health follows it)
 
 
 def train_default_model(registry: Registry) -> None:
@@ -56,6 +60,22 @@ def train_default_model(registry: Registry) -> None:
     )
 
 
+def make_store(
+    config: ServerConfig, registry: Registry, on_remove: Callable[[str, str], None]
+) -> SessionStore:
+    """In this process's memory, or in the Redis that config.store names (shared by replicas)."""
+    if config.store:
+        return RedisSessionStore(
+            config.store,
+            registry,
+            config.idle_timeout,
+            config.session_lifetime,
+            config.store_write_every,
+            on_remove,
+        )
+    return InMemorySessionStore(config.idle_timeout, config.session_lifetime, on_remove=on_remove)
+
+
 class NextCharServer:
     """The running service: the grpc.aio server plus the parts it serves, and its drain."""
 
@@ -63,14 +83,16 @@ class NextCharServer:
         self.config = config
         self.metrics = Metrics()
         self.registry = Registry(config.model_dir)
-        self.sessions = Sessions(
-            store
-            or InMemorySessionStore(
-                config.idle_timeout, config.session_lifetime, on_remove=self.metrics.session_ended
-            ),
-            config.max_sessions,
+        if store is None:  # (not `or`: an empty store has len 0)
+            store = make_store(config, self.registry, self.metrics.session_ended)
+        self.shared = store if isinstance(store, RedisSessionStore) else None  # a store replicas share
+        self.sessions = Sessions(store, config.max_sessions)
+        self.batcher = Batcher(
+            config.batch_inline_chars,
+            config.compute_process,
+            on_batch=self.metrics.batch,
+            commit=self.shared.commit if self.shared is not None else None,
         )
-        self.batcher = Batcher(config.batch_inline_chars, config.compute_process, on_batch=self.metrics.batch)
         self.jobs = JobManager(self.registry, config.max_jobs)
         self.servicer = NextCharServicer(config, self.registry, self.sessions, self.batcher, self.jobs)
         self.servicer.on_message = self.metrics.message_latency.observe
@@ -84,6 +106,7 @@ class NextCharServer:
         self.port = 0
         self.metrics_port = 0  # the bound /metrics port once started, when config.metrics_port is set
         self._sweeper: asyncio.Task[None] | None = None
+        self._store_watch: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -107,6 +130,9 @@ class NextCharServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if self.shared is not None:
+            self.shared.replica = f"{self.config.host}:{self.port}"
+            self._store_watch = asyncio.get_running_loop().create_task(self._watch_store(self.shared))
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
@@ -118,7 +144,28 @@ class NextCharServer:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.config.sweep_interval)
-            self.sessions.store.sweep(time.time())
+            try:
+                await self.sessions.store.sweep(time.time())
+            except ServiceError as exc:  # a shared store down: sweep again next time
+                log.warning("session sweep failed: %s", exc)
+
+    async def _watch_store(self, store: RedisSessionStore) -> None:
+        """Health follows the shared store: NOT_SERVING while it is unreachable (every session
+        call would fail), SERVING again once it answers; the pool reconnects by itself."""
+        serving = True
+        while True:
+            await asyncio.sleep(STORE_CHECK)
+            up = await store.ping()
+            if up != serving:
+                serving = up
+                log.warning("session store %s %s", store.url, "is back" if up else "is unreachable")
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if up
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for service in ("", SERVICE_NAME):
+                    await self.health.set(service, status)
 
     async def drain(self, grace: float | None = None) -> None:
         """Refuse new sessions, let live streams finish for up to grace seconds, then stop."""
@@ -136,11 +183,14 @@ class NextCharServer:
         await self.stop(0.5)
 
     async def stop(self, grace: float | None = 0.0) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._store_watch):
+            if task is not None:
+                task.cancel()
         await self.grpc.stop(grace)
         await self.jobs.shutdown()
         await self.batcher.close()
+        if self.shared is not None:
+            await self.shared.close()  # writes back sessions not yet written (store_write_every > 1)
         self.metrics.close()
         self._stopped.set()
 

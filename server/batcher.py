@@ -13,7 +13,10 @@ the next one accumulates. Tiny batches run inline on the loop, because a thread
 hop would cost more than the step itself for a lone one-character ping-pong.
 
 Only the loop thread writes session state: results are applied after the compute
-returns, and dropped (ABORTED) if the session was reset or closed meanwhile.
+returns, and dropped (ABORTED) if the session was reset or closed meanwhile. With
+a shared store (Redis) a batch's results are first written back with one
+pipelined round trip (``commit``); a result the store refuses (another replica
+advanced the session) fails its caller instead of being applied.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import numpy as np
 from nextchar.core.model import CharRNN
 from nextchar.core.sampling import generate
 from nextchar.server.compute import ComputeProcess
-from nextchar.server.errors import Aborted
-from nextchar.server.sessions import Session
+from nextchar.server.errors import Aborted, ServiceError
+from nextchar.server.sessions import Commit, Session, WriteBack
 from nextchar.server.stepping import Advanced, Packed, advance
 
 
@@ -266,8 +269,10 @@ class Batcher:
         inline_chars: int = 1024,
         compute_process: bool = False,
         on_batch: Callable[[int, int], None] | None = None,
+        commit: Commit | None = None,
     ) -> None:
         self.inline_chars = inline_chars
+        self.commit = commit  # a shared store's write-back; None: sessions live only here
         self.on_batch = on_batch or (lambda sessions, chars: None)  # per batch run (metrics)
         self._worker = ComputeProcess() if compute_process else None
         self.stats = BatchStats()
@@ -302,7 +307,7 @@ class Batcher:
         future: asyncio.Future[ChunkResult] = asyncio.get_running_loop().create_future()
         work = PredictWork(session, idx, top_k, full, session.gen, future)
         if self._alone(session, len(idx)):
-            self._run_now(work)
+            await self._run_now(work)
         else:
             self._pending.append(work)
             self._wake.set()
@@ -322,14 +327,14 @@ class Batcher:
         self._last_session, self._last_time = session, now
         return alone
 
-    def _run_now(self, work: PredictWork) -> None:
+    async def _run_now(self, work: PredictWork) -> None:
         try:
             result = compute([work], self.stats)[0]
         except Exception as exc:
             work.future.set_exception(exc)
             return
         self.on_batch(1, len(work.idx))
-        self._apply(work, result)
+        await self._finish([work], [result])
 
     async def generate(
         self,
@@ -413,20 +418,49 @@ class Batcher:
                         work.future.set_exception(exc)
                 continue
             self.on_batch(len(batch), size)
-            for work, result in zip(batch, results, strict=True):
-                self._apply(work, result)
+            await self._finish(batch, results)
+
+    async def _finish(self, batch: Sequence[Work], results: Sequence[ChunkResult | GenerateResult]) -> None:
+        """Write the batch back to a shared store (one round trip), then apply what it accepted."""
+        versions: list[int | ServiceError | None] = [None] * len(batch)
+        stored = [i for i, w in enumerate(batch) if w.session.version != 0 and w.gen == w.session.gen]
+        if self.commit is not None and stored:
+            backs = []
+            for i in stored:
+                work, result = batch[i], results[i]
+                n = len(work.idx) if isinstance(work, PredictWork) else work.length
+                backs.append(WriteBack(work.session, result.state, result.probs, result.start_offset + n, n))
+            self._busy = True  # lone requests queue meanwhile: their session may be in this batch
+            try:
+                outcomes: Sequence[int | ServiceError] = await self.commit(backs)
+            except ServiceError as exc:
+                outcomes = [exc] * len(stored)
+            finally:
+                self._busy = False
+            for i, outcome in zip(stored, outcomes, strict=True):
+                versions[i] = outcome
+        for work, result, version in zip(batch, results, versions, strict=True):
+            self._apply(work, result, version)
 
     @staticmethod
-    def _apply(work: Work, result: ChunkResult | GenerateResult) -> None:
+    def _apply(work: Work, result: ChunkResult | GenerateResult, version: int | ServiceError | None) -> None:
+        """version: the shared store's new version of the session, its refusal, or None (not stored)."""
         session = work.session
-        if work.gen != session.gen:
+        if work.gen != session.gen or isinstance(version, ServiceError):
             if not work.future.done():
                 work.future.set_exception(
-                    Aborted(f"session {session.id!r} was reset or closed during the request")
+                    version
+                    if isinstance(version, ServiceError)
+                    else Aborted(f"session {session.id!r} was reset or closed during the request")
                 )
             return
+        # absolute, not +=: a shared store's copy adopted meanwhile must not be advanced twice
         session.state, session.probs = result.state, result.probs
-        session.offset += len(work.idx) if isinstance(work, PredictWork) else work.length
+        session.offset = result.start_offset + (
+            len(work.idx) if isinstance(work, PredictWork) else work.length
+        )
+        if version is not None:
+            session.version = version
         if work.future.done():
             return
         if isinstance(work, PredictWork):

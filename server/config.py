@@ -63,6 +63,12 @@ class ServerConfig:
     metrics_port: int | None = None  # Prometheus over HTTP on host:metrics_port; None = off, 0 = any free
     log_format: str = "text"  # "json": one object per line, with the session id where there is one
     log_level: str = "info"
+    # sessions: "" keeps them in this process; redis://HOST:PORT/DB shares them between replicas
+    # (nextchar.server.redis_store, docs/deploy.md)
+    store: str = ""
+    # with a shared store: write a session's state every N characters (its version moves every
+    # message). 1 = after every message: a replica's crash loses nothing that was answered
+    store_write_every: int = 1
 
     def __post_init__(self) -> None:
         checks = {
@@ -78,6 +84,8 @@ class ServerConfig:
             "grace": self.grace >= 0,
             "sweep_interval": self.sweep_interval > 0,
             "batch_inline_chars": self.batch_inline_chars >= 0,
+            "store": self.store == "" or self.store.startswith(("redis://", "rediss://", "unix://")),
+            "store_write_every": self.store_write_every >= 1,
             "metrics_port": self.metrics_port is None or 0 <= self.metrics_port <= 65535,
             "log_format": self.log_format in ("text", "json"),
             "log_level": self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),

@@ -28,7 +28,7 @@ from nextchar.server.config import ServerConfig
 from nextchar.server.errors import FailedPrecondition, InvalidArgument, ServiceError
 from nextchar.server.jobs import JobManager
 from nextchar.server.registry import DEFAULT_NAME, ModelVersion, Registry
-from nextchar.server.sessions import Session, Sessions
+from nextchar.server.sessions import Session, Sessions, StaleSession
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -37,6 +37,7 @@ SNAPSHOT_FORMAT = 1
 MAX_OFFSET = 2**63 - 1  # an imported offset leaves room for ~9e18 more characters
 DEFAULT_TOP_K = 3
 GENERATE_PIECE = 64  # characters per Generate response
+STALE_RETRIES = 3  # re-runs of a chunk whose session another replica advanced meanwhile
 log = logging.getLogger("nextchar.server")
 
 
@@ -121,12 +122,21 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         self._check_text(text)
         k = self._top_k(top_k, session.model)
         if expect_offset is not None and expect_offset != session.offset:
-            raise FailedPrecondition(
-                f"expect_offset: session {session.id!r} is at offset {session.offset}, not {expect_offset}; "
-                "resume from the session's offset"
-            )
+            await self.sessions.store.refresh(session)  # a replica's copy may be behind the shared store
         idx, has_unknown = session.model.encode(text)
-        result = await self.batcher.predict(session, idx, k, full)
+        for attempt in range(STALE_RETRIES + 1):
+            if expect_offset is not None and expect_offset != session.offset:
+                raise FailedPrecondition(
+                    f"expect_offset: session {session.id!r} is at offset {session.offset}, not {expect_offset}; "
+                    "resume from the session's offset"
+                )
+            try:
+                result = await self.batcher.predict(session, idx, k, full)
+                break
+            except StaleSession:  # another replica advanced it: never answer from the old state
+                if attempt == STALE_RETRIES:
+                    raise
+                await self.sessions.store.refresh(session)
         unknown = session.model.require().vocab.unknown(text) if has_unknown else ""
         predictions = messages.predictions(result, idx, unknown)
         self.on_message(time.perf_counter() - start)
@@ -144,7 +154,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         session = Session.fresh(session_id, self._model(ref))
         if prime_text:
             await self._prime(session, prime_text)
-        return self.sessions.add(session)
+        return await self.sessions.add(session)
 
     # ------------------------------------------------------------ sessions
 
@@ -157,7 +167,8 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
 
     @unary
     async def GetSession(self, request: pb.GetSessionRequest, context: Ctx) -> pb.GetSessionResponse:
-        return pb.GetSessionResponse(session=self._info(self.sessions.get(request.session_id)))
+        session = await self.sessions.get(request.session_id, fresh=True)
+        return pb.GetSessionResponse(session=self._info(session))
 
     @unary
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Ctx) -> pb.ListSessionsResponse:
@@ -166,8 +177,8 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             start = int(request.page_token or 0)
         except ValueError:
             raise InvalidArgument("page_token: not a token from ListSessions") from None
-        page = self.sessions.store.page(start, size)
-        total = len(self.sessions.store)
+        page = await self.sessions.store.page(start, size)
+        total = await self.sessions.store.count()
         token = str(start + size) if start + size < total else ""
         infos = [self._info(s) for s in page]
         if self.config.token:  # ids are keys: token holders see the load, not others' sessions (docs/api.md)
@@ -177,23 +188,22 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
 
     @unary
     async def ResetSession(self, request: pb.ResetSessionRequest, context: Ctx) -> pb.ResetSessionResponse:
-        session = self.sessions.get(request.session_id)
-        session.reset()
+        session = await self.sessions.reset(request.session_id)
         return pb.ResetSessionResponse(session=self._info(session))
 
     @unary
     async def ForkSession(self, request: pb.ForkSessionRequest, context: Ctx) -> pb.ForkSessionResponse:
-        source = self.sessions.get(request.source_session_id)
+        source = await self.sessions.get(request.source_session_id, fresh=True)
         twin = source.copy(self.sessions.admit(request.session_id))
-        return pb.ForkSessionResponse(session=self._info(self.sessions.add(twin)))
+        return pb.ForkSessionResponse(session=self._info(await self.sessions.add(twin)))
 
     @unary
     async def CloseSession(self, request: pb.CloseSessionRequest, context: Ctx) -> pb.CloseSessionResponse:
-        return pb.CloseSessionResponse(session=self._info(self.sessions.close(request.session_id)))
+        return pb.CloseSessionResponse(session=self._info(await self.sessions.close(request.session_id)))
 
     @unary
     async def ExportSession(self, request: pb.ExportSessionRequest, context: Ctx) -> pb.ExportSessionResponse:
-        session = self.sessions.get(request.session_id)
+        session = await self.sessions.get(request.session_id, fresh=True)
         snapshot = pb.SessionSnapshot(
             format_version=SNAPSHOT_FORMAT,
             model=messages.model_ref(session.model),
@@ -242,14 +252,14 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             raise InvalidArgument(f"blob: offset {snapshot.offset} is above {MAX_OFFSET}")
         session = Session(self.sessions.admit(request.session_id), mv, state, probs)
         session.offset = snapshot.offset
-        return pb.ImportSessionResponse(session=self._info(self.sessions.add(session)))
+        return pb.ImportSessionResponse(session=self._info(await self.sessions.add(session)))
 
     # ------------------------------------------------------------ predictions
 
     @unary
     async def Predict(self, request: pb.PredictRequest, context: Ctx) -> pb.PredictResponse:
         if request.session_id:
-            session = self.sessions.get(request.session_id)
+            session = await self.sessions.get(request.session_id)
         else:
             session = Session.fresh("", self._model(request.model))
         expect = request.expect_offset if request.HasField("expect_offset") else None
@@ -269,7 +279,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         async for request in request_iterator:
             if session is None:
                 if request.session_id:
-                    session = self.sessions.get(request.session_id)
+                    session = await self.sessions.get(request.session_id)
                 else:
                     self._check_text(request.text)  # a bad first chunk must not leave a session behind
                     session = await self._new_session("", request.model)
@@ -279,7 +289,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
                     raise InvalidArgument(
                         f"session_id: this stream is attached to {session.id!r}, not {request.session_id!r}"
                     )
-                session = self.sessions.get(session.id)  # still alive? (closed, expired) and touch it
+                session = await self.sessions.get(session.id)  # still alive? (closed, expired) and touch it
                 first = False
             expect = request.expect_offset if request.HasField("expect_offset") else None
             preds = await self._predict(
@@ -307,7 +317,9 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         if request.prime_text and len(request.prime_text) > self.config.max_generate_chars:
             raise InvalidArgument(f"prime_text: longer than {self.config.max_generate_chars} characters")
         if request.session_id:
-            source = self.sessions.get(request.session_id)
+            # fresh: a generation cannot be re-run after a lost race (its random draws are spent),
+            # so start from the shared copy; a race lost anyway answers ABORTED (StaleSession)
+            source = await self.sessions.get(request.session_id, fresh=True)
             session = source.copy("") if request.fork else source
         else:
             session = Session.fresh("", self._model(request.model))
@@ -417,5 +429,5 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         if not request.model.name:
             raise InvalidArgument("model.name: give the model to delete")
         mv = await asyncio.to_thread(self.registry.delete, request.model.name, request.model.version)
-        self.sessions.evict_model(mv)
+        await self.sessions.evict_model(mv)
         return pb.DeleteModelResponse(model=messages.model_ref(mv))

@@ -5,9 +5,12 @@ session costs its state plus about 1 KB, so 100,000 fit in well under 1 GB.
 Only the batcher advances a session's state; everything here runs on the event
 loop thread, so no locks are needed.
 
-SessionStore is the seam for other backends (Redis, issue 5): get / add / remove /
-page / sweep. Removed ids leave a bounded tombstone, so a late client is told WHY
-its session is gone (idle, lifetime, closed, evicted) instead of just "not found".
+SessionStore is the seam for other backends: InMemorySessionStore here, and
+RedisSessionStore (nextchar.server.redis_store), shared by several replicas. Its
+methods are coroutines because a shared store answers over the network; the
+in-memory store's never suspend. Removed ids leave a tombstone, so a late client
+is told WHY its session is gone (idle, lifetime, closed, evicted) instead of just
+"not found".
 """
 
 from __future__ import annotations
@@ -16,11 +19,20 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from nextchar.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from nextchar.server.errors import (
+    Aborted,
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from nextchar.server.logs import bind_session
 from nextchar.server.registry import ModelVersion
 
@@ -31,7 +43,7 @@ TOMBSTONES = 100_000  # remembered reasons for gone sessions; the oldest are for
 class Session:
     """One hidden state pinned to one model version, and its position in the client's text."""
 
-    __slots__ = ("created", "gen", "id", "last_used", "model", "offset", "probs", "state")
+    __slots__ = ("created", "dirty", "gen", "id", "last_used", "model", "offset", "probs", "state", "version")
 
     def __init__(self, session_id: str, model: ModelVersion, state: np.ndarray, probs: np.ndarray) -> None:
         self.id = session_id
@@ -41,6 +53,9 @@ class Session:
         self.offset = 0  # characters consumed
         self.created = self.last_used = time.time()
         self.gen = 0  # bumped on reset/close: batch results for an older gen are dropped
+        # a shared store's version of (state, probs, offset): 0 = not stored (yet), -1 = unknown
+        self.version = 0
+        self.dirty = 0  # characters consumed since the state was last written to a shared store
 
     @classmethod
     def fresh(cls, session_id: str, model: ModelVersion) -> Session:
@@ -61,6 +76,42 @@ class Session:
         self.gen += 1
 
 
+class StaleSession(Aborted):
+    """A shared store refused a write-back: another replica advanced the session since this
+    replica read it. The caller reloads and re-runs the chunk, or answers ABORTED."""
+
+
+def idle_reason(idle_timeout: float) -> str:
+    return f"idle for more than {idle_timeout:g} s"
+
+
+def lifetime_reason(lifetime: float) -> str:
+    return f"lifetime of {lifetime:g} s ended"
+
+
+def gone(session_id: str, reason: str | None) -> NotFound:
+    """The NotFound a client gets for a session id: with the reason when one is remembered."""
+    if reason is None:
+        return NotFound(f"session {session_id!r}: no such session")
+    return NotFound(f"session {session_id!r}: expired or gone ({reason})")
+
+
+@dataclass(slots=True)
+class WriteBack:
+    """A session's advance, for a shared store to write before the reply leaves the server."""
+
+    session: Session  # still holding the state the chunk was computed from
+    state: np.ndarray  # (S,) after the chunk
+    probs: np.ndarray  # (V,)
+    offset: int  # after the chunk
+    chars: int  # the chunk's length
+
+
+# A shared store's commit: one new version (or the error: StaleSession, NotFound, Unavailable)
+# per write-back, in one round trip for the whole batch.
+Commit = Callable[[Sequence[WriteBack]], Awaitable[list[int | ServiceError]]]
+
+
 def new_id(requested: str = "") -> str:
     if not requested:
         # 128 random bits from the OS: a server-assigned id is the session's only key (docs/api.md)
@@ -70,17 +121,30 @@ def new_id(requested: str = "") -> str:
     return requested
 
 
-class SessionStore(Protocol):
-    """Where sessions live. Implementations enforce expiry; the caller enforces the cap."""
+def check_new(session_id: str, exists: bool, count: int, cap: int) -> None:
+    """The two reasons a store refuses a new session: its id is taken, or the cap is reached."""
+    if exists:
+        raise AlreadyExists(f"session_id: {session_id!r} is already in use")
+    if count >= cap:
+        raise ResourceExhausted(f"session cap of {cap} reached; close idle sessions or retry later")
 
-    def get(self, session_id: str) -> Session: ...  # raises NotFound naming the reason
-    def contains(self, session_id: str) -> bool: ...
-    def add(self, session: Session) -> None: ...  # raises AlreadyExists
-    def remove(self, session_id: str, reason: str) -> Session: ...
-    def page(self, start: int, size: int) -> list[Session]: ...
-    def sweep(self, now: float) -> int: ...  # remove expired sessions; returns how many
-    def __len__(self) -> int: ...
-    def __iter__(self) -> Iterator[Session]: ...
+
+class SessionStore(Protocol):
+    """Where sessions live. Implementations enforce expiry, and the cap in ``add`` (atomically,
+    when several replicas share the store)."""
+
+    # raises NotFound naming the reason; fresh: re-read a shared copy another replica may have advanced
+    async def get(self, session_id: str, *, fresh: bool = False) -> Session: ...
+    async def add(self, session: Session, cap: int) -> None: ...  # AlreadyExists, ResourceExhausted
+    async def remove(self, session_id: str, reason: str) -> Session: ...
+    async def reset(self, session: Session) -> None: ...  # back to offset 0, written through
+    async def refresh(self, session: Session) -> None: ...  # adopt the shared copy if it moved on
+    async def page(self, start: int, size: int) -> list[Session]: ...
+    async def count(self) -> int: ...  # sessions in the store (all replicas')
+    async def of_model(self, model: ModelVersion) -> list[str]: ...  # ids of the sessions on model
+    async def sweep(self, now: float) -> int: ...  # remove expired sessions; returns how many
+    def contains(self, session_id: str) -> bool: ...  # held in this process's memory
+    def __len__(self) -> int: ...  # sessions held in this process's memory
 
 
 class InMemorySessionStore:
@@ -97,34 +161,45 @@ class InMemorySessionStore:
 
     def _expiry_reason(self, session: Session, now: float) -> str | None:
         if now - session.last_used > self.idle_timeout:
-            return f"idle for more than {self.idle_timeout:g} s"
+            return idle_reason(self.idle_timeout)
         if self.lifetime and now - session.created > self.lifetime:
-            return f"lifetime of {self.lifetime:g} s ended"
+            return lifetime_reason(self.lifetime)
         return None
 
-    def get(self, session_id: str) -> Session:
+    async def get(self, session_id: str, *, fresh: bool = False) -> Session:
         session = self._sessions.get(session_id)
         if session is None:
-            reason = self._gone.get(session_id)
-            if reason is None:
-                raise NotFound(f"session {session_id!r}: no such session")
-            raise NotFound(f"session {session_id!r}: expired or gone ({reason})")
+            raise gone(session_id, self._gone.get(session_id))
         reason = self._expiry_reason(session, time.time())
         if reason is not None:
-            self.remove(session_id, reason)
-            raise NotFound(f"session {session_id!r}: expired or gone ({reason})")
+            self._remove(session_id, reason)
+            raise gone(session_id, reason)
         return session
 
     def contains(self, session_id: str) -> bool:
         return session_id in self._sessions
 
-    def add(self, session: Session) -> None:
-        if session.id in self._sessions:
-            raise AlreadyExists(f"session_id: {session.id!r} is already in use")
+    async def add(self, session: Session, cap: int) -> None:
+        check_new(session.id, self.contains(session.id), len(self._sessions), cap)
         self._gone.pop(session.id, None)
         self._sessions[session.id] = session
 
-    def remove(self, session_id: str, reason: str) -> Session:
+    async def remove(self, session_id: str, reason: str) -> Session:
+        return self._remove(session_id, reason)
+
+    async def reset(self, session: Session) -> None:
+        session.reset()
+
+    async def refresh(self, session: Session) -> None:
+        """Nothing to do: this process holds the only copy."""
+
+    async def count(self) -> int:
+        return len(self._sessions)
+
+    async def of_model(self, model: ModelVersion) -> list[str]:
+        return [s.id for s in self._sessions.values() if s.model is model]
+
+    def _remove(self, session_id: str, reason: str) -> Session:
         session = self._sessions.pop(session_id)
         session.gen += 1
         self._gone[session_id] = reason
@@ -134,7 +209,7 @@ class InMemorySessionStore:
             self.on_remove(session_id, reason)
         return session
 
-    def page(self, start: int, size: int) -> list[Session]:
+    async def page(self, start: int, size: int) -> list[Session]:
         out: list[Session] = []
         for i, session in enumerate(self._sessions.values()):
             if i >= start + size:
@@ -143,10 +218,10 @@ class InMemorySessionStore:
                 out.append(session)
         return out
 
-    def sweep(self, now: float) -> int:
+    async def sweep(self, now: float) -> int:
         expired = [(s.id, r) for s in self._sessions.values() if (r := self._expiry_reason(s, now))]
         for session_id, reason in expired:
-            self.remove(session_id, reason)
+            self._remove(session_id, reason)
         return len(expired)
 
     def __len__(self) -> int:
@@ -165,39 +240,40 @@ class Sessions:
         self.draining = False
 
     def admit(self, requested_id: str) -> str:
-        """Check a NEW session may be created; returns its id. Live sessions are never touched."""
+        """Check a NEW session may be created (draining, id); returns its id. The store checks
+        the id is free and the cap when the session is added, atomically."""
         if self.draining:
             raise Unavailable("server is draining: no new sessions; reconnect to another server")
-        session_id = new_id(requested_id)
-        if self.store.contains(session_id):
-            raise AlreadyExists(f"session_id: {session_id!r} is already in use")
-        if len(self.store) >= self.max_sessions:
-            raise ResourceExhausted(
-                f"session cap of {self.max_sessions} reached; close idle sessions or retry later"
-            )
-        return session_id
+        return new_id(requested_id)
 
-    def add(self, session: Session) -> Session:
-        self.admit(session.id)  # re-check: the cap or the id may have changed while priming
-        self.store.add(session)
+    async def add(self, session: Session) -> Session:
+        self.admit(session.id)  # re-check: the server may have started draining while priming
+        await self.store.add(session, self.max_sessions)
         bind_session(session.id)
         return session
 
-    def get(self, session_id: str) -> Session:
+    async def get(self, session_id: str, *, fresh: bool = False) -> Session:
+        """The session, touched. fresh: re-read a shared store's copy (RPCs that report or copy
+        a session must not answer from a replica's stale memory)."""
         if not session_id:
             raise InvalidArgument("session_id: required")
         bind_session(session_id)  # this call's log records name the session
-        session = self.store.get(session_id)
+        session = await self.store.get(session_id, fresh=fresh)
         session.last_used = time.time()
         return session
 
-    def close(self, session_id: str) -> Session:
-        session = self.get(session_id)
-        return self.store.remove(session.id, "closed by the client")
+    async def close(self, session_id: str) -> Session:
+        session = await self.get(session_id)
+        return await self.store.remove(session.id, "closed by the client")
 
-    def evict_model(self, model: ModelVersion) -> int:
+    async def reset(self, session_id: str) -> Session:
+        session = await self.get(session_id, fresh=True)
+        await self.store.reset(session)
+        return session
+
+    async def evict_model(self, model: ModelVersion) -> int:
         """Remove the sessions of a deleted model version."""
-        doomed = [s.id for s in self.store if s.model is model]
+        doomed = await self.store.of_model(model)
         for session_id in doomed:
-            self.store.remove(session_id, f"evicted: model {model.name} v{model.version} was deleted")
+            await self.store.remove(session_id, f"evicted: model {model.name} v{model.version} was deleted")
         return len(doomed)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis_harness import RedisServer
 from server_harness import DroppingProxy, ServerThread, start_server
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -41,3 +42,14 @@ def proxy(server_address: str) -> Iterator[DroppingProxy]:
     relay = DroppingProxy(server_address)
     yield relay
     relay.close()
+
+
+# ---------------------------------------------------------------- a real redis-server (shared session store)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the shared-store tests; each test's sessions have their own random ids."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()

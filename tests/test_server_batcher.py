@@ -82,15 +82,21 @@ def test_idle_session_costs_at_most_4_kb_beyond_its_state() -> None:
     assert model is not None
     sessions = Sessions(InMemorySessionStore(idle_timeout=600), max_sessions=100_000)
     n = 5000
+
+    async def add_all() -> None:
+        for _ in range(n):
+            session = Session.fresh(sessions.admit(""), mv)
+            session.state = session.state.copy()
+            session.probs = model.initial_state(1)[0][: VOCAB.size].copy()
+            session.offset = 123
+            await sessions.add(session)
+
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
-    for _ in range(n):
-        session = Session.fresh(sessions.admit(""), mv)
-        session.state, session.probs = session.state.copy(), model.initial_state(1)[0][: VOCAB.size].copy()
-        session.offset = 123
-        sessions.add(session)
+    asyncio.run(add_all())
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
+    assert len(sessions.store) == n
     grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     per_session = grown / n - model.state_size * model.dtype.itemsize
     print(f"{per_session:.0f} bytes per idle session beyond its state")

@@ -1,0 +1,490 @@
+"""RedisSessionStore: sessions in one Redis, shared by several replicas, so any replica serves any session.
+
+``nextchar serve --store redis://HOST:PORT/DB`` on every replica (docs/deploy.md).
+Layout, all keys under ``nextchar:``::
+
+    s:{id}     hash    v (version), model, mv, ck (model checksum), dtype, off, created, used (ms),
+                       state, probs (raw little-endian), by (the replica that last advanced it);
+                       PEXPIRE = idle timeout, capped by what is left of the lifetime, renewed on use
+    created    zset    id -> created ms: ListSessions pages, the cap (ZCARD)
+    deadline   zset    id -> expiry ms: the sweeper finds expired ids here and tells idle from lifetime
+    gone:{id}  string  why a session ended (idle, lifetime, closed, evicted), for an hour
+    clock      counter every version is drawn from it, so a re-created id never reuses one
+
+Ordering: a replica keeps its hot sessions in memory and computes from them, but
+a reply leaves only after the COMMIT script (EVALSHA) accepted the write-back: it
+compares the hash's version with the one the replica computed from, and bumps it.
+A mismatch means another replica advanced the session: this replica reloads and
+re-runs the chunk (StaleSession), so two replicas never both advance one session
+and no prediction is computed from an outdated state. One batch's write-backs are
+one pipelined round trip. The version is bumped on every message; the state
+itself is written when ``write_every`` characters have accumulated (1 = every
+message; docs/deploy.md says what a crash loses in each mode).
+
+Redis unreachable: every call fails fast (2 s timeouts, no retries: a retried
+write could land twice) with UNAVAILABLE naming the store; the connection pool
+reconnects on the next call, so nothing needs a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import numpy as np
+import redis.asyncio as aioredis
+from nextchar.server.errors import FailedPrecondition, ServiceError, Unavailable
+from nextchar.server.registry import ModelVersion, Registry
+from nextchar.server.sessions import (
+    Session,
+    StaleSession,
+    WriteBack,
+    check_new,
+    gone,
+    idle_reason,
+    lifetime_reason,
+)
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+from redis.retry import Retry
+
+PREFIX = "nextchar:"
+CREATED, DEADLINE, CLOCK = PREFIX + "created", PREFIX + "deadline", PREFIX + "clock"
+TOMBSTONE_MS = 3_600_000  # how long the reason a session ended is remembered
+TIMEOUT = 2.0  # seconds a Redis call may take before the client is told UNAVAILABLE
+SCAN = 1000  # ids per round trip when listing, sweeping or evicting
+RESET_RETRIES = 5
+
+_TOUCH = """
+local function touch(key, id, created, now, idle, life)
+  local t = idle
+  if life > 0 then t = math.min(t, created + life - now) end
+  t = math.max(t, 1)
+  redis.call('PEXPIRE', key, t)
+  redis.call('ZADD', KEYS[2], now + t, id)
+end
+"""
+
+# KEYS: s:{id}, deadline, created, gone:{id}, clock; ARGV: id, cap, idle, life, now, field, value, ...
+CREATE = (
+    _TOUCH
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[2]) then return -2 end
+local v = redis.call('INCR', KEYS[5])
+local now = tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], 'v', v, 'created', now, 'used', now, unpack(ARGV, 6))
+touch(KEYS[1], ARGV[1], now, now, tonumber(ARGV[3]), tonumber(ARGV[4]))
+redis.call('ZADD', KEYS[3], now, ARGV[1])
+redis.call('DEL', KEYS[4])
+return v
+"""
+)
+
+# KEYS: s:{id}, deadline, clock; ARGV: id, expected version, idle, life, now, field, value, ...
+# Returns the new version, 0 when another replica advanced the session, -1 when it is gone.
+COMMIT = (
+    _TOUCH
+    + """
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v then return -1 end
+if v ~= ARGV[2] then return 0 end
+v = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'v', v, 'used', ARGV[5], unpack(ARGV, 6))
+local created = tonumber(redis.call('HGET', KEYS[1], 'created'))
+touch(KEYS[1], ARGV[1], created, tonumber(ARGV[5]), tonumber(ARGV[3]), tonumber(ARGV[4]))
+return v
+"""
+)
+
+# KEYS: s:{id}, deadline; ARGV: id, idle, life, now. The hash (empty when gone), its TTL renewed.
+LOAD = (
+    _TOUCH
+    + """
+local h = redis.call('HGETALL', KEYS[1])
+if #h == 0 then return h end
+redis.call('HSET', KEYS[1], 'used', ARGV[4])
+local created = tonumber(redis.call('HGET', KEYS[1], 'created'))
+touch(KEYS[1], ARGV[1], created, tonumber(ARGV[4]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+return h
+"""
+)
+
+# KEYS: s:{id}, deadline, created, gone:{id}; ARGV: id, reason, tombstone ms, force.
+# A session already gone is left to the caller, unless force (Redis expired it: record why).
+REMOVE = """
+local n = redis.call('DEL', KEYS[1])
+if n == 0 and ARGV[4] ~= '1' then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
+return n
+"""
+
+
+class Script:
+    """A Lua script run by EVALSHA, loaded again when Redis lost its script cache (a restart)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+CREATE_S, COMMIT_S, LOAD_S, REMOVE_S = Script(CREATE), Script(COMMIT), Script(LOAD), Script(REMOVE)
+
+
+def display_url(url: str) -> str:
+    """The store's URL without credentials, for error messages and logs."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def key(session_id: str) -> str:
+    return f"{PREFIX}s:{session_id}"
+
+
+def tombstone(session_id: str) -> str:
+    return f"{PREFIX}gone:{session_id}"
+
+
+def to_bytes(a: np.ndarray) -> bytes:
+    return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+class RedisSessionStore:
+    """The SessionStore protocol on Redis, with this replica's hot sessions kept in memory."""
+
+    def __init__(
+        self,
+        url: str,
+        registry: Registry,
+        idle_timeout: float,
+        lifetime: float = 0.0,
+        write_every: int = 1,
+        on_remove: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.url = display_url(url)
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, retry=Retry(NoBackoff(), 0)
+        )
+        self.registry = registry
+        self.idle_timeout, self.lifetime = idle_timeout, lifetime
+        self.idle_ms, self.life_ms = int(idle_timeout * 1000), int(lifetime * 1000)
+        self.write_every = write_every  # characters between state writes; the version moves every message
+        self.on_remove = on_remove
+        self.replica = ""  # host:port, recorded in "by" with each write (which replica advanced a session)
+        self._hot: dict[str, Session] = {}
+        self.conflicts = 0  # write-backs refused because another replica had advanced the session
+
+    # ------------------------------------------------------------ Redis calls
+
+    @contextlib.asynccontextmanager
+    async def _reaching(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except RedisError as exc:
+            raise Unavailable(f"session store {self.url} unavailable: {exc}; retry shortly") from None
+
+    async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        async with self._reaching():
+            try:
+                return await cast(Any, self.redis.evalsha(script.sha, len(keys), *keys, *args))
+            except NoScriptError:  # Redis restarted and lost its script cache
+                await cast(Any, self.redis.script_load(script.source))
+                return await cast(Any, self.redis.evalsha(script.sha, len(keys), *keys, *args))
+
+    async def _load_script(self, script: Script) -> None:
+        async with self._reaching():
+            await cast(Any, self.redis.script_load(script.source))
+
+    async def _pipeline(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+        """One round trip for many commands; errors come back in place, not raised."""
+        async with self._reaching():
+            pipe = self.redis.pipeline(transaction=False)
+            for command, args in calls:
+                pipe.execute_command(command, *args)
+            return await pipe.execute(raise_on_error=False)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await cast(Any, self.redis.ping()))
+        except RedisError:
+            return False
+
+    async def close(self) -> None:
+        with contextlib.suppress(ServiceError):
+            await self.flush()
+        await self.redis.aclose()
+
+    # ------------------------------------------------------------ sessions from and to hashes
+
+    def _fields(self, state: np.ndarray, probs: np.ndarray, offset: int) -> list[Any]:
+        return ["off", offset, "state", to_bytes(state), "probs", to_bytes(probs), "by", self.replica]
+
+    def _decode(self, session_id: str, h: dict[bytes, bytes]) -> tuple[ModelVersion, np.ndarray, np.ndarray]:
+        mv = self.registry.resolve(h[b"model"].decode(), int(h[b"mv"]))
+        checksum = h.get(b"ck", b"").decode()
+        if checksum and mv.checksum and checksum != mv.checksum:
+            raise FailedPrecondition(
+                f"session {session_id!r}: model {mv.name} v{mv.version} on this replica differs from the one "
+                "the session was created with; give every replica the same model files"
+            )
+        net = mv.require()
+        wire = net.dtype.newbyteorder("<")
+        state = np.frombuffer(h[b"state"], dtype=wire)
+        probs = np.frombuffer(h[b"probs"], dtype=wire)
+        if state.shape != (net.state_size,) or probs.shape != (net.vocab.size,):
+            raise FailedPrecondition(f"session {session_id!r}: the stored state does not fit its model")
+        return mv, state.astype(net.dtype), probs.astype(net.dtype)
+
+    def _adopt(self, session: Session, h: dict[bytes, bytes]) -> None:
+        """Take the stored copy: state, probs, offset and version change together, never apart."""
+        mv, state, probs = self._decode(session.id, h)
+        if mv is not session.model:  # the id was closed and re-created on another model
+            session.model, session.gen = mv, session.gen + 1
+        session.state, session.probs = state, probs
+        self._position(session, h)
+
+    @staticmethod
+    def _position(session: Session, h: dict[bytes, bytes]) -> None:
+        session.offset, session.version, session.dirty = int(h[b"off"]), int(h[b"v"]), 0
+        session.created = int(h[b"created"]) / 1000
+
+    def _session(self, session_id: str, h: dict[bytes, bytes]) -> Session:
+        session = Session(session_id, *self._decode(session_id, h))
+        self._position(session, h)
+        return session
+
+    async def _load(self, session_id: str) -> dict[bytes, bytes] | None:
+        flat = await self._eval(
+            LOAD_S, [key(session_id), DEADLINE], [session_id, self.idle_ms, self.life_ms, now_ms()]
+        )
+        return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
+
+    def _expiry_reason(self, created: float, deadline: float | None) -> str:
+        """Redis expired the hash: its last TTL ran to the end of the lifetime, or it idled out."""
+        if self.life_ms and deadline is not None and deadline >= created + self.life_ms:
+            return lifetime_reason(self.lifetime)
+        return idle_reason(self.idle_timeout)
+
+    async def _gone(self, session_id: str) -> ServiceError:
+        """Why session_id is not in Redis: a tombstone, else an expiry nobody has recorded yet."""
+        self._hot.pop(session_id, None)
+        reason, created, deadline = await self._pipeline(
+            [
+                ("GET", [tombstone(session_id)]),
+                ("ZSCORE", [CREATED, session_id]),
+                ("ZSCORE", [DEADLINE, session_id]),
+            ]
+        )
+        if reason is not None:
+            return gone(session_id, reason.decode())
+        if created is None:
+            return gone(session_id, None)
+        why = self._expiry_reason(float(created), None if deadline is None else float(deadline))
+        await self._remove(session_id, why, force=True)
+        return gone(session_id, why)
+
+    async def _remove(self, session_id: str, reason: str, *, force: bool = False) -> bool:
+        n = await self._eval(
+            REMOVE_S,
+            [key(session_id), DEADLINE, CREATED, tombstone(session_id)],
+            [session_id, reason, TOMBSTONE_MS, "1" if force else "0"],
+        )
+        if (n or force) and self.on_remove is not None:
+            self.on_remove(session_id, reason)
+        return bool(n)
+
+    # ------------------------------------------------------------ the SessionStore protocol
+
+    async def get(self, session_id: str, *, fresh: bool = False) -> Session:
+        session = self._hot.get(session_id)
+        if session is not None and not fresh:
+            now = time.time()
+            if self.lifetime and now - session.created > self.lifetime:
+                await self.remove(session_id, lifetime_reason(self.lifetime))
+                raise gone(session_id, lifetime_reason(self.lifetime))
+            if now - session.last_used <= self.idle_timeout:
+                return session  # the write-back after the chunk checks it is still current
+        if session is None:
+            h = await self._load(session_id)
+            if h is None:
+                raise await self._gone(session_id)
+            session = self._hot[session_id] = self._session(session_id, h)
+        else:
+            await self.refresh(session)
+        return session
+
+    async def add(self, session: Session, cap: int) -> None:
+        net = session.model.require()
+        fields = [
+            *("model", session.model.name, "mv", session.model.version, "ck", session.model.checksum),
+            *("dtype", str(net.dtype)),
+            *self._fields(session.state, session.probs, session.offset),
+        ]
+        now = now_ms()
+        v = await self._eval(
+            CREATE_S,
+            [key(session.id), DEADLINE, CREATED, tombstone(session.id), CLOCK],
+            [session.id, cap, self.idle_ms, self.life_ms, now, *fields],
+        )
+        if v <= 0:
+            check_new(session.id, v == 0, cap, cap)
+        session.version, session.dirty = int(v), 0
+        session.created = session.last_used = now / 1000
+        self._hot[session.id] = session
+
+    async def remove(self, session_id: str, reason: str) -> Session:
+        session = self._hot.get(session_id) or await self.get(session_id, fresh=True)
+        self._hot.pop(session_id, None)
+        session.gen += 1  # results still computing for it are dropped
+        if not await self._remove(session_id, reason):
+            raise await self._gone(session_id)
+        return session
+
+    async def reset(self, session: Session) -> None:
+        for _ in range(RESET_RETRIES):
+            fresh = Session.fresh(session.id, session.model)
+            back = WriteBack(session, fresh.state, fresh.probs, 0, 0)
+            (outcome,) = await self.commit([back], full=True)
+            if isinstance(outcome, StaleSession):
+                await self.refresh(session)
+                continue
+            if isinstance(outcome, ServiceError):
+                raise outcome
+            session.reset()
+            session.version = outcome
+            return
+        raise StaleSession(f"session {session.id!r}: other replicas kept advancing it; retry the reset")
+
+    async def refresh(self, session: Session) -> None:
+        """Adopt the stored copy into session if another replica moved it on."""
+        if session.version == 0:  # not stored: a stateless Predict, a session still priming
+            return
+        h = await self._load(session.id)
+        if h is None:
+            raise await self._gone(session.id)
+        if int(h[b"v"]) != session.version:  # equal: this copy is current, maybe ahead (dirty)
+            self._adopt(session, h)
+
+    async def page(self, start: int, size: int) -> list[Session]:
+        async with self._reaching():
+            ids = [i.decode() for i in await cast(Any, self.redis.zrange(CREATED, start, start + size - 1))]
+        hashes = await self._pipeline([("HGETALL", [key(i)]) for i in ids])
+        out = []
+        for session_id, flat in zip(ids, hashes, strict=True):
+            if isinstance(flat, Exception) or not flat:
+                continue  # expired since the index was read
+            h = dict(zip(flat[::2], flat[1::2], strict=True))
+            with contextlib.suppress(ServiceError):  # a model this replica lacks: list the rest
+                session = self._session(session_id, h)
+                session.last_used = int(h[b"used"]) / 1000
+                out.append(session)
+        return out
+
+    async def count(self) -> int:
+        async with self._reaching():
+            return int(await cast(Any, self.redis.zcard(CREATED)))
+
+    async def of_model(self, model: ModelVersion) -> list[str]:
+        out: list[str] = []
+        start = 0
+        while True:
+            async with self._reaching():
+                ids = [
+                    i.decode() for i in await cast(Any, self.redis.zrange(CREATED, start, start + SCAN - 1))
+                ]
+            refs = await self._pipeline([("HMGET", [key(i), "model", "mv"]) for i in ids])
+            want = [model.name.encode(), str(model.version).encode()]
+            out += [i for i, ref in zip(ids, refs, strict=True) if ref == want]
+            if len(ids) < SCAN:
+                return out
+            start += SCAN
+
+    async def sweep(self, now: float) -> int:
+        """Forget hot copies idle here (their state is in Redis), and record why Redis expired sessions."""
+        idle = [s for s in self._hot.values() if now - s.last_used > self.idle_timeout]
+        await self.flush(idle)
+        for session in idle:
+            self._hot.pop(session.id, None)
+        async with self._reaching():
+            due = await cast(
+                Any,
+                self.redis.zrangebyscore(
+                    DEADLINE, "-inf", int(now * 1000), start=0, num=SCAN, withscores=True
+                ),
+            )
+        ids = [i.decode() for i, _ in due]
+        checks = await self._pipeline(
+            [c for i in ids for c in (("EXISTS", [key(i)]), ("ZSCORE", [CREATED, i]))]
+        )
+        swept = 0
+        for (session_id, deadline), exists, created in zip(due, checks[::2], checks[1::2], strict=True):
+            if exists == 0 and not isinstance(created, Exception):
+                created_ms = float(created) if created is not None else 0.0
+                await self._remove(session_id.decode(), self._expiry_reason(created_ms, deadline), force=True)
+                swept += 1
+        return swept
+
+    def contains(self, session_id: str) -> bool:
+        return session_id in self._hot
+
+    def __len__(self) -> int:
+        return len(self._hot)
+
+    # ------------------------------------------------------------ write-backs
+
+    async def commit(self, backs: Sequence[WriteBack], *, full: bool = False) -> list[int | ServiceError]:
+        """Write a batch back in one round trip: a new version per session, or why not.
+
+        The state goes along when write_every characters have accumulated (or full);
+        otherwise only the version moves, which is what orders the replicas.
+        """
+        now = now_ms()
+        writes = [full or b.session.dirty + b.chars >= self.write_every for b in backs]
+        calls = []
+        for b, write in zip(backs, writes, strict=True):
+            args = [b.session.id, b.session.version, self.idle_ms, self.life_ms, now, "by", self.replica]
+            if write:
+                args += self._fields(b.state, b.probs, b.offset)
+            calls.append(("EVALSHA", [COMMIT_S.sha, 3, key(b.session.id), DEADLINE, CLOCK, *args]))
+        try:
+            results = await self._pipeline(calls)
+            if any(isinstance(r, NoScriptError) for r in results):  # Redis restarted: nothing ran
+                await self._load_script(COMMIT_S)
+                results = await self._pipeline(calls)
+        except Unavailable:
+            for b in backs:
+                b.session.version = -1  # the write may have landed: re-read before the next chunk
+            raise
+        out: list[int | ServiceError] = []
+        for b, write, r in zip(backs, writes, results, strict=True):
+            if isinstance(r, Exception):
+                b.session.version = -1
+                out.append(Unavailable(f"session store {self.url}: {r}"))
+            elif r > 0:
+                b.session.dirty = 0 if write else b.session.dirty + b.chars
+                out.append(int(r))
+            elif r == 0:
+                self.conflicts += 1
+                out.append(StaleSession(f"session {b.session.id!r} was advanced by another replica"))
+            else:
+                out.append(await self._gone(b.session.id))
+        return out
+
+    async def flush(self, sessions: Sequence[Session] | None = None) -> None:
+        """Write the state of hot sessions that advanced since their last write (write_every > 1)."""
+        dirty = [s for s in (self._hot.values() if sessions is None else sessions) if s.dirty]
+        if dirty:
+            backs = [WriteBack(s, s.state, s.probs, s.offset, 0) for s in dirty]
+            for s, outcome in zip(dirty, await self.commit(backs, full=True), strict=True):
+                if isinstance(outcome, int):
+                    s.version = outcome
