@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import DroppingProxy
 from nextchar.client import NextCharClient, SessionNotFound
 from nextchar.client.channel import channel_target
 from nextchar.core.demo import NOTEBOOK_TEXT
+from server_harness import DroppingProxy
 
 TEXT = NOTEBOOK_TEXT * 4
 
