@@ -19,7 +19,6 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -60,9 +59,7 @@ def train_default_model(registry: Registry) -> None:
     )
 
 
-def make_store(
-    config: ServerConfig, registry: Registry, on_remove: Callable[[str, str], None]
-) -> SessionStore:
+def make_store(config: ServerConfig, registry: Registry, metrics: Metrics) -> SessionStore:
     """In this process's memory, or in the Redis that config.store names (shared by replicas)."""
     if config.store:
         return RedisSessionStore(
@@ -71,9 +68,10 @@ def make_store(
             config.idle_timeout,
             config.session_lifetime,
             config.store_write_every,
-            on_remove,
+            metrics.session_ended,
+            metrics.store_rtt.observe,
         )
-    return InMemorySessionStore(config.idle_timeout, config.session_lifetime, on_remove=on_remove)
+    return InMemorySessionStore(config.idle_timeout, config.session_lifetime, on_remove=metrics.session_ended)
 
 
 class NextCharServer:
@@ -84,7 +82,7 @@ class NextCharServer:
         self.metrics = Metrics()
         self.registry = Registry(config.model_dir)
         if store is None:  # (not `or`: an empty store has len 0)
-            store = make_store(config, self.registry, self.metrics.session_ended)
+            store = make_store(config, self.registry, self.metrics)
         self.shared = store if isinstance(store, RedisSessionStore) else None  # a store replicas share
         self.sessions = Sessions(store, config.max_sessions)
         self.batcher = Batcher(

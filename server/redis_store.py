@@ -170,6 +170,7 @@ class RedisSessionStore:
         lifetime: float = 0.0,
         write_every: int = 1,
         on_remove: Callable[[str, str], None] | None = None,
+        on_round_trip: Callable[[float], None] | None = None,
     ) -> None:
         self.url = display_url(url)
         self.redis = aioredis.Redis.from_url(
@@ -180,6 +181,7 @@ class RedisSessionStore:
         self.idle_ms, self.life_ms = int(idle_timeout * 1000), int(lifetime * 1000)
         self.write_every = write_every  # characters between state writes; the version moves every message
         self.on_remove = on_remove
+        self.on_round_trip = on_round_trip  # seconds of each Redis round trip (the store_rtt metric)
         self.replica = ""  # host:port, recorded in "by" with each write (which replica advanced a session)
         self._hot: dict[str, Session] = {}
         self.conflicts = 0  # write-backs refused because another replica had advanced the session
@@ -188,10 +190,15 @@ class RedisSessionStore:
 
     @contextlib.asynccontextmanager
     async def _reaching(self) -> AsyncIterator[None]:
+        """Every round trip goes through here: timed, and a Redis failure becomes UNAVAILABLE."""
+        start = time.perf_counter()
         try:
             yield
         except RedisError as exc:
             raise Unavailable(f"session store {self.url} unavailable: {exc}; retry shortly") from None
+        finally:
+            if self.on_round_trip is not None:
+                self.on_round_trip(time.perf_counter() - start)
 
     async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         async with self._reaching():

@@ -232,3 +232,13 @@ def test_redis_restarted_mid_load_is_unavailable_then_recovers(model_dir: Path, 
         stop.set()
         srv.close()
         store.stop()
+
+
+def test_store_round_trips_are_timed_in_the_metrics(pair: tuple[ServerThread, ServerThread]) -> None:
+    a, _ = pair
+    registry = a.server.metrics.registry
+    before = registry.get_sample_value("nextchar_store_rtt_seconds_count") or 0.0
+    sid = create(a)
+    stream_chars(a.stub, "hello", sid)
+    after = registry.get_sample_value("nextchar_store_rtt_seconds_count") or 0.0
+    assert after >= before + 2  # at least the create and one write-back
