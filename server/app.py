@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nextchar.proto import nextchar_pb2, nextchar_pb2_grpc
 from nextchar.server.auth import add_port, interceptors
+from nextchar.core.memory import keep_freed_memory
 from nextchar.server.batcher import Batcher
 from nextchar.server.blas import limit_blas_threads
 from nextchar.server.config import ServerConfig
@@ -217,6 +218,7 @@ async def serve_async(config: ServerConfig) -> None:
 def serve(config: ServerConfig | None = None) -> None:
     """Run the server until SIGTERM/SIGINT, then drain and return. Blocking; the CLI calls this."""
     limit_blas_threads(1)
+    keep_freed_memory()  # a batch's (T, N, H) temporaries page-faulted anew each time cost ~20%
     # The batch thread releases the GIL inside every BLAS call; with the default 5 ms
     # switch interval the loop thread then keeps it for up to 5 ms and the batch stalls.
     sys.setswitchinterval(SWITCH_INTERVAL)

@@ -24,10 +24,12 @@ from nextchar.server.stepping import Advanced, Packed
 
 def worker_main(conn: Connection) -> None:
     """The worker's loop: ("model", key, ...) registers a model; ("advance", key, ...) answers."""
+    from nextchar.core.memory import keep_freed_memory
     from nextchar.core.model import CharRNN, ModelConfig
     from nextchar.core.vocab import Vocab
     from nextchar.server.stepping import advance
 
+    keep_freed_memory()
     models: dict[int, CharRNN] = {}
     while True:
         try:
