@@ -33,7 +33,7 @@ from nextchar.client.results import (
     SessionInfo,
     model_ref,
 )
-from nextchar.client.session import Session
+from nextchar.client.session import Session, sample
 from nextchar.client.training import TrainingRun, train_request
 from nextchar.core.model import ModelConfig
 from nextchar.core.train import TrainConfig
@@ -142,17 +142,8 @@ class NextCharClient:
 
         on_piece sees the text piece by piece as the server sends it (to print it live).
         """
-        request = pb.GenerateRequest(
-            model=model_ref(model).to_pb(),
-            prime_text=prime,
-            length=length,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-        )
-        pieces = self._conn.stream(self._conn.stub.Generate, request, timeout=self._conn.timeout)
-        return Generation.collect(pieces, on_piece)
+        request = pb.GenerateRequest(model=model_ref(model).to_pb())
+        return sample(self._conn, request, prime, length, temperature, top_k, top_p, seed, on_piece)
 
     # ------------------------------------------------------------ training
 

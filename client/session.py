@@ -24,6 +24,26 @@ from nextchar.proto import nextchar_pb2 as pb
 RESUMABLE = (Unavailable, Cancelled)  # what a dropped connection or a server-side drop looks like
 
 
+def sample(
+    conn: Connection,
+    request: pb.GenerateRequest,
+    prime: str,
+    length: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    on_piece: Callable[[str], None] | None,
+) -> Generation:
+    """Run a Generate whose source (a session, or a model) is already set in request."""
+    request.prime_text, request.length = prime, length
+    request.temperature, request.top_k, request.top_p = temperature, top_k, top_p
+    if seed is not None:
+        request.seed = seed
+    pieces = conn.stream(conn.stub.Generate, request, timeout=conn.timeout)
+    return Generation.collect(pieces, on_piece)
+
+
 class Session:
     """A live session; get one from ``NextCharClient.session``, ``attach`` or ``import_session``."""
 
@@ -144,18 +164,8 @@ class Session:
 
         on_piece sees the text piece by piece as the server sends it.
         """
-        request = pb.GenerateRequest(
-            session_id=self.id,
-            fork=fork,
-            prime_text=prime,
-            length=length,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-        )
-        pieces = self._conn.stream(self._conn.stub.Generate, request, timeout=self._conn.timeout)
-        generation = Generation.collect(pieces, on_piece)
+        request = pb.GenerateRequest(session_id=self.id, fork=fork)
+        generation = sample(self._conn, request, prime, length, temperature, top_k, top_p, seed, on_piece)
         if not fork:
             self._set_offset(generation.offset)
         return generation
