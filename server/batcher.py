@@ -261,6 +261,11 @@ def compute_remote(
     return [out[i] for i in range(len(batch))]
 
 
+def _size(work: Work) -> int:
+    """Characters a work consumes or produces."""
+    return len(work.idx) if isinstance(work, PredictWork) else work.length
+
+
 class Batcher:
     """Queues work from handlers; one loop task computes it in batches and applies the results."""
 
@@ -396,13 +401,15 @@ class Batcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self._gather()
+            if sum(_size(w) for w in self._pending) <= self.inline_chars:
+                await self._gather()  # small work: wait for more to share the step
+            # else: enough for the compute worker already; the rest forms the next batch
             batch = self._take()
             if self._pending:
                 self._wake.set()
             if not batch:
                 continue
-            size = sum(len(w.idx) if isinstance(w, PredictWork) else w.length for w in batch)
+            size = sum(_size(w) for w in batch)
             try:
                 if size <= self.inline_chars:
                     results = compute(batch, self.stats)
