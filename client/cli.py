@@ -103,6 +103,13 @@ def pem_option(help: str, envvar: str | None = None) -> Any:
     return typer.Option(envvar=envvar, dir_okay=False, exists=True, show_default=False, help=help)
 
 
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
 class LogFormat(StrEnum):
     text = "text"
     json = "json"
@@ -193,6 +200,14 @@ def serve(
         int,
         typer.Option(help="Characters between a session's state writes to the store (1 = every message)."),
     ] = SERVER_DEFAULTS.store_write_every,
+    compute_process: Annotated[
+        bool,
+        typer.Option(
+            "--compute-process/--compute-in-thread",
+            help="Run big batches in a worker process (off the server's GIL) or in a thread.",
+        ),
+    ] = SERVER_DEFAULTS.compute_process,
+    log_level: Annotated[LogLevel, typer.Option(help="Least severe log level shown.")] = LogLevel.info,
 ) -> None:
     """Run the nextchar service until SIGTERM or Ctrl-C, then drain and exit."""
     from nextchar.server.app import serve as run_server
@@ -217,6 +232,8 @@ def serve(
             log_format=log_format.value,
             store=store,
             store_write_every=store_write_every,
+            compute_process=compute_process,
+            log_level=log_level.value,
         )
     )
 
