@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from serve_bench import RESULTS, corpus, make_model, start
+from serve_bench import RESULTS, corpus, server_command, start
 
 # latency histogram shared by all client processes: log-spaced 10 µs .. 100 s
 LATENCY_EDGES = np.logspace(-5, 2, 701)  # seconds
@@ -142,21 +142,8 @@ def sessions_on_server(port: int) -> int:
 
 
 def run(sessions: int, duration: float, warmup: float, chunk: int, clients: int) -> dict[str, Any]:
-    from nextchar.server.registry import Registry
-
     with tempfile.TemporaryDirectory() as tmp:
-        Registry(Path(tmp)).register("default", make_model(), history=[], summary={}, promote=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "nextchar.server",
-            "--port",
-            "0",
-            "--model-dir",
-            tmp,
-            "--no-default-model",
-        ]
-        server, port = start([*cmd, "--max-sessions", str(2 * sessions)])
+        server, port = start([*server_command(tmp), "--max-sessions", str(2 * sessions)])
         log: list[str] = []  # drained, or a full stderr pipe would stall the server's logging
         assert server.stderr is not None
         stderr = server.stderr

@@ -245,21 +245,26 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def main(duration: float, warmup: float) -> dict[str, Any]:
+def server_command(model_dir: str) -> list[str]:
+    """A nextchar server process on a free port, serving make_model() as the default model."""
     from nextchar.server.registry import Registry
 
+    Registry(Path(model_dir)).register("default", make_model(), history=[], summary={}, promote=True)
+    return [
+        sys.executable,
+        "-m",
+        "nextchar.server",
+        "--port",
+        "0",
+        "--model-dir",
+        model_dir,
+        "--no-default-model",
+    ]
+
+
+def main(duration: float, warmup: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        Registry(Path(tmp)).register("default", make_model(), history=[], summary={}, promote=True)
-        serve = [
-            sys.executable,
-            "-m",
-            "nextchar.server",
-            "--port",
-            "0",
-            "--model-dir",
-            tmp,
-            "--no-default-model",
-        ]
+        serve = server_command(tmp)
         servers = {
             "nextchar": start(serve),
             "nextchar_thread": start(
