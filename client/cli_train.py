@@ -105,7 +105,10 @@ def train(
     promote: Annotated[bool, typer.Option(help="Make the new version the default model.")] = False,
     detach: Annotated[bool, typer.Option(help="Start the job and return at once; it keeps running.")] = False,
     local: Annotated[
-        bool, typer.Option(help="Train in this process, no server; a running server sees it after a restart.")
+        bool,
+        typer.Option(
+            help="Train in this process, no server; a running server picks the new version up when asked for it."
+        ),
     ] = False,
     model_dir: Annotated[
         Path, typer.Option(envvar="NEXTCHAR_MODEL_DIR", help="Model registry directory for --local.")

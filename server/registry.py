@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from nextchar.server.errors import FailedPrecondition, InvalidArgument, NotFound
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 DEFAULT_NAME = "default"
 POINTER = "default.json"
+REFRESH_INTERVAL = 1.0  # seconds between directory scans for models written by other processes
 SHORT_TEXT = 8
 
 
@@ -109,23 +111,51 @@ class Registry:
         self._lock = threading.Lock()
         self._versions: dict[tuple[str, int], ModelVersion] = {}
         self._default: tuple[str, int] | None = None
+        self._refreshed = -REFRESH_INTERVAL  # monotonic time of the last directory scan
 
     # ------------------------------------------------------------ loading
 
-    def load_all(self) -> None:
-        """Scan model_dir; every version loads or is marked unavailable."""
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        versions: dict[tuple[str, int], ModelVersion] = {}
+    def _files(self) -> dict[tuple[str, int], Path]:
+        """Every model file under model_dir, by (name, version)."""
+        found: dict[tuple[str, int], Path] = {}
         for directory in sorted(p for p in self.model_dir.iterdir() if p.is_dir()):
             if not NAME_RE.match(directory.name):
                 continue
             for path in sorted(directory.glob("*.npz")):
                 if path.stem.isdigit() and int(path.stem) >= 1:
-                    v = int(path.stem)
-                    versions[(directory.name, v)] = ModelVersion.load(directory.name, v, path)
+                    found[(directory.name, int(path.stem))] = path
+        return found
+
+    def load_all(self) -> None:
+        """Scan model_dir; every version loads or is marked unavailable."""
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        versions = {key: ModelVersion.load(*key, path) for key, path in self._files().items()}
         with self._lock:
             self._versions = versions
             self._default = self._read_pointer()
+        self._refreshed = time.monotonic()
+
+    def refresh(self, *, force: bool = False) -> int:
+        """Load versions another process wrote since (``nextchar train --local``); returns how many.
+
+        Versions already loaded stay the same objects, so live sessions keep theirs.
+        Unless forced (ListModels), at most one directory scan per REFRESH_INTERVAL, so
+        unknown-model requests cannot turn into a disk scan each.
+        """
+        if not force and time.monotonic() - self._refreshed < REFRESH_INTERVAL:
+            return 0
+        self._refreshed = time.monotonic()
+        new = {
+            key: ModelVersion.load(*key, path)
+            for key, path in self._files().items()
+            if key not in self._versions
+        }
+        with self._lock:
+            for key, mv in new.items():
+                self._versions.setdefault(key, mv)
+            if self._default is None:
+                self._default = self._read_pointer()
+        return len(new)
 
     def _read_pointer(self) -> tuple[str, int] | None:
         path = self.model_dir / POINTER
@@ -162,7 +192,18 @@ class Registry:
             return [self._versions[k] for k in sorted(self._versions)]
 
     def resolve(self, name: str, version: int, *, need_available: bool = True) -> ModelVersion:
-        """name "" = the default model; version 0 = the newest available version of name."""
+        """name "" = the default model; version 0 = the newest available version of name.
+
+        A miss looks on disk once more (refresh) before answering NOT_FOUND.
+        """
+        try:
+            return self._resolve(name, version, need_available)
+        except NotFound:
+            if not self.refresh():
+                raise
+            return self._resolve(name, version, need_available)
+
+    def _resolve(self, name: str, version: int, need_available: bool) -> ModelVersion:
         with self._lock:
             if not name:
                 if self._default is None:

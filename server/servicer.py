@@ -386,6 +386,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
 
     @unary
     async def ListModels(self, request: pb.ListModelsRequest, context: Ctx) -> pb.ListModelsResponse:
+        await asyncio.to_thread(functools.partial(self.registry.refresh, force=True))
         default = self.registry.default
         return pb.ListModelsResponse(
             models=[messages.model_info(mv, default) for mv in self.registry.versions()],
