@@ -30,7 +30,6 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 DEFAULT_NAME = "default"
 POINTER = "default.json"
 REFRESH_INTERVAL = 1.0  # seconds between directory scans for models written by other processes
-SHORT_TEXT = 8
 
 
 def check_name(name: str) -> str:
@@ -52,7 +51,6 @@ class ModelVersion:
     summary: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     initial_probs: np.ndarray | None = None  # (V,) the prediction before any character
-    char_index: dict[str, int] = field(default_factory=dict)  # char -> vocab index, for short chunks
 
     @property
     def available(self) -> bool:
@@ -90,15 +88,10 @@ class ModelVersion:
     ) -> ModelVersion:
         h0 = np.zeros((1, model.config.hidden), dtype=model.dtype)  # every cell starts from zeros
         probs = model.probabilities(h0)[0]
-        index = {ch: i + 1 for i, ch in enumerate(model.vocab.chars)}  # index 0 is the unknown slot
-        return cls(name, version, path, model, "", history, summary, meta, probs, index)
+        return cls(name, version, path, model, "", history, summary, meta, probs)
 
     def encode(self, text: str) -> tuple[np.ndarray, bool]:
-        """(indices (n,) int64, whether any character is unknown); a dict lookup beats
-        Vocab.encode's table path (~10 µs) for the one-character messages of a stream."""
-        if len(text) <= SHORT_TEXT:
-            codes = [self.char_index.get(ch, 0) for ch in text]
-            return np.array(codes, dtype=np.int64), 0 in codes
+        """(indices (n,) int64, whether any character is unknown: index 0)."""
         idx = self.require().vocab.encode(text)
         return idx, not idx.all()
 

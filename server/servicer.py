@@ -145,9 +145,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     async def _prime(self, session: Session, text: str) -> None:
         step = self.config.max_chunk_chars
         for start in range(0, len(text), step):
-            await self.batcher.predict(
-                session, session.model.require().vocab.encode(text[start : start + step]), 1, False
-            )
+            await self.batcher.predict(session, session.model.encode(text[start : start + step])[0], 1, False)
 
     async def _new_session(self, requested_id: str, ref: pb.ModelRef, prime_text: str = "") -> Session:
         session_id = self.sessions.admit(requested_id)

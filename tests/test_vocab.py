@@ -29,3 +29,13 @@ def test_empty_text_and_reserved_marker_are_rejected() -> None:
         Vocab("ab" + UNK_CHAR)
     with pytest.raises(ValueError):
         Vocab("ba")
+
+
+def test_short_and_long_texts_encode_alike() -> None:
+    """Short texts take a dict path, longer ones the table: both must agree."""
+    vocab = Vocab.from_text("the quick brown fox")
+    text = "the quick brown fox jumps, €\U0001f600!" * 3
+    whole = vocab.encode(text)
+    pieces = np.concatenate([vocab.encode(text[i : i + 3]) for i in range(0, len(text), 3)])
+    assert whole.dtype == pieces.dtype == np.int64
+    np.testing.assert_array_equal(whole, pieces)
