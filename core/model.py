@@ -169,13 +169,12 @@ class CharRNN:
         return loss, grads, new_state, nats
 
     def _input_projection(self, layer: int, inputs: np.ndarray, below: np.ndarray | None) -> np.ndarray:
-        """xp = x @ Wxh + bh for a whole (T, B) chunk: a row gather at layer 0."""
+        """xp = x @ Wxh + bh for inputs of any leading shape ((T, B) or (N,)): a row gather at layer 0."""
         Wxh, bh = self.params[f"l{layer}.Wxh"], self.params[f"l{layer}.bh"]
         if below is None:
-            xp = Wxh[inputs]  # (T, B, G*H)
+            xp = Wxh[inputs]  # (..., G*H)
         else:
-            T, B, H = below.shape
-            xp = (below.reshape(T * B, H) @ Wxh).reshape(T, B, -1)
+            xp = (below.reshape(-1, below.shape[-1]) @ Wxh).reshape(*below.shape[:-1], -1)
         xp += bh
         return xp
 
@@ -188,9 +187,7 @@ class CharRNN:
         new_state = np.empty_like(state)
         x: np.ndarray | None = None
         for layer in range(cfg.layers):
-            Wxh, bh = p[f"l{layer}.Wxh"], p[f"l{layer}.bh"]
-            xp = Wxh[inputs] if x is None else x @ Wxh
-            xp += bh
+            xp = self._input_projection(layer, inputs, x)
             s = cells.step(
                 cfg.cell,
                 xp,
