@@ -1,28 +1,55 @@
 """A compute worker process for big batches: the arithmetic on its own core, free of the server's GIL.
 
 In a thread, the batch step fights the event loop for the GIL: every NumPy call
-in the recurrence releases it and must win it back, and each wait can last a switch
-interval, so a 64-character batch ran at ~60% of its in-process speed while the
-loop served gRPC. Here the batch's arrays (states (N, S), chunks (T, N)) go over
-a pipe to a process that holds a copy of each model, runs ``stepping.advance`` and
-sends the answer back; the batch thread only waits on the pipe, without the GIL.
+in the recurrence releases it and must win it back, so a 64-character batch ran at
+~60% of its in-process speed while the loop served gRPC. Here a batch's arrays
+(states (N, S), chunks (T, N)) go over a socket to a process that holds a copy of
+each model, runs ``stepping.advance`` and sends the answer back.
 
-Models are sent once per model object. If the worker fails, the batcher logs it and
-computes in its thread from then on: slower, never wrong.
+The server's side is driven by the event loop itself, with no thread: a request is
+a non-blocking write and the answer arrives as the loop reads the socket, so
+nothing waits for the GIL, and the batcher can queue the next batch behind the one
+computing (answers come back in the order asked). Frames are an 8-byte length and
+a pickle (protocol 5: arrays travel as raw bytes). Models are sent once per model
+object. If the worker fails, every waiting batch gets RuntimeError; the batcher
+then computes in its thread from then on: slower, never wrong.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import multiprocessing as mp
-from multiprocessing.connection import Connection
+import pickle
+import socket
+import struct
 from typing import Any
 
 from nextchar.core.model import CharRNN
 from nextchar.server.stepping import Advanced, Packed
 
+FRAME = struct.Struct("!Q")  # payload length
 
-def worker_main(conn: Connection) -> None:
+
+def _frame(message: Any) -> list[bytes]:
+    payload = pickle.dumps(message, protocol=5)
+    return [FRAME.pack(len(payload)), payload]
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytearray | None:
+    """n bytes from a blocking socket; None at end of stream."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        size = sock.recv_into(view[got:])
+        if size == 0:
+            return None
+        got += size
+    return buf
+
+
+def worker_main(sock: socket.socket) -> None:
     """The worker's loop: ("model", key, ...) registers a model; ("advance", key, ...) answers."""
     from nextchar.core.memory import keep_freed_memory
     from nextchar.core.model import CharRNN, ModelConfig
@@ -31,63 +58,114 @@ def worker_main(conn: Connection) -> None:
 
     keep_freed_memory()
     models: dict[int, CharRNN] = {}
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):  # the server is gone
-            return
-        if msg is None:
-            return
-        if msg[0] == "model":
-            _, key, config, chars, params = msg
-            models[key] = CharRNN(ModelConfig(**config), Vocab(chars), params)
-            continue
-        _, key, idx, lens, states, probs0, k, full = msg
-        try:
-            conn.send(("ok", advance(models[key], idx, lens, states, probs0, k, full)))
-        except Exception as exc:  # the batcher falls back to computing in-process
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    with sock:
+        while True:
+            header = _read_exact(sock, FRAME.size)
+            body = _read_exact(sock, FRAME.unpack(header)[0]) if header is not None else None
+            if body is None:  # the server is gone
+                return
+            msg = pickle.loads(body)
+            if msg[0] == "model":
+                _, key, config, chars, params = msg
+                models[key] = CharRNN(ModelConfig(**config), Vocab(chars), params)
+                continue
+            _, key, idx, lens, states, probs0, k, full = msg
+            try:
+                answer: tuple[str, Any] = ("ok", advance(models[key], idx, lens, states, probs0, k, full))
+            except Exception as exc:  # the batcher falls back to computing in-process
+                answer = ("error", f"{type(exc).__name__}: {exc}")
+            for part in _frame(answer):
+                sock.sendall(part)
 
 
 class ComputeProcess:
-    """The server side of the worker. Not thread-safe: only the batch thread calls advance."""
+    """The server's side of the worker; every method runs on the event loop's thread."""
 
     def __init__(self) -> None:
+        self._sock, child = socket.socketpair()
+        self._child: socket.socket | None = child
         ctx = mp.get_context("spawn")  # fork would copy the server's threads and sockets
-        self._conn, child = ctx.Pipe()
-        self._child: Connection | None = child
         self._proc = ctx.Process(target=worker_main, args=(child,), name="nextchar-compute", daemon=True)
         self._models: dict[int, CharRNN] = {}  # keeps every sent model alive, so its id stays its key
+        self._waiting: collections.deque[asyncio.Future[Advanced]] = collections.deque()
+        self._connected: asyncio.Task[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._failure: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
 
     def start(self) -> None:
+        """Spawn the worker; call with the event loop running."""
         self._proc.start()
         if self._child is not None:
             self._child.close()
             self._child = None
+        self._connected = asyncio.get_running_loop().create_task(asyncio.open_connection(sock=self._sock))
 
-    def advance(self, model: CharRNN, packed: Packed) -> Advanced:
-        """Blocking round trip; raises RuntimeError if the worker cannot answer."""
-        if not self._proc.is_alive():
-            raise RuntimeError(f"compute worker is not running (exit code {self._proc.exitcode})")
+    async def advance(self, model: CharRNN, packed: Packed) -> Advanced:
+        """The batch's answer; raises RuntimeError if the worker cannot give it."""
+        assert self._connected is not None, "start() first"
+        reader, writer = await self._connected
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read(reader))
+        if self._failure is not None:
+            raise RuntimeError(self._failure)
         key = id(model)
         if key not in self._models:
-            self._conn.send(("model", key, model.config.to_dict(), model.vocab.chars, model.params))
+            writer.writelines(_frame(("model", key, model.config.to_dict(), model.vocab.chars, model.params)))
             self._models[key] = model
-        self._conn.send(
-            ("advance", key, packed.idx, packed.lens, packed.states, packed.probs0, packed.k, packed.full)
+        writer.writelines(
+            _frame(
+                ("advance", key, packed.idx, packed.lens, packed.states, packed.probs0, packed.k, packed.full)
+            )
         )
-        kind, body = self._conn.recv()
-        if kind != "ok":
-            raise RuntimeError(f"compute worker: {body}")
-        result: Any = body
-        assert isinstance(result, Advanced)
-        return result
+        future: asyncio.Future[Advanced] = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        await writer.drain()
+        return await future
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._conn.send(None)
-        self._proc.join(2)
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        """Hand each answer to the oldest waiting batch; on any failure, fail them all."""
+        try:
+            while True:
+                header = await reader.readexactly(FRAME.size)
+                kind, body = pickle.loads(await reader.readexactly(FRAME.unpack(header)[0]))
+                future = self._waiting.popleft()
+                if future.done():
+                    continue
+                if kind == "ok":
+                    future.set_result(body)
+                else:
+                    future.set_exception(RuntimeError(f"compute worker: {body}"))
+        except (asyncio.IncompleteReadError, OSError) as exc:
+            self._fail(f"compute worker stopped (exit code {self._proc.exitcode}): {exc!r}")
+        except asyncio.CancelledError:
+            self._fail("compute worker closed")
+            raise
+
+    def _fail(self, reason: str) -> None:
+        self._failure = reason
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(RuntimeError(reason))
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._connected is not None:
+            with contextlib.suppress(Exception):
+                _, writer = await self._connected
+                writer.close()
+        self._sock.close()
+        await asyncio.to_thread(self._stop_process)
+
+    def _stop_process(self) -> None:
+        self._proc.join(2)  # the worker sees end-of-stream and returns
         if self._proc.is_alive():
             self._proc.terminate()
             self._proc.join(2)
-        self._conn.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import tracemalloc
 from pathlib import Path
 
@@ -167,3 +169,64 @@ def test_big_batches_in_the_compute_process_match_each_session_alone() -> None:
 
     stats = asyncio.run(main()).stats
     assert stats.remote_batches >= 2 and stats.chars == sum(len(t) for t in texts)
+
+
+def test_chunks_queued_for_one_session_run_in_order_across_pipelined_batches() -> None:
+    """Every session's three chunks are asked for at once: batches pipeline on the worker,
+    but a session is never in two at a time, so each ends where one run over its text does."""
+    mv = version()
+    model = mv.model
+    assert model is not None
+    texts = [f"session {i} reads a line of text" for i in range(40)]
+
+    async def main() -> Batcher:
+        batcher = Batcher(inline_chars=0, compute_process=True)
+        batcher.start()
+        sessions = [Session.fresh(str(i), mv) for i in range(len(texts))]
+        thirds = [(t[:10], t[10:20], t[20:]) for t in texts]
+        results = await asyncio.gather(
+            *(
+                batcher.predict(s, VOCAB.encode(part), 1, True)
+                for s, parts in zip(sessions, thirds, strict=True)
+                for part in parts
+            )
+        )
+        await batcher.close()
+        for i, (s, t) in enumerate(zip(sessions, texts, strict=True)):
+            assert s.offset == len(t)
+            last = results[3 * i + 2].distribution
+            assert last is not None
+            np.testing.assert_allclose(last, solo(model, t)[1][20:], rtol=1e-5, atol=1e-6)
+        return batcher
+
+    stats = asyncio.run(main()).stats
+    assert stats.remote_batches >= 3
+
+
+def test_a_killed_compute_worker_falls_back_to_the_batch_thread() -> None:
+    mv = version()
+    model = mv.model
+    assert model is not None
+
+    async def main() -> None:
+        batcher = Batcher(inline_chars=0, compute_process=True)
+        batcher.start()
+        sessions = [Session.fresh(str(i), mv) for i in range(20)]
+        await asyncio.gather(*(batcher.predict(s, VOCAB.encode("hello "), 2, False) for s in sessions))
+        assert batcher.stats.remote_batches >= 1
+        pid = batcher.worker_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        results = await asyncio.gather(
+            *(batcher.predict(s, VOCAB.encode("world"), 2, True) for s in sessions)
+        )
+        assert batcher.worker_pid is None  # computing in the thread from now on
+        for s, r in zip(sessions, results, strict=True):
+            assert s.offset == len("hello world")
+            assert r.distribution is not None
+            np.testing.assert_allclose(
+                r.distribution, solo(model, "hello world")[1][6:], rtol=1e-5, atol=1e-6
+            )
+        await batcher.close()
+
+    asyncio.run(main())
