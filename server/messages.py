@@ -43,23 +43,22 @@ def session_info(session: Session, idle_timeout: float, lifetime: float) -> pb.S
     )
 
 
-def predictions(result: ChunkResult, idx: np.ndarray, unknown_chars: str) -> pb.Predictions:
+def fill_predictions(msg: pb.Predictions, result: ChunkResult, idx: np.ndarray, unknown_chars: str) -> None:
+    """Fill msg in place, the reply's own sub-message: passing a built Predictions to the
+    reply's constructor would copy it (~15% of building the reply)."""
     n, k = result.top_index.shape
-    msg = pb.Predictions(
-        start_offset=result.start_offset,
-        count=n,
-        top_k=k,
-        top_index=result.top_index.ravel().tolist(),
-        top_prob=result.top_prob.ravel().tolist(),
-        surprisal_bits=result.surprisal_bits.tolist(),
-    )
+    msg.start_offset = result.start_offset
+    msg.count = n
+    msg.top_k = k
+    msg.top_index.extend(result.top_index.ravel().tolist())
+    msg.top_prob.extend(result.top_prob.ravel().tolist())
+    msg.surprisal_bits.extend(result.surprisal_bits.tolist())
     distribution = result.distribution
     if distribution is not None:
         msg.distribution.extend(distribution.astype(np.float32).ravel().tolist())
     if unknown_chars:
         msg.unknown_positions.extend(np.flatnonzero(idx == 0).tolist())
         msg.unknown_chars = unknown_chars
-    return msg
 
 
 def _finite(value: Any) -> float | None:

@@ -92,8 +92,8 @@ class ModelVersion:
 
     def encode(self, text: str) -> tuple[np.ndarray, bool]:
         """(indices (n,) int64, whether any character is unknown: index 0)."""
-        idx = self.require().vocab.encode(text)
-        return idx, not idx.all()
+        vocab = self.require().vocab
+        return vocab.encode(text), not vocab.knows(text)
 
 
 class Registry:

@@ -146,8 +146,15 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         return min(k, vocab_size)
 
     async def _predict(
-        self, session: Session, text: str, top_k: int, full: bool, expect_offset: int | None
-    ) -> pb.Predictions:
+        self,
+        session: Session,
+        text: str,
+        top_k: int,
+        full: bool,
+        expect_offset: int | None,
+        out: pb.Predictions,
+    ) -> None:
+        """Advance session through text and fill out, the reply's predictions."""
         start = time.perf_counter()
         self._check_text(text)
         k = self._top_k(top_k, session.model)
@@ -168,9 +175,8 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
                     raise
                 await self.sessions.store.refresh(session)
         unknown = session.model.require().vocab.unknown(text) if has_unknown else ""
-        predictions = messages.predictions(result, idx, unknown)
+        messages.fill_predictions(out, result, idx, unknown)
         self.on_message(time.perf_counter() - start)
-        return predictions
 
     async def _prime(self, session: Session, text: str) -> None:
         step = self.config.max_chunk_chars
@@ -291,13 +297,15 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         else:
             session = Session.fresh("", self._model(request.model))
         expect = request.expect_offset if request.HasField("expect_offset") else None
-        preds = await self._predict(session, request.text, request.top_k, request.full_distribution, expect)
-        return pb.PredictResponse(
+        reply = pb.PredictResponse(
             session_id=session.id,
             model=messages.model_ref(session.model),
             vocab=session.model.require().vocab.chars,
-            predictions=preds,
         )
+        await self._predict(
+            session, request.text, request.top_k, request.full_distribution, expect, reply.predictions
+        )
+        return reply
 
     @duplex
     async def PredictStream(self, context: Ctx) -> None:  # type: ignore[override]  # stubs: generator form only
@@ -319,17 +327,15 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
                 session = await self.sessions.get(session.id)  # still alive? (closed, expired) and touch it
                 first = False
             expect = request.expect_offset if request.HasField("expect_offset") else None
-            preds = await self._predict(
-                session, request.text, request.top_k, request.full_distribution, expect
+            reply = pb.PredictStreamResponse(
+                session_id=session.id,
+                model=messages.model_ref(session.model),
+                vocab=session.model.require().vocab.chars if first else "",
             )
-            await context.write(
-                pb.PredictStreamResponse(
-                    session_id=session.id,
-                    model=messages.model_ref(session.model),
-                    vocab=session.model.require().vocab.chars if first else "",
-                    predictions=preds,
-                )
+            await self._predict(
+                session, request.text, request.top_k, request.full_distribution, expect, reply.predictions
             )
+            await context.write(reply)
 
     @streaming
     async def Generate(self, request: pb.GenerateRequest, context: Ctx) -> AsyncIterator[pb.GenerateResponse]:
