@@ -224,7 +224,25 @@ def start(cmd: list[str]) -> tuple[subprocess.Popen[str], int]:
     raise RuntimeError(f"{cmd} did not start")
 
 
-def run_client(port: int, streams: int, chunk: int, duration: float, warmup: float) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) of a process and its live children (the compute worker),
+    from /proc; None where there is no /proc."""
+    try:
+        pids = [pid, *(int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+        total = 0
+        for p in pids:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+        return total / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run_client(
+    port: int, streams: int, chunk: int, duration: float, warmup: float, server_pid: int
+) -> dict[str, Any]:
+    """One load run; adds the server's CPU use (cores, and µs per message, both sides)."""
+    cpu0, wall0 = cpu_seconds(server_pid), time.perf_counter()
     cmd = [
         sys.executable,
         __file__,
@@ -238,7 +256,14 @@ def run_client(port: int, streams: int, chunk: int, duration: float, warmup: flo
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + warmup + 120, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    result = dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    cpu1, wall = cpu_seconds(server_pid), time.perf_counter() - wall0
+    rate = result["messages_per_sec"] * duration / (duration + warmup)  # messages/s over the whole run
+    result["server_cpu"] = (cpu1 - cpu0) / wall if cpu0 is not None and cpu1 is not None else None
+    if rate:
+        result["server_us_per_message"] = result["server_cpu"] and result["server_cpu"] / rate * 1e6
+        result["client_us_per_message"] = result["client_cpu"] / rate * 1e6
+    return result
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -278,7 +303,8 @@ def main(duration: float, warmup: float) -> dict[str, Any]:
                 row: dict[str, Any] = {"streams": streams, "chunk": chunk}
                 for name in ("echo", "nextchar", "nextchar_thread"):
                     if name != "nextchar_thread" or chunk > 1:  # 1-char batches never leave the event loop
-                        row[name] = run_client(servers[name][1], streams, chunk, duration, warmup)
+                        proc, port = servers[name]
+                        row[name] = run_client(port, streams, chunk, duration, warmup, proc.pid)
                 row["chars_ratio"] = ratio(row["nextchar"]["chars_per_sec"], row["echo"]["chars_per_sec"])
                 row["p50_ratio"] = ratio(row["nextchar"]["p50_ms"], row["echo"]["p50_ms"])
                 row["p99_ratio"] = ratio(row["nextchar"]["p99_ms"], row["echo"]["p99_ms"])
@@ -310,6 +336,15 @@ def main(duration: float, warmup: float) -> dict[str, Any]:
         "64char_100_streams_vs_batched_step>=0.75": chunked100["nextchar"]["chars_per_sec"]
         / ceiling["step_100_chars_per_sec"],
     }
+    chunked = chunked100["nextchar"]
+    context = {
+        # the same arithmetic as the service's (top-k and surprisal included), in-process
+        "64char_100_streams_vs_batcher_100x64": chunked["chars_per_sec"]
+        / ceiling["batcher_100x64_chars_per_sec"],
+        # the 2-core budget: server (loop + compute worker) and load client, in cores
+        "64char_100_streams_server_cores": chunked.get("server_cpu") or 0.0,
+        "64char_100_streams_client_cores": chunked["client_cpu"],
+    }
     return {
         "benchmark": "serve",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -324,26 +359,36 @@ def main(duration: float, warmup: float) -> dict[str, Any]:
         "cases": cases,
         "in_process": ceiling,
         "goals": goals,
+        "context": context,
     }
 
 
 def print_table(result: dict[str, Any]) -> None:
+    def us(run: dict[str, Any], key: str) -> str:
+        value = run.get(key)
+        return f"{value:>6.0f}" if value is not None else f"{'-':>6}"
+
     print(
-        f"\n{'streams':>7} {'chars':>5} | {'nextchar c/s':>12} {'p50 ms':>7} {'p99 ms':>7} | "
-        f"{'echo c/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5} | {'thread c/s':>12}"
+        f"\n{'streams':>7} {'chars':>5} | {'nextchar c/s':>12} {'p50 ms':>7} {'p99 ms':>7} {'srv us':>6} | "
+        f"{'echo c/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'srv us':>6} | {'ratio':>5} | {'thread c/s':>12}"
     )
     for c in result["cases"]:
         n, e = c["nextchar"], c["echo"]
         thread = f"{c['nextchar_thread']['chars_per_sec']:>12,.0f}" if "nextchar_thread" in c else f"{'':>12}"
         print(
-            f"{c['streams']:>7} {c['chunk']:>5} | {n['chars_per_sec']:>12,.0f} {n['p50_ms']:>7.2f} {n['p99_ms']:>7.2f} | "
-            f"{e['chars_per_sec']:>10,.0f} {e['p50_ms']:>7.2f} {e['p99_ms']:>7.2f} | {c['chars_ratio']:>5.2f} | {thread}"
+            f"{c['streams']:>7} {c['chunk']:>5} | {n['chars_per_sec']:>12,.0f} {n['p50_ms']:>7.2f} {n['p99_ms']:>7.2f} "
+            f"{us(n, 'server_us_per_message')} | {e['chars_per_sec']:>10,.0f} {e['p50_ms']:>7.2f} {e['p99_ms']:>7.2f} "
+            f"{us(e, 'server_us_per_message')} | {c['chars_ratio']:>5.2f} | {thread}"
         )
+    print("(srv us: server CPU per message, its compute worker included)")
     print("\nin-process compute (H=256 rnn, one BLAS thread):")
     for key, value in result["in_process"].items():
         print(f"  {key:<32} {value:>12,.0f}")
     print("\ngoals:")
     for key, value in result["goals"].items():
+        print(f"  {key:<44} {value:.2f}")
+    print("\ncontext:")
+    for key, value in result["context"].items():
         print(f"  {key:<44} {value:.2f}")
 
 
