@@ -184,7 +184,7 @@ class CharRNN:
         """Advance N sessions by one character each: (N, S), (N,) -> (new states, probs (N, V))."""
         cfg, p = self.config, self.params
         W = self.layer_width
-        new_state = np.empty_like(state)
+        layers: list[np.ndarray] = []
         x: np.ndarray | None = None
         for layer in range(cfg.layers):
             xp = self._input_projection(layer, inputs, x)
@@ -195,9 +195,11 @@ class CharRNN:
                 p[f"l{layer}.Whh"],
                 p.get(f"l{layer}.bhn"),
             )
-            new_state[:, layer * W : (layer + 1) * W] = s
+            layers.append(s)
             x = s[:, : cfg.hidden]
         assert x is not None
+        # one layer (the common case): its new state is already a fresh array
+        new_state = layers[0] if len(layers) == 1 else np.concatenate(layers, axis=1)
         return new_state, self.probabilities(x)
 
     def run(self, state: np.ndarray, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
