@@ -104,7 +104,7 @@ class ServerConfig:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def grpc_options(self) -> list[tuple[str, int]]:
+    def grpc_options(self) -> list[tuple[str, int | str]]:
         """Channel arguments of the server: size limits and keepalive.
 
         Keepalive pings every 60 s find dead peers of long-lived streams; clients may
