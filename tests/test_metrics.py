@@ -22,7 +22,8 @@ from nextchar.client.errors import SessionNotFound
 from nextchar.core.demo import NOTEBOOK_TEXT
 from nextchar.core.train import TrainConfig
 from nextchar.server.logs import JsonFormatter, log_handler
-from nextchar.server.metrics import reason_label
+from nextchar.server.metrics import LoopHistogram, reason_label
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from server_harness import ServerThread, make_registry, start_server
 
@@ -141,3 +142,13 @@ def test_json_lines_are_one_object_per_record_with_the_traceback() -> None:
     parsed = json.loads(line)
     assert "\n" not in line and parsed["message"] == "failed: x" and "RuntimeError: boom" in parsed["exc"]
     assert "session_id" not in parsed
+
+
+def test_loop_histogram_buckets_are_cumulative_and_inclusive() -> None:
+    registry = CollectorRegistry()
+    histogram = LoopHistogram("x_seconds", "A test histogram.", (0.001, 0.01, 1.0), registry)
+    for seconds in (0.0005, 0.001, 0.002, 5.0):  # 0.001 falls in le="0.001", as Prometheus's `le` says
+        histogram.observe(seconds)
+    get = registry.get_sample_value
+    assert [get("x_seconds_bucket", {"le": le}) for le in ("0.001", "0.01", "1.0", "+Inf")] == [2, 3, 3, 4]
+    assert get("x_seconds_count") == 4 and get("x_seconds_sum") == pytest.approx(5.0035)
