@@ -2,19 +2,19 @@
 
 ``grpc.RpcError`` never reaches a caller: ``translate_errors()`` is the one place
 where a gRPC status becomes a NextCharError, chosen by status code and, for
-NOT_FOUND, by what the server says is missing. Catch ``NextCharError`` for
+NOT_FOUND, by the ``nextchar-subject`` the server attaches (session, model, job). Catch ``NextCharError`` for
 "anything went wrong", or a leaf for the case you can handle::
 
     NextCharError                  the base; .code is the gRPC status name
     ├── NotFound                   NOT_FOUND
     │   ├── SessionNotFound        no such session (never existed, or forgotten)
-    │   │   └── SessionExpired     it existed; .reason: idle | lifetime | closed | evicted
+    │   │   └── SessionExpired     it existed; .reason: idle | lifetime | closed | evicted | other
     │   ├── ModelNotFound          no such model version (or no default model)
     │   └── JobNotFound            no such training job
     ├── InvalidArgument            INVALID_ARGUMENT: a field is out of range; the message names it
     ├── AlreadyExists              ALREADY_EXISTS: the session id is taken
     ├── FailedPrecondition         FAILED_PRECONDITION: e.g. an unavailable model version
-    │   └── OffsetMismatch         the session is not at the offset the client expected
+    │   └── OffsetMismatch         the session is not at the offset the client expected (.offset)
     ├── Overloaded                 RESOURCE_EXHAUSTED: session cap or a size limit; retry later
     ├── Unavailable                UNAVAILABLE: server unreachable or draining
     ├── DeadlineExceeded           DEADLINE_EXCEEDED: the call's timeout passed
@@ -57,7 +57,7 @@ class SessionNotFound(NotFound):
 
 
 class SessionExpired(SessionNotFound):
-    """The session existed and is gone; ``reason`` is idle, lifetime, closed or evicted."""
+    """The session existed and is gone; ``reason`` is idle, lifetime, closed, evicted or other."""
 
     def __init__(self, message: str, *, reason: str, code: str | None = None) -> None:
         super().__init__(message, code=code)
@@ -85,7 +85,12 @@ class FailedPrecondition(NextCharError):
 
 
 class OffsetMismatch(FailedPrecondition):
-    """The session's offset is not the one the client last acknowledged: text was fed elsewhere."""
+    """The session's offset is not the one the client last acknowledged: text was fed elsewhere.
+    ``offset`` is where the session is (-1 when not known)."""
+
+    def __init__(self, message: str, *, offset: int = -1, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.offset = offset
 
 
 class Overloaded(NextCharError):
@@ -133,39 +138,49 @@ _BY_CODE: dict[grpc.StatusCode, type[NextCharError]] = {
     grpc.StatusCode.PERMISSION_DENIED: Unauthenticated,
 }
 
-# The server states why a session is gone in words ("expired or gone (idle for more than 1800 s)");
-# the first keyword found names the reason.
-_GONE_REASONS = ("idle", "lifetime", "closed", "evicted")
+DETAIL_PREFIX = "nextchar-"  # the server's machine-readable error details, in trailing metadata
 
 
 def from_rpc_error(error: grpc.RpcError) -> NextCharError:
-    """The NextCharError for a failed call (a grpc.Call carries the code and the server's message)."""
+    """The NextCharError for a failed call: chosen by status code and the server's details
+    (``nextchar-subject``, ``-reason``, ``-field``), never by parsing its message."""
     call = error if isinstance(error, grpc.Call) else None
     status = call.code() if call is not None else grpc.StatusCode.UNKNOWN
     message = (call.details() if call is not None else None) or str(error)
+    details = _details(call)
     code = status.name
     if status == grpc.StatusCode.NOT_FOUND:
-        return _not_found(message, code)
-    if status == grpc.StatusCode.FAILED_PRECONDITION and message.startswith("expect_offset"):
-        return OffsetMismatch(message, code=code)
+        return _not_found(message, code, details)
+    if status == grpc.StatusCode.FAILED_PRECONDITION and details.get("field") == "expect_offset":
+        return OffsetMismatch(message, code=code, offset=int(details.get("offset", -1)))
     if status == grpc.StatusCode.UNAVAILABLE and message.startswith("failed to connect"):
         message = f"cannot reach the server ({message})"
     return _BY_CODE.get(status, ServerError)(message, code=code)
 
 
-def _not_found(message: str, code: str) -> NotFound:
-    subject = message.split(" ", 1)[0].lower()
+def _details(call: grpc.Call | None) -> dict[str, str]:
+    metadata = (call.trailing_metadata() if call is not None else None) or ()
+    return {
+        str(key)[len(DETAIL_PREFIX) :]: str(value)
+        for key, value in metadata
+        if str(key).startswith(DETAIL_PREFIX)
+    }
+
+
+def _not_found(message: str, code: str, details: dict[str, str]) -> NotFound:
+    subject = details.get("subject")
     if subject == "session":
-        why = message.rsplit("(", 1)[1] if "(" in message else ""  # ids cannot hold "("
-        reason = next((r for r in _GONE_REASONS if r in why), "")
+        reason = details.get("reason", "")
         return (
             SessionExpired(message, reason=reason, code=code)
             if reason
             else SessionNotFound(message, code=code)
         )
-    if subject in ("job", "job_id:"):
+    if subject == "job":
         return JobNotFound(message, code=code)
-    return ModelNotFound(message, code=code)
+    if subject == "model":
+        return ModelNotFound(message, code=code)
+    return NotFound(message, code=code)
 
 
 @contextmanager

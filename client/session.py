@@ -140,7 +140,8 @@ class Session:
         if server_offset < self.offset or server_offset > self.offset + feeder.unacknowledged_chars():
             raise OffsetMismatch(
                 f"session {self.id!r}: the server is at offset {server_offset}, but this client "
-                f"acknowledged {self.offset}; the session was reset or fed by someone else"
+                f"acknowledged {self.offset}; the session was reset or fed by someone else",
+                offset=server_offset,
             )
         consumed = server_offset - self.offset
         feeder.drop_consumed(consumed)

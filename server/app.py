@@ -219,8 +219,9 @@ def serve(config: ServerConfig | None = None) -> None:
     """Run the server until SIGTERM/SIGINT, then drain and return. Blocking; the CLI calls this."""
     limit_blas_threads(1)
     keep_freed_memory()  # a batch's (T, N, H) temporaries page-faulted anew each time cost ~20%
-    # The batch thread releases the GIL inside every BLAS call; with the default 5 ms
-    # switch interval the loop thread then keeps it for up to 5 ms and the batch stalls.
+    # A batch thread (--compute-in-thread, or after the compute worker failed) releases
+    # the GIL inside every BLAS call; with the default 5 ms switch interval the loop
+    # thread then keeps it for up to 5 ms and the batch stalls.
     sys.setswitchinterval(SWITCH_INTERVAL)
     config = config or ServerConfig()
     configure_logging(config.log_format, config.log_level)

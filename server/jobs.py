@@ -106,7 +106,7 @@ class JobManager:
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise NotFound(f"job {job_id!r}: no such job")
+            raise NotFound(f"job {job_id!r}: no such job", subject="job")
         return job
 
     def start(

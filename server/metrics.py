@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from nextchar.server.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED
+from nextchar.server.sessions import GONE_REASONS, reason_label
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -39,18 +40,12 @@ from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger("nextchar.server.sessions")
 
-REASONS = ("idle", "lifetime", "closed", "evicted", "other")
+REASONS = (*GONE_REASONS, "other")
 JOB_STATES = (RUNNING, SUCCEEDED, FAILED, CANCELLED)
 # 0.1 ms (an inline one-character step) to 1 s (a big batch on a loaded machine)
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 SESSION_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # 4096 = the batcher's cut
 CHAR_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
-
-
-def reason_label(reason: str) -> str:
-    """The metric label of a store's removal reason ("idle for more than 60 s" -> "idle")."""
-    word = reason.split(maxsplit=1)[0].rstrip(":") if reason else ""
-    return word if word in REASONS else "other"
 
 
 class JobStates(Collector):

@@ -200,18 +200,20 @@ class Registry:
         with self._lock:
             if not name:
                 if self._default is None:
-                    raise NotFound("no default model: the registry is empty; train one first")
+                    raise NotFound(
+                        "no default model: the registry is empty; train one first", subject="model"
+                    )
                 name, default_version = self._default
                 version = version or default_version
             check_name(name)
             if version == 0:
                 candidates = [v for (n, v), mv in self._versions.items() if n == name and mv.available]
                 if not candidates:
-                    raise NotFound(f"model {name!r}: no available version")
+                    raise NotFound(f"model {name!r}: no available version", subject="model")
                 version = max(candidates)
             mv = self._versions.get((name, version))
         if mv is None:
-            raise NotFound(f"model {name!r} version {version}: not in the registry")
+            raise NotFound(f"model {name!r} version {version}: not in the registry", subject="model")
         if need_available:
             mv.require()
         return mv

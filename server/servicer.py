@@ -92,7 +92,7 @@ def duplex(
 async def refuse(method: str, exc: ServiceError, context: Ctx) -> None:
     """Answer a refused call with its status code and message (raises AbortError)."""
     log.info("%s refused: %s: %s", method, exc.code.name, exc)
-    await context.abort(exc.code, str(exc))
+    await context.abort(exc.code, str(exc), trailing_metadata=exc.trailing_metadata())
 
 
 class NextCharServicer(pb_grpc.NextCharServiceServicer):
@@ -165,7 +165,9 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             if expect_offset is not None and expect_offset != session.offset:
                 raise FailedPrecondition(
                     f"expect_offset: session {session.id!r} is at offset {session.offset}, not {expect_offset}; "
-                    "resume from the session's offset"
+                    "resume from the session's offset",
+                    field="expect_offset",
+                    offset=str(session.offset),
                 )
             try:
                 result = await self.batcher.predict(session, idx, k, full)

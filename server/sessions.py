@@ -89,11 +89,23 @@ def lifetime_reason(lifetime: float) -> str:
     return f"lifetime of {lifetime:g} s ended"
 
 
+GONE_REASONS = ("idle", "lifetime", "closed", "evicted")
+
+
+def reason_label(reason: str) -> str:
+    """The one-word kind of a removal reason ("idle for more than 60 s" -> "idle")."""
+    word = reason.split(maxsplit=1)[0].rstrip(":") if reason else ""
+    return word if word in GONE_REASONS else "other"
+
+
 def gone(session_id: str, reason: str | None) -> NotFound:
-    """The NotFound a client gets for a session id: with the reason when one is remembered."""
+    """The NotFound a client gets for a session id: with the reason when one is remembered
+    (in words, and as the detail ``reason``: idle, lifetime, closed, evicted or other)."""
     if reason is None:
-        return NotFound(f"session {session_id!r}: no such session")
-    return NotFound(f"session {session_id!r}: expired or gone ({reason})")
+        return NotFound(f"session {session_id!r}: no such session", subject="session")
+    return NotFound(
+        f"session {session_id!r}: expired or gone ({reason})", subject="session", reason=reason_label(reason)
+    )
 
 
 @dataclass(slots=True)

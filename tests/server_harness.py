@@ -49,6 +49,13 @@ def train_notebook_model(
     return result.model, result.history, result.summary
 
 
+def error_details(error: grpc.RpcError) -> dict[str, str]:
+    """The nextchar-* details of a refused call's trailing metadata, prefix dropped.
+    (grpc-stubs types the metadata as objects; at runtime they are (key, value) pairs.)"""
+    pairs: Any = error.trailing_metadata() or ()
+    return {str(k).removeprefix("nextchar-"): str(v) for k, v in pairs if str(k).startswith("nextchar-")}
+
+
 def make_registry(model_dir: Path, versions: int = 2) -> Registry:
     """default v1 (the notebook model) and, if asked, default v2 (another seed) for hot-swap tests."""
     registry = Registry(model_dir)

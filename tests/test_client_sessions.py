@@ -89,8 +89,9 @@ def test_errors_are_typed(client: NextCharClient) -> None:
         other.feed("he")
         stale = client.attach(other.id)
         other.feed("l")
-        with pytest.raises(OffsetMismatch):
+        with pytest.raises(OffsetMismatch) as mismatch:
             stale.feed("l")  # it would feed "l" at offset 2, but the session is at 3
+        assert mismatch.value.offset == 3
 
 
 def test_unreachable_server_is_unavailable() -> None:

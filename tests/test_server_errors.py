@@ -11,7 +11,7 @@ import grpc
 import pytest
 from nextchar.core.demo import NOTEBOOK_TEXT
 from nextchar.proto import nextchar_pb2 as pb
-from server_harness import ServerThread, cancel, make_registry, start_server, take
+from server_harness import ServerThread, cancel, error_details, make_registry, start_server, take
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,17 @@ def srv(model_dir: Path) -> Iterator[ServerThread]:
 
 
 def status_of(fn: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    code, message, _ = refusal(fn)
+    return code, message
+
+
+def refusal(fn: Callable[[], Any]) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    """(status code, message, the nextchar-* details of the trailing metadata, prefix dropped)."""
     with pytest.raises(grpc.RpcError) as err:
         result = fn()
         if isinstance(result, Iterator):
             list(result)
-    return err.value.code(), str(err.value.details())
+    return err.value.code(), str(err.value.details()), error_details(err.value)
 
 
 def session(srv: ServerThread, **fields: Any) -> str:
@@ -53,15 +59,17 @@ def gen(srv: ServerThread, **fields: Any) -> Callable[[], Any]:
 
 
 def test_unknown_session_is_not_found(srv: ServerThread) -> None:
-    code, details = status_of(predict(srv, session_id="nobody", text="h"))
-    assert code == grpc.StatusCode.NOT_FOUND and "no such session" in details
+    code, message, details = refusal(predict(srv, session_id="nobody", text="h"))
+    assert code == grpc.StatusCode.NOT_FOUND and "no such session" in message
+    assert details == {"subject": "session"}
 
 
 def test_closed_session_is_not_found_with_the_reason(srv: ServerThread) -> None:
     sid = session(srv)
     srv.stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=5)
-    code, details = status_of(predict(srv, session_id=sid, text="h"))
-    assert code == grpc.StatusCode.NOT_FOUND and "closed" in details
+    code, message, details = refusal(predict(srv, session_id=sid, text="h"))
+    assert code == grpc.StatusCode.NOT_FOUND and "closed" in message
+    assert details == {"subject": "session", "reason": "closed"}  # machine-readable, beside the words
 
 
 def test_idle_and_lifetime_expiry_are_not_found_with_the_reason(model_dir: Path) -> None:
@@ -70,8 +78,8 @@ def test_idle_and_lifetime_expiry_are_not_found_with_the_reason(model_dir: Path)
         idle, swept = session(srv), session(srv)
         time.sleep(0.5)  # > idle timeout + one sweep interval
         for _ in range(2):  # the reason is remembered, not only reported once
-            code, details = status_of(predict(srv, session_id=idle, text="h"))
-            assert code == grpc.StatusCode.NOT_FOUND and "idle" in details
+            code, message, details = refusal(predict(srv, session_id=idle, text="h"))
+            assert code == grpc.StatusCode.NOT_FOUND and "idle" in message and details["reason"] == "idle"
         assert not srv.server.sessions.store.contains(swept)  # the sweeper removed it unasked
         busy, start = session(srv), time.monotonic()
         with pytest.raises(grpc.RpcError) as err:  # keep `busy` in use until its lifetime ends
@@ -79,6 +87,7 @@ def test_idle_and_lifetime_expiry_are_not_found_with_the_reason(model_dir: Path)
                 srv.stub.Predict(pb.PredictRequest(session_id=busy, text="h"), timeout=5)
                 time.sleep(0.05)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "lifetime" in str(err.value.details())
+        assert error_details(err.value)["reason"] == "lifetime"
         assert time.monotonic() - start >= 0.5
     finally:
         srv.close()
@@ -184,12 +193,12 @@ def test_training_text_shorter_than_one_sequence_is_invalid_argument(srv: Server
 
 
 def test_unknown_model_and_unknown_job_are_not_found(srv: ServerThread) -> None:
-    code, details = status_of(lambda: session(srv, model=pb.ModelRef(name="nosuch")))
-    assert code == grpc.StatusCode.NOT_FOUND and "nosuch" in details
-    code, _ = status_of(lambda: session(srv, model=pb.ModelRef(name="default", version=99)))
-    assert code == grpc.StatusCode.NOT_FOUND
-    code, _ = status_of(lambda: srv.stub.WatchJob(pb.WatchJobRequest(job_id="job-0"), timeout=5))
-    assert code == grpc.StatusCode.NOT_FOUND
+    code, message, details = refusal(lambda: session(srv, model=pb.ModelRef(name="nosuch")))
+    assert code == grpc.StatusCode.NOT_FOUND and "nosuch" in message and details == {"subject": "model"}
+    code, _, details = refusal(lambda: session(srv, model=pb.ModelRef(name="default", version=99)))
+    assert code == grpc.StatusCode.NOT_FOUND and details == {"subject": "model"}
+    code, _, details = refusal(lambda: srv.stub.WatchJob(pb.WatchJobRequest(job_id="job-0"), timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND and details == {"subject": "job"}
     code, _ = status_of(lambda: srv.stub.CancelJob(pb.CancelJobRequest(job_id="job-0"), timeout=5))
     assert code == grpc.StatusCode.NOT_FOUND
 

@@ -14,6 +14,7 @@ from nextchar.proto import nextchar_pb2 as pb
 from server_harness import (
     ServerThread,
     cancel,
+    error_details,
     expected,
     make_registry,
     start_server,
@@ -90,6 +91,7 @@ def test_reconnect_and_resume_at_the_offset_last_seen(srv: ServerThread) -> None
         srv.stub.Predict(pb.PredictRequest(session_id="resume-me", text="x", expect_offset=12), timeout=5)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "offset 35" in str(err.value.details())
+    assert error_details(err.value) == {"field": "expect_offset", "offset": "35"}
 
 
 def test_broken_stream_leaves_session_alive(srv: ServerThread) -> None:
