@@ -54,8 +54,8 @@ class ChunkResult:
     n: int
     k: int
     col: int  # this chunk's column in the batch arrays
-    batch_top_index: np.ndarray  # (T, N, K) uint32
-    batch_top_prob: np.ndarray  # (T, N, K) float32
+    batch_top_index: np.ndarray  # (T, N, K) of integers
+    batch_top_prob: np.ndarray  # (T, N, K) of floats
     batch_surprisal: np.ndarray  # (T, N) float32
     batch_probs: np.ndarray | None  # (T + 1, N, V) when the full distribution was asked for
     state: np.ndarray  # (S,) after the chunk, a copy
@@ -76,6 +76,22 @@ class ChunkResult:
     @property
     def distribution(self) -> np.ndarray | None:  # (n, V)
         return None if self.batch_probs is None else self.batch_probs[1 : self.n + 1, self.col]
+
+    def reply_lists(self) -> tuple[list[int], list[float], list[float]]:
+        """(top_index n*k, top_prob n*k, surprisal_bits n) as flat lists, for the reply.
+        One character (the ping-pong case) takes half the NumPy calls of the general slice."""
+        col, k = self.col, self.k
+        if self.n == 1:
+            return (
+                self.batch_top_index[0, col, :k].tolist(),
+                self.batch_top_prob[0, col, :k].tolist(),
+                [float(self.batch_surprisal[0, col])],
+            )
+        return (
+            self.top_index.ravel().tolist(),
+            self.top_prob.ravel().tolist(),
+            self.surprisal_bits.tolist(),
+        )
 
 
 @dataclass(slots=True)
@@ -194,8 +210,8 @@ def step_one(model: CharRNN, work: PredictWork) -> ChunkResult:
         1,
         k,
         0,
-        order.astype(np.uint32).reshape(1, 1, k),
-        p[order].astype(np.float32, copy=False).reshape(1, 1, k),
+        order.reshape(1, 1, k),
+        p[order].reshape(1, 1, k),
         surprisal,
         full,
         new_states[0],  # a view of a one-row array: nothing else is kept alive

@@ -46,13 +46,13 @@ def session_info(session: Session, idle_timeout: float, lifetime: float) -> pb.S
 def fill_predictions(msg: pb.Predictions, result: ChunkResult, idx: np.ndarray, unknown_chars: str) -> None:
     """Fill msg in place, the reply's own sub-message: passing a built Predictions to the
     reply's constructor would copy it (~15% of building the reply)."""
-    n, k = result.top_index.shape
+    top_index, top_prob, surprisal_bits = result.reply_lists()
     msg.start_offset = result.start_offset
-    msg.count = n
-    msg.top_k = k
-    msg.top_index.extend(result.top_index.ravel().tolist())
-    msg.top_prob.extend(result.top_prob.ravel().tolist())
-    msg.surprisal_bits.extend(result.surprisal_bits.tolist())
+    msg.count = result.n
+    msg.top_k = result.k
+    msg.top_index.extend(top_index)
+    msg.top_prob.extend(top_prob)
+    msg.surprisal_bits.extend(surprisal_bits)
     distribution = result.distribution
     if distribution is not None:
         msg.distribution.extend(distribution.astype(np.float32).ravel().tolist())
