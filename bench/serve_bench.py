@@ -1,6 +1,6 @@
 """Serving benchmark: nextchar's gRPC server vs a no-op echo server with the same messages.
 
-Run: ``make bench-serve`` (or ``python bench/serve_bench.py [--duration S]``).
+Run: ``make bench-serve`` (or ``python bench/serve_bench.py [--duration S] [--rounds N]``).
 
 Both servers run as their own processes (nextchar via ``python -m nextchar.server``,
 one BLAS thread); the load comes from a separate client process (grpc.aio), one
@@ -14,7 +14,9 @@ run against a second nextchar server that computes big batches in a thread inste
 of its compute worker process (``--compute-in-thread``). Results go to
 ``bench/results/serve-<time>.json``; a short table is printed.
 
-The machine is shared and noisy (±15%): compare ratios within one run.
+The machine is shared and noisy (±15%, and slow spells that last seconds): each case
+runs ``--rounds`` times, alternating the servers, and a ratio is the median of the
+rounds' back-to-back ratios. Compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -287,7 +289,25 @@ def server_command(model_dir: str) -> list[str]:
     ]
 
 
-def main(duration: float, warmup: float) -> dict[str, Any]:
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's runs of a case: each number the median over the rounds."""
+    out = dict(runs[len(runs) // 2])
+    for key, value in runs[0].items():
+        if isinstance(value, float | int) and all(r.get(key) is not None for r in runs):
+            out[key] = float(np.median([r[key] for r in runs]))
+    out["errors"] = [e for r in runs for e in r["errors"]][:3]
+    return out
+
+
+def median_ratio(ours: list[dict[str, Any]], echo: list[dict[str, Any]], field: str) -> float | None:
+    """The median over rounds of nextchar / echo, each round's pair measured back to back."""
+    ratios = [
+        r for r in (ratio(a[field], b[field]) for a, b in zip(ours, echo, strict=True)) if r is not None
+    ]
+    return float(np.median(ratios)) if ratios else None
+
+
+def main(duration: float, warmup: float, rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         serve = server_command(tmp)
         servers = {
@@ -300,14 +320,20 @@ def main(duration: float, warmup: float) -> dict[str, Any]:
         cases: list[dict[str, Any]] = []
         try:
             for streams, chunk in CASES:
-                row: dict[str, Any] = {"streams": streams, "chunk": chunk}
-                for name in ("echo", "nextchar", "nextchar_thread"):
-                    if name != "nextchar_thread" or chunk > 1:  # 1-char batches never leave the event loop
+                names = ["echo", "nextchar"] + (["nextchar_thread"] if chunk > 1 else [])  # 1-char: no thread
+                runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+                for _ in range(rounds):  # alternate, so a slow spell of the machine hits both servers
+                    for name in names:
                         proc, port = servers[name]
-                        row[name] = run_client(port, streams, chunk, duration, warmup, proc.pid)
-                row["chars_ratio"] = ratio(row["nextchar"]["chars_per_sec"], row["echo"]["chars_per_sec"])
-                row["p50_ratio"] = ratio(row["nextchar"]["p50_ms"], row["echo"]["p50_ms"])
-                row["p99_ratio"] = ratio(row["nextchar"]["p99_ms"], row["echo"]["p99_ms"])
+                        runs[name].append(run_client(port, streams, chunk, duration, warmup, proc.pid))
+                row: dict[str, Any] = {"streams": streams, "chunk": chunk, "rounds": rounds}
+                row.update({name: median_run(runs[name]) for name in names})
+                for key, field in (
+                    ("chars_ratio", "chars_per_sec"),
+                    ("p50_ratio", "p50_ms"),
+                    ("p99_ratio", "p99_ms"),
+                ):
+                    row[key] = median_ratio(runs["nextchar"], runs["echo"], field)
                 cases.append(row)
                 print(
                     f"  {streams:>5} streams x {chunk:>2} chars: nextchar {row['nextchar']['chars_per_sec']:>10,.0f} c/s"
@@ -356,6 +382,7 @@ def main(duration: float, warmup: float) -> dict[str, Any]:
         },
         "model": {"cell": "rnn", "hidden": HIDDEN, "top_k": TOP_K},
         "duration_s": duration,
+        "rounds": rounds,
         "cases": cases,
         "in_process": ceiling,
         "goals": goals,
@@ -401,14 +428,18 @@ if __name__ == "__main__":
     else:
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         parser.add_argument(
-            "--duration", type=float, default=4.0, help="measured seconds per case and server"
+            "--duration", type=float, default=3.0, help="measured seconds per case, server and round"
         )
         parser.add_argument("--warmup", type=float, default=1.0)
+        parser.add_argument(
+            "--rounds", type=int, default=3, help="alternating runs per case; ratios are their median"
+        )
         args = parser.parse_args()
         print(
-            f"nextchar serve benchmark: {len(CASES)} cases x 2 servers x {args.duration + args.warmup:.0f} s"
+            f"nextchar serve benchmark: {len(CASES)} cases x {args.rounds} rounds x 2-3 servers"
+            f" x {args.duration + args.warmup:.0f} s"
         )
-        result = main(args.duration, args.warmup)
+        result = main(args.duration, args.warmup, args.rounds)
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
         path.write_text(json.dumps(result, indent=2))
