@@ -244,7 +244,7 @@ def run_client(
     port: int, streams: int, chunk: int, duration: float, warmup: float, server_pid: int
 ) -> dict[str, Any]:
     """One load run; adds the server's CPU use (cores, and µs per message, both sides)."""
-    cpu0, wall0 = cpu_seconds(server_pid), time.perf_counter()
+    cpu0, wall0 = cpu_seconds(server_pid), time.perf_counter()  # (the client's start-up included)
     cmd = [
         sys.executable,
         __file__,
@@ -260,10 +260,15 @@ def run_client(
         raise RuntimeError(done.stderr)
     result = dict(json.loads(done.stdout.strip().splitlines()[-1]))
     cpu1, wall = cpu_seconds(server_pid), time.perf_counter() - wall0
-    rate = result["messages_per_sec"] * duration / (duration + warmup)  # messages/s over the whole run
-    result["server_cpu"] = (cpu1 - cpu0) / wall if cpu0 is not None and cpu1 is not None else None
+    rate = result["messages_per_sec"]  # steady from the first message: warm-up included
+    server_seconds = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+    result["server_cpu"] = server_seconds / wall if server_seconds is not None else None  # cores
     if rate:
-        result["server_us_per_message"] = result["server_cpu"] and result["server_cpu"] / rate * 1e6
+        # the server works only while messages flow (warm-up + measured window); the client's
+        # own figure already covers exactly that span
+        result["server_us_per_message"] = (
+            server_seconds / (rate * (duration + warmup)) * 1e6 if server_seconds is not None else None
+        )
         result["client_us_per_message"] = result["client_cpu"] / rate * 1e6
     return result
 
@@ -367,8 +372,10 @@ def main(duration: float, warmup: float, rounds: int) -> dict[str, Any]:
         # the same arithmetic as the service's (top-k and surprisal included), in-process
         "64char_100_streams_vs_batcher_100x64": chunked["chars_per_sec"]
         / ceiling["batcher_100x64_chars_per_sec"],
-        # the 2-core budget: server (loop + compute worker) and load client, in cores
-        "64char_100_streams_server_cores": chunked.get("server_cpu") or 0.0,
+        # the 2-core budget while messages flow: server (loop + compute worker) and load client
+        "64char_100_streams_server_cores": (chunked.get("server_us_per_message") or 0.0)
+        * chunked["messages_per_sec"]
+        / 1e6,
         "64char_100_streams_client_cores": chunked["client_cpu"],
     }
     return {
