@@ -11,8 +11,9 @@ a non-blocking write and the answer arrives as the loop reads the socket, so
 nothing waits for the GIL, and the batcher can queue the next batch behind the one
 computing (answers come back in the order asked). Frames are an 8-byte length and
 a pickle (protocol 5: arrays travel as raw bytes). Models are sent once per model
-object. If the worker fails, every waiting batch gets RuntimeError; the batcher
-then computes in its thread from then on: slower, never wrong.
+object. If the worker fails, or hangs past a batch's deadline, every waiting batch
+gets RuntimeError; the batcher then computes in its thread from then on: slower,
+never wrong.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from nextchar.core.model import CharRNN
 from nextchar.server.stepping import Advanced, Packed
 
 FRAME = struct.Struct("!Q")  # payload length
+DEADLINE = 30.0  # seconds: far beyond any batch's time, even on a loaded machine...
+DEADLINE_CHARS_PER_SEC = 10_000  # ...plus its characters at 1/30 of the usual speed
 
 
 def _frame(message: Any) -> list[bytes]:
@@ -81,7 +84,8 @@ def worker_main(sock: socket.socket) -> None:
 class ComputeProcess:
     """The server's side of the worker; every method runs on the event loop's thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float = DEADLINE) -> None:
+        self.deadline = deadline  # seconds a batch may take, plus its size at DEADLINE_CHARS_PER_SEC
         self._sock, child = socket.socketpair()
         self._child: socket.socket | None = child
         ctx = mp.get_context("spawn")  # fork would copy the server's threads and sockets
@@ -124,7 +128,13 @@ class ComputeProcess:
         future: asyncio.Future[Advanced] = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
         await writer.drain()
-        return await future
+        # a worker that hangs without dying must not stall the server's big batches forever
+        deadline = self.deadline + int(packed.idx.size) / DEADLINE_CHARS_PER_SEC
+        try:
+            return await asyncio.wait_for(future, deadline)
+        except TimeoutError:
+            self._fail(f"compute worker gave no answer in {deadline:.0f} s")
+            raise RuntimeError(self._failure) from None
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         """Hand each answer to the oldest waiting batch; on any failure, fail them all."""
@@ -166,6 +176,6 @@ class ComputeProcess:
 
     def _stop_process(self) -> None:
         self._proc.join(2)  # the worker sees end-of-stream and returns
-        if self._proc.is_alive():
-            self._proc.terminate()
+        if self._proc.is_alive():  # hung (or stopped): SIGKILL, which even a stopped process obeys
+            self._proc.kill()
             self._proc.join(2)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -228,5 +230,38 @@ def test_a_killed_compute_worker_falls_back_to_the_batch_thread() -> None:
                 r.distribution, solo(model, "hello world")[1][6:], rtol=1e-5, atol=1e-6
             )
         await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_a_hung_compute_worker_is_given_up_after_its_deadline() -> None:
+    """SIGSTOP: the worker neither answers nor dies. The batch fails over to the thread."""
+    mv = version()
+    model = mv.model
+    assert model is not None
+
+    async def main() -> None:
+        batcher = Batcher(inline_chars=0, compute_process=True)
+        assert batcher._worker is not None  # a short deadline for the test
+        batcher._worker.deadline = 0.5
+        batcher.start()
+        sessions = [Session.fresh(str(i), mv) for i in range(10)]
+        await asyncio.gather(*(batcher.predict(s, VOCAB.encode("hello "), 2, False) for s in sessions))
+        pid = batcher.worker_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        start = time.monotonic()
+        results = await asyncio.gather(
+            *(batcher.predict(s, VOCAB.encode("world"), 2, True) for s in sessions)
+        )
+        assert 0.5 <= time.monotonic() - start < 10 and batcher.worker_pid is None
+        for r in results:
+            assert r.distribution is not None
+            np.testing.assert_allclose(
+                r.distribution, solo(model, "hello world")[1][6:], rtol=1e-5, atol=1e-6
+            )
+        await batcher.close()
+        with contextlib.suppress(ProcessLookupError):  # killed by close(); never left stopped
+            os.kill(pid, signal.SIGCONT)
 
     asyncio.run(main())
