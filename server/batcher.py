@@ -438,8 +438,8 @@ class Batcher:
         else waits until nothing computes."""
         if not self._flights:
             return True
-        if len(self._flights) >= MAX_IN_FLIGHT:
-            return False
+        if len(self._flights) >= MAX_IN_FLIGHT or len(self._pending) < self._returning:
+            return False  # (the second test spares building the set on most of the loop's wake-ups)
         waiting = {id(w.session) for w in self._pending} - self._flying
         return len(waiting) >= self._returning
 
