@@ -2,8 +2,9 @@
 
 Each method validates its request, calls sessions / batcher / registry / jobs, and
 maps the answer to a message. Every ServiceError becomes ``context.abort(code,
-message)`` in one place (the decorators below), which is the status-code
-table of docs/api.md. No model math here: predictions go through the batcher.
+message, details)`` in one place (``refuse``, under the decorators below), which is
+the status-code table of docs/api.md. No model math here: predictions go through
+the batcher.
 """
 
 from __future__ import annotations
