@@ -2,7 +2,7 @@
 
 Run: ``make bench-load`` (or ``python bench/load_bench.py [--sessions 1000] [--duration 60]``).
 
-The server runs as its own process (``python -m nextchar.server``, the H=256 rnn of
+The server runs as its own process (``python -m nextchar.cli serve``, the H=256 rnn of
 serve_bench.py); the load comes from separate client processes (grpc.aio), each
 holding its share of the sessions as ping-pong PredictStreams (one chunk out, its
 reply back, again) for the whole run. Every reply is checked: its offset must

@@ -2,13 +2,13 @@
 
 Run: ``make bench-serve`` (or ``python bench/serve_bench.py [--duration S] [--rounds N]``).
 
-Both servers run as their own processes (nextchar via ``python -m nextchar.server``,
+Both servers run as their own processes (nextchar via ``python -m nextchar.cli serve``,
 one BLAS thread); the load comes from a separate client process (grpc.aio), one
 ping-pong stream per simulated client: 1, 100 and 1,000 concurrent streams, with
 1-character messages and 64-character chunks, top-3 predictions. Reported per
 case: characters/s, messages/s, p50/p99 per-message latency, and nextchar/echo
 ratios; plus the in-process batched-step throughput of the same H=256 rnn model
-(``model.step`` over N sessions, and the batcher's ``step_chunks`` with top-k),
+(``model.step`` over N sessions, and the scheduler's batch ``compute`` with top-k),
 the compute ceiling the service is measured against. The 64-character cases also
 run against a second nextchar server that computes big batches in a thread instead
 of its compute worker process (``--compute-in-thread``). Results go to
@@ -57,7 +57,8 @@ def corpus() -> str:
 
 def make_model() -> Any:
     """An H=256 rnn over the corpus's alphabet; random weights cost the same as trained ones."""
-    from nextchar.core.model import CharRNN, ModelConfig
+    from nextchar.core.config import ModelConfig
+    from nextchar.core.model import CharRNN
     from nextchar.core.vocab import Vocab
 
     return CharRNN.create(ModelConfig(cell="rnn", hidden=HIDDEN), Vocab.from_text(corpus()), seed=0)
@@ -170,9 +171,9 @@ async def load(port: int, streams: int, chunk: int, duration: float, warmup: flo
 
 
 def compute_ceiling(seconds: float = 1.5) -> dict[str, Any]:
-    from nextchar.server.batcher import PredictWork, step_chunks
+    from nextchar.server.batching.work import BatchStats, PredictWork, compute
     from nextchar.server.registry import ModelVersion
-    from nextchar.server.sessions import Session
+    from nextchar.server.sessions.session import Session
 
     model = make_model()
     out: dict[str, Any] = {}
@@ -202,7 +203,7 @@ def compute_ceiling(seconds: float = 1.5) -> dict[str, Any]:
         ]
         rounds, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 3 or rounds < 2:
-            step_chunks(model, works)
+            compute(works, BatchStats())
             rounds += 1
         out[f"batcher_{n}x64_chars_per_sec"] = n * 64 * rounds / (time.perf_counter() - start)
     loop.close()
@@ -285,7 +286,8 @@ def server_command(model_dir: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "nextchar.server",
+        "nextchar.cli",
+        "serve",
         "--port",
         "0",
         "--model-dir",

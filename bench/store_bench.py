@@ -3,7 +3,7 @@
     python bench/store_bench.py [--seconds 4] [--streams 16]
 
 Starts a throwaway redis-server (no persistence) and, per store mode, one server
-process (``python -m nextchar.server --compute-in-thread``, the notebook model) on
+process (``python -m nextchar.cli serve --compute-in-thread``, the notebook model) on
 loopback; measures a 1-character ping-pong stream (p50/p99 per message) and
 64-character chunks from --streams concurrent streams (characters/s). Modes:
 memory, redis (state written after every message), redis with
@@ -44,7 +44,7 @@ def free_port() -> int:
 
 
 def start_server(model_dir: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "nextchar.server", "--port", "0", "--model-dir", str(model_dir)]
+    cmd = [sys.executable, "-m", "nextchar.cli", "serve", "--port", "0", "--model-dir", str(model_dir)]
     proc = subprocess.Popen([*cmd, "--compute-in-thread", *args], stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     lines: queue.Queue[str] = queue.Queue()

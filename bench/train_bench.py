@@ -104,8 +104,8 @@ def run_nextchar(data: str, cell: str, shape: dict[str, int], chars: int, log_ev
     """
     from importlib.metadata import version
 
-    from nextchar.core.model import ModelConfig
-    from nextchar.core.train import TrainConfig, train
+    from nextchar.core.config import ModelConfig, TrainConfig
+    from nextchar.core.train import train
 
     text = Path(data).read_text(encoding="utf-8")
     res = train(

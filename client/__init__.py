@@ -43,8 +43,7 @@ from nextchar.client.results import (
 )
 from nextchar.client.session import Session
 from nextchar.client.training import TrainingRun
-from nextchar.core.model import ModelConfig
-from nextchar.core.train import TrainConfig
+from nextchar.core.config import ModelConfig, TrainConfig
 
 __all__ = [
     "DEFAULT_TIMEOUT",

@@ -35,8 +35,7 @@ from nextchar.client.results import (
 )
 from nextchar.client.session import Session, sample
 from nextchar.client.training import TrainingRun, train_request
-from nextchar.core.model import ModelConfig
-from nextchar.core.train import TrainConfig
+from nextchar.core.config import ModelConfig, TrainConfig
 from nextchar.proto import nextchar_pb2 as pb
 
 DEFAULT_TIMEOUT = 10.0  # seconds per unary call; generous for a loaded 2-core server

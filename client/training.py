@@ -11,8 +11,7 @@ from collections.abc import Callable, Iterator
 
 from nextchar.client.errors import ServerError
 from nextchar.client.results import Job, JobEvent, Progress
-from nextchar.core.model import ModelConfig
-from nextchar.core.train import TrainConfig, check_text
+from nextchar.core.config import ModelConfig, TrainConfig, check_text
 from nextchar.proto import nextchar_pb2 as pb
 
 

@@ -1,6 +1,5 @@
-"""nextchar.core: the NumPy character-level RNN — vocabulary, cells, training, sampling, model files."""
+"""nextchar.core: the NumPy character-level RNN: configs, vocabulary, cells, training, inference, model files.
 
-from nextchar.core.model import CharRNN, ModelConfig
-from nextchar.core.vocab import UNK, Vocab
-
-__all__ = ["UNK", "CharRNN", "ModelConfig", "Vocab"]
+This package imports nothing itself: ``nextchar.core.config`` (the configs, free of
+NumPy) must stay importable by a client that has no NumPy installed.
+"""

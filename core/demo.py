@@ -20,9 +20,11 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from nextchar.core.config import ModelConfig, TrainConfig
 from nextchar.core.history import export_history
-from nextchar.core.model import CharRNN, ModelConfig
-from nextchar.core.train import TrainConfig, train
+from nextchar.core.inference import advance, feed, initial_probs
+from nextchar.core.model import CharRNN
+from nextchar.core.train import train
 
 NOTEBOOK_TEXT = "hello world hello world hello world"
 
@@ -49,15 +51,16 @@ def notebook_configs(
 
 def stateful_predictions(model: CharRNN, text: str) -> str:
     """The prediction after each character, one hidden state carried through the text."""
-    _, probs = model.run(model.initial_state(1)[0], model.vocab.encode(text))
-    return model.vocab.decode(probs.argmax(axis=1))
+    out = feed(model, model.initial_state(1)[0], initial_probs(model), model.vocab.encode(text))
+    return model.vocab.decode(out.top_index[:, 0, 0])
 
 
 def stateless_predictions(model: CharRNN, text: str) -> str:
-    """The notebook's demo: every character fed to a fresh zero state."""
+    """The notebook's demo: every character fed to a fresh zero state, as N one-character sessions."""
     idx = model.vocab.encode(text)
-    _, probs = model.step(model.initial_state(len(idx)), idx)
-    return model.vocab.decode(probs.argmax(axis=1))
+    start = np.tile(initial_probs(model), (len(idx), 1))
+    out = advance(model, idx[None, :], [1] * len(idx), model.initial_state(len(idx)), start, 1, False)
+    return model.vocab.decode(out.top_index[0, :, 0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,12 +7,9 @@ model's next-character distribution, so bits/char is comparable across losses.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 from nextchar.core.cells import sigmoid
-
-Loss = Literal["ce", "sigmoid_mse"]
+from nextchar.core.config import LOSSES as LOSS_NAMES
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -60,3 +57,4 @@ def sigmoid_mse(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndar
 
 
 LOSSES = {"ce": cross_entropy, "sigmoid_mse": sigmoid_mse}
+assert tuple(LOSSES) == LOSS_NAMES, "nextchar.core.config.LOSSES must name exactly the losses defined here"

@@ -3,8 +3,8 @@
 The model contract is min-char-rnn's: ``loss_and_grads(inputs, targets, state)``
 returns ``(loss, grads, state_last)`` for a (T, B) chunk, and the gradients are checked
 against finite differences in tests/test_gradients.py. Inference has two shapes:
-``step`` advances N independent sessions by one character each (the server batches
-every waiting session into this one call), ``run`` feeds a whole chunk to one state.
+``step`` advances N independent sessions by one character each, ``forward`` runs a
+(T, B) chunk; nextchar.core.inference builds every prediction (server, demo) on them.
 
 Parameters (l = layer, G = gates of the cell):
   l{l}.Wxh (V or H, G*H)  input weights; layer 0 rows are gathered, never multiplied by a one-hot
@@ -16,48 +16,26 @@ Parameters (l = layer, G = gates of the cell):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from nextchar.core import cells, losses
+from nextchar.core import losses
+from nextchar.core.cells import CELLS, LayerCache
+from nextchar.core.config import ModelConfig
 from nextchar.core.vocab import Vocab
 
 Params = dict[str, np.ndarray]
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    cell: str = "rnn"
-    hidden: int = 256
-    layers: int = 1
-    loss: str = "ce"
-    dtype: str = "float32"  # float64 for gradient checks
-
-    def __post_init__(self) -> None:
-        if self.cell not in cells.GATES:
-            raise ValueError(f"cell must be one of {sorted(cells.GATES)}, got {self.cell!r}")
-        if not 1 <= self.hidden <= 4096:
-            raise ValueError(f"hidden must be in 1..4096, got {self.hidden}")
-        if not 1 <= self.layers <= 3:
-            raise ValueError(f"layers must be in 1..3, got {self.layers}")
-        if self.loss not in losses.LOSSES:
-            raise ValueError(f"loss must be one of {sorted(losses.LOSSES)}, got {self.loss!r}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def param_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
-    H, V, G = config.hidden, vocab_size, cells.GATES[config.cell] * config.hidden
+    cell = CELLS[config.cell]
+    H, V, G = config.hidden, vocab_size, cell.gates * config.hidden
     shapes: dict[str, tuple[int, ...]] = {}
     for layer in range(config.layers):
         shapes[f"l{layer}.Wxh"] = (V if layer == 0 else H, G)
         shapes[f"l{layer}.Whh"] = (H, G)
         shapes[f"l{layer}.bh"] = (G,)
-        if config.cell == "gru":
+        if cell.has_bhn:
             shapes[f"l{layer}.bhn"] = (H,)
     shapes["Why"] = (H, V)
     shapes["by"] = (V,)
@@ -92,6 +70,7 @@ class CharRNN:
             if params[name].shape != shape:
                 raise ValueError(f"{name} has shape {params[name].shape}, expected {shape}")
         self.config = config
+        self.cell = CELLS[config.cell]
         self.vocab = vocab
         self.params = {k: np.ascontiguousarray(v, dtype=config.dtype) for k, v in params.items()}
 
@@ -105,7 +84,7 @@ class CharRNN:
 
     @property
     def layer_width(self) -> int:
-        return cells.STATE_WIDTH[self.config.cell] * self.config.hidden
+        return self.cell.state_width * self.config.hidden
 
     @property
     def state_size(self) -> int:
@@ -119,18 +98,18 @@ class CharRNN:
 
     def forward(
         self, inputs: np.ndarray, state: np.ndarray
-    ) -> tuple[list[cells.LayerCache], np.ndarray, np.ndarray]:
+    ) -> tuple[list[LayerCache], np.ndarray, np.ndarray]:
         """Run a (T, B) chunk from state (B, S): (layer caches, logits (T*B, V), state after it)."""
         cfg, p = self.config, self.params
         T, B = inputs.shape
         W = self.layer_width
-        caches: list[cells.LayerCache] = []
+        caches: list[LayerCache] = []
         new_state = np.empty_like(state)
         x: np.ndarray | None = None  # (T, B, H) output of the layer below
         for layer in range(cfg.layers):
             xp = self._input_projection(layer, inputs, x)
             s0 = state[:, layer * W : (layer + 1) * W]
-            s_last, cache = cells.forward(cfg.cell, xp, s0, p[f"l{layer}.Whh"], p.get(f"l{layer}.bhn"))
+            s_last, cache = self.cell.forward(xp, s0, p[f"l{layer}.Whh"], p.get(f"l{layer}.bhn"))
             new_state[:, layer * W : (layer + 1) * W] = s_last
             caches.append(cache)
             x = cache.hs
@@ -154,7 +133,7 @@ class CharRNN:
         dhs = (dlogits @ p["Why"].T).reshape(T, B, H)
         for layer in reversed(range(cfg.layers)):
             cache = caches[layer]
-            dxp, dWhh, dbhn = cells.backward(cfg.cell, cache, dhs, p[f"l{layer}.Whh"])
+            dxp, dWhh, dbhn = self.cell.backward(cache, dhs, p[f"l{layer}.Whh"])
             dxp2 = dxp.reshape(T * B, -1)
             grads[f"l{layer}.Whh"] = dWhh
             grads[f"l{layer}.bh"] = dxp2.sum(axis=0)
@@ -188,8 +167,7 @@ class CharRNN:
         x: np.ndarray | None = None
         for layer in range(cfg.layers):
             xp = self._input_projection(layer, inputs, x)
-            s = cells.step(
-                cfg.cell,
+            s = self.cell.step(
                 xp,
                 state[:, layer * W : (layer + 1) * W],
                 p[f"l{layer}.Whh"],
@@ -201,11 +179,6 @@ class CharRNN:
         # one layer (the common case): its new state is already a fresh array
         new_state = layers[0] if len(layers) == 1 else np.concatenate(layers, axis=1)
         return new_state, self.probabilities(x)
-
-    def run(self, state: np.ndarray, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Feed a chunk (T,) to one state (S,): returns (state after it, probs (T, V) after each char)."""
-        _, logits, new_state = self.forward(inputs.reshape(-1, 1), state[None, :])
-        return new_state[0], losses.probabilities(self.config.loss, logits)
 
     def probabilities(self, h: np.ndarray) -> np.ndarray:
         """Next-character distribution (N, V) from the top layer's hidden state (N, H)."""

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 from nextchar.core.atomic import atomic_write
-from nextchar.core.model import CharRNN, ModelConfig, Params, param_shapes
+from nextchar.core.config import ModelConfig
+from nextchar.core.model import CharRNN, Params, param_shapes
 from nextchar.core.vocab import Vocab
 
 FORMAT = "nextchar.model"

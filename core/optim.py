@@ -7,10 +7,9 @@ so a training step reads as: clip(grads); optimizer.update(params, grads).
 from __future__ import annotations
 
 import numpy as np
+from nextchar.core.config import OPTIMIZERS
 
 Params = dict[str, np.ndarray]
-OPTIMIZERS = ("sgd", "adagrad", "adam")
-CLIPS = ("none", "value", "norm")
 
 
 def clip_grads(grads: Params, mode: str, limit: float) -> float:

@@ -5,7 +5,7 @@ characters of every stream, starting from the hidden state the previous step end
 in (reset at each epoch). Validation streams the held-out tail through one carried
 state, so its bits/char is what a session on the server would see.
 
-Run: ``python -m nextchar.client.cli train --local FILE`` (or ``nextchar train``).
+Run: ``nextchar train --local FILE`` (or through the service: ``nextchar train FILE``).
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from nextchar.core.config import ModelConfig, TrainConfig, check_text, split_text
 from nextchar.core.evaluate import evaluate_indices
 from nextchar.core.memory import keep_freed_memory
-from nextchar.core.model import CharRNN, ModelConfig
-from nextchar.core.optim import CLIPS, OPTIMIZERS, Optimizer, clip_grads
+from nextchar.core.model import CharRNN
+from nextchar.core.optim import Optimizer, clip_grads
 from nextchar.core.vocab import Vocab
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -39,69 +40,11 @@ class TrainingCancelled(RuntimeError):
     """should_stop() asked the run to end; nothing from the run should be kept."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    seq_len: int = 64  # T: BPTT window
-    batch: int = 64  # B: parallel streams; one update per B*T characters
-    epochs: int = 10
-    lr: float = 2e-3
-    optimizer: str = "adam"
-    clip: str = "norm"  # "value" is the notebook's elementwise clip
-    clip_value: float = 5.0
-    val_fraction: float = 0.1  # the tail of the text, never seen in training
-    patience: int = 0  # epochs without a better validation loss before stopping; 0 = off
-    seed: int = 0
-    log_every: int = 100  # steps between progress records (epoch ends always report)
-    max_chars: int = 0  # training-character budget; 0 = epochs decide
-    max_seconds: float = 0.0  # wall-clock budget; 0 = none
-
-    def __post_init__(self) -> None:
-        _require(1 <= self.seq_len <= 10_000, "seq_len", "in 1..10000", self.seq_len)
-        _require(1 <= self.batch <= 4096, "batch", "in 1..4096", self.batch)
-        _require(1 <= self.epochs <= 1_000_000, "epochs", "in 1..1000000", self.epochs)
-        _require(0 < self.lr <= 10 and math.isfinite(self.lr), "lr", "in (0, 10]", self.lr)
-        _require(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}", self.optimizer)
-        _require(self.clip in CLIPS, "clip", f"one of {CLIPS}", self.clip)
-        _require(0 < self.clip_value < math.inf, "clip_value", "positive", self.clip_value)
-        _require(0 <= self.val_fraction < 0.5, "val_fraction", "in [0, 0.5)", self.val_fraction)
-        _require(self.patience >= 0, "patience", ">= 0", self.patience)
-        _require(self.log_every >= 1, "log_every", ">= 1", self.log_every)
-        _require(self.max_chars >= 0, "max_chars", ">= 0", self.max_chars)
-        _require(self.max_seconds >= 0, "max_seconds", ">= 0", self.max_seconds)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _require(ok: bool, name: str, rule: str, value: object) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
-
-
 @dataclass
 class TrainResult:
     model: CharRNN
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def split_text(text: str, val_fraction: float) -> tuple[str, str]:
-    n_val = int(len(text) * val_fraction)
-    return text[: len(text) - n_val], text[len(text) - n_val :]
-
-
-def check_text(text: str, config: TrainConfig) -> None:
-    """Raise ValueError when the text cannot fill one (T, B) step after the validation split."""
-    train_text, val_text = split_text(text, config.val_fraction)
-    need = config.batch * config.seq_len + 1
-    if len(train_text) < need:
-        raise ValueError(
-            f"text: {len(train_text)} training characters cannot fill one step of "
-            f"batch {config.batch} x seq_len {config.seq_len} (needs {need}); "
-            "give more text or lower batch/seq_len"
-        )
-    if config.val_fraction > 0 and len(val_text) < 2:
-        raise ValueError("text: too short to hold out a validation split; set val_fraction 0")
 
 
 def train(

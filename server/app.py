@@ -19,6 +19,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,22 +27,24 @@ from grpc_reflection.v1alpha import reflection
 from nextchar.core.memory import keep_freed_memory
 from nextchar.proto import nextchar_pb2, nextchar_pb2_grpc
 from nextchar.server.auth import add_port, interceptors
-from nextchar.server.batcher import Batcher
+from nextchar.server.batching.scheduler import Scheduler
 from nextchar.server.blas import limit_blas_threads
 from nextchar.server.config import ServerConfig
 from nextchar.server.errors import ServiceError
-from nextchar.server.jobs import JobManager
 from nextchar.server.logs import configure_logging
 from nextchar.server.metrics import Metrics
-from nextchar.server.redis_store import RedisSessionStore
 from nextchar.server.registry import DEFAULT_NAME, Registry
 from nextchar.server.servicer import NextCharServicer
-from nextchar.server.sessions import InMemorySessionStore, Sessions, SessionStore
+from nextchar.server.sessions.manager import SessionManager
+from nextchar.server.sessions.memory import InMemorySessionStore
+from nextchar.server.sessions.redis_store import RedisSessionStore
+from nextchar.server.sessions.store import SessionStore
+from nextchar.server.training.jobs import JobManager
 
 log = logging.getLogger("nextchar.server")
 SWITCH_INTERVAL = 0.0005  # seconds
 SERVICE_NAME = nextchar_pb2.DESCRIPTOR.services_by_name["NextCharService"].full_name
-STORE_CHECK = 1.0  # seconds between pings of a shared session store (health follows it)
+STORE_CHECK = 1.0  # seconds between pings of the session store (health follows it)
 
 
 def train_default_model(registry: Registry) -> None:
@@ -60,8 +63,12 @@ def train_default_model(registry: Registry) -> None:
     )
 
 
-def make_store(config: ServerConfig, registry: Registry, metrics: Metrics) -> SessionStore:
-    """In this process's memory, or in the Redis that config.store names (shared by replicas)."""
+def make_store(
+    config: ServerConfig, registry: Registry, metrics: Metrics, replica: Callable[[], str]
+) -> SessionStore:
+    """In this process's memory, or in the Redis that config.store names (shared by replicas).
+
+    replica: this server's address once bound, recorded with each write to a shared store."""
     if config.store:
         return RedisSessionStore(
             config.store,
@@ -71,6 +78,7 @@ def make_store(config: ServerConfig, registry: Registry, metrics: Metrics) -> Se
             config.store_write_every,
             metrics.session_ended,
             metrics.store_rtt.observe,
+            replica,
         )
     return InMemorySessionStore(config.idle_timeout, config.session_lifetime, on_remove=metrics.session_ended)
 
@@ -82,27 +90,25 @@ class NextCharServer:
         self.config = config
         self.metrics = Metrics()
         self.registry = Registry(config.model_dir)
+        self.port = 0
         if store is None:  # (not `or`: an empty store has len 0)
-            store = make_store(config, self.registry, self.metrics)
-        self.shared = store if isinstance(store, RedisSessionStore) else None  # a store replicas share
-        self.sessions = Sessions(store, config.max_sessions)
-        self.batcher = Batcher(
+            store = make_store(config, self.registry, self.metrics, lambda: f"{config.host}:{self.port}")
+        self.store = store
+        self.scheduler = Scheduler(
             config.batch_inline_chars,
             config.compute_process,
             on_batch=self.metrics.batch,
-            commit=self.shared.commit if self.shared is not None else None,
+            commit=store.commit,
         )
+        self.sessions = SessionManager(store, self.scheduler, config.max_sessions, config.max_chunk_chars)
         self.jobs = JobManager(self.registry, config.max_jobs)
-        self.servicer = NextCharServicer(config, self.registry, self.sessions, self.batcher, self.jobs)
+        self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs)
         self.servicer.on_message = self.metrics.message_latency.observe
-        self.metrics.watch(
-            lambda: len(self.sessions.store), lambda: [j.state for j in list(self.jobs.jobs.values())]
-        )
+        self.metrics.watch(lambda: len(store), lambda: [j.state for j in list(self.jobs.jobs.values())])
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs predate health.aio
         self.grpc = grpc.aio.server(
             options=config.grpc_options(), interceptors=interceptors(config, self.metrics.auth_failed)
         )
-        self.port = 0
         self.metrics_port = 0  # the bound /metrics port once started, when config.metrics_port is set
         self._sweeper: asyncio.Task[None] | None = None
         self._store_watch: asyncio.Task[None] | None = None
@@ -124,14 +130,12 @@ class NextCharServer:
         self.port = add_port(self.grpc, self.config)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.address}")
-        self.batcher.start()
+        self.scheduler.start()
         await self.grpc.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-        if self.shared is not None:
-            self.shared.replica = f"{self.config.host}:{self.port}"
-            self._store_watch = asyncio.get_running_loop().create_task(self._watch_store(self.shared))
+        self._store_watch = asyncio.get_running_loop().create_task(self._watch_store())
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
@@ -144,20 +148,20 @@ class NextCharServer:
         while True:
             await asyncio.sleep(self.config.sweep_interval)
             try:
-                await self.sessions.store.sweep(time.time())
+                await self.store.sweep(time.time())
             except ServiceError as exc:  # a shared store down: sweep again next time
                 log.warning("session sweep failed: %s", exc)
 
-    async def _watch_store(self, store: RedisSessionStore) -> None:
-        """Health follows the shared store: NOT_SERVING while it is unreachable (every session
-        call would fail), SERVING again once it answers; the pool reconnects by itself."""
+    async def _watch_store(self) -> None:
+        """Health follows the session store: NOT_SERVING while it is unreachable (every session
+        call would fail), SERVING again once it answers; a shared store reconnects by itself."""
         serving = True
         while True:
             await asyncio.sleep(STORE_CHECK)
-            up = await store.ping()
+            up = await self.store.ping()
             if up != serving:
                 serving = up
-                log.warning("session store %s %s", store.url, "is back" if up else "is unreachable")
+                log.warning("session store %s %s", self.store, "is back" if up else "is unreachable")
                 status = (
                     health_pb2.HealthCheckResponse.SERVING
                     if up
@@ -187,9 +191,8 @@ class NextCharServer:
                 task.cancel()
         await self.grpc.stop(grace)
         await self.jobs.shutdown()
-        await self.batcher.close()
-        if self.shared is not None:
-            await self.shared.close()  # writes back sessions not yet written (store_write_every > 1)
+        await self.scheduler.close()
+        await self.store.close()  # a shared store writes back what is not written yet
         self.metrics.close()
         self._stopped.set()
 

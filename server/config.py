@@ -32,44 +32,95 @@ def default_model_dir() -> Path:
     return Path(base) / "nextchar" / "models"
 
 
+def _opt(text: str, **more: object) -> dict[str, object]:
+    """A field's command-line face (nextchar.cli.options reads it): help text, and optionally
+    flags (its option names), choices, file (an existing file) or secret (no default shown)."""
+    return {"help": text, **more}
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"  # loopback by default; listen wider only with a token and TLS
-    port: int = 50051  # 0 picks a free port (tests)
-    model_dir: Path = field(default_factory=default_model_dir)
-    max_sessions: int = 100_000  # ~1 KB each beyond the state: well under 1 GB at H=256
-    idle_timeout: float = 30 * 60.0  # seconds; long enough to reconnect after a network blip
-    session_lifetime: float = 0.0  # seconds; 0 = sessions live as long as they are used
-    max_chunk_chars: int = 4096  # characters per prediction message
-    max_top_k: int = 256
-    max_generate_chars: int = 100_000
-    max_message_bytes: int = 64 * MIB  # training text travels in one message
-    max_jobs: int = 1  # concurrent training workers; the machine has 2 cores and serves too
-    grace: float = 10.0  # seconds live streams get to finish when draining
-    sweep_interval: float = 30.0  # seconds between idle-session sweeps
-    train_default_if_empty: bool = True  # first start on an empty registry trains the notebook model
+    # loopback by default; listen wider only with a token and TLS
+    host: str = field(default="127.0.0.1", metadata=_opt("Interface to listen on."))
+    port: int = field(default=50051, metadata=_opt("Port; 0 picks a free one."))
+    model_dir: Path = field(default_factory=default_model_dir, metadata=_opt("Model registry directory."))
+    # ~1 KB each beyond the state: well under 1 GB at H=256
+    max_sessions: int = field(
+        default=100_000, metadata=_opt("Cap on live sessions; new ones are refused beyond it.")
+    )
+    # long enough to reconnect after a network blip
+    idle_timeout: float = field(default=30 * 60.0, metadata=_opt("Seconds an unused session lives."))
+    session_lifetime: float = field(default=0.0, metadata=_opt("Seconds any session lives; 0 = unlimited."))
+    max_chunk_chars: int = field(default=4096, metadata=_opt("Characters per prediction message."))
+    max_top_k: int = field(default=256, metadata=_opt("Most candidates a prediction may ask for."))
+    max_generate_chars: int = field(
+        default=100_000, metadata=_opt("Most characters one Generate may produce (and prime).")
+    )
+    # training text travels in one message
+    max_message_bytes: int = field(default=64 * MIB, metadata=_opt("Largest gRPC message, in bytes."))
+    # the machine has 2 cores and serves too
+    max_jobs: int = field(default=1, metadata=_opt("Concurrent training jobs."))
+    grace: float = field(default=10.0, metadata=_opt("Seconds live streams get to finish on SIGTERM."))
+    sweep_interval: float = field(default=30.0, metadata=_opt("Seconds between idle-session sweeps."))
+    train_default_if_empty: bool = field(
+        default=True,
+        metadata=_opt(
+            "Train the notebook model when the registry is empty.",
+            flags=("--default-model/--no-default-model",),
+        ),
+    )
     # batches of at most this many characters run on the event loop; bigger ones off it,
     # where NumPy's products overlap gRPC work (a hop costs more than a small batch)
-    batch_inline_chars: int = 1024
-    # off the loop: in a worker process (nextchar.server.compute), free of the server's
-    # GIL; False: in a thread (slower: ~160k against ~230k chars/s in 64-char chunks)
-    compute_process: bool = True
+    batch_inline_chars: int = field(
+        default=1024, metadata=_opt("Batches of at most this many characters compute on the event loop.")
+    )
+    # off the loop: in the compute process (nextchar.server.batching.process), free of the
+    # server's GIL; False: in a thread (slower: ~160k against ~230k chars/s in 64-char chunks)
+    compute_process: bool = field(
+        default=True,
+        metadata=_opt(
+            "Compute big batches in a separate process (off the server's GIL) or in a thread.",
+            flags=("--compute-process/--compute-in-thread",),
+        ),
+    )
     # security (nextchar.server.auth): an empty token means no authentication;
     # repr=False because configs get logged and the token must not be
-    token: str = field(default="", repr=False)
-    tls_cert: Path | None = None  # PEM chain; with tls_key the port speaks TLS only
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None  # PEM CA bundle: clients must show a certificate it signed (mTLS)
+    token: str = field(
+        default="", repr=False, metadata=_opt("Demand this bearer token on every call.", secret=True)
+    )
+    # with tls_key the port speaks TLS only
+    tls_cert: Path | None = field(
+        default=None, metadata=_opt("Serve TLS with this certificate chain (PEM).", file=True)
+    )
+    tls_key: Path | None = field(
+        default=None, metadata=_opt("The certificate's private key (PEM).", file=True)
+    )
+    tls_client_ca: Path | None = field(
+        default=None, metadata=_opt("Demand client certificates signed by this CA (mutual TLS).", file=True)
+    )
     # observability (nextchar.server.metrics, nextchar.server.logs)
-    metrics_port: int | None = None  # Prometheus over HTTP on host:metrics_port; None = off, 0 = any free
-    log_format: str = "text"  # "json": one object per line, with the session id where there is one
-    log_level: str = "info"
+    metrics_port: int | None = field(
+        default=None, metadata=_opt("Serve Prometheus /metrics on this port; 0 = any free.")
+    )
+    # json: one object per line, with the session id where there is one
+    log_format: str = field(
+        default="text", metadata=_opt("Log lines as text or JSON.", choices=("text", "json"))
+    )
+    log_level: str = field(
+        default="info",
+        metadata=_opt("Least severe log level shown.", choices=("debug", "info", "warning", "error")),
+    )
     # sessions: "" keeps them in this process; redis://HOST:PORT/DB shares them between replicas
-    # (nextchar.server.redis_store, docs/deploy.md)
-    store: str = ""
-    # with a shared store: write a session's state every N characters (its version moves every
-    # message). 1 = after every message: a replica's crash loses nothing that was answered
-    store_write_every: int = 1
+    # (nextchar.server.sessions.redis_store, docs/deploy.md)
+    store: str = field(
+        default="", metadata=_opt("redis://HOST:PORT/DB: sessions shared by replicas; in memory if unset.")
+    )
+    # with a shared store the version moves every message; 1 = the state too, so a
+    # replica's crash loses nothing that was answered
+    store_write_every: int = field(
+        default=1,
+        metadata=_opt("Characters between a session's state writes to the store (1 = every message)."),
+    )
 
     def __post_init__(self) -> None:
         checks = {

@@ -13,11 +13,12 @@ import math
 from typing import Any
 
 import numpy as np
+from nextchar.core.vocab import UNK
 from nextchar.proto import nextchar_pb2 as pb
-from nextchar.server.batcher import ChunkResult
-from nextchar.server.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job
+from nextchar.server.batching.work import ChunkResult
 from nextchar.server.registry import ModelVersion
-from nextchar.server.sessions import Session
+from nextchar.server.sessions.session import Session
+from nextchar.server.training.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job
 
 JOB_STATES = {
     RUNNING: pb.JOB_STATE_RUNNING,
@@ -43,7 +44,7 @@ def session_info(session: Session, idle_timeout: float, lifetime: float) -> pb.S
     )
 
 
-def fill_predictions(msg: pb.Predictions, result: ChunkResult, idx: np.ndarray, unknown_chars: str) -> None:
+def fill_predictions(msg: pb.Predictions, result: ChunkResult) -> None:
     """Fill msg in place, the reply's own sub-message: passing a built Predictions to the
     reply's constructor would copy it (~15% of building the reply)."""
     top_index, top_prob, surprisal_bits = result.reply_lists()
@@ -56,9 +57,9 @@ def fill_predictions(msg: pb.Predictions, result: ChunkResult, idx: np.ndarray, 
     distribution = result.distribution
     if distribution is not None:
         msg.distribution.extend(distribution.astype(np.float32).ravel().tolist())
-    if unknown_chars:
-        msg.unknown_positions.extend(np.flatnonzero(idx == 0).tolist())
-        msg.unknown_chars = unknown_chars
+    if result.unknown_chars:
+        msg.unknown_positions.extend(np.flatnonzero(result.idx == UNK).tolist())
+        msg.unknown_chars = result.unknown_chars
 
 
 def _finite(value: Any) -> float | None:
@@ -126,10 +127,10 @@ def model_info(mv: ModelVersion, default: ModelVersion | None) -> pb.ModelInfo:
     )
     with contextlib.suppress(OSError):
         msg.file_bytes = mv.path.stat().st_size
-    if mv.model is not None:
-        cfg = mv.model.config
+    if mv.net is not None:
+        cfg = mv.net.config
         msg.cell, msg.hidden, msg.layers = cfg.cell, cfg.hidden, cfg.layers
-        msg.vocab_size = mv.model.vocab.size
+        msg.vocab_size = mv.net.vocab.size
     bpc = bits_per_char(mv)
     if bpc is not None:
         msg.bits_per_char = bpc

@@ -31,8 +31,8 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
-from nextchar.server.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED
-from nextchar.server.sessions import GONE_REASONS, reason_label
+from nextchar.server.sessions.store import GONE_REASONS, reason_label
+from nextchar.server.training.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from nextchar.core.atomic import atomic_write
+from nextchar.core.inference import initial_probs
 from nextchar.core.model import CharRNN
 from nextchar.core.modelfile import ModelFileError, load_model, save_model
 from nextchar.server.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -45,7 +46,7 @@ class ModelVersion:
     name: str
     version: int
     path: Path
-    model: CharRNN | None = None
+    net: CharRNN | None = None  # the network, when its file loaded
     reason: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -54,16 +55,16 @@ class ModelVersion:
 
     @property
     def available(self) -> bool:
-        return self.model is not None
+        return self.net is not None
 
     @property
     def checksum(self) -> str:
         return str(self.meta.get("checksum", ""))
 
     def require(self) -> CharRNN:
-        if self.model is None:
+        if self.net is None:
             raise FailedPrecondition(f"model {self.name} v{self.version} is unavailable: {self.reason}")
-        return self.model
+        return self.net
 
     @classmethod
     def load(cls, name: str, version: int, path: Path) -> ModelVersion:
@@ -81,14 +82,12 @@ class ModelVersion:
         name: str,
         version: int,
         path: Path,
-        model: CharRNN,
+        net: CharRNN,
         history: list[dict[str, Any]],
         summary: dict[str, Any],
         meta: dict[str, Any],
     ) -> ModelVersion:
-        h0 = np.zeros((1, model.config.hidden), dtype=model.dtype)  # every cell starts from zeros
-        probs = model.probabilities(h0)[0]
-        return cls(name, version, path, model, "", history, summary, meta, probs)
+        return cls(name, version, path, net, "", history, summary, meta, initial_probs(net))
 
     def encode(self, text: str) -> tuple[np.ndarray, bool]:
         """(indices (n,) int64, whether any character is unknown: index 0)."""

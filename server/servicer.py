@@ -1,10 +1,9 @@
 """NextCharService: the thin adapter between nextchar.v1 messages and the server's parts.
 
-Each method validates its request, calls sessions / batcher / registry / jobs, and
-maps the answer to a message. Every ServiceError becomes ``context.abort(code,
+Each method validates its request, calls the session manager / registry / jobs,
+and maps the answer to a message. Every ServiceError becomes ``context.abort(code,
 message, details)`` in one place (``refuse``, under the decorators below), which is
-the status-code table of docs/api.md. No model math here: predictions go through
-the batcher.
+the status-code table of docs/api.md. No model math and no session rules here.
 """
 
 from __future__ import annotations
@@ -21,16 +20,17 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from nextchar.core.sampling import check_sampling
+from nextchar.core.config import Sampling
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.proto import nextchar_pb2_grpc as pb_grpc
 from nextchar.server import messages
-from nextchar.server.batcher import Batcher
 from nextchar.server.config import ServerConfig
 from nextchar.server.errors import FailedPrecondition, InvalidArgument, ServiceError
-from nextchar.server.jobs import JobManager
 from nextchar.server.registry import DEFAULT_NAME, ModelVersion, Registry
-from nextchar.server.sessions import Session, Sessions, StaleSession
+from nextchar.server.sessions.manager import SessionManager
+from nextchar.server.sessions.session import Session
+from nextchar.server.sessions.snapshot import SnapshotMismatch, decode_state, encode_array, same_model
+from nextchar.server.training.jobs import JobManager
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -39,7 +39,6 @@ SNAPSHOT_FORMAT = 1
 MAX_OFFSET = 2**63 - 1  # an imported offset leaves room for ~9e18 more characters
 DEFAULT_TOP_K = 3
 GENERATE_PIECE = 64  # characters per Generate response
-STALE_RETRIES = 3  # re-runs of a chunk whose session another replica advanced meanwhile
 log = logging.getLogger("nextchar.server")
 
 
@@ -98,12 +97,11 @@ async def refuse(method: str, exc: ServiceError, context: Ctx) -> None:
 
 class NextCharServicer(pb_grpc.NextCharServiceServicer):
     def __init__(
-        self, config: ServerConfig, registry: Registry, sessions: Sessions, batcher: Batcher, jobs: JobManager
+        self, config: ServerConfig, registry: Registry, sessions: SessionManager, jobs: JobManager
     ) -> None:
         self.config = config
         self.registry = registry
         self.sessions = sessions
-        self.batcher = batcher
         self.jobs = jobs
         self.live_streams = 0
         self.streams_idle = asyncio.Event()
@@ -158,46 +156,19 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         """Advance session through text and fill out, the reply's predictions."""
         start = time.perf_counter()
         self._check_text(text)
-        k = self._top_k(top_k, session.model)
-        if expect_offset is not None and expect_offset != session.offset:
-            await self.sessions.store.refresh(session)  # a replica's copy may be behind the shared store
-        idx, has_unknown = session.model.encode(text)
-        for attempt in range(STALE_RETRIES + 1):
-            if expect_offset is not None and expect_offset != session.offset:
-                raise FailedPrecondition(
-                    f"expect_offset: session {session.id!r} is at offset {session.offset}, not {expect_offset}; "
-                    "resume from the session's offset",
-                    field="expect_offset",
-                    offset=str(session.offset),
-                )
-            try:
-                result = await self.batcher.predict(session, idx, k, full)
-                break
-            except StaleSession:  # another replica advanced it: never answer from the old state
-                if attempt == STALE_RETRIES:
-                    raise
-                await self.sessions.store.refresh(session)
-        unknown = session.model.require().vocab.unknown(text) if has_unknown else ""
-        messages.fill_predictions(out, result, idx, unknown)
+        result = await self.sessions.predict(
+            session, text, self._top_k(top_k, session.model), full, expect_offset
+        )
+        messages.fill_predictions(out, result)
         self.on_message(time.perf_counter() - start)
-
-    async def _prime(self, session: Session, text: str) -> None:
-        step = self.config.max_chunk_chars
-        for start in range(0, len(text), step):
-            await self.batcher.predict(session, session.model.encode(text[start : start + step])[0], 1, False)
-
-    async def _new_session(self, requested_id: str, ref: pb.ModelRef, prime_text: str = "") -> Session:
-        session_id = self.sessions.admit(requested_id)
-        session = Session.fresh(session_id, self._model(ref))
-        if prime_text:
-            await self._prime(session, prime_text)
-        return await self.sessions.add(session)
 
     # ------------------------------------------------------------ sessions
 
     @unary
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Ctx) -> pb.CreateSessionResponse:
-        session = await self._new_session(request.session_id, request.model, request.prime_text)
+        session = await self.sessions.create(
+            request.session_id, self._model(request.model), request.prime_text
+        )
         return pb.CreateSessionResponse(
             session=self._info(session), vocab=session.model.require().vocab.chars
         )
@@ -214,8 +185,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             start = int(request.page_token or 0)
         except ValueError:
             raise InvalidArgument("page_token: not a token from ListSessions") from None
-        page = await self.sessions.store.page(start, size)
-        total = await self.sessions.store.count()
+        page, total = await self.sessions.page(start, size)
         token = str(start + size) if start + size < total else ""
         infos = [self._info(s) for s in page]
         if self.config.token:  # ids are keys: token holders see the load, not others' sessions (docs/api.md)
@@ -247,8 +217,8 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             model_checksum=session.model.checksum,
             offset=session.offset,
             dtype=str(session.state.dtype),
-            state=session.state.astype(session.state.dtype.newbyteorder("<")).tobytes(),
-            probs=session.probs.astype(session.probs.dtype.newbyteorder("<")).tobytes(),
+            state=encode_array(session.state),
+            probs=encode_array(session.probs),
             session_id=session.id,
         )
         return pb.ExportSessionResponse(blob=snapshot.SerializeToString(), session=self._info(session))
@@ -267,24 +237,14 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         if not snapshot.model.name or not snapshot.model.version:
             raise InvalidArgument("blob: names no model version")
         mv = self.registry.resolve(snapshot.model.name, snapshot.model.version)
-        if snapshot.model_checksum and mv.checksum and snapshot.model_checksum != mv.checksum:
+        if not same_model(mv, snapshot.model_checksum):
             raise FailedPrecondition(
                 f"blob: model {mv.name} v{mv.version} on this server differs from the one the state came from"
             )
-        net = mv.require()
-        if snapshot.dtype != str(net.dtype):
-            raise InvalidArgument(f"blob: dtype {snapshot.dtype!r} does not match the model's {net.dtype}")
-        dtype = net.dtype.newbyteorder("<")
-        # sizes first: frombuffer raises ValueError on a length that is not a multiple of the item size
-        if (len(snapshot.state), len(snapshot.probs)) != (
-            net.state_size * dtype.itemsize,
-            net.vocab.size * dtype.itemsize,
-        ):
-            raise InvalidArgument("blob: state or probs size does not match the model")
-        state = np.frombuffer(snapshot.state, dtype=dtype).astype(net.dtype)
-        probs = np.frombuffer(snapshot.probs, dtype=dtype).astype(net.dtype)
-        if not (np.all(np.isfinite(state)) and np.all(np.isfinite(probs))):
-            raise InvalidArgument("blob: state contains NaN or infinite values")
+        try:
+            state, probs = decode_state(mv.require(), snapshot.dtype, snapshot.state, snapshot.probs)
+        except SnapshotMismatch as exc:
+            raise InvalidArgument(f"blob: {exc}") from None
         if snapshot.offset > MAX_OFFSET:  # else the next chunk overflows uint64 offsets in every reply
             raise InvalidArgument(f"blob: offset {snapshot.offset} is above {MAX_OFFSET}")
         session = Session(self.sessions.admit(request.session_id), mv, state, probs)
@@ -320,7 +280,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
                     session = await self.sessions.get(request.session_id)
                 else:
                     self._check_text(request.text)  # a bad first chunk must not leave a session behind
-                    session = await self._new_session("", request.model)
+                    session = await self.sessions.create("", self._model(request.model))
                 first = True
             else:
                 if request.session_id and request.session_id != session.id:
@@ -346,10 +306,8 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             raise InvalidArgument(
                 f"length: must be in 1..{self.config.max_generate_chars}, got {request.length}"
             )
-        temperature = request.temperature or 1.0
-        top_p = request.top_p or 1.0
         try:
-            check_sampling(temperature, request.top_k, top_p)
+            sampling = Sampling(request.temperature or 1.0, request.top_k, request.top_p or 1.0)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         if request.prime_text and len(request.prime_text) > self.config.max_generate_chars:
@@ -364,11 +322,11 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         reported_id = "" if request.fork or not request.session_id else session.id
         rng = np.random.default_rng(request.seed if request.HasField("seed") else None)
         if request.prime_text:
-            await self._prime(session, request.prime_text)
+            await self.sessions.prime(session, request.prime_text)
         left = request.length
         while left > 0:
             n = min(left, GENERATE_PIECE)
-            result = await self.batcher.generate(session, n, rng, temperature, request.top_k, top_p)
+            result = await self.sessions.generate(session, n, rng, sampling)
             left -= n
             yield pb.GenerateResponse(
                 text=result.text,
@@ -434,7 +392,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     @unary
     async def DescribeModel(self, request: pb.DescribeModelRequest, context: Ctx) -> pb.DescribeModelResponse:
         mv = self.registry.resolve(request.model.name, request.model.version, need_available=False)
-        net = mv.model
+        net = mv.net
         return pb.DescribeModelResponse(
             info=messages.model_info(mv, self.registry.default),
             vocab=net.vocab.chars if net else "",

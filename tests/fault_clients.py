@@ -16,7 +16,8 @@ import threading
 from collections.abc import Iterator
 
 import grpc
-from nextchar.core.model import CharRNN, ModelConfig
+from nextchar.core.config import ModelConfig
+from nextchar.core.model import CharRNN
 from nextchar.core.modelfile import save_model
 from nextchar.core.vocab import Vocab
 from nextchar.proto import nextchar_pb2 as pb

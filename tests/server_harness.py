@@ -3,7 +3,7 @@
 ``ServerThread`` runs the server on its own asyncio loop in a thread; tests talk to
 it over the network with the generated synchronous stubs, exactly as a client would,
 and use ``run`` to reach into the server's loop (drain, inspect the batcher) when
-needed. ``ServerProcess`` runs ``python -m nextchar.server`` for the tests where the
+needed. ``ServerProcess`` runs ``python -m nextchar.cli serve`` for the tests where the
 server must be signalled, killed, or have its memory measured on its own.
 """
 
@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from nextchar.core import losses
 from nextchar.core.demo import NOTEBOOK_TEXT, notebook_configs
 from nextchar.core.model import CharRNN
 from nextchar.core.train import train
@@ -101,10 +102,20 @@ def start_server(model_dir: Path, **overrides: Any) -> ServerThread:
 
 
 class ServerProcess:
-    """``python -m nextchar.server --port 0 --model-dir DIR *args``; the bound port is read from its log."""
+    """``python -m nextchar.cli serve --port 0 --model-dir DIR *args``; the bound port is read from its log."""
 
     def __init__(self, model_dir: Path, *args: str) -> None:
-        cmd = [sys.executable, "-m", "nextchar.server", "--port", "0", "--model-dir", str(model_dir), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nextchar.cli",
+            "serve",
+            "--port",
+            "0",
+            "--model-dir",
+            str(model_dir),
+            *args,
+        ]
         self.proc = subprocess.Popen(
             cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
         )
@@ -246,8 +257,8 @@ def surprisals(responses: list[pb.PredictStreamResponse]) -> np.ndarray:
 def expected(model: CharRNN, text: str) -> tuple[str, np.ndarray]:
     """What a session must answer: top-1 after each char and the surprisal of each char, one state carried."""
     idx = model.vocab.encode(text)
-    state = model.initial_state(1)[0]
-    _, probs = model.run(state, idx)  # (T, V) after each char
+    _, logits, _ = model.forward(idx.reshape(-1, 1), model.initial_state(1))  # the training path
+    probs = losses.probabilities(model.config.loss, logits)  # (T, V) after each char
     h0 = np.zeros((1, model.config.hidden), dtype=model.dtype)
     before = np.vstack([model.probabilities(h0), probs[:-1]])  # prediction each char was scored under
     surprisal = -np.log2(before[np.arange(len(idx)), idx])

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nextchar.client.cli import app
+from nextchar.cli.app import app
 from nextchar.core.demo import NOTEBOOK_TEXT
 from typer.testing import CliRunner
 

@@ -17,7 +17,7 @@ import pytest
 from nextchar.client import NextCharClient
 from nextchar.client.results import CharPrediction
 from nextchar.core.demo import NOTEBOOK_TEXT
-from nextchar.server.redis_store import key
+from nextchar.server.sessions.redis_store import key
 from redis_harness import RedisServer
 from server_harness import ServerProcess, make_registry
 

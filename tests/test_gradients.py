@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from nextchar.core.model import CharRNN, ModelConfig
+from nextchar.core.config import ModelConfig
+from nextchar.core.model import CharRNN
 from nextchar.core.vocab import Vocab
 
 EPS = 1e-6

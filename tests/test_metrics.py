@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from nextchar.client import NextCharClient
 from nextchar.client.errors import SessionNotFound
+from nextchar.core.config import TrainConfig
 from nextchar.core.demo import NOTEBOOK_TEXT
-from nextchar.core.train import TrainConfig
 from nextchar.server.logs import JsonFormatter, log_handler
 from nextchar.server.metrics import LoopHistogram
-from nextchar.server.sessions import reason_label
+from nextchar.server.sessions.store import reason_label
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from server_harness import ServerThread, make_registry, start_server

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from nextchar.core.model import CharRNN, ModelConfig
+from nextchar.core.config import ModelConfig
+from nextchar.core.inference import feed, initial_probs
+from nextchar.core.model import CharRNN
 from nextchar.core.vocab import UNK, Vocab
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
-def test_step_run_and_forward_agree(cell: str) -> None:
+def test_step_and_forward_agree(cell: str) -> None:
+    """One step per character against one forward call over the chunk (inference.feed)."""
     vocab = Vocab.from_text("hello world")
     model = CharRNN.create(ModelConfig(cell=cell, hidden=16, layers=2), vocab, seed=3)
     idx = vocab.encode("hello world hello")
-    state_run, probs_run = model.run(model.initial_state(1)[0], idx)
+    chunk = feed(model, model.initial_state(1)[0], initial_probs(model), idx)
+    assert chunk.probs_seq is not None
+    state_run, probs_run = chunk.states[0], chunk.probs_seq[1:, 0]
 
     state = model.initial_state(1)
     for t, i in enumerate(idx):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nextchar.core.model import CharRNN, ModelConfig
+from nextchar.core.config import ModelConfig
+from nextchar.core.model import CharRNN
 from nextchar.core.modelfile import META_KEY, ModelFileError, load_model, save_model
 from nextchar.core.vocab import Vocab
 
@@ -27,8 +28,8 @@ def test_roundtrip_gives_identical_predictions(saved: tuple[Path, CharRNN]) -> N
     path, model = saved
     loaded = load_model(path)
     idx = model.vocab.encode("hello world")
-    _, a = model.run(model.initial_state(1)[0], idx)
-    _, b = loaded.model.run(loaded.model.initial_state(1)[0], idx)
+    a = model.forward(idx.reshape(-1, 1), model.initial_state(1))[1]
+    b = loaded.model.forward(idx.reshape(-1, 1), loaded.model.initial_state(1))[1]
     assert np.array_equal(a, b)
     assert loaded.model.vocab == model.vocab
     assert loaded.history == [{"kind": "epoch", "train_loss": 1.0}]

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nextchar.core.demo import NOTEBOOK_TEXT
 from nextchar.core.model import CharRNN
 from nextchar.proto import nextchar_pb2 as pb
-from nextchar.server.redis_store import RedisSessionStore, key
+from nextchar.server.sessions.redis_store import RedisSessionStore, key
 from redis_harness import RedisServer
 from server_harness import ServerThread, expected, make_registry, start_server, stream_chars, surprisals, top1
 
@@ -43,7 +43,7 @@ def pair(model_dir: Path, redis_server: RedisServer) -> Iterator[tuple[ServerThr
 
 @pytest.fixture(scope="module")
 def model(pair: tuple[ServerThread, ServerThread]) -> CharRNN:
-    net = pair[0].server.registry.resolve("default", 1).model
+    net = pair[0].server.registry.resolve("default", 1).net
     assert net is not None
     return net
 
@@ -57,8 +57,8 @@ def offset(srv: ServerThread, sid: str) -> int:
 
 
 def shared(srv: ServerThread) -> RedisSessionStore:
-    assert srv.server.shared is not None
-    return srv.server.shared
+    assert isinstance(srv.server.store, RedisSessionStore)
+    return srv.server.store
 
 
 def test_a_session_continues_exactly_on_another_replica(

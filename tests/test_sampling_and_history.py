@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from nextchar.core.config import ModelConfig, Sampling
 from nextchar.core.history import export_history
-from nextchar.core.model import CharRNN, ModelConfig
-from nextchar.core.sampling import generate, sample
+from nextchar.core.inference import feed, generate, initial_probs, sample
+from nextchar.core.model import CharRNN
 from nextchar.core.vocab import UNK, Vocab
 
 PROBS = np.array([0.3, 0.4, 0.2, 0.1])  # index 0 is the unknown slot
@@ -18,7 +19,7 @@ PROBS = np.array([0.3, 0.4, 0.2, 0.1])  # index 0 is the unknown slot
 
 def draws(n: int = 2000, **kwargs: float) -> np.ndarray:
     rng = np.random.default_rng(0)
-    return np.array([sample(PROBS, rng, **kwargs) for _ in range(n)])  # type: ignore[arg-type]
+    return np.array([sample(PROBS, rng, Sampling(**kwargs)) for _ in range(n)])  # type: ignore[arg-type]
 
 
 def test_unknown_slot_is_never_sampled() -> None:
@@ -42,24 +43,17 @@ def test_low_temperature_is_greedy_and_high_flattens() -> None:
 
 @pytest.mark.parametrize("kwargs", [{"temperature": 0.0}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}])
 def test_bad_sampling_parameters(kwargs: dict[str, Any]) -> None:
-    model = CharRNN.create(ModelConfig(hidden=4), Vocab.from_text("ab"))
     with pytest.raises(ValueError, match=next(iter(kwargs))):
-        generate(
-            model,
-            model.initial_state(1)[0],
-            np.full(3, 1 / 3),
-            5,
-            np.random.default_rng(0),
-            **kwargs,
-        )
+        Sampling(**kwargs)
 
 
 def test_generation_is_seedable() -> None:
     model = CharRNN.create(ModelConfig(cell="gru", hidden=8), Vocab.from_text("abcdefg"), seed=1)
-    state, probs = model.run(model.initial_state(1)[0], model.vocab.encode("abc"))
-    a = generate(model, state, probs[-1], 40, np.random.default_rng(3))[0]
-    b = generate(model, state, probs[-1], 40, np.random.default_rng(3))[0]
-    c = generate(model, state, probs[-1], 40, np.random.default_rng(4))[0]
+    primed = feed(model, model.initial_state(1)[0], initial_probs(model), model.vocab.encode("abc"))
+    state, probs = primed.states[0], primed.last_probs[0]
+    a = generate(model, state, probs, 40, np.random.default_rng(3))[0]
+    b = generate(model, state, probs, 40, np.random.default_rng(3))[0]
+    c = generate(model, state, probs, 40, np.random.default_rng(4))[0]
     assert a == b and len(a) == 40 and a != c
     assert set(a) <= set("abcdefg")
 

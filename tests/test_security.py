@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from nextchar.cli.app import app
 from nextchar.client import NextCharClient, Tls, Unauthenticated, Unavailable
-from nextchar.client.cli import app
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.proto import nextchar_pb2_grpc as pb_grpc
 from nextchar.server.config import ServerConfig

@@ -1,4 +1,4 @@
-"""Drain on SIGTERM, with the server as a real subprocess (``python -m nextchar.server``)."""
+"""Drain on SIGTERM, with the server as a real subprocess (``python -m nextchar.cli serve``)."""
 
 from __future__ import annotations
 

@@ -145,7 +145,7 @@ def test_health_and_reflection(srv: ServerThread) -> None:
 
 def test_hot_swap_while_a_stream_is_live(tmp_path: Path) -> None:
     registry = make_registry(tmp_path, versions=2)  # v1 default, v2 another model
-    v1, v2 = registry.resolve("default", 1).model, registry.resolve("default", 2).model
+    v1, v2 = registry.resolve("default", 1).net, registry.resolve("default", 2).net
     assert v1 is not None and v2 is not None
     srv = start_server(tmp_path)
     try:

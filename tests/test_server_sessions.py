@@ -37,8 +37,8 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
 @pytest.fixture(scope="module")
 def model(srv: ServerThread) -> CharRNN:
     mv = srv.server.registry.resolve("default", 1)
-    assert mv.model is not None
-    return mv.model
+    assert mv.net is not None
+    return mv.net
 
 
 def test_notebook_text_streamed_one_char_at_a_time_gives_stateful_predictions(
@@ -138,7 +138,7 @@ def test_interleaved_sessions_never_share_state(srv: ServerThread, model: CharRN
             barrier.wait()
             results[i] = stream_chars(stub, texts[i])
 
-    before = srv.server.batcher.stats.max_sessions
+    before = srv.server.scheduler.stats.max_sessions
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(texts))]
     for t in threads:
         t.start()
@@ -148,7 +148,7 @@ def test_interleaved_sessions_never_share_state(srv: ServerThread, model: CharRN
         want_top1, want_surprisal = expected(model, text)
         assert top1(results[i][0].vocab, results[i]) == want_top1
         np.testing.assert_allclose(surprisals(results[i]), want_surprisal, rtol=1e-4, atol=1e-5)
-    assert max(before, srv.server.batcher.stats.max_sessions) > 1  # sessions really were stepped together
+    assert max(before, srv.server.scheduler.stats.max_sessions) > 1  # sessions really were stepped together
 
 
 def test_two_sessions_alternating_on_one_channel(srv: ServerThread, model: CharRNN) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from nextchar.core.config import ModelConfig, TrainConfig, check_text
 from nextchar.core.demo import (
     NOTEBOOK_TEXT,
     notebook_configs,
@@ -13,15 +14,8 @@ from nextchar.core.demo import (
     stateless_predictions,
 )
 from nextchar.core.evaluate import evaluate
-from nextchar.core.model import CharRNN, ModelConfig
-from nextchar.core.train import (
-    TrainConfig,
-    Trainer,
-    TrainingCancelled,
-    TrainingDiverged,
-    check_text,
-    train,
-)
+from nextchar.core.model import CharRNN
+from nextchar.core.train import Trainer, TrainingCancelled, TrainingDiverged, train
 from nextchar.core.vocab import Vocab
 
 

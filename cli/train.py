@@ -4,6 +4,7 @@ The server trains in a worker process, so this command only watches: Ctrl-C asks
 whether to cancel the job or leave it running, and ``--detach`` returns at once.
 ``--local`` runs nextchar.core.train here and registers the result through the
 server's own Registry, so the files land exactly where ``nextchar serve`` reads them.
+The model and training options come from ModelConfig and TrainConfig (nextchar.cli.options).
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from nextchar.client.channel import DEFAULT_TARGET
-from nextchar.client.cli_common import (
+from nextchar.cli.common import (
     SERVER_DEFAULTS,
     JsonOpt,
     ServerOpt,
@@ -23,19 +23,16 @@ from nextchar.client.cli_common import (
     fmt_float,
     print_json,
 )
+from nextchar.cli.options import config_options
+from nextchar.client.channel import DEFAULT_TARGET
 from nextchar.client.errors import TrainingFailed
 from nextchar.client.library import DEFAULT_TIMEOUT, NextCharClient
 from nextchar.client.results import Progress
 from nextchar.client.training import TrainingRun
-from nextchar.core.model import ModelConfig
-from nextchar.core.train import TrainConfig, TrainingDiverged
-from nextchar.core.train import train as train_locally
-from nextchar.server.registry import Registry
+from nextchar.core.config import ModelConfig, TrainConfig
 from rich.console import Console
 from rich.progress import BarColumn, TaskProgressColumn, TextColumn
 from rich.progress import Progress as RichProgress
-
-MC, TC = ModelConfig(), TrainConfig()  # the defaults shown in --help are the core's own
 
 
 class TrainingBar:
@@ -69,6 +66,7 @@ class TrainingBar:
         self.bar.stop()
 
 
+@config_options(ModelConfig, TrainConfig)
 def train(
     files: Annotated[
         list[Path] | None,
@@ -80,28 +78,6 @@ def train(
     name: Annotated[
         str, typer.Option("--name", "-n", help="Model name to register a new version of.")
     ] = "default",
-    cell: Annotated[str, typer.Option(help="rnn, gru or lstm.")] = MC.cell,
-    hidden: Annotated[int, typer.Option(help="Hidden units per layer, 1..4096.")] = MC.hidden,
-    layers: Annotated[int, typer.Option(help="Recurrent layers, 1..3.")] = MC.layers,
-    loss: Annotated[str, typer.Option(help="ce (cross-entropy) or sigmoid_mse (the notebook's).")] = MC.loss,
-    seq_len: Annotated[int, typer.Option(help="BPTT window T.")] = TC.seq_len,
-    batch: Annotated[int, typer.Option(help="Parallel streams B.")] = TC.batch,
-    epochs: Annotated[int, typer.Option(help="Passes over the text.")] = TC.epochs,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = TC.lr,
-    optimizer: Annotated[str, typer.Option(help="adam, adagrad or sgd.")] = TC.optimizer,
-    clip: Annotated[str, typer.Option(help="Gradient clipping: norm, value or none.")] = TC.clip,
-    clip_value: Annotated[float, typer.Option(help="Clip threshold.")] = TC.clip_value,
-    val_fraction: Annotated[
-        float, typer.Option(help="Held-out tail for validation, [0, 0.5).")
-    ] = TC.val_fraction,
-    patience: Annotated[
-        int, typer.Option(help="Epochs without improvement before stopping; 0 = off.")
-    ] = TC.patience,
-    seed: Annotated[int, typer.Option(help="Initialisation seed.")] = TC.seed,
-    log_every: Annotated[int, typer.Option(help="Steps between progress records.")] = TC.log_every,
-    max_seconds: Annotated[
-        float, typer.Option(help="Wall-clock budget in seconds; 0 = none.")
-    ] = TC.max_seconds,
     promote: Annotated[bool, typer.Option(help="Make the new version the default model.")] = False,
     detach: Annotated[bool, typer.Option(help="Start the job and return at once; it keeps running.")] = False,
     local: Annotated[
@@ -116,26 +92,16 @@ def train(
     as_json: JsonOpt = False,
     server: ServerOpt = DEFAULT_TARGET,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+    *,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
 ) -> None:
-    """Train a character model on text files (or --text) and register it as a new version."""
+    """Train a character model on text files (or --text) and register it as a new version.
+
+    The model and training options are ModelConfig's and TrainConfig's fields."""
     if bool(files) == bool(text):
         raise typer.BadParameter("give training FILES or --text, not both or neither", param_hint="FILES")
     corpus = text or "".join(path.read_text() for path in files or [])
-    model_config = ModelConfig(cell=cell, hidden=hidden, layers=layers, loss=loss)
-    train_config = TrainConfig(
-        seq_len=seq_len,
-        batch=batch,
-        epochs=epochs,
-        lr=lr,
-        optimizer=optimizer,
-        clip=clip,
-        clip_value=clip_value,
-        val_fraction=val_fraction,
-        patience=patience,
-        seed=seed,
-        log_every=log_every,
-        max_seconds=max_seconds,
-    )
     if local:
         _train_here(corpus, name, model_config, train_config, promote, model_dir, as_json)
         return
@@ -200,6 +166,10 @@ def _train_here(
     model_dir: Path,
     as_json: bool,
 ) -> None:
+    from nextchar.core.train import TrainingDiverged
+    from nextchar.core.train import train as train_locally
+    from nextchar.server.registry import Registry
+
     registry = Registry(model_dir)
     registry.load_all()
     try:

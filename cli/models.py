@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from nextchar.client.channel import DEFAULT_TARGET
-from nextchar.client.cli_common import (
+from nextchar.cli.common import (
     JsonOpt,
     ServerOpt,
     TimeoutOpt,
@@ -15,6 +14,7 @@ from nextchar.client.cli_common import (
     print_json,
     print_table,
 )
+from nextchar.client.channel import DEFAULT_TARGET
 from nextchar.client.library import DEFAULT_TIMEOUT
 from nextchar.client.results import ModelRef
 

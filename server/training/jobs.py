@@ -1,7 +1,7 @@
-"""Training jobs: each one a worker process whose progress streams back over a pipe.
+"""Training jobs: each one a trainer process whose progress streams back over a pipe.
 
 A job outlives the RPC that started it: a client that disconnects only stops
-watching. A reader thread per job receives the worker's messages, registers the
+watching. A reader thread per job receives the trainer's messages, registers the
 finished model (atomic file write, then publish) and hands every event to the
 event loop, where watchers follow the job's record list. A job that fails,
 diverges, is cancelled or whose process dies registers nothing and says why.
@@ -23,15 +23,15 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 import numpy as np
-from nextchar.core.model import CharRNN, ModelConfig
-from nextchar.core.train import TrainConfig, check_text
+from nextchar.core.config import ModelConfig, TrainConfig, check_text
+from nextchar.core.model import CharRNN
 from nextchar.core.vocab import Vocab
 from nextchar.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from nextchar.server.registry import ModelVersion, Registry, check_name
-from nextchar.server.worker import run_training
+from nextchar.server.training.trainer import run_training
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
-CANCEL_GRACE = 5.0  # seconds a cancelled worker gets to notice before it is terminated
+CANCEL_GRACE = 5.0  # seconds a cancelled trainer gets to notice before it is terminated
 
 
 def validate(text: str, model_config: dict[str, Any], train_config: dict[str, Any]) -> None:
@@ -189,9 +189,9 @@ class JobManager:
         job.process.join(timeout=10)
         if final is None:
             code = job.process.exitcode
-            final = (FAILED, f"worker process ended without a result (exit code {code})", None)
+            final = (FAILED, f"trainer process ended without a result (exit code {code})", None)
             if job.stop is not None and job.stop.is_set():
-                final = (CANCELLED, "cancelled by request (worker terminated)", None)
+                final = (CANCELLED, "cancelled by request (trainer terminated)", None)
         with contextlib.suppress(RuntimeError):  # the loop may be closed at shutdown
             loop.call_soon_threadsafe(self._on_end, job, *final)
 

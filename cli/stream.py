@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from nextchar.client.channel import DEFAULT_TARGET
-from nextchar.client.cli_common import (
+from nextchar.cli.common import (
     JsonOpt,
     ModelOpt,
     ServerOpt,
@@ -30,6 +29,7 @@ from nextchar.client.cli_common import (
     print_table,
     show_char,
 )
+from nextchar.client.channel import DEFAULT_TARGET
 from nextchar.client.library import DEFAULT_TIMEOUT
 from nextchar.client.results import Predictions
 from nextchar.client.session import Session

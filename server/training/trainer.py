@@ -1,4 +1,4 @@
-"""The training worker: runs in its own process (spawn), so training never stalls serving.
+"""The trainer: one training job in its own process (spawn), so training never stalls serving.
 
 It imports only nextchar.core. Progress records go to the parent over a pipe as
 they happen; the last message is exactly one of ("done", payload), ("failed", why)
@@ -16,8 +16,8 @@ from typing import Any
 def run_training(
     text: str, model_config: dict[str, Any], train_config: dict[str, Any], conn: Connection, stop: Event
 ) -> None:
-    from nextchar.core.model import ModelConfig
-    from nextchar.core.train import TrainConfig, TrainingCancelled, TrainingDiverged, train
+    from nextchar.core.config import ModelConfig, TrainConfig
+    from nextchar.core.train import TrainingCancelled, TrainingDiverged, train
 
     try:
         result = train(

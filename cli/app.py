@@ -8,8 +8,9 @@
 
 Every command that prints data takes ``--json``. Errors are one line on stderr
 and a non-zero exit code; OneLineErrors is the one place that turns them into that.
-Command groups live in cli_models / cli_sessions, the long commands in
-cli_train / cli_stream; this module wires them into ``app``.
+Command groups live in nextchar.cli.models / .sessions, the long commands in
+.train / .stream; this module wires them into ``app``. The command line is the one
+package that knows both the client library and the server (``serve``, ``train --local``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from nextchar.client.channel import DEFAULT_TARGET, Tls
-from nextchar.client.cli_common import (
+from nextchar.cli.common import (
     CREDENTIALS,
-    SERVER_DEFAULTS,
     JsonOpt,
     ModelOpt,
     ServerOpt,
@@ -35,10 +34,12 @@ from nextchar.client.cli_common import (
     print_json,
     print_table,
 )
-from nextchar.client.cli_models import models_app
-from nextchar.client.cli_sessions import sessions_app
-from nextchar.client.cli_stream import evaluate, print_predictions, stream
-from nextchar.client.cli_train import train
+from nextchar.cli.models import models_app
+from nextchar.cli.options import config_options
+from nextchar.cli.sessions import sessions_app
+from nextchar.cli.stream import evaluate, print_predictions, stream
+from nextchar.cli.train import train
+from nextchar.client.channel import DEFAULT_TARGET, Tls
 from nextchar.client.errors import NextCharError
 from nextchar.client.library import DEFAULT_TIMEOUT
 from nextchar.client.results import ModelRef
@@ -103,18 +104,6 @@ def pem_option(help: str, envvar: str | None = None) -> Any:
     return typer.Option(envvar=envvar, dir_okay=False, exists=True, show_default=False, help=help)
 
 
-class LogLevel(StrEnum):
-    debug = "debug"
-    info = "info"
-    warning = "warning"
-    error = "error"
-
-
-class LogFormat(StrEnum):
-    text = "text"
-    json = "json"
-
-
 @app.callback()
 def main(
     token: Annotated[
@@ -148,94 +137,14 @@ app.command("eval")(evaluate)
 
 
 @app.command()
-def serve(
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = SERVER_DEFAULTS.host,
-    port: Annotated[int, typer.Option(help="Port; 0 picks a free one.")] = SERVER_DEFAULTS.port,
-    model_dir: Annotated[
-        Path, typer.Option(envvar="NEXTCHAR_MODEL_DIR", help="Model registry directory.")
-    ] = SERVER_DEFAULTS.model_dir,
-    max_sessions: Annotated[
-        int, typer.Option(help="Cap on live sessions; new ones are refused beyond it.")
-    ] = (SERVER_DEFAULTS.max_sessions),
-    idle_timeout: Annotated[float, typer.Option(help="Seconds an unused session lives.")] = (
-        SERVER_DEFAULTS.idle_timeout
-    ),
-    session_lifetime: Annotated[float, typer.Option(help="Seconds any session lives; 0 = unlimited.")] = (
-        SERVER_DEFAULTS.session_lifetime
-    ),
-    max_chunk_chars: Annotated[int, typer.Option(help="Characters per prediction message.")] = (
-        SERVER_DEFAULTS.max_chunk_chars
-    ),
-    max_jobs: Annotated[int, typer.Option(help="Concurrent training jobs.")] = SERVER_DEFAULTS.max_jobs,
-    grace: Annotated[float, typer.Option(help="Seconds live streams get to finish on SIGTERM.")] = (
-        SERVER_DEFAULTS.grace
-    ),
-    default_model: Annotated[
-        bool, typer.Option(help="Train the notebook model when the registry is empty.")
-    ] = SERVER_DEFAULTS.train_default_if_empty,
-    token: Annotated[
-        str,
-        typer.Option(
-            envvar="NEXTCHAR_TOKEN", show_default=False, help="Demand this bearer token on every call."
-        ),
-    ] = "",
-    tls_cert: Annotated[Path | None, pem_option("Serve TLS with this certificate chain (PEM).")] = None,
-    tls_key: Annotated[Path | None, pem_option("The certificate's private key (PEM).")] = None,
-    tls_client_ca: Annotated[
-        Path | None, pem_option("Demand client certificates signed by this CA (mutual TLS).")
-    ] = None,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(show_default=False, help="Serve Prometheus /metrics on this port; 0 = any free."),
-    ] = None,
-    log_format: Annotated[LogFormat, typer.Option(help="Log lines as text or JSON.")] = LogFormat.text,
-    store: Annotated[
-        str,
-        typer.Option(
-            envvar="NEXTCHAR_STORE",
-            help="redis://HOST:PORT/DB: sessions shared by replicas; in memory if unset.",
-        ),
-    ] = SERVER_DEFAULTS.store,
-    store_write_every: Annotated[
-        int,
-        typer.Option(help="Characters between a session's state writes to the store (1 = every message)."),
-    ] = SERVER_DEFAULTS.store_write_every,
-    compute_process: Annotated[
-        bool,
-        typer.Option(
-            "--compute-process/--compute-in-thread",
-            help="Run big batches in a worker process (off the server's GIL) or in a thread.",
-        ),
-    ] = SERVER_DEFAULTS.compute_process,
-    log_level: Annotated[LogLevel, typer.Option(help="Least severe log level shown.")] = LogLevel.info,
-) -> None:
-    """Run the nextchar service until SIGTERM or Ctrl-C, then drain and exit."""
+@config_options(ServerConfig, env_prefix="NEXTCHAR_")
+def serve(config: ServerConfig) -> None:
+    """Run the nextchar service until SIGTERM or Ctrl-C, then drain and exit.
+
+    Every option is a ServerConfig field, also settable as NEXTCHAR_<FIELD>."""
     from nextchar.server.app import serve as run_server
 
-    run_server(
-        ServerConfig(
-            host=host,
-            port=port,
-            model_dir=model_dir,
-            max_sessions=max_sessions,
-            idle_timeout=idle_timeout,
-            session_lifetime=session_lifetime,
-            max_chunk_chars=max_chunk_chars,
-            max_jobs=max_jobs,
-            grace=grace,
-            train_default_if_empty=default_model,
-            token=token,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_client_ca=tls_client_ca,
-            metrics_port=metrics_port,
-            log_format=log_format.value,
-            store=store,
-            store_write_every=store_write_every,
-            compute_process=compute_process,
-            log_level=log_level.value,
-        )
-    )
+    run_server(config)
 
 
 @app.command()

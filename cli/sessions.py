@@ -6,8 +6,8 @@ import time
 from typing import Annotated
 
 import typer
+from nextchar.cli.common import JsonOpt, ServerOpt, TimeoutOpt, connect, print_json, print_table
 from nextchar.client.channel import DEFAULT_TARGET
-from nextchar.client.cli_common import JsonOpt, ServerOpt, TimeoutOpt, connect, print_json, print_table
 from nextchar.client.library import DEFAULT_TIMEOUT
 from nextchar.client.results import SessionInfo
 

@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -39,15 +40,9 @@ import numpy as np
 import redis.asyncio as aioredis
 from nextchar.server.errors import FailedPrecondition, ServiceError, Unavailable
 from nextchar.server.registry import ModelVersion, Registry
-from nextchar.server.sessions import (
-    Session,
-    StaleSession,
-    WriteBack,
-    check_new,
-    gone,
-    idle_reason,
-    lifetime_reason,
-)
+from nextchar.server.sessions.session import Session, WriteBack
+from nextchar.server.sessions.snapshot import SnapshotMismatch, decode_state, encode_array, same_model
+from nextchar.server.sessions.store import StaleSession, check_new, gone, idle_reason, lifetime_reason
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
@@ -155,8 +150,13 @@ def tombstone(session_id: str) -> str:
     return f"{PREFIX}gone:{session_id}"
 
 
-def to_bytes(a: np.ndarray) -> bytes:
-    return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+@dataclass(slots=True, eq=False)
+class Hot:
+    """A session this replica holds in memory, and where it stands against the stored copy."""
+
+    session: Session
+    version: int  # the stored copy's version this one was computed from; -1 = unknown (re-read first)
+    dirty: int = 0  # characters consumed since the state was last written
 
 
 class RedisSessionStore:
@@ -171,6 +171,7 @@ class RedisSessionStore:
         write_every: int = 1,
         on_remove: Callable[[str, str], None] | None = None,
         on_round_trip: Callable[[float], None] | None = None,
+        replica: Callable[[], str] = lambda: "",
     ) -> None:
         self.url = display_url(url)
         self.redis = aioredis.Redis.from_url(
@@ -182,8 +183,10 @@ class RedisSessionStore:
         self.write_every = write_every  # characters between state writes; the version moves every message
         self.on_remove = on_remove
         self.on_round_trip = on_round_trip  # seconds of each Redis round trip (the store_rtt metric)
-        self.replica = ""  # host:port, recorded in "by" with each write (which replica advanced a session)
-        self._hot: dict[str, Session] = {}
+        self.replica = (
+            replica  # host:port, recorded in "by" with each write (which replica advanced a session)
+        )
+        self._hot: dict[str, Hot] = {}
         self.conflicts = 0  # write-backs refused because another replica had advanced the session
 
     # ------------------------------------------------------------ Redis calls
@@ -220,6 +223,9 @@ class RedisSessionStore:
                 pipe.execute_command(command, *args)
             return await pipe.execute(raise_on_error=False)
 
+    def __str__(self) -> str:
+        return self.url
+
     async def ping(self) -> bool:
         try:
             return bool(await cast(Any, self.redis.ping()))
@@ -227,47 +233,53 @@ class RedisSessionStore:
             return False
 
     async def close(self) -> None:
+        """Write back the sessions not written yet (write_every > 1), then disconnect."""
         with contextlib.suppress(ServiceError):
-            await self.flush()
+            await self._flush(list(self._hot.values()))
         await self.redis.aclose()
 
     # ------------------------------------------------------------ sessions from and to hashes
 
     def _fields(self, state: np.ndarray, probs: np.ndarray, offset: int) -> list[Any]:
-        return ["off", offset, "state", to_bytes(state), "probs", to_bytes(probs), "by", self.replica]
+        return [
+            "off",
+            offset,
+            "state",
+            encode_array(state),
+            "probs",
+            encode_array(probs),
+            "by",
+            self.replica(),
+        ]
 
     def _decode(self, session_id: str, h: dict[bytes, bytes]) -> tuple[ModelVersion, np.ndarray, np.ndarray]:
         mv = self.registry.resolve(h[b"model"].decode(), int(h[b"mv"]))
-        checksum = h.get(b"ck", b"").decode()
-        if checksum and mv.checksum and checksum != mv.checksum:
+        if not same_model(mv, h.get(b"ck", b"").decode()):
             raise FailedPrecondition(
                 f"session {session_id!r}: model {mv.name} v{mv.version} on this replica differs from the one "
                 "the session was created with; give every replica the same model files"
             )
-        net = mv.require()
-        wire = net.dtype.newbyteorder("<")
-        state = np.frombuffer(h[b"state"], dtype=wire)
-        probs = np.frombuffer(h[b"probs"], dtype=wire)
-        if state.shape != (net.state_size,) or probs.shape != (net.vocab.size,):
-            raise FailedPrecondition(f"session {session_id!r}: the stored state does not fit its model")
-        return mv, state.astype(net.dtype), probs.astype(net.dtype)
+        try:
+            state, probs = decode_state(mv.require(), h[b"dtype"].decode(), h[b"state"], h[b"probs"])
+        except SnapshotMismatch as exc:
+            raise FailedPrecondition(
+                f"session {session_id!r}: the stored state does not fit its model: {exc}"
+            ) from None
+        return mv, state, probs
 
-    def _adopt(self, session: Session, h: dict[bytes, bytes]) -> None:
+    def _adopt(self, hot: Hot, h: dict[bytes, bytes]) -> None:
         """Take the stored copy: state, probs, offset and version change together, never apart."""
+        session = hot.session
         mv, state, probs = self._decode(session.id, h)
         if mv is not session.model:  # the id was closed and re-created on another model
             session.model, session.gen = mv, session.gen + 1
         session.state, session.probs = state, probs
-        self._position(session, h)
-
-    @staticmethod
-    def _position(session: Session, h: dict[bytes, bytes]) -> None:
-        session.offset, session.version, session.dirty = int(h[b"off"]), int(h[b"v"]), 0
-        session.created = int(h[b"created"]) / 1000
+        session.offset, session.created = int(h[b"off"]), int(h[b"created"]) / 1000
+        hot.version, hot.dirty = int(h[b"v"]), 0
 
     def _session(self, session_id: str, h: dict[bytes, bytes]) -> Session:
         session = Session(session_id, *self._decode(session_id, h))
-        self._position(session, h)
+        session.offset, session.created = int(h[b"off"]), int(h[b"created"]) / 1000
         return session
 
     async def _load(self, session_id: str) -> dict[bytes, bytes] | None:
@@ -313,22 +325,23 @@ class RedisSessionStore:
     # ------------------------------------------------------------ the SessionStore protocol
 
     async def get(self, session_id: str, *, fresh: bool = False) -> Session:
-        session = self._hot.get(session_id)
-        if session is not None and not fresh:
+        hot = self._hot.get(session_id)
+        if hot is not None and not fresh:
             now = time.time()
-            if self.lifetime and now - session.created > self.lifetime:
+            if self.lifetime and now - hot.session.created > self.lifetime:
                 await self.remove(session_id, lifetime_reason(self.lifetime))
                 raise gone(session_id, lifetime_reason(self.lifetime))
-            if now - session.last_used <= self.idle_timeout:
-                return session  # the write-back after the chunk checks it is still current
-        if session is None:
+            if now - hot.session.last_used <= self.idle_timeout:
+                return hot.session  # the write-back after the chunk checks it is still current
+        if hot is None:
             h = await self._load(session_id)
             if h is None:
                 raise await self._gone(session_id)
-            session = self._hot[session_id] = self._session(session_id, h)
-        else:
-            await self.refresh(session)
-        return session
+            session = self._session(session_id, h)
+            self._hot[session_id] = Hot(session, int(h[b"v"]))
+            return session
+        await self.refresh(hot.session)
+        return hot.session
 
     async def add(self, session: Session, cap: int) -> None:
         net = session.model.require()
@@ -345,12 +358,12 @@ class RedisSessionStore:
         )
         if v <= 0:
             check_new(session.id, v == 0, cap, cap)
-        session.version, session.dirty = int(v), 0
         session.created = session.last_used = now / 1000
-        self._hot[session.id] = session
+        self._hot[session.id] = Hot(session, int(v))
 
     async def remove(self, session_id: str, reason: str) -> Session:
-        session = self._hot.get(session_id) or await self.get(session_id, fresh=True)
+        hot = self._hot.pop(session_id, None)
+        session = hot.session if hot is not None else await self.get(session_id, fresh=True)
         self._hot.pop(session_id, None)
         session.gen += 1  # results still computing for it are dropped
         if not await self._remove(session_id, reason):
@@ -361,26 +374,30 @@ class RedisSessionStore:
         for _ in range(RESET_RETRIES):
             fresh = Session.fresh(session.id, session.model)
             back = WriteBack(session, fresh.state, fresh.probs, 0, 0)
-            (outcome,) = await self.commit([back], full=True)
+            (outcome,) = await self._commit([back], full=True)
             if isinstance(outcome, StaleSession):
                 await self.refresh(session)
                 continue
-            if isinstance(outcome, ServiceError):
+            if outcome is not None:
                 raise outcome
             session.reset()
-            session.version = outcome
             return
         raise StaleSession(f"session {session.id!r}: other replicas kept advancing it; retry the reset")
 
     async def refresh(self, session: Session) -> None:
         """Adopt the stored copy into session if another replica moved it on."""
-        if session.version == 0:  # not stored: a stateless Predict, a session still priming
+        hot = self._held(session)
+        if hot is None:  # not stored: a stateless Predict, a session still priming
             return
         h = await self._load(session.id)
         if h is None:
             raise await self._gone(session.id)
-        if int(h[b"v"]) != session.version:  # equal: this copy is current, maybe ahead (dirty)
-            self._adopt(session, h)
+        if int(h[b"v"]) != hot.version:  # equal: this copy is current, maybe ahead (dirty)
+            self._adopt(hot, h)
+
+    def _held(self, session: Session) -> Hot | None:
+        hot = self._hot.get(session.id)
+        return hot if hot is not None and hot.session is session else None
 
     async def page(self, start: int, size: int) -> list[Session]:
         async with self._reaching():
@@ -418,10 +435,10 @@ class RedisSessionStore:
 
     async def sweep(self, now: float) -> int:
         """Forget hot copies idle here (their state is in Redis), and record why Redis expired sessions."""
-        idle = [s for s in self._hot.values() if now - s.last_used > self.idle_timeout]
-        await self.flush(idle)
-        for session in idle:
-            self._hot.pop(session.id, None)
+        idle = [h for h in self._hot.values() if now - h.session.last_used > self.idle_timeout]
+        await self._flush(idle)
+        for hot in idle:
+            self._hot.pop(hot.session.id, None)
         async with self._reaching():
             due = await cast(
                 Any,
@@ -449,17 +466,25 @@ class RedisSessionStore:
 
     # ------------------------------------------------------------ write-backs
 
-    async def commit(self, backs: Sequence[WriteBack], *, full: bool = False) -> list[int | ServiceError]:
-        """Write a batch back in one round trip: a new version per session, or why not.
+    async def commit(self, backs: Sequence[WriteBack]) -> list[ServiceError | None]:
+        return await self._commit(backs, full=False)
+
+    async def _commit(self, backs: Sequence[WriteBack], *, full: bool) -> list[ServiceError | None]:
+        """Write a batch back in one round trip: accepted (None) per session, or why not.
 
         The state goes along when write_every characters have accumulated (or full);
-        otherwise only the version moves, which is what orders the replicas.
+        otherwise only the version moves, which is what orders the replicas. Sessions
+        this replica does not hold in the store are accepted without a write.
         """
+        out: list[ServiceError | None] = [None] * len(backs)
+        held = [(i, b, hot) for i, b in enumerate(backs) if (hot := self._held(b.session)) is not None]
+        if not held:
+            return out
         now = now_ms()
-        writes = [full or b.session.dirty + b.chars >= self.write_every for b in backs]
+        writes = [full or hot.dirty + b.chars >= self.write_every for _, b, hot in held]
         calls = []
-        for b, write in zip(backs, writes, strict=True):
-            args = [b.session.id, b.session.version, self.idle_ms, self.life_ms, now, "by", self.replica]
+        for (_, b, hot), write in zip(held, writes, strict=True):
+            args = [b.session.id, hot.version, self.idle_ms, self.life_ms, now, "by", self.replica()]
             if write:
                 args += self._fields(b.state, b.probs, b.offset)
             calls.append(("EVALSHA", [COMMIT_S.sha, 3, key(b.session.id), DEADLINE, CLOCK, *args]))
@@ -469,29 +494,28 @@ class RedisSessionStore:
                 await self._load_script(COMMIT_S)
                 results = await self._pipeline(calls)
         except Unavailable:
-            for b in backs:
-                b.session.version = -1  # the write may have landed: re-read before the next chunk
+            for _, _, hot in held:
+                hot.version = -1  # the write may have landed: re-read before the next chunk
             raise
-        out: list[int | ServiceError] = []
-        for b, write, r in zip(backs, writes, results, strict=True):
+        for (i, b, hot), write, r in zip(held, writes, results, strict=True):
             if isinstance(r, Exception):
-                b.session.version = -1
-                out.append(Unavailable(f"session store {self.url}: {r}"))
+                hot.version = -1
+                out[i] = Unavailable(f"session store {self.url}: {r}")
             elif r > 0:
-                b.session.dirty = 0 if write else b.session.dirty + b.chars
-                out.append(int(r))
+                hot.version, hot.dirty = int(r), 0 if write else hot.dirty + b.chars
             elif r == 0:
                 self.conflicts += 1
-                out.append(StaleSession(f"session {b.session.id!r} was advanced by another replica"))
+                out[i] = StaleSession(f"session {b.session.id!r} was advanced by another replica")
             else:
-                out.append(await self._gone(b.session.id))
+                out[i] = await self._gone(b.session.id)
         return out
 
-    async def flush(self, sessions: Sequence[Session] | None = None) -> None:
+    async def _flush(self, hots: Sequence[Hot]) -> None:
         """Write the state of hot sessions that advanced since their last write (write_every > 1)."""
-        dirty = [s for s in (self._hot.values() if sessions is None else sessions) if s.dirty]
-        if dirty:
-            backs = [WriteBack(s, s.state, s.probs, s.offset, 0) for s in dirty]
-            for s, outcome in zip(dirty, await self.commit(backs, full=True), strict=True):
-                if isinstance(outcome, int):
-                    s.version = outcome
+        backs = [
+            WriteBack(h.session, h.session.state, h.session.probs, h.session.offset, 0)
+            for h in hots
+            if h.dirty
+        ]
+        if backs:
+            await self._commit(backs, full=True)

@@ -1,19 +1,19 @@
-"""A compute worker process for big batches: the arithmetic on its own core, free of the server's GIL.
+"""The compute process for big batches: the arithmetic on its own core, free of the server's GIL.
 
 In a thread, the batch step fights the event loop for the GIL: every NumPy call
 in the recurrence releases it and must win it back, so a 64-character batch ran at
 ~60% of its in-process speed while the loop served gRPC. Here a batch's arrays
 (states (N, S), chunks (T, N)) go over a socket to a process that holds a copy of
-each model, runs ``stepping.advance`` and sends the answer back.
+each model, runs ``nextchar.core.inference.advance`` and sends the answer back.
 
 The server's side is driven by the event loop itself, with no thread: a request is
 a non-blocking write and the answer arrives as the loop reads the socket, so
 nothing waits for the GIL, and the batcher can queue the next batch behind the one
 computing (answers come back in the order asked). Frames are an 8-byte length and
 a pickle (protocol 5: arrays travel as raw bytes). Models are sent once per model
-object. If the worker fails, or hangs past a batch's deadline, every waiting batch
-gets RuntimeError; the batcher then computes in its thread from then on: slower,
-never wrong.
+object. If the process fails, or hangs past a batch's deadline, every waiting batch
+gets RuntimeError; the process executor then computes in a thread from then on:
+slower, never wrong. This module is what the child imports: NumPy and nextchar.core only.
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ import multiprocessing as mp
 import pickle
 import socket
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from nextchar.core.inference import Advanced
 from nextchar.core.model import CharRNN
-from nextchar.server.stepping import Advanced, Packed
+
+if TYPE_CHECKING:  # the child never imports the server's side
+    from nextchar.server.batching.work import Packed
 
 FRAME = struct.Struct("!Q")  # payload length
 DEADLINE = 30.0  # seconds: far beyond any batch's time, even on a loaded machine...
@@ -52,12 +55,12 @@ def _read_exact(sock: socket.socket, n: int) -> bytearray | None:
     return buf
 
 
-def worker_main(sock: socket.socket) -> None:
-    """The worker's loop: ("model", key, ...) registers a model; ("advance", key, ...) answers."""
+def child_main(sock: socket.socket) -> None:
+    """The child's loop: ("model", key, ...) registers a model; ("advance", key, ...) answers."""
+    from nextchar.core.config import ModelConfig
+    from nextchar.core.inference import advance
     from nextchar.core.memory import keep_freed_memory
-    from nextchar.core.model import CharRNN, ModelConfig
     from nextchar.core.vocab import Vocab
-    from nextchar.server.stepping import advance
 
     keep_freed_memory()
     models: dict[int, CharRNN] = {}
@@ -75,21 +78,21 @@ def worker_main(sock: socket.socket) -> None:
             _, key, idx, lens, states, probs0, k, full = msg
             try:
                 answer: tuple[str, Any] = ("ok", advance(models[key], idx, lens, states, probs0, k, full))
-            except Exception as exc:  # the batcher falls back to computing in-process
+            except Exception as exc:  # the executor falls back to computing in a thread
                 answer = ("error", f"{type(exc).__name__}: {exc}")
             for part in _frame(answer):
                 sock.sendall(part)
 
 
 class ComputeProcess:
-    """The server's side of the worker; every method runs on the event loop's thread."""
+    """The server's side of the child; every method runs on the event loop's thread."""
 
     def __init__(self, deadline: float = DEADLINE) -> None:
         self.deadline = deadline  # seconds a batch may take, plus its size at DEADLINE_CHARS_PER_SEC
-        self._sock, child = socket.socketpair()
-        self._child: socket.socket | None = child
+        self._sock, child_sock = socket.socketpair()
+        self._child_sock: socket.socket | None = child_sock
         ctx = mp.get_context("spawn")  # fork would copy the server's threads and sockets
-        self._proc = ctx.Process(target=worker_main, args=(child,), name="nextchar-compute", daemon=True)
+        self._proc = ctx.Process(target=child_main, args=(child_sock,), name="nextchar-compute", daemon=True)
         self._models: dict[int, CharRNN] = {}  # keeps every sent model alive, so its id stays its key
         self._waiting: collections.deque[asyncio.Future[Advanced]] = collections.deque()
         self._connected: asyncio.Task[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
@@ -101,15 +104,15 @@ class ComputeProcess:
         return self._proc.pid
 
     def start(self) -> None:
-        """Spawn the worker; call with the event loop running."""
+        """Spawn the child; call with the event loop running."""
         self._proc.start()
-        if self._child is not None:
-            self._child.close()
-            self._child = None
+        if self._child_sock is not None:
+            self._child_sock.close()
+            self._child_sock = None
         self._connected = asyncio.get_running_loop().create_task(asyncio.open_connection(sock=self._sock))
 
     async def advance(self, model: CharRNN, packed: Packed) -> Advanced:
-        """The batch's answer; raises RuntimeError if the worker cannot give it."""
+        """The batch's answer; raises RuntimeError if the child cannot give it."""
         assert self._connected is not None, "start() first"
         reader, writer = await self._connected
         if self._reader is None:
@@ -128,12 +131,12 @@ class ComputeProcess:
         future: asyncio.Future[Advanced] = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
         await writer.drain()
-        # a worker that hangs without dying must not stall the server's big batches forever
+        # a child that hangs without dying must not stall the server's big batches forever
         deadline = self.deadline + int(packed.idx.size) / DEADLINE_CHARS_PER_SEC
         try:
             return await asyncio.wait_for(future, deadline)
         except TimeoutError:
-            self._fail(f"compute worker gave no answer in {deadline:.0f} s")
+            self._fail(f"compute process gave no answer in {deadline:.0f} s")
             raise RuntimeError(self._failure) from None
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
@@ -148,11 +151,11 @@ class ComputeProcess:
                 if kind == "ok":
                     future.set_result(body)
                 else:
-                    future.set_exception(RuntimeError(f"compute worker: {body}"))
+                    future.set_exception(RuntimeError(f"compute process: {body}"))
         except (asyncio.IncompleteReadError, OSError) as exc:
-            self._fail(f"compute worker stopped (exit code {self._proc.exitcode}): {exc!r}")
+            self._fail(f"compute process stopped (exit code {self._proc.exitcode}): {exc!r}")
         except asyncio.CancelledError:
-            self._fail("compute worker closed")
+            self._fail("compute process closed")
             raise
 
     def _fail(self, reason: str) -> None:
@@ -175,7 +178,7 @@ class ComputeProcess:
         await asyncio.to_thread(self._stop_process)
 
     def _stop_process(self) -> None:
-        self._proc.join(2)  # the worker sees end-of-stream and returns
+        self._proc.join(2)  # the child sees end-of-stream and returns
         if self._proc.is_alive():  # hung (or stopped): SIGKILL, which even a stopped process obeys
             self._proc.kill()
             self._proc.join(2)

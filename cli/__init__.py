@@ -1,0 +1,1 @@
+"""nextchar.cli: the ``nextchar`` command line, the one package that knows both the client library and the server."""

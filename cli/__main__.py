@@ -1,0 +1,8 @@
+"""``python -m nextchar.cli [COMMAND]``: the same as the ``nextchar`` command (``python -m nextchar.cli serve``)."""
+
+from __future__ import annotations
+
+from nextchar.cli.app import app
+
+if __name__ == "__main__":
+    app(prog_name="nextchar")

@@ -1,0 +1,80 @@
+"""What every cell shares: the state layout, the BPTT cache, and the gradient of the recurrent weights.
+
+Conventions: batch-major rows, h is (B, H); the input projection ``xp`` of every
+step is computed by the caller for the whole (T, B) chunk at once (a gather for
+one-hot inputs, one matrix product otherwise), so only the recurrent product
+h @ Whh stays inside the time loop. Gates are fused along the last axis in
+PyTorch's order, so weights and results compare directly with torch.nn.
+
+A cell's state is one array per sample, ``state_width`` * H wide: h for rnn and
+gru, [h, c] for lstm.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def sigmoid(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Logistic function via tanh: exact, and never overflows exp for large |x|."""
+    out = np.multiply(x, 0.5, out=out)
+    np.tanh(out, out=out)
+    out += 1.0
+    out *= 0.5
+    return out
+
+
+@dataclass
+class LayerCache:
+    """What BPTT needs from the forward pass of one layer over one chunk."""
+
+    h0: np.ndarray  # (B, W*H) state entering the chunk
+    hs: np.ndarray  # (T, B, H) hidden outputs
+    gates: dict[str, np.ndarray] = field(default_factory=dict)  # (T, B, ...) per-cell activations
+
+    def previous_h(self) -> np.ndarray:
+        """h entering each step, (T, B, H): the input of every recurrent product."""
+        H = self.hs.shape[2]
+        return np.concatenate([self.h0[None, :, :H], self.hs[:-1]], axis=0)
+
+
+class Cell(ABC):
+    """One recurrent cell; subclasses define the arithmetic, this class the shared parts."""
+
+    name: str
+    gates: int  # G: the input projection is G*H wide
+    state_width: int = 1  # W: a sample's state is W*H wide
+    has_bhn: bool = False  # a bias inside the reset gate (GRU, as in PyTorch)
+
+    @abstractmethod
+    def step(self, xp: np.ndarray, state: np.ndarray, Whh: np.ndarray, bhn: np.ndarray | None) -> np.ndarray:
+        """Advance N states (N, W*H) by one input projection xp (N, G*H); returns the new states."""
+
+    @abstractmethod
+    def forward(
+        self, xp: np.ndarray, state: np.ndarray, Whh: np.ndarray, bhn: np.ndarray | None
+    ) -> tuple[np.ndarray, LayerCache]:
+        """Run T steps from state (B, W*H) on xp (T, B, G*H); returns (final state, cache)."""
+
+    @abstractmethod
+    def backward_preacts(
+        self, cache: LayerCache, dhs: np.ndarray, Whh: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """dL/dxp (T, B, G*H), and dL/d(h @ Whh) (T, B, G*H), which differ only where a gate
+        multiplies the recurrent product (the GRU's reset gate)."""
+
+    def backward(
+        self, cache: LayerCache, dhs: np.ndarray, Whh: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Gradients of one layer given dL/dh_t (T, B, H) from above: (dxp, dWhh, dbhn or None).
+
+        Truncated BPTT: no gradient flows into the state that entered the chunk.
+        """
+        dxp, drec = self.backward_preacts(cache, dhs, Whh)
+        T, B, H = cache.hs.shape
+        dWhh = cache.previous_h().reshape(T * B, H).T @ drec.reshape(T * B, -1)
+        dbhn = drec[:, :, 2 * H :].sum(axis=(0, 1)) if self.has_bhn else None
+        return dxp, dWhh, dbhn

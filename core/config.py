@@ -1,0 +1,125 @@
+"""The model and training configurations: frozen, validated, and free of NumPy.
+
+These are the settings a client sends and a trainer runs with, so they live apart
+from the arithmetic: ``nextchar.client`` imports this module without loading NumPy,
+and the command line builds its ``train`` options from these fields (each field's
+``help`` metadata is its option's help text). Everything here is plain Python.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+CELLS = ("rnn", "gru", "lstm")  # nextchar.core.cells implements exactly these
+LOSSES = ("ce", "sigmoid_mse")  # nextchar.core.losses implements exactly these
+OPTIMIZERS = ("sgd", "adagrad", "adam")
+CLIPS = ("none", "value", "norm")
+DTYPES = ("float32", "float64")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def require(ok: bool, name: str, rule: str, value: object) -> None:
+    """Raise ValueError naming the field, its rule and the value it got."""
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cell: str = field(default="rnn", metadata=_help("Recurrent cell: rnn (tanh), gru or lstm."))
+    hidden: int = field(default=256, metadata=_help("Hidden units per layer, 1..4096."))
+    layers: int = field(default=1, metadata=_help("Stacked recurrent layers, 1..3."))
+    loss: str = field(
+        default="ce", metadata=_help("ce (softmax cross-entropy) or sigmoid_mse (the notebook's).")
+    )
+    # float64 is for gradient checks; serving and training run float32
+    dtype: str = field(default="float32", metadata=_help("float32, or float64 for gradient checks."))
+
+    def __post_init__(self) -> None:
+        require(self.cell in CELLS, "cell", f"one of {list(CELLS)}", self.cell)
+        require(1 <= self.hidden <= 4096, "hidden", "in 1..4096", self.hidden)
+        require(1 <= self.layers <= 3, "layers", "in 1..3", self.layers)
+        require(self.loss in LOSSES, "loss", f"one of {list(LOSSES)}", self.loss)
+        require(self.dtype in DTYPES, "dtype", f"one of {list(DTYPES)}", self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seq_len: int = field(default=64, metadata=_help("BPTT window T, 1..10000."))
+    batch: int = field(default=64, metadata=_help("Parallel streams B; one update per B*T chars."))
+    epochs: int = field(default=10, metadata=_help("Passes over the training text."))
+    lr: float = field(default=2e-3, metadata=_help("Learning rate, (0, 10]."))
+    optimizer: str = field(default="adam", metadata=_help("adam, adagrad or sgd."))
+    clip: str = field(
+        default="norm", metadata=_help("Gradient clipping: norm (global), value (the notebook's) or none.")
+    )
+    clip_value: float = field(default=5.0, metadata=_help("Clip threshold, > 0."))
+    # the tail of the text, never seen in training
+    val_fraction: float = field(default=0.1, metadata=_help("Held-out tail for validation, [0, 0.5)."))
+    patience: int = field(
+        default=0, metadata=_help("Epochs without a better validation loss before stopping; 0 = off.")
+    )
+    seed: int = field(default=0, metadata=_help("Seed of the initialisation; same seed, same weights."))
+    log_every: int = field(default=100, metadata=_help("Steps between progress records."))
+    max_chars: int = field(default=0, metadata=_help("Training-character budget; 0 = epochs decide."))
+    max_seconds: float = field(default=0.0, metadata=_help("Wall-clock budget in seconds; 0 = none."))
+
+    def __post_init__(self) -> None:
+        require(1 <= self.seq_len <= 10_000, "seq_len", "in 1..10000", self.seq_len)
+        require(1 <= self.batch <= 4096, "batch", "in 1..4096", self.batch)
+        require(1 <= self.epochs <= 1_000_000, "epochs", "in 1..1000000", self.epochs)
+        require(0 < self.lr <= 10 and math.isfinite(self.lr), "lr", "in (0, 10]", self.lr)
+        require(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}", self.optimizer)
+        require(self.clip in CLIPS, "clip", f"one of {CLIPS}", self.clip)
+        require(0 < self.clip_value < math.inf, "clip_value", "positive", self.clip_value)
+        require(0 <= self.val_fraction < 0.5, "val_fraction", "in [0, 0.5)", self.val_fraction)
+        require(self.patience >= 0, "patience", ">= 0", self.patience)
+        require(self.log_every >= 1, "log_every", ">= 1", self.log_every)
+        require(self.max_chars >= 0, "max_chars", ">= 0", self.max_chars)
+        require(self.max_seconds >= 0, "max_seconds", ">= 0", self.max_seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_text(text: str, val_fraction: float) -> tuple[str, str]:
+    """(training text, validation text): the validation split is the text's tail."""
+    n_val = int(len(text) * val_fraction)
+    return text[: len(text) - n_val], text[len(text) - n_val :]
+
+
+def check_text(text: str, config: TrainConfig) -> None:
+    """Raise ValueError when the text cannot fill one (T, B) step after the validation split."""
+    train_text, val_text = split_text(text, config.val_fraction)
+    need = config.batch * config.seq_len + 1
+    if len(train_text) < need:
+        raise ValueError(
+            f"text: {len(train_text)} training characters cannot fill one step of "
+            f"batch {config.batch} x seq_len {config.seq_len} (needs {need}); "
+            "give more text or lower batch/seq_len"
+        )
+    if config.val_fraction > 0 and len(val_text) < 2:
+        raise ValueError("text: too short to hold out a validation split; set val_fraction 0")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a generation draws each character (nextchar.core.inference.sample)."""
+
+    temperature: float = 1.0  # p ** (1/temperature), renormalised: below 1 sharper, above flatter
+    top_k: int = 0  # draw among the k likeliest; 0 = off
+    top_p: float = 1.0  # nucleus: the smallest set holding this much probability; 1 = off
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        require(0 < t <= 100 and math.isfinite(t), "temperature", "in (0, 100]", t)
+        require(self.top_k >= 0, "top_k", ">= 0 (0 = off)", self.top_k)
+        require(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)

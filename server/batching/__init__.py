@@ -1,0 +1,1 @@
+"""Batching: the scheduler (policy), the works it batches, and the executors that compute them."""

@@ -1,0 +1,108 @@
+"""InMemorySessionStore: every session in this process's memory, with lazy and swept expiry."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from nextchar.server.errors import ServiceError
+from nextchar.server.registry import ModelVersion
+from nextchar.server.sessions.session import Session, WriteBack
+from nextchar.server.sessions.store import check_new, gone, idle_reason, lifetime_reason
+
+TOMBSTONES = 100_000  # remembered reasons for gone sessions; the oldest are forgotten first
+
+
+class InMemorySessionStore:
+    """A dict in insertion (= creation) order; this process holds the only copy of each session."""
+
+    def __init__(
+        self, idle_timeout: float, lifetime: float = 0.0, on_remove: Callable[[str, str], None] | None = None
+    ) -> None:
+        self.idle_timeout = idle_timeout
+        self.lifetime = lifetime
+        self.on_remove = on_remove  # (session id, reason): the metrics' counter of ended sessions
+        self._sessions: dict[str, Session] = {}
+        self._gone: OrderedDict[str, str] = OrderedDict()
+
+    def _expiry_reason(self, session: Session, now: float) -> str | None:
+        if now - session.last_used > self.idle_timeout:
+            return idle_reason(self.idle_timeout)
+        if self.lifetime and now - session.created > self.lifetime:
+            return lifetime_reason(self.lifetime)
+        return None
+
+    async def get(self, session_id: str, *, fresh: bool = False) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise gone(session_id, self._gone.get(session_id))
+        reason = self._expiry_reason(session, time.time())
+        if reason is not None:
+            self._remove(session_id, reason)
+            raise gone(session_id, reason)
+        return session
+
+    def contains(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    async def add(self, session: Session, cap: int) -> None:
+        check_new(session.id, self.contains(session.id), len(self._sessions), cap)
+        self._gone.pop(session.id, None)
+        self._sessions[session.id] = session
+
+    async def remove(self, session_id: str, reason: str) -> Session:
+        return self._remove(session_id, reason)
+
+    async def reset(self, session: Session) -> None:
+        session.reset()
+
+    async def refresh(self, session: Session) -> None:
+        """Nothing to do: this process holds the only copy."""
+
+    async def commit(self, backs: Sequence[WriteBack]) -> list[ServiceError | None]:
+        """Every advance is accepted: nothing else can have moved a session held only here."""
+        return [None] * len(backs)
+
+    async def count(self) -> int:
+        return len(self._sessions)
+
+    async def of_model(self, model: ModelVersion) -> list[str]:
+        return [s.id for s in self._sessions.values() if s.model is model]
+
+    def _remove(self, session_id: str, reason: str) -> Session:
+        session = self._sessions.pop(session_id)
+        session.gen += 1
+        self._gone[session_id] = reason
+        if len(self._gone) > TOMBSTONES:
+            self._gone.popitem(last=False)
+        if self.on_remove is not None:
+            self.on_remove(session_id, reason)
+        return session
+
+    async def page(self, start: int, size: int) -> list[Session]:
+        out: list[Session] = []
+        for i, session in enumerate(self._sessions.values()):
+            if i >= start + size:
+                break
+            if i >= start:
+                out.append(session)
+        return out
+
+    async def sweep(self, now: float) -> int:
+        expired = [(s.id, r) for s in self._sessions.values() if (r := self._expiry_reason(s, now))]
+        for session_id, reason in expired:
+            self._remove(session_id, reason)
+        return len(expired)
+
+    def __str__(self) -> str:
+        return "in memory"
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        """Nothing to write: the sessions end with the process."""
+
+    def __len__(self) -> int:
+        return len(self._sessions)

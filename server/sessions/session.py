@@ -1,0 +1,56 @@
+"""Session: one hidden state pinned to one model version, and its position in the client's text.
+
+A Session is small on purpose (``__slots__``, the state a NumPy row): an idle
+session costs its state plus about 1 KB, so 100,000 fit in well under 1 GB. Only
+the scheduler advances a session's state, on the event loop thread, so no locks
+are needed. What a particular store keeps about a session (a shared store's
+version counter, say) stays in that store.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from nextchar.server.registry import ModelVersion
+
+
+class Session:
+    __slots__ = ("created", "gen", "id", "last_used", "model", "offset", "probs", "state")
+
+    def __init__(self, session_id: str, model: ModelVersion, state: np.ndarray, probs: np.ndarray) -> None:
+        self.id = session_id
+        self.model = model
+        self.state = state  # (S,) hidden state after the last consumed character
+        self.probs = probs  # (V,) prediction for the next character
+        self.offset = 0  # characters consumed
+        self.created = self.last_used = time.time()
+        self.gen = 0  # bumped on reset/close: batch results for an older gen are dropped
+
+    @classmethod
+    def fresh(cls, session_id: str, model: ModelVersion) -> Session:
+        net = model.require()
+        assert model.initial_probs is not None  # set whenever the model is available
+        return cls(session_id, model, net.initial_state(1)[0], model.initial_probs)
+
+    def copy(self, session_id: str) -> Session:
+        twin = Session(session_id, self.model, self.state.copy(), self.probs.copy())
+        twin.offset = self.offset
+        return twin
+
+    def reset(self) -> None:
+        fresh = Session.fresh(self.id, self.model)
+        self.state, self.probs, self.offset = fresh.state, fresh.probs, 0
+        self.gen += 1
+
+
+@dataclass(slots=True)
+class WriteBack:
+    """A session's advance, for its store to accept (and a shared store to write) before the reply leaves."""
+
+    session: Session  # still holding the state the chunk was computed from
+    state: np.ndarray  # (S,) after the chunk
+    probs: np.ndarray  # (V,)
+    offset: int  # after the chunk
+    chars: int  # the chunk's length

@@ -1,0 +1,101 @@
+"""SessionStore: where sessions live, and the rules every store shares (ids, caps, why a session is gone).
+
+Two stores implement the protocol: InMemorySessionStore (this process) and
+RedisSessionStore (shared by several replicas). Callers never ask which one they
+have: a store that needs nothing for a write-back (the in-memory one) accepts it
+at once. Methods are coroutines because a shared store answers over the network;
+the in-memory store's never suspend.
+
+Removed ids leave a tombstone, so a late client is told WHY its session is gone
+(idle, lifetime, closed, evicted) instead of just "not found".
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Sequence
+from typing import Protocol
+
+from nextchar.server.errors import (
+    Aborted,
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+)
+from nextchar.server.registry import ModelVersion
+from nextchar.server.sessions.session import Session, WriteBack
+
+ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+GONE_REASONS = ("idle", "lifetime", "closed", "evicted")
+
+
+class StaleSession(Aborted):
+    """A shared store refused a write-back: another replica advanced the session since this
+    replica read it. The chunk is re-run from the stored copy (SessionManager), or ABORTED."""
+
+
+def idle_reason(idle_timeout: float) -> str:
+    return f"idle for more than {idle_timeout:g} s"
+
+
+def lifetime_reason(lifetime: float) -> str:
+    return f"lifetime of {lifetime:g} s ended"
+
+
+def reason_label(reason: str) -> str:
+    """The one-word kind of a removal reason ("idle for more than 60 s" -> "idle")."""
+    word = reason.split(maxsplit=1)[0].rstrip(":") if reason else ""
+    return word if word in GONE_REASONS else "other"
+
+
+def gone(session_id: str, reason: str | None) -> NotFound:
+    """The NotFound a client gets for a session id: with the reason when one is remembered
+    (in words, and as the detail ``reason``: idle, lifetime, closed, evicted or other)."""
+    if reason is None:
+        return NotFound(f"session {session_id!r}: no such session", subject="session")
+    return NotFound(
+        f"session {session_id!r}: expired or gone ({reason})", subject="session", reason=reason_label(reason)
+    )
+
+
+def new_id(requested: str = "") -> str:
+    if not requested:
+        # 128 random bits from the OS: a server-assigned id is the session's only key (docs/api.md)
+        return secrets.token_hex(16)
+    if not ID_RE.match(requested):
+        raise InvalidArgument("session_id: must be 1-128 characters of [A-Za-z0-9._:-]")
+    return requested
+
+
+def check_new(session_id: str, exists: bool, count: int, cap: int) -> None:
+    """The two reasons a store refuses a new session: its id is taken, or the cap is reached."""
+    if exists:
+        raise AlreadyExists(f"session_id: {session_id!r} is already in use")
+    if count >= cap:
+        raise ResourceExhausted(f"session cap of {cap} reached; close idle sessions or retry later")
+
+
+class SessionStore(Protocol):
+    """Where sessions live. Implementations enforce expiry, and the cap in ``add`` (atomically,
+    when several replicas share the store)."""
+
+    # raises NotFound naming the reason; fresh: re-read a shared copy another replica may have advanced
+    async def get(self, session_id: str, *, fresh: bool = False) -> Session: ...
+    async def add(self, session: Session, cap: int) -> None: ...  # AlreadyExists, ResourceExhausted
+    async def remove(self, session_id: str, reason: str) -> Session: ...
+    async def reset(self, session: Session) -> None: ...  # back to offset 0, written through
+    async def refresh(self, session: Session) -> None: ...  # adopt the shared copy if it moved on
+    # accept each advance before it is applied: None, or why not (StaleSession, NotFound, Unavailable);
+    # a session the store does not hold (a stateless Predict, one still priming) is accepted as is
+    async def commit(self, backs: Sequence[WriteBack]) -> list[ServiceError | None]: ...
+    async def page(self, start: int, size: int) -> list[Session]: ...
+    async def count(self) -> int: ...  # sessions in the store (all replicas')
+    async def of_model(self, model: ModelVersion) -> list[str]: ...  # ids of the sessions on model
+    async def sweep(self, now: float) -> int: ...  # remove expired sessions; returns how many
+    async def ping(self) -> bool: ...  # reachable (health follows it)
+    async def close(self) -> None: ...  # write back what is not written yet
+    def contains(self, session_id: str) -> bool: ...  # held in this process's memory
+    def __len__(self) -> int: ...  # sessions held in this process's memory
