@@ -42,7 +42,8 @@ bench-load: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy core server client bench tests
+	$(VENV)/bin/mypy core server client cli bench tests
+	$(VENV)/bin/lint-imports
 
 proto: $(STAMP)
 	rm -rf $(PROTO_GEN) && mkdir -p $(PROTO_GEN)

@@ -8,8 +8,8 @@ Run: ``make bench-train`` (installs torch 2.13.0 first), or directly::
 
 Throughput on a shared machine drifts by ±15% between runs, so the figure that counts is
 the ratio nextchar/torch measured in the same run. Quality at a fixed character budget
-and seed is deterministic, so bits/char can be compared with ../shared/ANCHORS.md too
-(PyTorch nn.RNN H=256 B=64 T=64: 2.654 bits/char after 5M characters).
+and seed is deterministic, so bits/char can be compared with a reference run too
+(PyTorch nn.RNN H=256 B=64 T=64: 2.654 bits/char after 5M characters, ANCHOR_BPC).
 
 Each training run happens in a fresh process: nextchar tunes glibc's malloc for the
 whole process and torch keeps OpenMP threads around, and neither should tilt the other's
@@ -45,11 +45,11 @@ RESULTS_DIR = BENCH_DIR / "results"
 VAL_FRACTION = 0.1  # the last 10% is validation, split exactly as nextchar.core.train does
 DEFAULT_CHARS = {"rnn": 5_000_000, "gru": 1_000_000, "lstm": 1_000_000}
 QUICK_CHARS = 100_000
-RATIO_GOAL = {"rnn": 1.0, "gru": 0.8, "lstm": 0.8}  # issue 2: nextchar/torch chars/s
-BPC_GOAL_PCT = 2.0  # issue 2: nextchar's bits/char within 2% of torch's
+RATIO_GOAL = {"rnn": 1.0, "gru": 0.8, "lstm": 0.8}  # the goal: nextchar/torch chars/s
+BPC_GOAL_PCT = 2.0  # the goal: nextchar's bits/char within 2% of torch's
 IMPLS = ("nextchar", "torch")
 BUSY_WARNING = 0.1  # foreign CPU share above which throughput figures are flagged
-ANCHOR_BPC = {("rnn", 256, 64, 64, 5_000_000): 2.654}  # ANCHORS.md, PyTorch at exactly 5M chars
+ANCHOR_BPC = {("rnn", 256, 64, 64, 5_000_000): 2.654}  # PyTorch at exactly 5M chars, a reference run
 
 
 # ---------------------------------------------------------------- data
@@ -214,7 +214,7 @@ def compare(
 
 
 def verdict(cell: str, shape: dict[str, int], chars: int, entry: dict[str, Any]) -> dict[str, Any]:
-    """The ratio and bits/char gap, judged against issue 2's goals when both sides ran."""
+    """The ratio and bits/char gap, judged against the goals above when both sides ran."""
     anchor = ANCHOR_BPC.get((cell, shape["hidden"], shape["batch"], shape["seq_len"], chars))
     out: dict[str, Any] = {"anchor_torch_val_bpc": anchor}
     if "torch" not in entry or "nextchar" not in entry:
@@ -284,7 +284,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f" {_fmt(r.get('bpc_gap_pct'), '+.1f', r.get('bpc_met'), '%'):>7}"
         )
         if r.get("anchor_torch_val_bpc") is not None:
-            lines.append(f"{'':<22} (ANCHORS.md: torch {r['anchor_torch_val_bpc']} bpc at this budget)")
+            lines.append(f"{'':<22} (reference run: torch {r['anchor_torch_val_bpc']} bpc at this budget)")
     busiest = max(
         (r[impl].get("foreign_cpu_share", 0.0) for r in results for impl in IMPLS if impl in r),
         default=0.0,

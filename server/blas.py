@@ -1,7 +1,7 @@
 """One BLAS thread per server process.
 
 OpenBLAS's default threads spin inside a server and cost ~28% of chunked
-throughput on the 2-core reference machine (ANCHORS.md); the batcher's products are
+throughput on a 2-core machine (bench/serve_bench.py); the scheduler's products are
 small enough that one thread is faster. ``OPENBLAS_NUM_THREADS`` only works if set
 before NumPy loads OpenBLAS, and ``serve()`` may be called by a CLI that imported
 NumPy long before, so this sets the variable (for this process if NumPy is not

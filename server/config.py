@@ -176,8 +176,7 @@ class ServerConfig:
             # 1,000 streams opened at once under full load left ~7% of them waiting that long
             # (CANCELLED at 30.1 s in bench/load_bench.py). Late is better than dropped.
             ("grpc.server_max_unrequested_time_in_server", 600),
-            # Lets gRPC core coalesce the writes of many streams: 1,000 one-character streams
-            # went from 0.67 to 0.73-0.79 of the echo server; a lone ping-pong may pay ~30 us
-            # (p50 ratio 1.42-1.55 against 1.41-1.44, within this machine's noise).
+            # Lets gRPC core coalesce the writes of many streams: one-character messages at
+            # 1,000 streams gain more than a lone ping-pong's latency loses (bench/serve_bench.py).
             ("grpc.optimization_target", "throughput"),
         ]

@@ -10,7 +10,7 @@ UNKNOWN, which is what an unhandled exception becomes) and must still serve afte
 
 The server's limits are small so that cases are cheap (a 64-character chunk cap,
 256 generated characters, a 1 MiB message cap). How many requests were tried is
-printed when the module finishes: the issue asks for that figure.
+printed when the module finishes, the figure to report.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class Fuzz:
 
 @pytest.fixture(scope="module")
 def fuzz(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Fuzz]:
-    """One server for the whole module; prints the request count at the end (the issue's figure)."""
+    """One server for the whole module; prints the request count at the end."""
     model_dir = tmp_path_factory.mktemp("models")
     registry = make_registry(model_dir, versions=1)
     model, history, summary = train_notebook_model(epochs=20, seed=3)

@@ -18,7 +18,7 @@ from nextchar.core.model import CharRNN
 from nextchar.core.vocab import Vocab
 from nextchar.server.batching.executors import ProcessExecutor
 from nextchar.server.batching.scheduler import Scheduler
-from nextchar.server.batching.work import BatchStats, PredictWork, compute
+from nextchar.server.batching.work import BatchStats, ChunkResult, PredictWork, compute
 from nextchar.server.errors import Aborted
 from nextchar.server.registry import ModelVersion
 from nextchar.server.sessions.manager import SessionManager
@@ -54,6 +54,7 @@ def test_mixed_length_batch_matches_each_session_alone() -> None:
     results = compute(works, BatchStats())
     for work, result, text in zip(works, results, texts, strict=True):
         want_top1, want_probs = solo(model, text)
+        assert isinstance(result, ChunkResult)
         np.testing.assert_array_equal(result.top_index[:, 0], want_top1)
         assert result.distribution is not None
         np.testing.assert_allclose(result.distribution, want_probs, rtol=1e-5, atol=1e-6)

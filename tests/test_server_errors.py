@@ -93,8 +93,26 @@ def test_idle_and_lifetime_expiry_are_not_found_with_the_reason(model_dir: Path)
         srv.close()
 
 
-def test_evicted_session_is_not_found_with_the_reason() -> None:
-    """Covered over the network in test_server_models.test_delete_evicts_its_sessions_and_protects_the_default."""
+def test_evicted_session_is_not_found_with_the_reason(tmp_path: Path) -> None:
+    """A session whose model version is deleted ends; its id then says why, in words and as a detail."""
+    make_registry(tmp_path, versions=2)
+    server = start_server(tmp_path)
+    try:
+        doomed = pb.ModelRef(name="default", version=2)
+        sid = session(server, model=doomed)
+        server.stub.DeleteModel(pb.DeleteModelRequest(model=doomed), timeout=5)
+        for call in (
+            predict(server, session_id=sid, text="h"),
+            lambda: server.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=5),
+        ):
+            code, message, details = refusal(call)
+            assert code == grpc.StatusCode.NOT_FOUND and "evicted" in message and "v2" in message
+            assert details == {"subject": "session", "reason": "evicted"}
+        assert (
+            server.stub.Predict(pb.PredictRequest(text="h"), timeout=5).predictions.count == 1
+        )  # v1 serves on
+    finally:
+        server.close()
 
 
 def test_duplicate_session_id_already_exists(srv: ServerThread) -> None:
