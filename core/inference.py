@@ -41,7 +41,7 @@ class Advanced:
 
 def initial_probs(model: CharRNN) -> np.ndarray:
     """(V,) the prediction before any character: every cell starts from a zero state."""
-    return model.probabilities(np.zeros((1, model.config.hidden), dtype=model.dtype))[0]
+    return model.predict_from(model.initial_state(1))[0]
 
 
 def pack_chunks(chunks: Sequence[np.ndarray]) -> tuple[list[int], list[int], np.ndarray]:

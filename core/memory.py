@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -18,15 +19,31 @@ _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc refuses larger values on 64-bit
 _TRIM_THRESHOLD = 1024 * 1024 * 1024
 
 
-def keep_freed_memory() -> bool:
-    """Tune glibc's malloc once per process; returns False (and changes nothing) elsewhere."""
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def keep_freed_memory(trim_threshold: int = _TRIM_THRESHOLD) -> bool:
+    """Tune glibc's malloc once per process; returns False (and changes nothing) elsewhere.
+
+    trim_threshold: free memory at the heap's top beyond this goes back to the OS. A
+    trainer keeps up to 1 GiB (its step's temporaries come back every step); a server
+    keeps less, so that memory a burst of big requests took is returned.
+    """
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
-    return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok)
+    return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1 and ok)
+
+
+def return_freed_memory() -> bool:
+    """Give the OS the free pages anywhere in the heap (``malloc_trim``), not only at its top."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    return bool(trim is not None and trim(0))

@@ -180,6 +180,11 @@ class CharRNN:
         new_state = layers[0] if len(layers) == 1 else np.concatenate(layers, axis=1)
         return new_state, self.probabilities(x)
 
+    def predict_from(self, state: np.ndarray) -> np.ndarray:
+        """The next-character distribution (N, V) that states (N, S) imply: the top layer's h, read out."""
+        start = (self.config.layers - 1) * self.layer_width
+        return self.probabilities(state[:, start : start + self.config.hidden])
+
     def probabilities(self, h: np.ndarray) -> np.ndarray:
         """Next-character distribution (N, V) from the top layer's hidden state (N, H)."""
         logits = h @ self.params["Why"]

@@ -40,6 +40,7 @@ from nextchar.server.sessions.memory import InMemorySessionStore
 from nextchar.server.sessions.redis_store import RedisSessionStore
 from nextchar.server.sessions.store import SessionStore
 from nextchar.server.training.jobs import JobManager
+from nextchar.server.wire import add_service
 
 log = logging.getLogger("nextchar.server")
 SWITCH_INTERVAL = 0.0005  # seconds
@@ -101,7 +102,7 @@ class NextCharServer:
             commit=store.commit,
         )
         self.sessions = SessionManager(store, self.scheduler, config.max_sessions, config.max_chunk_chars)
-        self.jobs = JobManager(self.registry, config.max_jobs)
+        self.jobs = JobManager(self.registry, config.max_jobs, config.max_vocab)
         self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs)
         self.servicer.on_message = self.metrics.message_latency.observe
         self.metrics.watch(lambda: len(store), lambda: [j.state for j in list(self.jobs.jobs.values())])
@@ -122,7 +123,7 @@ class NextCharServer:
         for mv in self.registry.versions():
             if not mv.available:
                 log.warning("model %s v%d unavailable: %s", mv.name, mv.version, mv.reason)
-        nextchar_pb2_grpc.add_NextCharServiceServicer_to_server(self.servicer, self.grpc)
+        add_service(self.servicer, self.grpc, self.config)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc

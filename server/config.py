@@ -53,9 +53,14 @@ class ServerConfig:
     session_lifetime: float = field(default=0.0, metadata=_opt("Seconds any session lives; 0 = unlimited."))
     max_chunk_chars: int = field(default=4096, metadata=_opt("Characters per prediction message."))
     max_top_k: int = field(default=256, metadata=_opt("Most candidates a prediction may ask for."))
-    max_generate_chars: int = field(
-        default=100_000, metadata=_opt("Most characters one Generate may produce (and prime).")
+    max_generate_chars: int = field(default=100_000, metadata=_opt("Most characters one Generate may produce."))
+    # priming is compute on the caller's behalf before any reply: bound it like a generation
+    max_prime_chars: int = field(
+        default=100_000, metadata=_opt("Most characters of prime_text (CreateSession, Generate).")
     )
+    # a training text's distinct characters: the output layer, and every step's (T*B, V)
+    # arrays, grow with it (20,000 distinct characters took a trainer past 1.5 GB)
+    max_vocab: int = field(default=2048, metadata=_opt("Most distinct characters a training text may hold."))
     # training text travels in one message
     max_message_bytes: int = field(default=64 * MIB, metadata=_opt("Largest gRPC message, in bytes."))
     # the machine has 2 cores and serves too
@@ -131,6 +136,8 @@ class ServerConfig:
             "max_chunk_chars": self.max_chunk_chars >= 1,
             "max_top_k": self.max_top_k >= 1,
             "max_generate_chars": self.max_generate_chars >= 1,
+            "max_prime_chars": self.max_prime_chars >= 1,
+            "max_vocab": self.max_vocab >= 1,
             "max_message_bytes": self.max_message_bytes >= 4096,
             "max_jobs": self.max_jobs >= 1,
             "grace": self.grace >= 0,

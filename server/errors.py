@@ -11,6 +11,15 @@ from __future__ import annotations
 import grpc
 
 METADATA_PREFIX = "nextchar-"  # trailing metadata keys of an error's details
+SHOWN = 40  # characters of client input a message or log line repeats
+
+
+def shown(value: str, limit: int = SHOWN) -> str:
+    """Client input as a message or a log line may repeat it: quoted, and cut to a short
+    prefix, so a megabyte id costs a megabyte nowhere but in its own request."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 class ServiceError(Exception):

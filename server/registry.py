@@ -3,15 +3,21 @@
 Layout under ``model_dir``::
 
     <name>/<version>.npz   one model file per version (nextchar.core.modelfile)
-    default.json           {"name": ..., "version": ...}, replaced atomically
+    _default.json          {"name": ..., "version": ...}, replaced atomically
 
-A file that fails to load marks its version unavailable with the reason, and the
-server starts anyway. Sessions hold a ModelVersion by reference, so deleting or
+The registry's own files start with "_", which no model name can (NAME_RE), so no
+model can collide with them; a pointer from before (``default.json``) is moved
+there at start. Temporary files that a killed save left behind are removed at
+start. A file that fails to load marks its version unavailable with the reason
+(naming the file relative to model_dir: no server paths reach clients), and the
+server starts anyway; a default that is unavailable gives way to the newest
+available version. Sessions hold a ModelVersion by reference, so deleting or
 replacing the default never disturbs a live session: it finishes on its version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -25,17 +31,19 @@ from nextchar.core.atomic import atomic_write
 from nextchar.core.inference import initial_probs
 from nextchar.core.model import CharRNN
 from nextchar.core.modelfile import ModelFileError, load_model, save_model
-from nextchar.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from nextchar.server.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 DEFAULT_NAME = "default"
-POINTER = "default.json"
+POINTER = "_default.json"
+LEGACY_POINTER = "default.json"  # where the pointer lived before: a model name could collide with it
+STALE_TMP = 60.0  # seconds: a temporary file older than this belongs to a save that died
 REFRESH_INTERVAL = 1.0  # seconds between directory scans for models written by other processes
 
 
 def check_name(name: str) -> str:
     if not NAME_RE.match(name):
-        raise InvalidArgument(f"model.name: {name!r} must be 1-64 characters of [a-z0-9_.-]")
+        raise InvalidArgument(f"model.name: {shown(name)} must be 1-64 characters of [a-z0-9_.-]")
     return name
 
 
@@ -68,12 +76,14 @@ class ModelVersion:
 
     @classmethod
     def load(cls, name: str, version: int, path: Path) -> ModelVersion:
+        shown_path = f"{name}/{path.name}"  # relative to model_dir: reasons reach clients
         try:
             mf = load_model(path)
         except ModelFileError as exc:
-            return cls(name, version, path, reason=str(exc))
+            return cls(name, version, path, reason=str(exc).replace(str(path), shown_path))
         except Exception as exc:  # any damage must mark the version, not stop the server
-            return cls(name, version, path, reason=f"{path}: {type(exc).__name__}: {exc}")
+            reason = f"{shown_path}: {type(exc).__name__}: {exc}".replace(str(path), shown_path)
+            return cls(name, version, path, reason=reason)
         return cls.from_model(name, version, path, mf.model, mf.history, mf.summary, mf.meta)
 
     @classmethod
@@ -121,11 +131,23 @@ class Registry:
     def load_all(self) -> None:
         """Scan model_dir; every version loads or is marked unavailable."""
         self.model_dir.mkdir(parents=True, exist_ok=True)
+        self._tidy()
         versions = {key: ModelVersion.load(*key, path) for key, path in self._files().items()}
         with self._lock:
             self._versions = versions
             self._default = self._read_pointer()
         self._refreshed = time.monotonic()
+
+    def _tidy(self) -> None:
+        """Move a pointer from before to its name; remove what killed saves left behind."""
+        legacy = self.model_dir / LEGACY_POINTER
+        if legacy.is_file() and not (self.model_dir / POINTER).exists():
+            legacy.replace(self.model_dir / POINTER)
+        now = time.time()
+        for tmp in [*self.model_dir.glob(".*.tmp"), *self.model_dir.glob("*/.*.tmp")]:
+            with contextlib.suppress(OSError):  # another process may just have renamed it
+                if now - tmp.stat().st_mtime > STALE_TMP:
+                    tmp.unlink()
 
     def refresh(self, *, force: bool = False) -> int:
         """Load versions another process wrote since (``nextchar train --local``); returns how many.
@@ -158,7 +180,7 @@ class Registry:
             ref = None
         except (ValueError, KeyError, TypeError, OSError):
             ref = None  # a damaged pointer falls back to the newest available version
-        if ref is not None and ref in self._versions:
+        if ref is not None and ref in self._versions and self._versions[ref].available:
             return ref
         available = [k for k, v in self._versions.items() if v.available]
         prefer = [k for k in available if k[0] == DEFAULT_NAME] or available
@@ -208,11 +230,11 @@ class Registry:
             if version == 0:
                 candidates = [v for (n, v), mv in self._versions.items() if n == name and mv.available]
                 if not candidates:
-                    raise NotFound(f"model {name!r}: no available version", subject="model")
+                    raise NotFound(f"model {shown(name)}: no available version", subject="model")
                 version = max(candidates)
             mv = self._versions.get((name, version))
         if mv is None:
-            raise NotFound(f"model {name!r} version {version}: not in the registry", subject="model")
+            raise NotFound(f"model {shown(name)} version {version}: not in the registry", subject="model")
         if need_available:
             mv.require()
         return mv
@@ -236,11 +258,16 @@ class Registry:
             version = max([0, *taken, *on_disk]) + 1
             path = self.model_dir / name / f"{version}.npz"
             save_model(path, model, history=history, summary=summary)
-            meta = load_model(path).meta  # read back: what sessions use is what is on disk
+            try:
+                meta = load_model(path).meta  # read back: what sessions use is what is on disk
+                if promote or self._default is None:
+                    self._write_pointer((name, version))
+            except BaseException:  # a version is registered whole or not at all
+                path.unlink(missing_ok=True)
+                raise
             mv = ModelVersion.from_model(name, version, path, model, history, summary, meta)
             self._versions[(name, version)] = mv
             if promote or self._default is None:
-                self._write_pointer((name, version))
                 self._default = (name, version)
         return mv
 
@@ -262,5 +289,7 @@ class Registry:
                     f"model {mv.name} v{mv.version} is the default; set another default first"
                 )
             mv.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the model's last version: no empty directory left
+                mv.path.parent.rmdir()
             del self._versions[(mv.name, mv.version)]
         return mv

@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import math
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -25,12 +26,20 @@ from nextchar.proto import nextchar_pb2 as pb
 from nextchar.proto import nextchar_pb2_grpc as pb_grpc
 from nextchar.server import messages
 from nextchar.server.config import ServerConfig
-from nextchar.server.errors import FailedPrecondition, InvalidArgument, ServiceError
+from nextchar.server.errors import (
+    METADATA_PREFIX,
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    ServiceError,
+    shown,
+)
 from nextchar.server.registry import DEFAULT_NAME, ModelVersion, Registry
-from nextchar.server.sessions.manager import SessionManager
+from nextchar.server.sessions.manager import Attachment, SessionManager
 from nextchar.server.sessions.session import Session
 from nextchar.server.sessions.snapshot import SnapshotMismatch, decode_state, encode_array, same_model
 from nextchar.server.training.jobs import JobManager
+from nextchar.server.wire import Refused
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -42,31 +51,42 @@ GENERATE_PIECE = 64  # characters per Generate response
 log = logging.getLogger("nextchar.server")
 
 
+def accepted(request: Req | Refused) -> Req:
+    """The request, or the refusal its bytes earned at the decoding boundary (nextchar.server.wire)."""
+    if isinstance(request, Refused):
+        raise request.error
+    return request
+
+
 def unary(
     fn: Callable[[NextCharServicer, Req, Ctx], Awaitable[Resp]],
-) -> Callable[[NextCharServicer, Req, Ctx], Awaitable[Resp]]:
+) -> Callable[[NextCharServicer, Req | Refused, Ctx], Awaitable[Resp]]:
     @functools.wraps(fn)
-    async def wrapper(self: NextCharServicer, request: Req, context: Ctx) -> Resp:
+    async def wrapper(self: NextCharServicer, request: Req | Refused, context: Ctx) -> Resp:
         try:
-            return await fn(self, request, context)
+            return await fn(self, accepted(request), context)
         except ServiceError as exc:
             await refuse(fn.__name__, exc, context)
-            raise  # unreachable: abort raises
+        except Exception as exc:
+            await fail(fn.__name__, exc, context)
+        raise AssertionError("unreachable: abort raises")
 
     return wrapper
 
 
 def streaming(
     fn: Callable[[NextCharServicer, Req, Ctx], AsyncIterator[Resp]],
-) -> Callable[[NextCharServicer, Req, Ctx], AsyncIterator[Resp]]:
+) -> Callable[[NextCharServicer, Req | Refused, Ctx], AsyncIterator[Resp]]:
     @functools.wraps(fn)
-    async def wrapper(self: NextCharServicer, request: Req, context: Ctx) -> AsyncIterator[Resp]:
+    async def wrapper(self: NextCharServicer, request: Req | Refused, context: Ctx) -> AsyncIterator[Resp]:
         with self.live_stream():
             try:
-                async for item in fn(self, request, context):
+                async for item in fn(self, accepted(request), context):
                     yield item
             except ServiceError as exc:
                 await refuse(fn.__name__, exc, context)
+            except Exception as exc:
+                await fail(fn.__name__, exc, context)
 
     return wrapper
 
@@ -76,7 +96,8 @@ def duplex(
 ) -> Callable[[NextCharServicer, Any, Ctx], Awaitable[None]]:
     """A bidirectional stream written with context.read() / context.write(): unlike an
     async generator under ``streaming``, no wrapper generator relays each message
-    (measured: ~5% more one-character messages per second)."""
+    (~5% more one-character messages per second). The method reads its requests
+    through ``accepted``, so a malformed one mid-stream is refused like a first one."""
 
     @functools.wraps(fn)
     async def wrapper(self: NextCharServicer, request_iterator: Any, context: Ctx) -> None:
@@ -85,6 +106,8 @@ def duplex(
                 await fn(self, context)
             except ServiceError as exc:
                 await refuse(fn.__name__, exc, context)
+            except Exception as exc:
+                await fail(fn.__name__, exc, context)
 
     return wrapper
 
@@ -93,6 +116,20 @@ async def refuse(method: str, exc: ServiceError, context: Ctx) -> None:
     """Answer a refused call with its status code and message (raises AbortError)."""
     log.info("%s refused: %s: %s", method, exc.code.name, exc)
     await context.abort(exc.code, str(exc), trailing_metadata=exc.trailing_metadata())
+
+
+async def fail(method: str, exc: Exception, context: Ctx) -> None:
+    """Answer a call that broke on a bug with INTERNAL and an error id the log line carries
+    (raises AbortError). An AbortError from inside the call is passed on as it is."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    error_id = secrets.token_hex(6)
+    log.error("%s failed: internal error %s", method, error_id, exc_info=exc)
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error {error_id}: the server's log has the details under this id",
+        trailing_metadata=((METADATA_PREFIX + "error-id", error_id),),
+    )
 
 
 class NextCharServicer(pb_grpc.NextCharServiceServicer):
@@ -136,13 +173,18 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             )
 
     def _top_k(self, top_k: int, mv: ModelVersion) -> int:
+        """The k a prediction or a generation may use: at most the vocabulary and max_top_k."""
         k = top_k or DEFAULT_TOP_K
-        vocab_size = mv.require().vocab.size
-        if k > min(vocab_size, self.config.max_top_k):
+        allowed = min(mv.require().vocab.size, self.config.max_top_k)
+        if k > allowed:
+            raise InvalidArgument(f"top_k: {k} is more than the {allowed} allowed")
+        return k
+
+    def _check_prime(self, prime_text: str) -> None:
+        if len(prime_text) > self.config.max_prime_chars:
             raise InvalidArgument(
-                f"top_k: {k} is more than the {min(vocab_size, self.config.max_top_k)} allowed"
+                f"prime_text: {len(prime_text)} characters exceed max_prime_chars ({self.config.max_prime_chars})"
             )
-        return min(k, vocab_size)
 
     async def _predict(
         self,
@@ -166,6 +208,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
 
     @unary
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Ctx) -> pb.CreateSessionResponse:
+        self._check_prime(request.prime_text)
         session = await self.sessions.create(
             request.session_id, self._model(request.model), request.prime_text
         )
@@ -241,10 +284,13 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             raise FailedPrecondition(
                 f"blob: model {mv.name} v{mv.version} on this server differs from the one the state came from"
             )
+        net = mv.require()
         try:
-            state, probs = decode_state(mv.require(), snapshot.dtype, snapshot.state, snapshot.probs)
+            state, _ = decode_state(net, snapshot.dtype, snapshot.state, snapshot.probs)
         except SnapshotMismatch as exc:
             raise InvalidArgument(f"blob: {exc}") from None
+        # the prediction is the state's, computed here: a blob's own copy could say anything
+        probs = net.predict_from(state[None, :])[0]
         if snapshot.offset > MAX_OFFSET:  # else the next chunk overflows uint64 offsets in every reply
             raise InvalidArgument(f"blob: offset {snapshot.offset} is above {MAX_OFFSET}")
         session = Session(self.sessions.admit(request.session_id), mv, state, probs)
@@ -273,32 +319,50 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     @duplex
     async def PredictStream(self, context: Ctx) -> None:  # type: ignore[override]  # stubs: generator form only
         session: Session | None = None
-        while (request := await context.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
-            assert isinstance(request, pb.PredictStreamRequest)
-            if session is None:
-                if request.session_id:
-                    session = await self.sessions.get(request.session_id)
-                else:
-                    self._check_text(request.text)  # a bad first chunk must not leave a session behind
-                    session = await self.sessions.create("", self._model(request.model))
-                first = True
+        attachment: Attachment | None = None
+        try:
+            while (raw := await context.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                session, attachment = await self._stream_message(context, accepted(raw), session, attachment)
+        finally:
+            if session is not None and attachment is not None:
+                self.sessions.detach(session.id, attachment)
+
+    async def _stream_message(
+        self,
+        context: Ctx,
+        request: pb.PredictStreamRequest,
+        session: Session | None,
+        attachment: Attachment | None,
+    ) -> tuple[Session, Attachment]:
+        """One request of a PredictStream: the first attaches the stream to its session (taking it
+        over from a stream attached before, which ends ABORTED at its next message)."""
+        first = session is None
+        if session is None or attachment is None:
+            if request.session_id:
+                session = await self.sessions.get(request.session_id)
             else:
-                if request.session_id and request.session_id != session.id:
-                    raise InvalidArgument(
-                        f"session_id: this stream is attached to {session.id!r}, not {request.session_id!r}"
-                    )
-                session = await self.sessions.get(session.id)  # still alive? (closed, expired) and touch it
-                first = False
-            expect = request.expect_offset if request.HasField("expect_offset") else None
-            reply = pb.PredictStreamResponse(
-                session_id=session.id,
-                model=messages.model_ref(session.model),
-                vocab=session.model.require().vocab.chars if first else "",
-            )
-            await self._predict(
-                session, request.text, request.top_k, request.full_distribution, expect, reply.predictions
-            )
-            await context.write(reply)
+                self._check_text(request.text)  # a bad first chunk must not leave a session behind
+                session = await self.sessions.create("", self._model(request.model))
+            attachment = self.sessions.attach(session.id)
+        else:
+            if request.session_id and request.session_id != session.id:
+                raise InvalidArgument(
+                    f"session_id: this stream is attached to {shown(session.id)}, not {shown(request.session_id)}"
+                )
+            if attachment.revoked:
+                raise Aborted(f"session {shown(session.id)}: another stream attached to it; this one ends")
+            session = await self.sessions.get(session.id)  # still alive? (closed, expired) and touch it
+        expect = request.expect_offset if request.HasField("expect_offset") else None
+        reply = pb.PredictStreamResponse(
+            session_id=session.id,
+            model=messages.model_ref(session.model),
+            vocab=session.model.require().vocab.chars if first else "",
+        )
+        await self._predict(
+            session, request.text, request.top_k, request.full_distribution, expect, reply.predictions
+        )
+        await context.write(reply)
+        return session, attachment
 
     @streaming
     async def Generate(self, request: pb.GenerateRequest, context: Ctx) -> AsyncIterator[pb.GenerateResponse]:
@@ -310,8 +374,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             sampling = Sampling(request.temperature or 1.0, request.top_k, request.top_p or 1.0)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        if request.prime_text and len(request.prime_text) > self.config.max_generate_chars:
-            raise InvalidArgument(f"prime_text: longer than {self.config.max_generate_chars} characters")
+        self._check_prime(request.prime_text)
         if request.session_id:
             # fresh: a generation cannot be re-run after a lost race (its random draws are spent),
             # so start from the shared copy; a race lost anyway answers ABORTED (StaleSession)
@@ -319,6 +382,8 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             session = source.copy("") if request.fork else source
         else:
             session = Session.fresh("", self._model(request.model))
+        if request.top_k:  # 0 = no cut-off
+            self._top_k(request.top_k, session.model)
         reported_id = "" if request.fork or not request.session_id else session.id
         rng = np.random.default_rng(request.seed if request.HasField("seed") else None)
         if request.prime_text:
@@ -356,7 +421,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         for name, value in train_config.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise InvalidArgument(f"train_config.{name}: must be finite, got {value}")
-        job = self.jobs.start(
+        job = await self.jobs.start(
             request.model_name or DEFAULT_NAME, request.text, model_config, train_config, request.promote
         )
         async for record in job.follow():

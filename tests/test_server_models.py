@@ -172,7 +172,7 @@ def test_hot_swap_while_a_stream_is_live(tmp_path: Path) -> None:
         np.testing.assert_allclose(
             got.predictions.surprisal_bits, expected(v2, NOTEBOOK_TEXT)[1], rtol=1e-4, atol=1e-5
         )
-        assert json.loads((tmp_path / "default.json").read_text()) == {"name": "default", "version": 2}
+        assert json.loads((tmp_path / "_default.json").read_text()) == {"name": "default", "version": 2}
     finally:
         srv.close()
 

@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import multiprocessing as mp
+import os
 import pickle
 import socket
 import struct
@@ -55,8 +56,11 @@ def _read_exact(sock: socket.socket, n: int) -> bytearray | None:
     return buf
 
 
-def child_main(sock: socket.socket) -> None:
+def child_main(sock: socket.socket, parent_pid: int) -> None:
     """The child's loop: ("model", key, ...) registers a model; ("advance", key, ...) answers."""
+    from nextchar.server.lifeline import die_with_parent
+
+    die_with_parent(parent_pid)
     from nextchar.core.config import ModelConfig
     from nextchar.core.inference import advance
     from nextchar.core.memory import keep_freed_memory
@@ -92,7 +96,7 @@ class ComputeProcess:
         self._sock, child_sock = socket.socketpair()
         self._child_sock: socket.socket | None = child_sock
         ctx = mp.get_context("spawn")  # fork would copy the server's threads and sockets
-        self._proc = ctx.Process(target=child_main, args=(child_sock,), name="nextchar-compute", daemon=True)
+        self._proc = ctx.Process(target=child_main, args=(child_sock, os.getpid()), name="nextchar-compute", daemon=True)
         self._models: dict[int, CharRNN] = {}  # keeps every sent model alive, so its id stays its key
         self._waiting: collections.deque[asyncio.Future[Advanced]] = collections.deque()
         self._connected: asyncio.Task[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None

@@ -42,7 +42,7 @@ from nextchar.server.batching.work import (
     Result,
     Work,
 )
-from nextchar.server.errors import Aborted, ServiceError
+from nextchar.server.errors import Aborted, ServiceError, shown
 from nextchar.server.sessions.session import Session, WriteBack
 
 LONE_WINDOW = 0.002  # seconds: another session asking within this means streams overlap
@@ -280,7 +280,7 @@ class Scheduler:
         if work.gen != session.gen or refusal is not None:
             if not work.future.done():
                 work.future.set_exception(
-                    refusal or Aborted(f"session {session.id!r} was reset or closed during the request")
+                    refusal or Aborted(f"session {shown(session.id)} was reset or closed during the request")
                 )
             return
         # absolute, not +=: a shared store's copy adopted meanwhile must not be advanced twice

@@ -15,13 +15,22 @@ import numpy as np
 from nextchar.core.config import Sampling
 from nextchar.server.batching.scheduler import Scheduler
 from nextchar.server.batching.work import ChunkResult, GenerateResult
-from nextchar.server.errors import FailedPrecondition, InvalidArgument, Unavailable
+from nextchar.server.errors import FailedPrecondition, Unavailable, shown
 from nextchar.server.logs import bind_session
 from nextchar.server.registry import ModelVersion
 from nextchar.server.sessions.session import Session
-from nextchar.server.sessions.store import SessionStore, StaleSession, new_id
+from nextchar.server.sessions.store import SessionStore, StaleSession, check_id, new_id
 
 STALE_RETRIES = 3  # re-runs of a chunk whose session another replica advanced meanwhile
+
+
+class Attachment:
+    """A PredictStream's hold on its session; revoked when another stream attaches to it."""
+
+    __slots__ = ("revoked",)
+
+    def __init__(self) -> None:
+        self.revoked = False
 
 
 class SessionManager:
@@ -33,6 +42,7 @@ class SessionManager:
         self.max_sessions = max_sessions
         self.max_chunk_chars = max_chunk_chars  # priming text is fed in chunks of this size
         self.draining = False
+        self._attached: dict[str, Attachment] = {}  # session id -> the stream that holds it here
 
     # ------------------------------------------------------------ lifecycle
 
@@ -59,9 +69,7 @@ class SessionManager:
     async def get(self, session_id: str, *, fresh: bool = False) -> Session:
         """The session, touched. fresh: re-read a shared store's copy (RPCs that report or copy
         a session must not answer from a replica's stale memory)."""
-        if not session_id:
-            raise InvalidArgument("session_id: required")
-        bind_session(session_id)  # this call's log records name the session
+        bind_session(check_id(session_id))  # this call's log records name the session
         session = await self.store.get(session_id, fresh=fresh)
         session.last_used = time.time()
         return session
@@ -74,6 +82,21 @@ class SessionManager:
         session = await self.get(session_id, fresh=True)
         await self.store.reset(session)
         return session
+
+    def attach(self, session_id: str) -> Attachment:
+        """Attach a stream to a session: the last stream attached is the one that advances it
+        (a client resuming after a drop takes over from its half-dead stream); the stream
+        attached before ends at its next message. Per replica: across replicas, clients
+        that need exclusivity send expect_offset (docs/api.md)."""
+        previous = self._attached.get(session_id)
+        if previous is not None:
+            previous.revoked = True
+        attachment = self._attached[session_id] = Attachment()
+        return attachment
+
+    def detach(self, session_id: str, attachment: Attachment) -> None:
+        if self._attached.get(session_id) is attachment:
+            del self._attached[session_id]
 
     async def evict_model(self, model: ModelVersion) -> int:
         """Remove the sessions of a deleted model version."""
@@ -98,7 +121,7 @@ class SessionManager:
         for attempt in range(STALE_RETRIES + 1):
             if expect_offset is not None and expect_offset != session.offset:
                 raise FailedPrecondition(
-                    f"expect_offset: session {session.id!r} is at offset {session.offset}, not {expect_offset}; "
+                    f"expect_offset: session {shown(session.id)} is at offset {session.offset}, not {expect_offset}; "
                     "resume from the session's offset",
                     field="expect_offset",
                     offset=str(session.offset),

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import redis.asyncio as aioredis
-from nextchar.server.errors import FailedPrecondition, ServiceError, Unavailable
+from nextchar.server.errors import FailedPrecondition, ServiceError, Unavailable, shown
 from nextchar.server.registry import ModelVersion, Registry
 from nextchar.server.sessions.session import Session, WriteBack
 from nextchar.server.sessions.snapshot import SnapshotMismatch, decode_state, encode_array, same_model
@@ -256,14 +256,14 @@ class RedisSessionStore:
         mv = self.registry.resolve(h[b"model"].decode(), int(h[b"mv"]))
         if not same_model(mv, h.get(b"ck", b"").decode()):
             raise FailedPrecondition(
-                f"session {session_id!r}: model {mv.name} v{mv.version} on this replica differs from the one "
+                f"session {shown(session_id)}: model {mv.name} v{mv.version} on this replica differs from the one "
                 "the session was created with; give every replica the same model files"
             )
         try:
             state, probs = decode_state(mv.require(), h[b"dtype"].decode(), h[b"state"], h[b"probs"])
         except SnapshotMismatch as exc:
             raise FailedPrecondition(
-                f"session {session_id!r}: the stored state does not fit its model: {exc}"
+                f"session {shown(session_id)}: the stored state does not fit its model: {exc}"
             ) from None
         return mv, state, probs
 
@@ -382,7 +382,7 @@ class RedisSessionStore:
                 raise outcome
             session.reset()
             return
-        raise StaleSession(f"session {session.id!r}: other replicas kept advancing it; retry the reset")
+        raise StaleSession(f"session {shown(session.id)}: other replicas kept advancing it; retry the reset")
 
     async def refresh(self, session: Session) -> None:
         """Adopt the stored copy into session if another replica moved it on."""
@@ -505,7 +505,7 @@ class RedisSessionStore:
                 hot.version, hot.dirty = int(r), 0 if write else hot.dirty + b.chars
             elif r == 0:
                 self.conflicts += 1
-                out[i] = StaleSession(f"session {b.session.id!r} was advanced by another replica")
+                out[i] = StaleSession(f"session {shown(b.session.id)} was advanced by another replica")
             else:
                 out[i] = await self._gone(b.session.id)
         return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from nextchar.core.model import CharRNN
+from nextchar.server.errors import shown
 from nextchar.server.registry import ModelVersion
 
 
@@ -28,7 +29,7 @@ def same_model(mv: ModelVersion, checksum: str) -> bool:
 def decode_state(net: CharRNN, dtype: str, state: bytes, probs: bytes) -> tuple[np.ndarray, np.ndarray]:
     """(state (S,), probs (V,)) in the model's dtype, from the bytes encode_array wrote."""
     if dtype != str(net.dtype):
-        raise SnapshotMismatch(f"dtype {dtype!r} does not match the model's {net.dtype}")
+        raise SnapshotMismatch(f"dtype {shown(dtype)} does not match the model's {net.dtype}")
     wire = net.dtype.newbyteorder("<")
     # sizes first: frombuffer raises ValueError on a length that is not a multiple of the item size
     if (len(state), len(probs)) != (net.state_size * wire.itemsize, net.vocab.size * wire.itemsize):

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from nextchar.server.errors import (
+    shown,
     Aborted,
     AlreadyExists,
     InvalidArgument,
@@ -55,25 +56,30 @@ def gone(session_id: str, reason: str | None) -> NotFound:
     """The NotFound a client gets for a session id: with the reason when one is remembered
     (in words, and as the detail ``reason``: idle, lifetime, closed, evicted or other)."""
     if reason is None:
-        return NotFound(f"session {session_id!r}: no such session", subject="session")
+        return NotFound(f"session {shown(session_id)}: no such session", subject="session")
     return NotFound(
-        f"session {session_id!r}: expired or gone ({reason})", subject="session", reason=reason_label(reason)
+        f"session {shown(session_id)}: expired or gone ({reason})", subject="session", reason=reason_label(reason)
     )
 
 
+def check_id(session_id: str) -> str:
+    """A session id as the client gave it, refused unless it could name a session."""
+    if not session_id:
+        raise InvalidArgument("session_id: required")
+    if not ID_RE.match(session_id):
+        raise InvalidArgument(f"session_id: {shown(session_id)} is not 1-128 characters of [A-Za-z0-9._:-]")
+    return session_id
+
+
 def new_id(requested: str = "") -> str:
-    if not requested:
-        # 128 random bits from the OS: a server-assigned id is the session's only key (docs/api.md)
-        return secrets.token_hex(16)
-    if not ID_RE.match(requested):
-        raise InvalidArgument("session_id: must be 1-128 characters of [A-Za-z0-9._:-]")
-    return requested
+    # 128 random bits from the OS: a server-assigned id is the session's only key (docs/api.md)
+    return check_id(requested) if requested else secrets.token_hex(16)
 
 
 def check_new(session_id: str, exists: bool, count: int, cap: int) -> None:
     """The two reasons a store refuses a new session: its id is taken, or the cap is reached."""
     if exists:
-        raise AlreadyExists(f"session_id: {session_id!r} is already in use")
+        raise AlreadyExists(f"session_id: {shown(session_id)} is already in use")
     if count >= cap:
         raise ResourceExhausted(f"session cap of {cap} reached; close idle sessions or retry later")
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import multiprocessing as mp
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ import numpy as np
 from nextchar.core.config import ModelConfig, TrainConfig, check_text
 from nextchar.core.model import CharRNN
 from nextchar.core.vocab import Vocab
-from nextchar.server.errors import InvalidArgument, NotFound, ResourceExhausted
+from nextchar.server.errors import InvalidArgument, NotFound, ResourceExhausted, shown
 from nextchar.server.registry import ModelVersion, Registry, check_name
 from nextchar.server.training.trainer import run_training
 
@@ -34,10 +35,16 @@ RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cance
 CANCEL_GRACE = 5.0  # seconds a cancelled trainer gets to notice before it is terminated
 
 
-def validate(text: str, model_config: dict[str, Any], train_config: dict[str, Any]) -> None:
+def validate(text: str, model_config: dict[str, Any], train_config: dict[str, Any], max_vocab: int) -> None:
     """Raise InvalidArgument naming the field, before any process is started."""
     if not text:
         raise InvalidArgument("text: empty; give the training text")
+    distinct = len(set(text))
+    if distinct > max_vocab:
+        raise InvalidArgument(
+            f"text: {distinct} distinct characters exceed max_vocab ({max_vocab}); "
+            "the output layer and every step's arrays grow with the vocabulary"
+        )
     try:
         ModelConfig(**model_config)
     except (ValueError, TypeError) as exc:
@@ -93,9 +100,10 @@ class Job:
 
 
 class JobManager:
-    def __init__(self, registry: Registry, max_jobs: int) -> None:
+    def __init__(self, registry: Registry, max_jobs: int, max_vocab: int) -> None:
         self.registry = registry
         self.max_jobs = max_jobs
+        self.max_vocab = max_vocab
         self.jobs: dict[str, Job] = {}
         self._ids = itertools.count(1)
         self._ctx = mp.get_context("spawn")  # fork would copy the server's threads and sockets
@@ -106,10 +114,10 @@ class JobManager:
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise NotFound(f"job {job_id!r}: no such job", subject="job")
+            raise NotFound(f"job {shown(job_id)}: no such job", subject="job")
         return job
 
-    def start(
+    async def start(
         self,
         model_name: str,
         text: str,
@@ -118,7 +126,8 @@ class JobManager:
         promote: bool,
     ) -> Job:
         check_name(model_name)
-        validate(text, model_config, train_config)
+        # off the loop: a training text can be tens of MB
+        await asyncio.to_thread(validate, text, model_config, train_config, self.max_vocab)
         if len(self.running()) >= self.max_jobs:
             raise ResourceExhausted(f"{self.max_jobs} training job(s) already running; wait or cancel one")
         job = Job(
@@ -128,7 +137,7 @@ class JobManager:
         job.stop = self._ctx.Event()
         job.process = self._ctx.Process(
             target=run_training,
-            args=(text, model_config, train_config, child, job.stop),
+            args=(text, model_config, train_config, child, job.stop, os.getpid()),
             name=f"nextchar-{job.id}",
             daemon=True,
         )

@@ -14,8 +14,16 @@ from typing import Any
 
 
 def run_training(
-    text: str, model_config: dict[str, Any], train_config: dict[str, Any], conn: Connection, stop: Event
+    text: str,
+    model_config: dict[str, Any],
+    train_config: dict[str, Any],
+    conn: Connection,
+    stop: Event,
+    parent_pid: int,
 ) -> None:
+    from nextchar.server.lifeline import die_with_parent
+
+    die_with_parent(parent_pid)  # a SIGKILLed server's job has nobody to report to
     from nextchar.core.config import ModelConfig, TrainConfig
     from nextchar.core.train import TrainingCancelled, TrainingDiverged, train
 

@@ -1,0 +1,292 @@
+"""What a broken or hostile client found, each mended at its root and kept mended here.
+
+Each test is one way the service once failed from outside: a model name that broke
+the registry, a snapshot that broke Generate, ids and texts without bounds, a top_k
+Generate did not check, children that outlived a SIGKILLed server, temp files a
+killed save left, two streams interleaving on one session, and server paths in
+messages. Real servers on real ports (a subprocess where a signal is involved).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from nextchar.core.demo import NOTEBOOK_TEXT
+from nextchar.proto import nextchar_pb2 as pb
+from nextchar.server.registry import Registry
+from server_harness import (
+    ServerProcess,
+    ServerThread,
+    cancel,
+    error_details,
+    make_registry,
+    start_server,
+    take,
+    train_notebook_model,
+)
+
+
+def refused(call: object) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    with pytest.raises(grpc.RpcError) as err:
+        result = call() if callable(call) else call
+        if isinstance(result, Iterator):
+            list(result)
+    return err.value.code(), str(err.value.details()), error_details(err.value)
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    model_dir = tmp_path_factory.mktemp("models")
+    make_registry(model_dir, versions=1)
+    server = start_server(model_dir, max_prime_chars=1000, max_vocab=100)
+    yield server
+    server.close()
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_a_model_named_like_a_registry_file_cannot_break_the_registry(tmp_path: Path) -> None:
+    """Once `default.json` was the default pointer's file name; a model of that name broke
+    every SetDefaultModel with UNKNOWN. The registry's files now start with '_', which no
+    model name can, and a pointer from before is moved there at start."""
+    registry = make_registry(tmp_path, versions=1)
+    (tmp_path / "_default.json").rename(tmp_path / "default.json")  # a registry from before
+    model, history, summary = train_notebook_model(epochs=5)
+    registry.register("default.json", model, history=history, summary=summary)
+    srv = start_server(tmp_path)
+    try:
+        for name in ("default.json", "default"):
+            reply = srv.stub.SetDefaultModel(
+                pb.SetDefaultModelRequest(model=pb.ModelRef(name=name, version=1)), timeout=5
+            )
+            assert reply.default_model.name == name
+        listed = srv.stub.ListModels(pb.ListModelsRequest(), timeout=5)
+        assert sorted(m.model.name for m in listed.models) == ["default", "default.json"]
+        assert json.loads((tmp_path / "_default.json").read_text()) == {"name": "default", "version": 1}
+        assert not (tmp_path / "default.json").is_file()
+    finally:
+        srv.close()
+
+
+def test_a_default_that_cannot_load_gives_way_to_an_available_version(tmp_path: Path) -> None:
+    make_registry(tmp_path, versions=2)  # default v1 is the default; v2 exists
+    (tmp_path / "_default.json").write_text(json.dumps({"name": "default", "version": 2}))
+    (tmp_path / "default" / "2.npz").write_bytes(b"not a model")
+    srv = start_server(tmp_path)
+    try:
+        reply = srv.stub.Predict(pb.PredictRequest(text="hel"), timeout=5)
+        assert reply.model.version == 1
+        listed = srv.stub.ListModels(pb.ListModelsRequest(), timeout=5)
+        assert listed.default_model.version == 1
+        broken = next(m for m in listed.models if m.model.version == 2)
+        assert not broken.available and "default/2.npz" in broken.reason
+        assert str(tmp_path) not in broken.reason  # no server paths in what clients read
+        code, message, _ = refused(
+            lambda: srv.stub.Predict(
+                pb.PredictRequest(text="h", model=pb.ModelRef(name="default", version=2)), timeout=5
+            )
+        )
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and str(tmp_path) not in message
+    finally:
+        srv.close()
+
+
+def test_temporary_files_a_killed_save_left_are_removed_at_start(tmp_path: Path) -> None:
+    make_registry(tmp_path, versions=1)
+    stale = tmp_path / "default" / ".2.npz.abc123.tmp"
+    fresh = tmp_path / "default" / ".3.npz.def456.tmp"  # a save under way in another process right now
+    for path in (stale, fresh):
+        path.write_bytes(b"half a model")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    registry = Registry(tmp_path)
+    registry.load_all()
+    assert not stale.exists() and fresh.exists()
+    assert [(mv.name, mv.version) for mv in registry.versions()] == [("default", 1)]
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def test_an_imported_snapshot_with_zero_probabilities_still_generates(srv: ServerThread) -> None:
+    """The prediction of an imported session is computed from its state, not taken from the blob."""
+    sid = srv.stub.CreateSession(pb.CreateSessionRequest(prime_text="hello"), timeout=5).session.session_id
+    blob = srv.stub.ExportSession(pb.ExportSessionRequest(session_id=sid), timeout=5).blob
+    snapshot = pb.SessionSnapshot.FromString(blob)
+    snapshot.probs = bytes(len(snapshot.probs))  # all zero
+    imported = srv.stub.ImportSession(pb.ImportSessionRequest(blob=snapshot.SerializeToString()), timeout=5)
+    new_id = imported.session.session_id
+    text = "".join(
+        r.text for r in srv.stub.Generate(pb.GenerateRequest(session_id=new_id, length=20, seed=1), timeout=10)
+    )
+    assert len(text) == 20
+    same = srv.stub.Predict(pb.PredictRequest(session_id=sid, text=" "), timeout=5).predictions
+    twin = srv.stub.Predict(pb.PredictRequest(session_id=new_id, text=" "), timeout=5).predictions
+    assert list(twin.surprisal_bits) == pytest.approx(list(same.surprisal_bits), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad_id", ["a b/c", "x" * 129, "é", "a\nb"])
+def test_malformed_session_ids_are_invalid_argument_on_every_lookup(srv: ServerThread, bad_id: str) -> None:
+    for call in (
+        lambda: srv.stub.GetSession(pb.GetSessionRequest(session_id=bad_id), timeout=5),
+        lambda: srv.stub.Predict(pb.PredictRequest(session_id=bad_id, text="h"), timeout=5),
+        lambda: srv.stub.CloseSession(pb.CloseSessionRequest(session_id=bad_id), timeout=5),
+        lambda: srv.stub.ForkSession(pb.ForkSessionRequest(source_session_id=bad_id), timeout=5),
+    ):
+        code, message, _ = refused(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "session_id" in message
+
+
+def test_long_client_input_is_cut_short_in_messages_and_logs(
+    srv: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    long_id = "a" * 20_000  # valid characters, far too long; under the method's size limit
+    with caplog.at_level(logging.INFO, logger="nextchar"):
+        code, message, _ = refused(lambda: srv.stub.GetSession(pb.GetSessionRequest(session_id=long_id), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and len(message) < 300, message
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines and max(len(line) for line in lines) < 400, max(lines, key=len)[:100]
+    name = "b" * 5000
+    code, message, _ = refused(
+        lambda: srv.stub.DescribeModel(pb.DescribeModelRequest(model=pb.ModelRef(name=name)), timeout=5)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and len(message) < 300
+
+
+def test_prime_text_is_capped_on_create_and_generate(srv: ServerThread) -> None:
+    start = time.perf_counter()
+    for call in (
+        lambda: srv.stub.CreateSession(pb.CreateSessionRequest(prime_text="h" * 1001), timeout=5),
+        lambda: srv.stub.Generate(pb.GenerateRequest(prime_text="h" * 1001, length=1), timeout=5),
+    ):
+        code, message, _ = refused(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_prime_chars" in message
+    assert time.perf_counter() - start < 2  # refused at the door, not after priming
+    ok = srv.stub.CreateSession(pb.CreateSessionRequest(prime_text="h" * 1000), timeout=10)
+    assert ok.session.offset == 1000
+
+
+def test_generate_checks_top_k_like_predict(srv: ServerThread) -> None:
+    vocab = srv.stub.Predict(pb.PredictRequest(text="h"), timeout=5).vocab
+    code, message, _ = refused(
+        lambda: srv.stub.Generate(pb.GenerateRequest(length=3, top_k=len(vocab) + 2), timeout=5)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "top_k" in message
+    text = "".join(r.text for r in srv.stub.Generate(pb.GenerateRequest(length=3, top_k=len(vocab) + 1), timeout=5))
+    assert len(text) == 3  # the whole vocabulary, its unknown slot included, is allowed
+
+
+def test_a_training_text_with_too_many_distinct_characters_is_refused(srv: ServerThread) -> None:
+    text = "".join(chr(0x4E00 + i) for i in range(150)) * 20  # 150 distinct, max_vocab is 100
+    code, message, _ = refused(lambda: list(srv.stub.Train(pb.TrainRequest(model_name="wide", text=text), timeout=10)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_vocab" in message
+
+
+def test_a_second_stream_on_a_session_takes_it_over(srv: ServerThread) -> None:
+    """The last stream attached advances the session; the one before ends ABORTED at its next
+    message, so two streams never interleave their text on one replica."""
+    sid = srv.stub.CreateSession(pb.CreateSessionRequest(), timeout=5).session.session_id
+    first_requests: list[pb.PredictStreamRequest] = [pb.PredictStreamRequest(session_id=sid, text="he")]
+    gate = iter_gate(first_requests)
+    first = srv.stub.PredictStream(gate, timeout=20)
+    assert take(first).predictions.start_offset == 0
+    second = srv.stub.PredictStream(iter([pb.PredictStreamRequest(session_id=sid, text="llo")]), timeout=20)
+    assert [r.predictions.start_offset for r in second] == [2]
+    gate.send(pb.PredictStreamRequest(text="XX"))  # the first stream speaks again
+    code, message, _ = refused(lambda: list(first))
+    assert code == grpc.StatusCode.ABORTED and "another stream" in message
+    info = srv.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=5).session
+    assert info.offset == 5  # "he" + "llo"; the first stream's "XX" never landed
+
+
+class iter_gate(Iterator[pb.PredictStreamRequest]):  # noqa: N801 (used like a function)
+    """Requests for a stream: the queued ones, then whatever send() adds; blocks meanwhile."""
+
+    def __init__(self, initial: list[pb.PredictStreamRequest]) -> None:
+        import queue
+
+        self._queue: queue.Queue[pb.PredictStreamRequest | None] = queue.Queue()
+        for item in initial:
+            self._queue.put(item)
+
+    def send(self, item: pb.PredictStreamRequest) -> None:
+        self._queue.put(item)
+
+    def __next__(self) -> pb.PredictStreamRequest:
+        item = self._queue.get(timeout=30)
+        if item is None:
+            raise StopIteration
+        return item
+
+
+# ---------------------------------------------------------------- processes
+
+
+def children(pid: int) -> set[int]:
+    """Every descendant of pid, from /proc (Linux)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            with_children = {int(c) for c in task.read_text().split()}
+            todo.extend(with_children - found)
+            found |= with_children
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has died; only its parent's wait is missing
+
+
+def test_children_die_within_a_second_of_a_sigkilled_server(tmp_path: Path) -> None:
+    make_registry(tmp_path, versions=1)
+    server = ServerProcess(tmp_path)
+    try:
+        long_job = pb.TrainRequest(
+            model_name="long", text=NOTEBOOK_TEXT * 200, train_config=pb.TrainConfigSpec(epochs=100_000, batch=1)
+        )
+        job = server.stub.Train(long_job, timeout=30)
+        assert take(job).job.state == pb.JOB_STATE_RUNNING
+        deadline = time.monotonic() + 20
+        while len(kids := children(server.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the compute process and the trainer (and multiprocessing's tracker)
+        assert len(kids) >= 2, kids
+        cancel(job)
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(10)
+        deadline = time.monotonic() + 1.5
+        while any(alive(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [k for k in kids if alive(k)], "children outlived their server"
+    finally:
+        server.close()
+
+
+def test_a_bug_answers_internal_with_an_error_id_the_log_carries(
+    srv: ServerThread, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never UNKNOWN: an exception nobody foresaw becomes INTERNAL, and the id in the reply
+    finds the traceback in the log."""
+
+    async def broken(start: int, size: int) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(srv.server.sessions, "page", broken)
+    with caplog.at_level(logging.ERROR, logger="nextchar"):
+        code, message, details = refused(lambda: srv.stub.ListSessions(pb.ListSessionsRequest(), timeout=5))
+    assert code == grpc.StatusCode.INTERNAL and details["error-id"] in message
+    logged = [r for r in caplog.records if details["error-id"] in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
