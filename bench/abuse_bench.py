@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve_bench as sb  # the server command, its start-up and the load client  # noqa: E402
+import contextlib
+
+import serve_bench as sb  # the server command, its start-up and the load client
 
 RESULTS = sb.RESULTS
 WELL_BEHAVED = 100
@@ -84,7 +86,12 @@ class Sampler(threading.Thread):
             try:
                 children = sum(rss_mb(p) for p in descendants(self.pid))
                 self.samples.append(
-                    {"t": time.monotonic() - t0, "phase": self.phase, "rss_mb": rss_mb(self.pid), "children_mb": children}
+                    {
+                        "t": time.monotonic() - t0,
+                        "phase": self.phase,
+                        "rss_mb": rss_mb(self.pid),
+                        "children_mb": children,
+                    }
                 )
             except (OSError, ValueError):
                 continue
@@ -140,10 +147,8 @@ def hostile(port: int, duration: float) -> None:
 
     def loop(name: str, act: Any) -> None:
         while not stop.is_set():
-            try:
+            with contextlib.suppress(grpc.RpcError):
                 act()
-            except grpc.RpcError:
-                pass
             count(name)
 
     raw = channels[5]
@@ -153,20 +158,30 @@ def hostile(port: int, duration: float) -> None:
     oversized = pb.PredictRequest(text="x" * 10_000_000).SerializeToString()
 
     def malformed() -> None:
-        method = rng.choice([m for m in methods if m not in ("PredictStream", "Train", "Generate", "WatchJob")])
-        raw.unary_unary(f"/{service}/{method}")(rng.randbytes(rng.randint(1, 200)), timeout=5)
+        method = rng.choice(
+            [m for m in methods if m not in ("PredictStream", "Train", "Generate", "WatchJob")]
+        )
+        raw.unary_unary(f"/{service}/{method}", None, None)(rng.randbytes(rng.randint(1, 200)), timeout=5)
 
     def churn() -> None:
-        sid = stubs[5].CreateSession(pb.CreateSessionRequest(prime_text="hello"), timeout=5).session.session_id
+        sid = (
+            stubs[5].CreateSession(pb.CreateSessionRequest(prime_text="hello"), timeout=5).session.session_id
+        )
         stubs[5].Predict(pb.PredictRequest(session_id=sid, text="world"), timeout=5)
         stubs[5].CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=5)
 
     workers = [
-        threading.Thread(target=loop, args=("oversized", lambda: raw.unary_unary(f"/{service}/Predict")(oversized, timeout=10))),
+        threading.Thread(
+            target=loop,
+            args=("oversized", lambda: raw.unary_unary(f"/{service}/Predict", None, None)(oversized, timeout=10)),
+        ),
         threading.Thread(target=loop, args=("malformed", malformed)),
         threading.Thread(
             target=loop,
-            args=("long_id", lambda: stubs[5].GetSession(pb.GetSessionRequest(session_id="i" * 60_000), timeout=5)),
+            args=(
+                "long_id",
+                lambda: stubs[5].GetSession(pb.GetSessionRequest(session_id="i" * 60_000), timeout=5),
+            ),
         ),
         threading.Thread(target=loop, args=("churn", churn)),
     ]
@@ -176,7 +191,7 @@ def hostile(port: int, duration: float) -> None:
     time.sleep(duration)
     stop.set()
     for call in calls:
-        call.cancel()
+        call.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
     for channel in channels:
         channel.close()
     print(json.dumps(counts))
@@ -238,8 +253,12 @@ def main(duration: float) -> dict[str, Any]:
 
 def print_table(r: dict[str, Any]) -> None:
     a, u = r["alone"], r["under_attack"]
-    print(f"well-behaved, alone:        {a['messages_per_sec']:8,.0f} msg/s  p50 {a['p50_ms']:.2f} ms  p99 {a['p99_ms']:.2f} ms  errors {len(a['errors'])}")
-    print(f"well-behaved, under attack: {u['messages_per_sec']:8,.0f} msg/s  p50 {u['p50_ms']:.2f} ms  p99 {u['p99_ms']:.2f} ms  errors {len(u['errors'])}")
+    print(
+        f"well-behaved, alone:        {a['messages_per_sec']:8,.0f} msg/s  p50 {a['p50_ms']:.2f} ms  p99 {a['p99_ms']:.2f} ms  errors {len(a['errors'])}"
+    )
+    print(
+        f"well-behaved, under attack: {u['messages_per_sec']:8,.0f} msg/s  p50 {u['p50_ms']:.2f} ms  p99 {u['p99_ms']:.2f} ms  errors {len(u['errors'])}"
+    )
     print(f"hostile requests sent: {r['hostile_requests']}")
     print(
         f"server RSS: before {r['rss_before_mb']:.0f} MB, peak {r['rss_peak_mb']:.0f} MB, "

@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nextchar.core.memory import keep_freed_memory
-from nextchar.proto import nextchar_pb2, nextchar_pb2_grpc
+from nextchar.proto import nextchar_pb2
 from nextchar.server.auth import add_port, interceptors
 from nextchar.server.batching.scheduler import Scheduler
 from nextchar.server.blas import limit_blas_threads

@@ -53,7 +53,9 @@ class ServerConfig:
     session_lifetime: float = field(default=0.0, metadata=_opt("Seconds any session lives; 0 = unlimited."))
     max_chunk_chars: int = field(default=4096, metadata=_opt("Characters per prediction message."))
     max_top_k: int = field(default=256, metadata=_opt("Most candidates a prediction may ask for."))
-    max_generate_chars: int = field(default=100_000, metadata=_opt("Most characters one Generate may produce."))
+    max_generate_chars: int = field(
+        default=100_000, metadata=_opt("Most characters one Generate may produce.")
+    )
     # priming is compute on the caller's behalf before any reply: bound it like a generation
     max_prime_chars: int = field(
         default=100_000, metadata=_opt("Most characters of prime_text (CreateSession, Generate).")

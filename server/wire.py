@@ -60,7 +60,9 @@ def lenient(cls: type[Message], limit: int) -> Callable[[bytes], Message | Refus
 
     def parse(data: bytes) -> Message | Refused:
         if len(data) > limit:
-            return Refused(ResourceExhausted(f"{name}: {len(data)} bytes exceed this method's {limit}-byte limit"))
+            return Refused(
+                ResourceExhausted(f"{name}: {len(data)} bytes exceed this method's {limit}-byte limit")
+            )
         try:
             return cls.FromString(data)
         except Exception as exc:  # DecodeError for bad wire bytes and bad UTF-8 alike; nothing else can come

@@ -58,8 +58,10 @@ def test_a_model_named_like_a_registry_file_cannot_break_the_registry(tmp_path: 
     """Once `default.json` was the default pointer's file name; a model of that name broke
     every SetDefaultModel with UNKNOWN. The registry's files now start with '_', which no
     model name can, and a pointer from before is moved there at start."""
-    registry = make_registry(tmp_path, versions=1)
+    make_registry(tmp_path, versions=1)
     (tmp_path / "_default.json").rename(tmp_path / "default.json")  # a registry from before
+    registry = Registry(tmp_path)
+    registry.load_all()  # what every server and `train --local` does first
     model, history, summary = train_notebook_model(epochs=5)
     registry.register("default.json", model, history=history, summary=summary)
     srv = start_server(tmp_path)
@@ -125,7 +127,10 @@ def test_an_imported_snapshot_with_zero_probabilities_still_generates(srv: Serve
     imported = srv.stub.ImportSession(pb.ImportSessionRequest(blob=snapshot.SerializeToString()), timeout=5)
     new_id = imported.session.session_id
     text = "".join(
-        r.text for r in srv.stub.Generate(pb.GenerateRequest(session_id=new_id, length=20, seed=1), timeout=10)
+        r.text
+        for r in srv.stub.Generate(
+            pb.GenerateRequest(session_id=new_id, length=20, seed=1, fork=True), timeout=10
+        )
     )
     assert len(text) == 20
     same = srv.stub.Predict(pb.PredictRequest(session_id=sid, text=" "), timeout=5).predictions
@@ -150,7 +155,9 @@ def test_long_client_input_is_cut_short_in_messages_and_logs(
 ) -> None:
     long_id = "a" * 20_000  # valid characters, far too long; under the method's size limit
     with caplog.at_level(logging.INFO, logger="nextchar"):
-        code, message, _ = refused(lambda: srv.stub.GetSession(pb.GetSessionRequest(session_id=long_id), timeout=5))
+        code, message, _ = refused(
+            lambda: srv.stub.GetSession(pb.GetSessionRequest(session_id=long_id), timeout=5)
+        )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and len(message) < 300, message
     lines = [r.getMessage() for r in caplog.records]
     assert lines and max(len(line) for line in lines) < 400, max(lines, key=len)[:100]
@@ -180,13 +187,17 @@ def test_generate_checks_top_k_like_predict(srv: ServerThread) -> None:
         lambda: srv.stub.Generate(pb.GenerateRequest(length=3, top_k=len(vocab) + 2), timeout=5)
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "top_k" in message
-    text = "".join(r.text for r in srv.stub.Generate(pb.GenerateRequest(length=3, top_k=len(vocab) + 1), timeout=5))
+    text = "".join(
+        r.text for r in srv.stub.Generate(pb.GenerateRequest(length=3, top_k=len(vocab) + 1), timeout=5)
+    )
     assert len(text) == 3  # the whole vocabulary, its unknown slot included, is allowed
 
 
 def test_a_training_text_with_too_many_distinct_characters_is_refused(srv: ServerThread) -> None:
     text = "".join(chr(0x4E00 + i) for i in range(150)) * 20  # 150 distinct, max_vocab is 100
-    code, message, _ = refused(lambda: list(srv.stub.Train(pb.TrainRequest(model_name="wide", text=text), timeout=10)))
+    code, message, _ = refused(
+        lambda: list(srv.stub.Train(pb.TrainRequest(model_name="wide", text=text), timeout=10))
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_vocab" in message
 
 
@@ -207,7 +218,7 @@ def test_a_second_stream_on_a_session_takes_it_over(srv: ServerThread) -> None:
     assert info.offset == 5  # "he" + "llo"; the first stream's "XX" never landed
 
 
-class iter_gate(Iterator[pb.PredictStreamRequest]):  # noqa: N801 (used like a function)
+class iter_gate(Iterator[pb.PredictStreamRequest]):
     """Requests for a stream: the queued ones, then whatever send() adds; blocks meanwhile."""
 
     def __init__(self, initial: list[pb.PredictStreamRequest]) -> None:
@@ -255,11 +266,12 @@ def test_children_die_within_a_second_of_a_sigkilled_server(tmp_path: Path) -> N
     make_registry(tmp_path, versions=1)
     server = ServerProcess(tmp_path)
     try:
-        long_job = pb.TrainRequest(
-            model_name="long", text=NOTEBOOK_TEXT * 200, train_config=pb.TrainConfigSpec(epochs=100_000, batch=1)
-        )
+        # epochs of ~10 s with no progress record in between: nothing the trainer writes
+        # would notice the server is gone
+        quiet = pb.TrainConfigSpec(epochs=1000, batch=1, log_every=1_000_000)
+        long_job = pb.TrainRequest(model_name="long", text=NOTEBOOK_TEXT * 20_000, train_config=quiet)
         job = server.stub.Train(long_job, timeout=30)
-        assert take(job).job.state == pb.JOB_STATE_RUNNING
+        assert take(job).event.job.state == pb.JOB_STATE_RUNNING
         deadline = time.monotonic() + 20
         while len(kids := children(server.proc.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)  # the compute process and the trainer (and multiprocessing's tracker)

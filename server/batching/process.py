@@ -96,7 +96,9 @@ class ComputeProcess:
         self._sock, child_sock = socket.socketpair()
         self._child_sock: socket.socket | None = child_sock
         ctx = mp.get_context("spawn")  # fork would copy the server's threads and sockets
-        self._proc = ctx.Process(target=child_main, args=(child_sock, os.getpid()), name="nextchar-compute", daemon=True)
+        self._proc = ctx.Process(
+            target=child_main, args=(child_sock, os.getpid()), name="nextchar-compute", daemon=True
+        )
         self._models: dict[int, CharRNN] = {}  # keeps every sent model alive, so its id stays its key
         self._waiting: collections.deque[asyncio.Future[Advanced]] = collections.deque()
         self._connected: asyncio.Task[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None

@@ -18,13 +18,13 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from nextchar.server.errors import (
-    shown,
     Aborted,
     AlreadyExists,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     ServiceError,
+    shown,
 )
 from nextchar.server.registry import ModelVersion
 from nextchar.server.sessions.session import Session, WriteBack
@@ -58,7 +58,9 @@ def gone(session_id: str, reason: str | None) -> NotFound:
     if reason is None:
         return NotFound(f"session {shown(session_id)}: no such session", subject="session")
     return NotFound(
-        f"session {shown(session_id)}: expired or gone ({reason})", subject="session", reason=reason_label(reason)
+        f"session {shown(session_id)}: expired or gone ({reason})",
+        subject="session",
+        reason=reason_label(reason),
     )
 
 
