@@ -24,7 +24,7 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from nextchar.core.memory import keep_freed_memory
+from nextchar.core.memory import keep_freed_memory, return_freed_memory
 from nextchar.proto import nextchar_pb2
 from nextchar.server.auth import add_port, interceptors
 from nextchar.server.batching.scheduler import Scheduler
@@ -46,6 +46,8 @@ log = logging.getLogger("nextchar.server")
 SWITCH_INTERVAL = 0.0005  # seconds
 SERVICE_NAME = nextchar_pb2.DESCRIPTOR.services_by_name["NextCharService"].full_name
 STORE_CHECK = 1.0  # seconds between pings of the session store (health follows it)
+TRIM_INTERVAL = 5.0  # seconds between returns of freed heap pages to the OS
+SERVER_TRIM_THRESHOLD = 64 * 1024 * 1024  # free bytes the heap's top keeps (a trainer keeps 1 GiB)
 
 
 def train_default_model(registry: Registry) -> None:
@@ -113,6 +115,7 @@ class NextCharServer:
         self.metrics_port = 0  # the bound /metrics port once started, when config.metrics_port is set
         self._sweeper: asyncio.Task[None] | None = None
         self._store_watch: asyncio.Task[None] | None = None
+        self._trimmer: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -137,6 +140,7 @@ class NextCharServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._store_watch = asyncio.get_running_loop().create_task(self._watch_store())
+        self._trimmer = asyncio.get_running_loop().create_task(self._trim())
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
@@ -152,6 +156,13 @@ class NextCharServer:
                 await self.store.sweep(time.time())
             except ServiceError as exc:  # a shared store down: sweep again next time
                 log.warning("session sweep failed: %s", exc)
+
+    async def _trim(self) -> None:
+        """Give freed memory back: a burst of big requests or replies (refused or served) must not
+        leave the server at its peak for good. In a thread: trimming a large heap takes ~25 ms."""
+        while True:
+            await asyncio.sleep(TRIM_INTERVAL)
+            await asyncio.to_thread(return_freed_memory)
 
     async def _watch_store(self) -> None:
         """Health follows the session store: NOT_SERVING while it is unreachable (every session
@@ -187,7 +198,7 @@ class NextCharServer:
         await self.stop(0.5)
 
     async def stop(self, grace: float | None = 0.0) -> None:
-        for task in (self._sweeper, self._store_watch):
+        for task in (self._sweeper, self._store_watch, self._trimmer):
             if task is not None:
                 task.cancel()
         await self.grpc.stop(grace)
@@ -222,7 +233,8 @@ async def serve_async(config: ServerConfig) -> None:
 def serve(config: ServerConfig | None = None) -> None:
     """Run the server until SIGTERM/SIGINT, then drain and return. Blocking; the CLI calls this."""
     limit_blas_threads(1)
-    keep_freed_memory()  # a batch's (T, N, H) temporaries page-faulted anew each time cost ~20%
+    # a batch's (T, N, H) temporaries page-faulted anew each time cost ~20%; the heap keeps them
+    keep_freed_memory(SERVER_TRIM_THRESHOLD)
     # A batch thread (--compute-in-thread, or after the compute worker failed) releases
     # the GIL inside every BLAS call; with the default 5 ms switch interval the loop
     # thread then keeps it for up to 5 ms and the batch stalls.

@@ -65,6 +65,11 @@ class ServerConfig:
     max_vocab: int = field(default=2048, metadata=_opt("Most distinct characters a training text may hold."))
     # training text travels in one message
     max_message_bytes: int = field(default=64 * MIB, metadata=_opt("Largest gRPC message, in bytes."))
+    # big replies (full distributions of long chunks) held at once, across all clients: a client
+    # that never reads keeps its reply in this server's memory (nextchar.server.budget)
+    max_reply_bytes: int = field(
+        default=64 * MIB, metadata=_opt("Bytes of big replies the server holds unread at once.")
+    )
     # the machine has 2 cores and serves too
     max_jobs: int = field(default=1, metadata=_opt("Concurrent training jobs."))
     grace: float = field(default=10.0, metadata=_opt("Seconds live streams get to finish on SIGTERM."))
@@ -141,6 +146,7 @@ class ServerConfig:
             "max_prime_chars": self.max_prime_chars >= 1,
             "max_vocab": self.max_vocab >= 1,
             "max_message_bytes": self.max_message_bytes >= 4096,
+            "max_reply_bytes": self.max_reply_bytes >= 1,
             "max_jobs": self.max_jobs >= 1,
             "grace": self.grace >= 0,
             "sweep_interval": self.sweep_interval > 0,
@@ -181,6 +187,7 @@ class ServerConfig:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.so_reuseport", 0),
+            ("grpc.http2.bdp_probe", 0),
             # gRPC cancels a call the application has not picked up within 30 s by default;
             # 1,000 streams opened at once under full load left ~7% of them waiting that long
             # (CANCELLED at 30.1 s in bench/load_bench.py). Late is better than dropped.

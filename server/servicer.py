@@ -25,6 +25,7 @@ from nextchar.core.config import Sampling
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.proto import nextchar_pb2_grpc as pb_grpc
 from nextchar.server import messages
+from nextchar.server.budget import ReplyBudget, reply_bytes
 from nextchar.server.config import ServerConfig
 from nextchar.server.errors import (
     METADATA_PREFIX,
@@ -140,6 +141,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         self.registry = registry
         self.sessions = sessions
         self.jobs = jobs
+        self.budget = ReplyBudget(config.max_reply_bytes)
         self.live_streams = 0
         self.streams_idle = asyncio.Event()
         self.on_message: Callable[[float], None] = lambda seconds: None  # latency hook (metrics)
@@ -194,15 +196,21 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         full: bool,
         expect_offset: int | None,
         out: pb.Predictions,
-    ) -> None:
-        """Advance session through text and fill out, the reply's predictions."""
+    ) -> int:
+        """Advance session through text and fill out, the reply's predictions. Returns the reply
+        budget it holds: the caller releases it once the reply is written."""
         start = time.perf_counter()
         self._check_text(text)
-        result = await self.sessions.predict(
-            session, text, self._top_k(top_k, session.model), full, expect_offset
-        )
+        k = self._top_k(top_k, session.model)
+        held = self.budget.reserve(reply_bytes(len(text), k, session.model.require().vocab.size, full))
+        try:
+            result = await self.sessions.predict(session, text, k, full, expect_offset)
+        except BaseException:
+            self.budget.release(held)
+            raise
         messages.fill_predictions(out, result)
         self.on_message(time.perf_counter() - start)
+        return held
 
     # ------------------------------------------------------------ sessions
 
@@ -311,9 +319,11 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             model=messages.model_ref(session.model),
             vocab=session.model.require().vocab.chars,
         )
-        await self._predict(
+        held = await self._predict(
             session, request.text, request.top_k, request.full_distribution, expect, reply.predictions
         )
+        if held:  # the reply leaves after this returns; the budget is back when the call is over
+            context.add_done_callback(lambda _: self.budget.release(held))
         return reply
 
     @duplex
@@ -358,10 +368,13 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             model=messages.model_ref(session.model),
             vocab=session.model.require().vocab.chars if first else "",
         )
-        await self._predict(
+        held = await self._predict(
             session, request.text, request.top_k, request.full_distribution, expect, reply.predictions
         )
-        await context.write(reply)
+        try:
+            await context.write(reply)  # returns once the transport took it: the client is reading
+        finally:
+            self.budget.release(held)
         return session, attachment
 
     @streaming

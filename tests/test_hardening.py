@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import grpc
 import pytest
 from nextchar.core.demo import NOTEBOOK_TEXT
 from nextchar.proto import nextchar_pb2 as pb
+from nextchar.proto import nextchar_pb2_grpc as pb_grpc
 from nextchar.server.registry import Registry
 from server_harness import (
     ServerProcess,
@@ -302,3 +304,87 @@ def test_a_bug_answers_internal_with_an_error_id_the_log_carries(
     assert code == grpc.StatusCode.INTERNAL and details["error-id"] in message
     logged = [r for r in caplog.records if details["error-id"] in r.getMessage()]
     assert logged and logged[0].exc_info is not None
+
+
+# ---------------------------------------------------------------- clients that never read
+
+BIG_CHUNK = "to be or not to be, that is the question " * 100  # 4,100 characters: over 4,096
+NEVER_READING = 60
+
+
+def never_reading(
+    text: str, full: bool, sent: list[int], i: int, stop: threading.Event
+) -> Iterator[pb.PredictStreamRequest]:
+    while not stop.is_set():
+        sent[i] += 1
+        yield pb.PredictStreamRequest(text=text, full_distribution=full)
+
+
+def settle(sent: list[int], quiet: float = 1.0, within: float = 30.0) -> None:
+    """Until the flood stalls: no request sent for `quiet` seconds."""
+    deadline, last = time.monotonic() + within, -1
+    while sum(sent) != last:
+        assert time.monotonic() < deadline, f"sends never stalled ({sum(sent)} sent)"
+        last = sum(sent)
+        time.sleep(quiet)
+
+
+def test_streams_that_never_read_big_replies_get_a_bounded_share(tmp_path: Path) -> None:
+    """60 streams of 4,096-character chunks with full distributions (~1 MB per reply), never read:
+    the server holds at most max_reply_bytes of their replies, refuses the rest with
+    RESOURCE_EXHAUSTED, keeps answering others, and gives the memory back once they go."""
+    make_registry(tmp_path, versions=1)
+    server = ServerProcess(tmp_path, "--max-reply-bytes", str(8 << 20))
+    sent, stop = [0] * NEVER_READING, threading.Event()
+    channel = grpc.insecure_channel(server.address)
+    try:
+        stub = pb_grpc.NextCharServiceStub(channel)
+        before = server.rss_kb()
+        calls = [
+            stub.PredictStream(never_reading(BIG_CHUNK[:4096], True, sent, i, stop))
+            for i in range(NEVER_READING)
+        ]
+        settle(sent)
+        held = server.rss_kb()
+        assert server.stub.Predict(pb.PredictRequest(text="hello"), timeout=10).predictions.count == 5
+        stop.set()
+        codes = []
+        for call in calls:
+            try:
+                for _ in call:
+                    pass
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                codes.append(err.code())
+        time.sleep(6.0)  # the server returns freed memory every 5 s
+        after = server.rss_kb()
+        print(f"never-read big replies: {sum(sent)} requests, RSS {before} -> {held} -> {after} KiB")
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        assert held - before < 120 * 1024, f"RSS grew by {held - before} KiB"
+        assert after - before < 40 * 1024, f"RSS stayed {after - before} KiB above where it started"
+    finally:
+        stop.set()
+        channel.close()
+        server.close()
+
+
+def test_a_one_character_writer_that_never_reads_stalls_without_growing_the_server(tmp_path: Path) -> None:
+    """The server's receive windows stay at HTTP/2's default (no BDP growth): a flood of tiny
+    requests fills them, and the writer's sends stall."""
+    make_registry(tmp_path, versions=1)
+    server = ServerProcess(tmp_path)
+    sent, stop = [0], threading.Event()
+    channel = grpc.insecure_channel(server.address)
+    try:
+        stub = pb_grpc.NextCharServiceStub(channel)
+        before = server.rss_kb()
+        call = stub.PredictStream(never_reading("a", False, sent, 0, stop))
+        settle(sent, within=60.0)
+        grown = server.rss_kb() - before
+        print(f"never-read one-character writer: stalled after {sent[0]} requests, RSS +{grown} KiB")
+        assert grown < 16 * 1024
+        cancel(call)
+    finally:
+        stop.set()
+        channel.close()
+        server.close()
