@@ -173,7 +173,10 @@ def hostile(port: int, duration: float) -> None:
     workers = [
         threading.Thread(
             target=loop,
-            args=("oversized", lambda: raw.unary_unary(f"/{service}/Predict", None, None)(oversized, timeout=10)),
+            args=(
+                "oversized",
+                lambda: raw.unary_unary(f"/{service}/Predict", None, None)(oversized, timeout=10),
+            ),
         ),
         threading.Thread(target=loop, args=("malformed", malformed)),
         threading.Thread(

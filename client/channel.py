@@ -117,16 +117,16 @@ class Connection:
 
     def call(
         self,
-        method: grpc.UnaryUnaryMultiCallable[Req, Resp],
-        request: Req,
+        method: grpc.UnaryUnaryMultiCallable[Req, Resp] | grpc.StreamUnaryMultiCallable[Req, Resp],
+        request: Req | Iterable[Req],
         *,
         timeout: float | None = None,
         wait_for_ready: bool = False,
     ) -> Resp:
-        """One unary call with the default timeout unless given."""
+        """One call with one reply (the request may be a stream), with the default timeout unless given."""
         with translate_errors():
             return method(
-                request,
+                request,  # type: ignore[arg-type]
                 timeout=timeout or self.timeout,
                 wait_for_ready=wait_for_ready,
                 metadata=self.metadata,

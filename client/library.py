@@ -34,11 +34,12 @@ from nextchar.client.results import (
     model_ref,
 )
 from nextchar.client.session import Session, sample
-from nextchar.client.training import TrainingRun, train_request
+from nextchar.client.training import INLINE_TEXT_BYTES, TrainingRun, train_request, upload_pieces
 from nextchar.core.config import ModelConfig, TrainConfig
 from nextchar.proto import nextchar_pb2 as pb
 
 DEFAULT_TIMEOUT = 10.0  # seconds per unary call; generous for a loaded 2-core server
+UPLOAD_TIMEOUT = 600.0  # seconds an upload of a training text may take (100 MB on a slow link)
 
 
 class NextCharClient:
@@ -160,7 +161,12 @@ class NextCharClient:
         A ``str`` is the training text itself; a ``Path`` (any PathLike) is read as UTF-8.
         """
         text = text_or_path if isinstance(text_or_path, str) else Path(text_or_path).read_text()
-        request = train_request(text, name, model_config, train_config, promote)
+        text_id = ""
+        if len(text.encode()) > INLINE_TEXT_BYTES:  # a corpus of any size, in small messages
+            text_id = self._conn.call(
+                self._conn.stub.UploadText, upload_pieces(text), timeout=UPLOAD_TIMEOUT
+            ).text_id
+        request = train_request(text, name, model_config, train_config, promote, text_id)
         call = self._conn.stream(self._conn.stub.Train, request)
         return TrainingRun((r.event for r in call), call.cancel, self.cancel_job)
 

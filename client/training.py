@@ -14,6 +14,14 @@ from nextchar.client.results import Job, JobEvent, Progress
 from nextchar.core.config import ModelConfig, TrainConfig, check_text
 from nextchar.proto import nextchar_pb2 as pb
 
+INLINE_TEXT_BYTES = 1024 * 1024  # a bigger training text is uploaded in pieces first (UploadText)
+PIECE_CHARS = 64 * 1024  # characters per uploaded piece: at most 256 KiB of UTF-8
+
+
+def upload_pieces(text: str) -> Iterator[pb.UploadTextRequest]:
+    for start in range(0, len(text), PIECE_CHARS):
+        yield pb.UploadTextRequest(piece=text[start : start + PIECE_CHARS])
+
 
 def train_request(
     text: str,
@@ -21,13 +29,16 @@ def train_request(
     model_config: ModelConfig | None,
     train_config: TrainConfig | None,
     promote: bool,
+    text_id: str = "",
 ) -> pb.TrainRequest:
-    """A TrainRequest, checked locally by core's own rules first: a ValueError names the problem."""
+    """A TrainRequest, checked locally by core's own rules first: a ValueError names the problem.
+    text_id: the text was uploaded (UploadText) under this id and does not travel again."""
     mc, tc = model_config or ModelConfig(), train_config or TrainConfig()
     check_text(text, tc)
     return pb.TrainRequest(
         model_name=name,
-        text=text,
+        text="" if text_id else text,
+        text_id=text_id,
         model_config=pb.ModelConfigSpec(
             cell=mc.cell, hidden=mc.hidden, layers=mc.layers, loss=mc.loss, dtype=mc.dtype
         ),

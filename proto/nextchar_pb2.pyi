@@ -1346,12 +1346,17 @@ class TrainRequest(_message.Message):
     MODEL_CONFIG_FIELD_NUMBER: _builtins.int
     TRAIN_CONFIG_FIELD_NUMBER: _builtins.int
     PROMOTE_FIELD_NUMBER: _builtins.int
+    TEXT_ID_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Name to register the trained version under; empty means "default"."""
     text: _builtins.str
-    """Training text (the whole corpus; bounded by the server's message-size limit)."""
+    """Training text, inline: at most the server's message-size limit (4 MiB by default).
+    Give either text or text_id.
+    """
     promote: _builtins.bool
     """Make the new version the default model once it is registered."""
+    text_id: _builtins.str
+    """A text uploaded with UploadText, instead of text."""
     @_builtins.property
     def model_config(self) -> Global___ModelConfigSpec:
         """Architecture."""
@@ -1368,14 +1373,69 @@ class TrainRequest(_message.Message):
         model_config: Global___ModelConfigSpec | None = ...,
         train_config: Global___TrainConfigSpec | None = ...,
         promote: _builtins.bool = ...,
+        text_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model_config", b"model_config", "train_config", b"train_config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_config", b"model_config", "model_name", b"model_name", "promote", b"promote", "text", b"text", "train_config", b"train_config"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_config", b"model_config", "model_name", b"model_name", "promote", b"promote", "text", b"text", "text_id", b"text_id", "train_config", b"train_config"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainRequest: _TypeAlias = TrainRequest  # noqa: Y015
+
+@_typing.final
+class UploadTextRequest(_message.Message):
+    """UploadText input: one piece of the text. Pieces are joined in order; each is at most
+    the server's message-size limit (the Python client sends 256 KiB).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PIECE_FIELD_NUMBER: _builtins.int
+    piece: _builtins.str
+    """The next piece of the text."""
+    def __init__(
+        self,
+        *,
+        piece: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["piece", b"piece"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadTextRequest: _TypeAlias = UploadTextRequest  # noqa: Y015
+
+@_typing.final
+class UploadTextResponse(_message.Message):
+    """UploadText output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_ID_FIELD_NUMBER: _builtins.int
+    CHARS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    text_id: _builtins.str
+    """Names the text in TrainRequest.text_id."""
+    chars: _builtins.int
+    """Characters received."""
+    bytes: _builtins.int
+    """UTF-8 bytes received."""
+    def __init__(
+        self,
+        *,
+        text_id: _builtins.str = ...,
+        chars: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "chars", b"chars", "text_id", b"text_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadTextResponse: _TypeAlias = UploadTextResponse  # noqa: Y015
 
 @_typing.final
 class TrainResponse(_message.Message):

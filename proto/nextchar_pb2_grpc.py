@@ -95,6 +95,11 @@ class NextCharServiceStub:
                 request_serializer=nextchar_dot_proto_dot_nextchar__pb2.TrainRequest.SerializeToString,
                 response_deserializer=nextchar_dot_proto_dot_nextchar__pb2.TrainResponse.FromString,
                 _registered_method=True)
+        self.UploadText = channel.stream_unary(
+                '/nextchar.v1.NextCharService/UploadText',
+                request_serializer=nextchar_dot_proto_dot_nextchar__pb2.UploadTextRequest.SerializeToString,
+                response_deserializer=nextchar_dot_proto_dot_nextchar__pb2.UploadTextResponse.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/nextchar.v1.NextCharService/ListJobs',
                 request_serializer=nextchar_dot_proto_dot_nextchar__pb2.ListJobsRequest.SerializeToString,
@@ -225,6 +230,14 @@ class NextCharServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadText(self, request_iterator, context):
+        """Uploads a training text in chunks, for a Train that names it (text_id): a text of any
+        size, while every message stays small. The server keeps it for an hour.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListJobs(self, request, context):
         """Lists training jobs, running and finished.
         """
@@ -343,6 +356,11 @@ def add_NextCharServiceServicer_to_server(servicer, server):
                     servicer.Train,
                     request_deserializer=nextchar_dot_proto_dot_nextchar__pb2.TrainRequest.FromString,
                     response_serializer=nextchar_dot_proto_dot_nextchar__pb2.TrainResponse.SerializeToString,
+            ),
+            'UploadText': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadText,
+                    request_deserializer=nextchar_dot_proto_dot_nextchar__pb2.UploadTextRequest.FromString,
+                    response_serializer=nextchar_dot_proto_dot_nextchar__pb2.UploadTextResponse.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -710,6 +728,33 @@ class NextCharService:
             '/nextchar.v1.NextCharService/Train',
             nextchar_dot_proto_dot_nextchar__pb2.TrainRequest.SerializeToString,
             nextchar_dot_proto_dot_nextchar__pb2.TrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadText(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/nextchar.v1.NextCharService/UploadText',
+            nextchar_dot_proto_dot_nextchar__pb2.UploadTextRequest.SerializeToString,
+            nextchar_dot_proto_dot_nextchar__pb2.UploadTextResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,10 @@ class NextCharServiceStub:
     """Samples text from a session (advancing it, or on a fork) or from a priming text."""
     Train: _grpc.UnaryStreamMultiCallable[_nextchar_pb2.TrainRequest, _nextchar_pb2.TrainResponse]
     """Starts a training job in a worker process and streams its progress until it ends."""
+    UploadText: _grpc.StreamUnaryMultiCallable[_nextchar_pb2.UploadTextRequest, _nextchar_pb2.UploadTextResponse]
+    """Uploads a training text in chunks, for a Train that names it (text_id): a text of any
+    size, while every message stays small. The server keeps it for an hour.
+    """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_nextchar_pb2.ListJobsRequest, _nextchar_pb2.ListJobsResponse]
     """Lists training jobs, running and finished."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_nextchar_pb2.WatchJobRequest, _nextchar_pb2.WatchJobResponse]
@@ -112,6 +116,10 @@ class NextCharServiceAsyncStub(NextCharServiceStub):
     """Samples text from a session (advancing it, or on a fork) or from a priming text."""
     Train: _aio.UnaryStreamMultiCallable[_nextchar_pb2.TrainRequest, _nextchar_pb2.TrainResponse]  # type: ignore[assignment]
     """Starts a training job in a worker process and streams its progress until it ends."""
+    UploadText: _aio.StreamUnaryMultiCallable[_nextchar_pb2.UploadTextRequest, _nextchar_pb2.UploadTextResponse]  # type: ignore[assignment]
+    """Uploads a training text in chunks, for a Train that names it (text_id): a text of any
+    size, while every message stays small. The server keeps it for an hour.
+    """
     ListJobs: _aio.UnaryUnaryMultiCallable[_nextchar_pb2.ListJobsRequest, _nextchar_pb2.ListJobsResponse]  # type: ignore[assignment]
     """Lists training jobs, running and finished."""
     WatchJob: _aio.UnaryStreamMultiCallable[_nextchar_pb2.WatchJobRequest, _nextchar_pb2.WatchJobResponse]  # type: ignore[assignment]
@@ -227,6 +235,16 @@ class NextCharServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_nextchar_pb2.TrainResponse], _abc.AsyncIterator[_nextchar_pb2.TrainResponse]]:
         """Starts a training job in a worker process and streams its progress until it ends."""
+
+    @_abc_1.abstractmethod
+    def UploadText(
+        self,
+        request_iterator: _MaybeAsyncIterator[_nextchar_pb2.UploadTextRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_nextchar_pb2.UploadTextResponse, _abc.Awaitable[_nextchar_pb2.UploadTextResponse]]:
+        """Uploads a training text in chunks, for a Train that names it (text_id): a text of any
+        size, while every message stays small. The server keeps it for an hour.
+        """
 
     @_abc_1.abstractmethod
     def ListJobs(

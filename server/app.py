@@ -40,6 +40,7 @@ from nextchar.server.sessions.memory import InMemorySessionStore
 from nextchar.server.sessions.redis_store import RedisSessionStore
 from nextchar.server.sessions.store import SessionStore
 from nextchar.server.training.jobs import JobManager
+from nextchar.server.training.texts import TextStore
 from nextchar.server.wire import add_service
 
 log = logging.getLogger("nextchar.server")
@@ -105,7 +106,8 @@ class NextCharServer:
         )
         self.sessions = SessionManager(store, self.scheduler, config.max_sessions, config.max_chunk_chars)
         self.jobs = JobManager(self.registry, config.max_jobs, config.max_vocab)
-        self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs)
+        self.texts = TextStore(config.model_dir / "_texts", config.max_upload_bytes)
+        self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs, self.texts)
         self.servicer.on_message = self.metrics.message_latency.observe
         self.metrics.watch(lambda: len(store), lambda: [j.state for j in list(self.jobs.jobs.values())])
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs predate health.aio
@@ -154,6 +156,7 @@ class NextCharServer:
             await asyncio.sleep(self.config.sweep_interval)
             try:
                 await self.store.sweep(time.time())
+                await asyncio.to_thread(self.texts.sweep, time.time())
             except ServiceError as exc:  # a shared store down: sweep again next time
                 log.warning("session sweep failed: %s", exc)
 

@@ -63,8 +63,12 @@ class ServerConfig:
     # a training text's distinct characters: the output layer, and every step's (T*B, V)
     # arrays, grow with it (20,000 distinct characters took a trainer past 1.5 GB)
     max_vocab: int = field(default=2048, metadata=_opt("Most distinct characters a training text may hold."))
-    # training text travels in one message
-    max_message_bytes: int = field(default=64 * MIB, metadata=_opt("Largest gRPC message, in bytes."))
+    # every request is small (big training texts come in pieces: UploadText), and gRPC refuses a
+    # bigger message from its length prefix, before it takes any memory
+    max_message_bytes: int = field(default=4 * MIB, metadata=_opt("Largest gRPC message, in bytes."))
+    max_upload_bytes: int = field(
+        default=1024 * MIB, metadata=_opt("Largest training text UploadText takes.")
+    )
     # big replies (full distributions of long chunks) held at once, across all clients: a client
     # that never reads keeps its reply in this server's memory (nextchar.server.budget)
     max_reply_bytes: int = field(
@@ -146,6 +150,7 @@ class ServerConfig:
             "max_prime_chars": self.max_prime_chars >= 1,
             "max_vocab": self.max_vocab >= 1,
             "max_message_bytes": self.max_message_bytes >= 4096,
+            "max_upload_bytes": self.max_upload_bytes >= 1,
             "max_reply_bytes": self.max_reply_bytes >= 1,
             "max_jobs": self.max_jobs >= 1,
             "grace": self.grace >= 0,

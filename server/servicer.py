@@ -40,6 +40,7 @@ from nextchar.server.sessions.manager import Attachment, SessionManager
 from nextchar.server.sessions.session import Session
 from nextchar.server.sessions.snapshot import SnapshotMismatch, decode_state, encode_array, same_model
 from nextchar.server.training.jobs import JobManager
+from nextchar.server.training.texts import TextStore
 from nextchar.server.wire import Refused
 
 Req = TypeVar("Req")
@@ -135,12 +136,18 @@ async def fail(method: str, exc: Exception, context: Ctx) -> None:
 
 class NextCharServicer(pb_grpc.NextCharServiceServicer):
     def __init__(
-        self, config: ServerConfig, registry: Registry, sessions: SessionManager, jobs: JobManager
+        self,
+        config: ServerConfig,
+        registry: Registry,
+        sessions: SessionManager,
+        jobs: JobManager,
+        texts: TextStore,
     ) -> None:
         self.config = config
         self.registry = registry
         self.sessions = sessions
         self.jobs = jobs
+        self.texts = texts
         self.budget = ReplyBudget(config.max_reply_bytes)
         self.live_streams = 0
         self.streams_idle = asyncio.Event()
@@ -323,7 +330,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             session, request.text, request.top_k, request.full_distribution, expect, reply.predictions
         )
         if held:  # the reply leaves after this returns; the budget is back when the call is over
-            context.add_done_callback(lambda _: self.budget.release(held))
+            context.add_done_callback(lambda _: self.budget.release(held))  # type: ignore[arg-type]  # stubs: a callable works
         return reply
 
     @duplex
@@ -434,12 +441,33 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         for name, value in train_config.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise InvalidArgument(f"train_config.{name}: must be finite, got {value}")
-        job = await self.jobs.start(
-            request.model_name or DEFAULT_NAME, request.text, model_config, train_config, request.promote
+        if request.text and request.text_id:
+            raise InvalidArgument("text, text_id: give the text inline or an uploaded text's id, not both")
+        inline = not request.text_id
+        path = (
+            await asyncio.to_thread(self.texts.store, request.text)
+            if inline
+            else self.texts.path(request.text_id)
         )
+        try:
+            job = await self.jobs.start(
+                request.model_name or DEFAULT_NAME, path, model_config, train_config, request.promote
+            )
+        except BaseException:
+            if inline:  # a refused job's text is nobody's
+                path.unlink(missing_ok=True)
+            raise
         async for record in job.follow():
             yield pb.TrainResponse(event=messages.job_event(job, record))
         yield pb.TrainResponse(event=messages.job_event(job, None))
+
+    @unary
+    async def UploadText(
+        self, request_iterator: AsyncIterator[pb.UploadTextRequest | Refused], context: Ctx
+    ) -> pb.UploadTextResponse:
+        pieces = (accepted(raw).piece async for raw in request_iterator)
+        text_id, chars, size = await self.texts.receive(pieces)
+        return pb.UploadTextResponse(text_id=text_id, chars=chars, bytes=size)
 
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:

@@ -388,3 +388,27 @@ def test_a_one_character_writer_that_never_reads_stalls_without_growing_the_serv
         stop.set()
         channel.close()
         server.close()
+
+
+def test_a_text_bigger_than_any_message_trains_through_an_upload(tmp_path: Path) -> None:
+    """Every message stays under 4 MiB; the client library uploads a bigger text in pieces first."""
+    make_registry(tmp_path, versions=1)
+    srv = start_server(tmp_path)
+    try:
+        from nextchar.client import NextCharClient, TrainConfig
+
+        text = NOTEBOOK_TEXT * 160_000  # 5.6 MB: more than max_message_bytes
+        with NextCharClient(f"127.0.0.1:{srv.port}") as client:
+            code, _, _ = refused(
+                lambda: list(srv.stub.Train(pb.TrainRequest(model_name="big", text=text), timeout=30))
+            )
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            info = client.train(text, name="big", train_config=TrainConfig(max_chars=4096, val_fraction=0.0))
+        assert info.model.name == "big" and info.model.version == 1
+        assert not list((tmp_path / "_texts").glob(".*.tmp"))
+        code, _, details = refused(
+            lambda: list(srv.stub.Train(pb.TrainRequest(text_id="0" * 32), timeout=10))
+        )
+        assert code == grpc.StatusCode.NOT_FOUND and details == {"subject": "text"}
+    finally:
+        srv.close()

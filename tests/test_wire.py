@@ -53,6 +53,7 @@ SAMPLES: dict[str, Any] = {  # a valid request per RPC, to mutate
     "PredictStream": pb.PredictStreamRequest(text="hello", top_k=3),
     "Generate": pb.GenerateRequest(prime_text="he", length=5, temperature=0.5, top_k=2, seed=1),
     "Train": pb.TrainRequest(model_name="m", text="x", train_config=pb.TrainConfigSpec(epochs=1)),
+    "UploadText": pb.UploadTextRequest(piece="hello world"),
     "ListJobs": pb.ListJobsRequest(),
     "WatchJob": pb.WatchJobRequest(job_id="job-1"),
     "CancelJob": pb.CancelJobRequest(job_id="job-1"),
@@ -212,10 +213,12 @@ def test_malformed_bytes_mid_stream_end_the_stream_with_invalid_argument(
 
 
 def test_a_request_over_its_methods_size_limit_is_refused_before_parsing(srv: ServerThread) -> None:
-    """A prediction chunk is at most 64 characters here: 10 MB of text is no Predict."""
-    big = pb.PredictRequest(text="a" * 10_000_000).SerializeToString()
-    code, details = send(srv, "Predict", big)
+    """A prediction chunk is at most 64 characters here: 1 MB of text is no Predict. (10 MB is
+    over every message's limit, max_message_bytes: gRPC refuses it from its length prefix.)"""
+    code, details = send(srv, "Predict", pb.PredictRequest(text="a" * 1_000_000).SerializeToString())
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "PredictRequest" in details and "limit" in details
+    code, details = send(srv, "Predict", pb.PredictRequest(text="a" * 10_000_000).SerializeToString())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     code, _ = send(srv, "GetSession", pb.GetSessionRequest(session_id="x" * 200_000).SerializeToString())
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert srv.stub.Predict(pb.PredictRequest(text="hello"), timeout=10).predictions.count == 5

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -151,11 +152,10 @@ def tombstone(session_id: str) -> str:
 
 
 @dataclass(slots=True, eq=False)
-class Hot:
-    """A session this replica holds in memory, and where it stands against the stored copy."""
+class Stored:
+    """Where one session object this replica handed out stands against the stored copy."""
 
-    session: Session
-    version: int  # the stored copy's version this one was computed from; -1 = unknown (re-read first)
+    version: int  # the stored copy's version this object was computed from; -1 = unknown (re-read first)
     dirty: int = 0  # characters consumed since the state was last written
 
 
@@ -186,7 +186,11 @@ class RedisSessionStore:
         self.replica = (
             replica  # host:port, recorded in "by" with each write (which replica advanced a session)
         )
-        self._hot: dict[str, Hot] = {}
+        self._hot: dict[str, Session] = {}  # this replica's sessions in memory, by id
+        # every session object read from or added to the store, for as long as it lives: a
+        # write-back from an object the store never handed out (a stateless Predict, a session
+        # still priming) has nothing to compare, one from any other is checked against its version
+        self._stored: weakref.WeakKeyDictionary[Session, Stored] = weakref.WeakKeyDictionary()
         self.conflicts = 0  # write-backs refused because another replica had advanced the session
 
     # ------------------------------------------------------------ Redis calls
@@ -267,15 +271,14 @@ class RedisSessionStore:
             ) from None
         return mv, state, probs
 
-    def _adopt(self, hot: Hot, h: dict[bytes, bytes]) -> None:
+    def _adopt(self, session: Session, stored: Stored, h: dict[bytes, bytes]) -> None:
         """Take the stored copy: state, probs, offset and version change together, never apart."""
-        session = hot.session
         mv, state, probs = self._decode(session.id, h)
         if mv is not session.model:  # the id was closed and re-created on another model
             session.model, session.gen = mv, session.gen + 1
         session.state, session.probs = state, probs
         session.offset, session.created = int(h[b"off"]), int(h[b"created"]) / 1000
-        hot.version, hot.dirty = int(h[b"v"]), 0
+        stored.version, stored.dirty = int(h[b"v"]), 0
 
     def _session(self, session_id: str, h: dict[bytes, bytes]) -> Session:
         session = Session(session_id, *self._decode(session_id, h))
@@ -325,23 +328,25 @@ class RedisSessionStore:
     # ------------------------------------------------------------ the SessionStore protocol
 
     async def get(self, session_id: str, *, fresh: bool = False) -> Session:
-        hot = self._hot.get(session_id)
-        if hot is not None and not fresh:
+        session = self._hot.get(session_id)
+        if session is not None and not fresh:
             now = time.time()
-            if self.lifetime and now - hot.session.created > self.lifetime:
+            if self.lifetime and now - session.created > self.lifetime:
                 await self.remove(session_id, lifetime_reason(self.lifetime))
                 raise gone(session_id, lifetime_reason(self.lifetime))
-            if now - hot.session.last_used <= self.idle_timeout:
-                return hot.session  # the write-back after the chunk checks it is still current
-        if hot is None:
+            if now - session.last_used <= self.idle_timeout:
+                return session  # the write-back after the chunk checks it is still current
+        if session is None:
             h = await self._load(session_id)
             if h is None:
                 raise await self._gone(session_id)
-            session = self._session(session_id, h)
-            self._hot[session_id] = Hot(session, int(h[b"v"]))
+            session = self._hot.get(session_id)  # a concurrent call may have loaded it meanwhile
+            if session is None:
+                session = self._hot[session_id] = self._session(session_id, h)
+                self._stored[session] = Stored(int(h[b"v"]))
             return session
-        await self.refresh(hot.session)
-        return hot.session
+        await self.refresh(session)
+        return session
 
     async def add(self, session: Session, cap: int) -> None:
         net = session.model.require()
@@ -359,11 +364,11 @@ class RedisSessionStore:
         if v <= 0:
             check_new(session.id, v == 0, cap, cap)
         session.created = session.last_used = now / 1000
-        self._hot[session.id] = Hot(session, int(v))
+        self._hot[session.id] = session
+        self._stored[session] = Stored(int(v))
 
     async def remove(self, session_id: str, reason: str) -> Session:
-        hot = self._hot.pop(session_id, None)
-        session = hot.session if hot is not None else await self.get(session_id, fresh=True)
+        session = self._hot.get(session_id) or await self.get(session_id, fresh=True)
         self._hot.pop(session_id, None)
         session.gen += 1  # results still computing for it are dropped
         if not await self._remove(session_id, reason):
@@ -386,18 +391,14 @@ class RedisSessionStore:
 
     async def refresh(self, session: Session) -> None:
         """Adopt the stored copy into session if another replica moved it on."""
-        hot = self._held(session)
-        if hot is None:  # not stored: a stateless Predict, a session still priming
+        stored = self._stored.get(session)
+        if stored is None:  # not stored: a stateless Predict, a session still priming
             return
         h = await self._load(session.id)
         if h is None:
             raise await self._gone(session.id)
-        if int(h[b"v"]) != hot.version:  # equal: this copy is current, maybe ahead (dirty)
-            self._adopt(hot, h)
-
-    def _held(self, session: Session) -> Hot | None:
-        hot = self._hot.get(session.id)
-        return hot if hot is not None and hot.session is session else None
+        if int(h[b"v"]) != stored.version:  # equal: this copy is current, maybe ahead (dirty)
+            self._adopt(session, stored, h)
 
     async def page(self, start: int, size: int) -> list[Session]:
         async with self._reaching():
@@ -435,10 +436,10 @@ class RedisSessionStore:
 
     async def sweep(self, now: float) -> int:
         """Forget hot copies idle here (their state is in Redis), and record why Redis expired sessions."""
-        idle = [h for h in self._hot.values() if now - h.session.last_used > self.idle_timeout]
+        idle = [s for s in self._hot.values() if now - s.last_used > self.idle_timeout]
         await self._flush(idle)
-        for hot in idle:
-            self._hot.pop(hot.session.id, None)
+        for session in idle:
+            self._hot.pop(session.id, None)
         async with self._reaching():
             due = await cast(
                 Any,
@@ -473,18 +474,19 @@ class RedisSessionStore:
         """Write a batch back in one round trip: accepted (None) per session, or why not.
 
         The state goes along when write_every characters have accumulated (or full);
-        otherwise only the version moves, which is what orders the replicas. Sessions
-        this replica does not hold in the store are accepted without a write.
+        otherwise only the version moves, which is what orders the replicas. A session
+        object the store never handed out (a stateless Predict, one still priming) is
+        accepted without a write.
         """
         out: list[ServiceError | None] = [None] * len(backs)
-        held = [(i, b, hot) for i, b in enumerate(backs) if (hot := self._held(b.session)) is not None]
+        held = [(i, b, rec) for i, b in enumerate(backs) if (rec := self._stored.get(b.session)) is not None]
         if not held:
             return out
         now = now_ms()
-        writes = [full or hot.dirty + b.chars >= self.write_every for _, b, hot in held]
+        writes = [full or rec.dirty + b.chars >= self.write_every for _, b, rec in held]
         calls = []
-        for (_, b, hot), write in zip(held, writes, strict=True):
-            args = [b.session.id, hot.version, self.idle_ms, self.life_ms, now, "by", self.replica()]
+        for (_, b, rec), write in zip(held, writes, strict=True):
+            args = [b.session.id, rec.version, self.idle_ms, self.life_ms, now, "by", self.replica()]
             if write:
                 args += self._fields(b.state, b.probs, b.offset)
             calls.append(("EVALSHA", [COMMIT_S.sha, 3, key(b.session.id), DEADLINE, CLOCK, *args]))
@@ -494,15 +496,15 @@ class RedisSessionStore:
                 await self._load_script(COMMIT_S)
                 results = await self._pipeline(calls)
         except Unavailable:
-            for _, _, hot in held:
-                hot.version = -1  # the write may have landed: re-read before the next chunk
+            for _, _, rec in held:
+                rec.version = -1  # the write may have landed: re-read before the next chunk
             raise
-        for (i, b, hot), write, r in zip(held, writes, results, strict=True):
+        for (i, b, rec), write, r in zip(held, writes, results, strict=True):
             if isinstance(r, Exception):
-                hot.version = -1
+                rec.version = -1
                 out[i] = Unavailable(f"session store {self.url}: {r}")
             elif r > 0:
-                hot.version, hot.dirty = int(r), 0 if write else hot.dirty + b.chars
+                rec.version, rec.dirty = int(r), 0 if write else rec.dirty + b.chars
             elif r == 0:
                 self.conflicts += 1
                 out[i] = StaleSession(f"session {shown(b.session.id)} was advanced by another replica")
@@ -510,12 +512,12 @@ class RedisSessionStore:
                 out[i] = await self._gone(b.session.id)
         return out
 
-    async def _flush(self, hots: Sequence[Hot]) -> None:
-        """Write the state of hot sessions that advanced since their last write (write_every > 1)."""
+    async def _flush(self, sessions: Sequence[Session]) -> None:
+        """Write the state of sessions that advanced since their last write (write_every > 1)."""
         backs = [
-            WriteBack(h.session, h.session.state, h.session.probs, h.session.offset, 0)
-            for h in hots
-            if h.dirty
+            WriteBack(s, s.state, s.probs, s.offset, 0)
+            for s in sessions
+            if (rec := self._stored.get(s)) is not None and rec.dirty
         ]
         if backs:
             await self._commit(backs, full=True)

@@ -17,7 +17,9 @@ from nextchar.server.registry import ModelVersion
 
 
 class Session:
-    __slots__ = ("created", "gen", "id", "last_used", "model", "offset", "probs", "state")
+    # __weakref__: a shared store keeps what it knows of each session object it handed out
+    # beside it, for exactly as long as the object lives
+    __slots__ = ("__weakref__", "created", "gen", "id", "last_used", "model", "offset", "probs", "state")
 
     def __init__(self, session_id: str, model: ModelVersion, state: np.ndarray, probs: np.ndarray) -> None:
         self.id = session_id

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Event
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,8 +36,11 @@ RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cance
 CANCEL_GRACE = 5.0  # seconds a cancelled trainer gets to notice before it is terminated
 
 
-def validate(text: str, model_config: dict[str, Any], train_config: dict[str, Any], max_vocab: int) -> None:
-    """Raise InvalidArgument naming the field, before any process is started."""
+def validate(
+    text_path: Path, model_config: dict[str, Any], train_config: dict[str, Any], max_vocab: int
+) -> None:
+    """Raise InvalidArgument naming the field, before any process is started (blocking: reads the text)."""
+    text = text_path.read_text(encoding="utf-8")
     if not text:
         raise InvalidArgument("text: empty; give the training text")
     distinct = len(set(text))
@@ -120,14 +124,15 @@ class JobManager:
     async def start(
         self,
         model_name: str,
-        text: str,
+        text_path: Path,
         model_config: dict[str, Any],
         train_config: dict[str, Any],
         promote: bool,
     ) -> Job:
+        """Start a job training on the text in text_path (nextchar.server.training.texts)."""
         check_name(model_name)
-        # off the loop: a training text can be tens of MB
-        await asyncio.to_thread(validate, text, model_config, train_config, self.max_vocab)
+        # off the loop: a training text can be a hundred MB
+        await asyncio.to_thread(validate, text_path, model_config, train_config, self.max_vocab)
         if len(self.running()) >= self.max_jobs:
             raise ResourceExhausted(f"{self.max_jobs} training job(s) already running; wait or cancel one")
         job = Job(
@@ -137,7 +142,7 @@ class JobManager:
         job.stop = self._ctx.Event()
         job.process = self._ctx.Process(
             target=run_training,
-            args=(text, model_config, train_config, child, job.stop, os.getpid()),
+            args=(str(text_path), model_config, train_config, child, job.stop, os.getpid()),
             name=f"nextchar-{job.id}",
             daemon=True,
         )

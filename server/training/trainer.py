@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
+from pathlib import Path
 from typing import Any
 
 
 def run_training(
-    text: str,
+    text_path: str,
     model_config: dict[str, Any],
     train_config: dict[str, Any],
     conn: Connection,
@@ -28,6 +29,7 @@ def run_training(
     from nextchar.core.train import TrainingCancelled, TrainingDiverged, train
 
     try:
+        text = Path(text_path).read_text(encoding="utf-8")
         result = train(
             text,
             ModelConfig(**model_config),

@@ -1,0 +1,85 @@
+"""Training texts on disk: every job's text is a file here, uploaded in pieces or stored from a request.
+
+Layout: ``model_dir/_texts/<id>.txt`` (the "_" keeps it out of the model names).
+``UploadText`` streams a text of any size in small messages: pieces are appended
+to a temporary file, which becomes ``<id>.txt`` only when the upload is complete
+(a broken upload leaves nothing usable), and the total is capped
+(``max_upload_bytes``). A job's trainer reads its text from the file, so a 100 MB
+corpus is never copied through the server's memory or a process pipe. Texts are
+removed after ``TEXT_TTL`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from nextchar.core.atomic import atomic_write
+from nextchar.server.errors import InvalidArgument, NotFound, ResourceExhausted, shown
+
+TEXT_TTL = 3600.0  # seconds an uploaded text is kept for a Train to name it
+ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+class TextStore:
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+
+    def path(self, text_id: str) -> Path:
+        """The file of an uploaded text; NotFound when there is none (never uploaded, or expired)."""
+        if not ID_RE.match(text_id):
+            raise InvalidArgument(f"text_id: {shown(text_id)} is not an id UploadText gave")
+        path = self.directory / f"{text_id}.txt"
+        if not path.is_file():
+            raise NotFound(
+                f"text {shown(text_id)}: no such uploaded text (they are kept {TEXT_TTL:g} s)", subject="text"
+            )
+        return path
+
+    def store(self, text: str) -> Path:
+        """Keep a text that came inline (blocking I/O: call it in a thread)."""
+        path = self.directory / f"{secrets.token_hex(16)}.txt"
+        with atomic_write(path) as f:
+            f.write(text.encode())
+        return path
+
+    async def receive(self, pieces: AsyncIterator[str]) -> tuple[str, int, int]:
+        """Append pieces to a new text as they arrive; returns (text id, characters, bytes)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        text_id = secrets.token_hex(16)
+        tmp = self.directory / f".{text_id}.txt.tmp"
+        chars = size = 0
+        try:
+            with open(tmp, "wb") as f:
+                async for piece in pieces:
+                    data = piece.encode()
+                    chars, size = chars + len(piece), size + len(data)
+                    if size > self.max_bytes:
+                        raise ResourceExhausted(f"text: more than max_upload_bytes ({self.max_bytes}) bytes")
+                    await asyncio.to_thread(f.write, data)
+                await asyncio.to_thread(_flush, f)
+            tmp.replace(self.directory / f"{text_id}.txt")
+        finally:
+            tmp.unlink(missing_ok=True)
+        return text_id, chars, size
+
+    def sweep(self, now: float) -> int:
+        """Remove texts older than TEXT_TTL; returns how many."""
+        removed = 0
+        for path in self.directory.glob("*.txt"):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > TEXT_TTL:
+                    path.unlink()
+                    removed += 1
+        return removed
+
+
+def _flush(f: object) -> None:
+    f.flush()  # type: ignore[attr-defined]
+    os.fsync(f.fileno())  # type: ignore[attr-defined]
