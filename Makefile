@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 PROTO_GEN := $(VENV)/proto-gen
 
-.PHONY: run demo test bench bench-train bench-serve bench-load lint proto proto-check clean
+.PHONY: run demo test bench bench-train bench-serve bench-load bench-abuse lint proto proto-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench-serve: $(STAMP)
 # 1,000 streaming sessions held for 60 s: zero errors, p50/p99, server memory slope
 bench-load: $(STAMP)
 	$(PY) bench/load_bench.py
+
+# 100 well-behaved streams beside hostile clients for 60 s: errors, p99, server memory
+bench-abuse: $(STAMP)
+	$(PY) bench/abuse_bench.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

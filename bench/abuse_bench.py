@@ -116,7 +116,7 @@ def well_behaved(port: int, duration: float) -> dict[str, Any]:
 # ---------------------------------------------------------------- the hostile clients (own process)
 
 
-def hostile(port: int, duration: float) -> None:
+def hostile(port: int, duration: float, kinds: str = "all") -> None:
     import grpc
     from nextchar.proto import nextchar_pb2 as pb
     from nextchar.proto import nextchar_pb2_grpc as pb_grpc
@@ -139,11 +139,15 @@ def hostile(port: int, duration: float) -> None:
 
     channels = [grpc.insecure_channel(address) for _ in range(6)]
     stubs = [pb_grpc.NextCharServiceStub(c) for c in channels]
-    calls = [
-        stubs[i % 4].PredictStream(never_reading(big_text, True, "never_read_big"))
-        for i in range(NEVER_READ_STREAMS)
-    ]
-    calls.append(stubs[4].PredictStream(never_reading("a", False, "never_read_one_char")))
+    wanted = set(kinds.split(",")) if kinds != "all" else None
+    calls = []
+    if wanted is None or "never_read_big" in wanted:
+        calls += [
+            stubs[i % 4].PredictStream(never_reading(big_text, True, "never_read_big"))
+            for i in range(NEVER_READ_STREAMS)
+        ]
+    if wanted is None or "never_read_one_char" in wanted:
+        calls.append(stubs[4].PredictStream(never_reading("a", False, "never_read_one_char")))
 
     def loop(name: str, act: Any) -> None:
         while not stop.is_set():
@@ -190,7 +194,8 @@ def hostile(port: int, duration: float) -> None:
     ]
     for w in workers:
         w.daemon = True
-        w.start()
+        if wanted is None or w._args[0] in wanted:  # type: ignore[attr-defined]
+            w.start()
     time.sleep(duration)
     stop.set()
     for call in calls:
@@ -274,7 +279,7 @@ def print_table(r: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--hostile":
-        hostile(int(sys.argv[2]), float(sys.argv[3]))
+        hostile(int(sys.argv[2]), float(sys.argv[3]), *sys.argv[4:5])
     else:
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         parser.add_argument("--duration", type=float, default=60.0, help="seconds under attack")

@@ -33,6 +33,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,8 @@ def start(cmd: list[str]) -> tuple[subprocess.Popen[str], int]:
     for line in proc.stderr:
         match = re.search(r"serving on [\d.]+:(\d+)", line)
         if match:
+            # keep reading its log: a server whose stderr pipe fills up blocks on its next log line
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
             return proc, int(match.group(1))
         if time.monotonic() > deadline:
             break

@@ -72,7 +72,7 @@ class ServerConfig:
     # big replies (full distributions of long chunks) held at once, across all clients: a client
     # that never reads keeps its reply in this server's memory (nextchar.server.budget)
     max_reply_bytes: int = field(
-        default=64 * MIB, metadata=_opt("Bytes of big replies the server holds unread at once.")
+        default=16 * MIB, metadata=_opt("Bytes of big replies the server holds unread at once.")
     )
     # the machine has 2 cores and serves too
     max_jobs: int = field(default=1, metadata=_opt("Concurrent training jobs."))

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from grpc._cython.cygrpc import ExecuteBatchError  # what a call whose client is gone raises
 from nextchar.core.config import Sampling
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.proto import nextchar_pb2_grpc as pb_grpc
@@ -122,9 +123,15 @@ async def refuse(method: str, exc: ServiceError, context: Ctx) -> None:
 
 async def fail(method: str, exc: Exception, context: Ctx) -> None:
     """Answer a call that broke on a bug with INTERNAL and an error id the log line carries
-    (raises AbortError). An AbortError from inside the call is passed on as it is."""
+    (raises AbortError). An AbortError from inside the call is passed on as it is, and a
+    call whose client is gone ends quietly."""
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
+    if isinstance(exc, ExecuteBatchError) or context.done():
+        # a read or write on a call whose client went away: nobody to answer, and no bug
+        # (gRPC itself passes this error over quietly)
+        log.debug("%s ended: the client went away (%s)", method, type(exc).__name__)
+        return
     error_id = secrets.token_hex(6)
     log.error("%s failed: internal error %s", method, error_id, exc_info=exc)
     await context.abort(
