@@ -258,10 +258,10 @@ class Scheduler:
         """Have the store accept the batch's advances (one round trip), then apply what it accepted."""
         outcomes: list[ServiceError | None] = [None] * len(batch)
         current = [i for i, w in enumerate(batch) if w.gen == w.session.gen]
-        backs = [
-            WriteBack(batch[i].session, results[i].state, results[i].probs, *_moved(batch[i], results[i]))
-            for i in current
-        ]
+        backs = []
+        for i in current:
+            w, r = batch[i], results[i]
+            backs.append(WriteBack(w.session, r.state, r.probs, r.start_offset + w.size, w.size))
         self._busy += 1  # lone requests queue meanwhile: their session may be in this batch
         try:
             accepted: Sequence[ServiceError | None] = await self.commit(backs)
@@ -285,7 +285,7 @@ class Scheduler:
             return
         # absolute, not +=: a shared store's copy adopted meanwhile must not be advanced twice
         session.state, session.probs = result.state, result.probs
-        session.offset = _moved(work, result)[0]
+        session.offset = result.start_offset + work.size
         if work.future.done():
             return
         if isinstance(work, PredictWork):
@@ -294,8 +294,3 @@ class Scheduler:
         else:
             assert isinstance(result, GenerateResult)
             work.future.set_result(result)
-
-
-def _moved(work: Work, result: Result) -> tuple[int, int]:
-    """(the session's offset after the work, the characters it consumed or produced)."""
-    return result.start_offset + work.size, work.size
