@@ -97,3 +97,5 @@ def add_service(servicer: object, server: grpc.aio.Server, config: ServerConfig)
             response_serializer=GetMessageClass(method.output_type).SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    # as the generated code does: registered methods are matched in gRPC's core, not per call in Python
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)  # type: ignore[attr-defined]  # grpc-stubs lag
