@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -41,6 +42,15 @@ def keep_freed_memory(trim_threshold: int = _TRIM_THRESHOLD) -> bool:
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
     return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1 and ok)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux /proc); 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def return_freed_memory() -> bool:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from nextchar.core.memory import keep_freed_memory, return_freed_memory
+from nextchar.core.memory import keep_freed_memory, resident_bytes, return_freed_memory
 from nextchar.proto import nextchar_pb2
 from nextchar.server.auth import add_port, interceptors
 from nextchar.server.batching.scheduler import Scheduler
@@ -47,7 +47,8 @@ log = logging.getLogger("nextchar.server")
 SWITCH_INTERVAL = 0.0005  # seconds
 SERVICE_NAME = nextchar_pb2.DESCRIPTOR.services_by_name["NextCharService"].full_name
 STORE_CHECK = 1.0  # seconds between pings of the session store (health follows it)
-TRIM_INTERVAL = 5.0  # seconds between returns of freed heap pages to the OS
+TRIM_INTERVAL = 5.0  # seconds between looks at whether freed heap pages should go back to the OS
+TRIM_SLACK = 32 * 1024 * 1024  # bytes of growth since the last return that make it worth one
 SERVER_TRIM_THRESHOLD = 64 * 1024 * 1024  # free bytes the heap's top keeps (a trainer keeps 1 GiB)
 
 
@@ -162,10 +163,14 @@ class NextCharServer:
 
     async def _trim(self) -> None:
         """Give freed memory back: a burst of big requests or replies (refused or served) must not
-        leave the server at its peak for good. In a thread: trimming a large heap takes ~25 ms."""
+        leave the server at its peak for good. Only after the server grew (a steady server keeps
+        its pages, which its batches reuse), and in a thread: trimming a large heap takes ~25 ms."""
+        floor = resident_bytes()
         while True:
             await asyncio.sleep(TRIM_INTERVAL)
-            await asyncio.to_thread(return_freed_memory)
+            if resident_bytes() - floor > TRIM_SLACK:
+                await asyncio.to_thread(return_freed_memory)
+                floor = resident_bytes()
 
     async def _watch_store(self) -> None:
         """Health follows the session store: NOT_SERVING while it is unreachable (every session
