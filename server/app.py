@@ -48,7 +48,7 @@ SWITCH_INTERVAL = 0.0005  # seconds
 SERVICE_NAME = nextchar_pb2.DESCRIPTOR.services_by_name["NextCharService"].full_name
 STORE_CHECK = 1.0  # seconds between pings of the session store (health follows it)
 TRIM_INTERVAL = 5.0  # seconds between looks at whether freed heap pages should go back to the OS
-TRIM_SLACK = 32 * 1024 * 1024  # bytes of growth since the last return that make it worth one
+TRIM_SLACK = 32 * 1024 * 1024  # bytes above the server's smallest size that make a return worth it
 SERVER_TRIM_THRESHOLD = 64 * 1024 * 1024  # free bytes the heap's top keeps (a trainer keeps 1 GiB)
 
 
@@ -163,14 +163,16 @@ class NextCharServer:
 
     async def _trim(self) -> None:
         """Give freed memory back: a burst of big requests or replies (refused or served) must not
-        leave the server at its peak for good. Only after the server grew (a steady server keeps
-        its pages, which its batches reuse), and in a thread: trimming a large heap takes ~25 ms."""
+        leave the server at its peak for good. Only while it is TRIM_SLACK above the smallest size
+        it was seen at (a server at its usual size keeps the pages its batches reuse), and in a
+        thread: trimming a large heap takes ~25 ms."""
         floor = resident_bytes()
         while True:
             await asyncio.sleep(TRIM_INTERVAL)
-            if resident_bytes() - floor > TRIM_SLACK:
+            resident = resident_bytes()
+            floor = min(floor, resident)
+            if resident - floor > TRIM_SLACK:
                 await asyncio.to_thread(return_freed_memory)
-                floor = resident_bytes()
 
     async def _watch_store(self) -> None:
         """Health follows the session store: NOT_SERVING while it is unreachable (every session
