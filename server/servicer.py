@@ -219,10 +219,10 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         held = self.budget.reserve(reply_bytes(len(text), k, session.model.require().vocab.size, full))
         try:
             result = await self.sessions.predict(session, text, k, full, expect_offset)
+            messages.fill_predictions(out, result)
         except BaseException:
             self.budget.release(held)
             raise
-        messages.fill_predictions(out, result)
         self.on_message(time.perf_counter() - start)
         return held
 
