@@ -188,10 +188,10 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
                 "split it into chunks"
             )
 
-    def _top_k(self, top_k: int, mv: ModelVersion) -> int:
+    def _top_k(self, top_k: int, vocab_size: int) -> int:
         """The k a prediction or a generation may use: at most the vocabulary and max_top_k."""
         k = top_k or DEFAULT_TOP_K
-        allowed = min(mv.require().vocab.size, self.config.max_top_k)
+        allowed = min(vocab_size, self.config.max_top_k)
         if k > allowed:
             raise InvalidArgument(f"top_k: {k} is more than the {allowed} allowed")
         return k
@@ -215,8 +215,9 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         budget it holds: the caller releases it once the reply is written."""
         start = time.perf_counter()
         self._check_text(text)
-        k = self._top_k(top_k, session.model)
-        held = self.budget.reserve(reply_bytes(len(text), k, session.model.require().vocab.size, full))
+        vocab_size = session.model.require().vocab.size
+        k = self._top_k(top_k, vocab_size)
+        held = self.budget.reserve(reply_bytes(len(text), k, vocab_size, full))
         try:
             result = await self.sessions.predict(session, text, k, full, expect_offset)
             messages.fill_predictions(out, result)
@@ -375,7 +376,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
                 )
             if attachment.revoked:
                 raise Aborted(f"session {shown(session.id)}: another stream attached to it; this one ends")
-            session = await self.sessions.get(session.id)  # still alive? (closed, expired) and touch it
+            session = await self.sessions.again(session)
         expect = request.expect_offset if request.HasField("expect_offset") else None
         reply = pb.PredictStreamResponse(
             session_id=session.id,
@@ -410,7 +411,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         else:
             session = Session.fresh("", self._model(request.model))
         if request.top_k:  # 0 = no cut-off
-            self._top_k(request.top_k, session.model)
+            self._top_k(request.top_k, session.model.require().vocab.size)
         reported_id = "" if request.fork or not request.session_id else session.id
         rng = np.random.default_rng(request.seed if request.HasField("seed") else None)
         if request.prime_text:

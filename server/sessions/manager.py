@@ -74,6 +74,13 @@ class SessionManager:
         session.last_used = time.time()
         return session
 
+    async def again(self, session: Session) -> Session:
+        """A stream's session before its next chunk: still alive (not closed or expired), touched.
+        Its id was checked and bound to the call's logs when the stream attached."""
+        current = await self.store.get(session.id)
+        current.last_used = time.time()
+        return current
+
     async def close(self, session_id: str) -> Session:
         session = await self.get(session_id)
         return await self.store.remove(session.id, "closed by the client")
