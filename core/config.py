@@ -112,7 +112,11 @@ def check_text(text: str, config: TrainConfig) -> None:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How a generation draws each character (nextchar.core.inference.sample)."""
+    """How a generation draws each character (nextchar.core.inference.sample).
+
+    Temperature 0 (or top_p 0: a nucleus of no mass keeps only the likeliest) is greedy
+    decoding: the most probable character every time, no randomness.
+    """
 
     temperature: float = 1.0  # p ** (1/temperature), renormalised: below 1 sharper, above flatter
     top_k: int = 0  # draw among the k likeliest; 0 = off
@@ -120,6 +124,10 @@ class Sampling:
 
     def __post_init__(self) -> None:
         t = self.temperature
-        require(0 < t <= 100 and math.isfinite(t), "temperature", "in (0, 100]", t)
+        require(0 <= t <= 100 and math.isfinite(t), "temperature", "in [0, 100] (0 = greedy)", t)
         require(self.top_k >= 0, "top_k", ">= 0 (0 = off)", self.top_k)
-        require(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        require(0 <= self.top_p <= 1, "top_p", "in [0, 1] (0 = greedy, 1 = off)", self.top_p)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_p == 0

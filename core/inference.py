@@ -169,10 +169,13 @@ def sample(probs: np.ndarray, rng: np.random.Generator, sampling: Sampling = PLA
     """Draw one index from probs (V,); the unknown slot is never drawn.
 
     Temperature rescales log-probabilities (p ** (1/T), renormalised), so it works the
-    same for softmax and sigmoid models without needing their logits.
+    same for softmax and sigmoid models without needing their logits. Greedy sampling
+    takes the likeliest (the lower index on a tie) and draws nothing from rng.
     """
     p = np.asarray(probs, dtype=np.float64).copy()
     p[UNK] = 0.0
+    if sampling.greedy:
+        return int(np.argmax(p))
     if sampling.temperature != 1.0:
         with np.errstate(divide="ignore"):
             logp = np.log(p) / sampling.temperature

@@ -103,6 +103,7 @@ class SessionInfo(_message.Message):
     LAST_USED_AT_FIELD_NUMBER: _builtins.int
     IDLE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     LIFETIME_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REWIND_LIMIT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session id (client-chosen or server-assigned)."""
     offset: _builtins.int
@@ -115,6 +116,10 @@ class SessionInfo(_message.Message):
     """When the session expires if left idle, Unix seconds."""
     lifetime_expires_at: _builtins.float
     """When the session's lifetime ends regardless of use, Unix seconds; 0 when unlimited."""
+    rewind_limit: _builtins.int
+    """How many characters RewindSession (or a stream's rewind) can take back now: at least
+    the server's rewind_chars (256 by default) once the session has consumed that many.
+    """
     @_builtins.property
     def model(self) -> Global___ModelRef:
         """The model version the session is pinned to."""
@@ -129,10 +134,11 @@ class SessionInfo(_message.Message):
         last_used_at: _builtins.float = ...,
         idle_expires_at: _builtins.float = ...,
         lifetime_expires_at: _builtins.float = ...,
+        rewind_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "idle_expires_at", b"idle_expires_at", "last_used_at", b"last_used_at", "lifetime_expires_at", b"lifetime_expires_at", "model", b"model", "offset", b"offset", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "idle_expires_at", b"idle_expires_at", "last_used_at", b"last_used_at", "lifetime_expires_at", b"lifetime_expires_at", "model", b"model", "offset", b"offset", "rewind_limit", b"rewind_limit", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -209,6 +215,36 @@ class Predictions(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Predictions: _TypeAlias = Predictions  # noqa: Y015
+
+@_typing.final
+class NextChars(_message.Message):
+    """The likeliest next characters at one point of a session, most likely first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOP_INDEX_FIELD_NUMBER: _builtins.int
+    TOP_PROB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def top_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Vocabulary indices (0 is the unknown slot; j >= 1 is vocab[j-1])."""
+
+    @_builtins.property
+    def top_prob(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Their probabilities, parallel to top_index."""
+
+    def __init__(
+        self,
+        *,
+        top_index: _abc.Iterable[_builtins.int] | None = ...,
+        top_prob: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["top_index", b"top_index", "top_prob", b"top_prob"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NextChars: _TypeAlias = NextChars  # noqa: Y015
 
 @_typing.final
 class ProgressRecord(_message.Message):
@@ -1005,6 +1041,7 @@ class PredictStreamRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     FULL_DISTRIBUTION_FIELD_NUMBER: _builtins.int
     EXPECT_OFFSET_FIELD_NUMBER: _builtins.int
+    REWIND_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to attach to, on the first message. Empty on the first message opens
     a new session on `model`. Later messages may leave it empty; if set it must match.
@@ -1016,7 +1053,13 @@ class PredictStreamRequest(_message.Message):
     full_distribution: _builtins.bool
     """Also return the full distribution after every character."""
     expect_offset: _builtins.int
-    """If set, the chunk is refused with FAILED_PRECONDITION unless the session's offset equals it."""
+    """If set, the chunk is refused with FAILED_PRECONDITION unless the session's offset equals it
+    (the offset before any rewind).
+    """
+    rewind: _builtins.int
+    """Characters to take back before consuming text, as RewindSession does (a Backspace).
+    With rewind set, text may be empty: the message only rewinds.
+    """
     @_builtins.property
     def model(self) -> Global___ModelRef:
         """Model for a session opened by this stream; ignored otherwise."""
@@ -1030,10 +1073,11 @@ class PredictStreamRequest(_message.Message):
         top_k: _builtins.int = ...,
         full_distribution: _builtins.bool = ...,
         expect_offset: _builtins.int | None = ...,
+        rewind: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expect_offset", b"_expect_offset", "expect_offset", b"expect_offset", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expect_offset", b"_expect_offset", "expect_offset", b"expect_offset", "full_distribution", b"full_distribution", "model", b"model", "session_id", b"session_id", "text", b"text", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expect_offset", b"_expect_offset", "expect_offset", b"expect_offset", "full_distribution", b"full_distribution", "model", b"model", "rewind", b"rewind", "session_id", b"session_id", "text", b"text", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expect_offset: _TypeAlias = _typing.Literal["expect_offset"]  # noqa: Y015
     _WhichOneofArgType__expect_offset: _TypeAlias = _typing.Literal["_expect_offset", b"_expect_offset"]  # noqa: Y015
@@ -1051,6 +1095,7 @@ class PredictStreamResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     VOCAB_FIELD_NUMBER: _builtins.int
     PREDICTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session id (the new one when the stream opened a session)."""
     vocab: _builtins.str
@@ -1061,7 +1106,11 @@ class PredictStreamResponse(_message.Message):
 
     @_builtins.property
     def predictions(self) -> Global___Predictions:
-        """Predictions for the chunk."""
+        """Predictions for the chunk (count 0 for a message that only rewound)."""
+
+    @_builtins.property
+    def next(self) -> Global___NextChars:
+        """For a message that only rewound: the prediction for the session's next character there."""
 
     def __init__(
         self,
@@ -1070,14 +1119,81 @@ class PredictStreamResponse(_message.Message):
         model: Global___ModelRef | None = ...,
         vocab: _builtins.str = ...,
         predictions: Global___Predictions | None = ...,
+        next: Global___NextChars | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "predictions", b"predictions"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "next", b"next", "predictions", b"predictions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "predictions", b"predictions", "session_id", b"session_id", "vocab", b"vocab"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "next", b"next", "predictions", b"predictions", "session_id", b"session_id", "vocab", b"vocab"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PredictStreamResponse: _TypeAlias = PredictStreamResponse  # noqa: Y015
+
+@_typing.final
+class RewindSessionRequest(_message.Message):
+    """RewindSession input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CHARS_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    EXPECT_OFFSET_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Session id."""
+    chars: _builtins.int
+    """Characters to take back, 1..SessionInfo.rewind_limit."""
+    top_k: _builtins.int
+    """Candidates in the response's prediction, 1..vocabulary size; 0 means 3."""
+    expect_offset: _builtins.int
+    """If set, refused with FAILED_PRECONDITION unless the session's offset equals it."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        chars: _builtins.int = ...,
+        top_k: _builtins.int = ...,
+        expect_offset: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expect_offset", b"_expect_offset", "expect_offset", b"expect_offset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expect_offset", b"_expect_offset", "chars", b"chars", "expect_offset", b"expect_offset", "session_id", b"session_id", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__expect_offset: _TypeAlias = _typing.Literal["expect_offset"]  # noqa: Y015
+    _WhichOneofArgType__expect_offset: _TypeAlias = _typing.Literal["_expect_offset", b"_expect_offset"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expect_offset) -> _WhichOneofReturnType__expect_offset | None: ...
+
+Global___RewindSessionRequest: _TypeAlias = RewindSessionRequest  # noqa: Y015
+
+@_typing.final
+class RewindSessionResponse(_message.Message):
+    """RewindSession output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    NEXT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___SessionInfo:
+        """The session after the rewind (offset lowered by chars)."""
+
+    @_builtins.property
+    def next(self) -> Global___NextChars:
+        """The prediction for the session's next character, after the rewind."""
+
+    def __init__(
+        self,
+        *,
+        session: Global___SessionInfo | None = ...,
+        next: Global___NextChars | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next", b"next", "session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next", b"next", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewindSessionResponse: _TypeAlias = RewindSessionResponse  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):
@@ -1103,11 +1219,15 @@ class GenerateRequest(_message.Message):
     length: _builtins.int
     """Characters to generate, 1..max_generate_chars."""
     temperature: _builtins.float
-    """Sampling temperature in (0, 100]; 0 means 1.0."""
+    """Sampling temperature in [0, 100]; 0 is greedy decoding (always the likeliest
+    character); absent means 1.0.
+    """
     top_k: _builtins.int
     """Sample only among the k most likely characters; 0 = off."""
     top_p: _builtins.float
-    """Nucleus sampling: the smallest set with this much probability, in (0, 1]; 0 means 1.0 (off)."""
+    """Nucleus sampling: the smallest set with this much probability, in [0, 1]; 0 keeps
+    only the likeliest character (greedy); absent means 1.0 (off).
+    """
     seed: _builtins.int
     """Random seed; absent means a random seed."""
     @_builtins.property
@@ -1122,18 +1242,27 @@ class GenerateRequest(_message.Message):
         model: Global___ModelRef | None = ...,
         prime_text: _builtins.str = ...,
         length: _builtins.int = ...,
-        temperature: _builtins.float = ...,
+        temperature: _builtins.float | None = ...,
         top_k: _builtins.int = ...,
-        top_p: _builtins.float = ...,
+        top_p: _builtins.float | None = ...,
         seed: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "model", b"model", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "model", b"model", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "fork", b"fork", "length", b"length", "model", b"model", "prime_text", b"prime_text", "seed", b"seed", "session_id", b"session_id", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "fork", b"fork", "length", b"length", "model", b"model", "prime_text", b"prime_text", "seed", b"seed", "session_id", b"session_id", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
+    _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
@@ -1172,6 +1301,110 @@ class GenerateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class CompleteRequest(_message.Message):
+    """Complete input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PRIME_TEXT_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
+    MAX_CHARS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Session to complete from; it is not advanced. Empty completes prime_text on a fresh state of `model`."""
+    prime_text: _builtins.str
+    """Session-less requests: text consumed first, up to max_prime_chars. Must be empty with a session_id."""
+    n: _builtins.int
+    """Continuations to return, 1..16; 0 means 3."""
+    max_chars: _builtins.int
+    """Longest continuation in characters, 1..64; 0 means 12."""
+    @_builtins.property
+    def model(self) -> Global___ModelRef:
+        """Model for a session-less request; ignored with a session_id."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        model: Global___ModelRef | None = ...,
+        prime_text: _builtins.str = ...,
+        n: _builtins.int = ...,
+        max_chars: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chars", b"max_chars", "model", b"model", "n", b"n", "prime_text", b"prime_text", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteRequest: _TypeAlias = CompleteRequest  # noqa: Y015
+
+@_typing.final
+class Completion(_message.Message):
+    """One continuation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    PROB_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The characters that would follow (leading spaces or punctuation included, the boundary after it not)."""
+    prob: _builtins.float
+    """Its probability: of its characters, times that a word boundary follows when complete."""
+    complete: _builtins.bool
+    """True when it ends at a word boundary; false when it was cut at max_chars."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        prob: _builtins.float = ...,
+        complete: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "prob", b"prob", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Completion: _TypeAlias = Completion  # noqa: Y015
+
+@_typing.final
+class CompleteResponse(_message.Message):
+    """Complete output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPLETIONS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """The session's offset they continue from (for session-less requests: the prime's length)."""
+    @_builtins.property
+    def completions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Completion]:
+        """Continuations, most probable first."""
+
+    @_builtins.property
+    def model(self) -> Global___ModelRef:
+        """The model version that made them."""
+
+    def __init__(
+        self,
+        *,
+        completions: _abc.Iterable[Global___Completion] | None = ...,
+        model: Global___ModelRef | None = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completions", b"completions", "model", b"model", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteResponse: _TypeAlias = CompleteResponse  # noqa: Y015
 
 @_typing.final
 class ModelConfigSpec(_message.Message):

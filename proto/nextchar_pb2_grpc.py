@@ -75,6 +75,11 @@ class NextCharServiceStub:
                 request_serializer=nextchar_dot_proto_dot_nextchar__pb2.ImportSessionRequest.SerializeToString,
                 response_deserializer=nextchar_dot_proto_dot_nextchar__pb2.ImportSessionResponse.FromString,
                 _registered_method=True)
+        self.RewindSession = channel.unary_unary(
+                '/nextchar.v1.NextCharService/RewindSession',
+                request_serializer=nextchar_dot_proto_dot_nextchar__pb2.RewindSessionRequest.SerializeToString,
+                response_deserializer=nextchar_dot_proto_dot_nextchar__pb2.RewindSessionResponse.FromString,
+                _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/nextchar.v1.NextCharService/Predict',
                 request_serializer=nextchar_dot_proto_dot_nextchar__pb2.PredictRequest.SerializeToString,
@@ -89,6 +94,11 @@ class NextCharServiceStub:
                 '/nextchar.v1.NextCharService/Generate',
                 request_serializer=nextchar_dot_proto_dot_nextchar__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=nextchar_dot_proto_dot_nextchar__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Complete = channel.unary_unary(
+                '/nextchar.v1.NextCharService/Complete',
+                request_serializer=nextchar_dot_proto_dot_nextchar__pb2.CompleteRequest.SerializeToString,
+                response_deserializer=nextchar_dot_proto_dot_nextchar__pb2.CompleteResponse.FromString,
                 _registered_method=True)
         self.Train = channel.unary_stream(
                 '/nextchar.v1.NextCharService/Train',
@@ -202,6 +212,14 @@ class NextCharServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RewindSession(self, request, context):
+        """Takes back a session's last characters: afterwards it is exactly as if it had never
+        received them (offset, state, predictions). How far back it reaches: SessionInfo.rewind_limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Predict(self, request, context):
         """Feeds one chunk of text to a session (or to a fresh state) and returns its predictions.
         """
@@ -218,6 +236,14 @@ class NextCharServiceServicer:
 
     def Generate(self, request, context):
         """Samples text from a session (advancing it, or on a fork) or from a priming text.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Complete(self, request, context):
+        """The most probable continuations of a session (not advancing it) or a priming text,
+        each up to a word boundary or a length limit, with their probabilities: a beam search.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -337,6 +363,11 @@ def add_NextCharServiceServicer_to_server(servicer, server):
                     request_deserializer=nextchar_dot_proto_dot_nextchar__pb2.ImportSessionRequest.FromString,
                     response_serializer=nextchar_dot_proto_dot_nextchar__pb2.ImportSessionResponse.SerializeToString,
             ),
+            'RewindSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewindSession,
+                    request_deserializer=nextchar_dot_proto_dot_nextchar__pb2.RewindSessionRequest.FromString,
+                    response_serializer=nextchar_dot_proto_dot_nextchar__pb2.RewindSessionResponse.SerializeToString,
+            ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
                     request_deserializer=nextchar_dot_proto_dot_nextchar__pb2.PredictRequest.FromString,
@@ -351,6 +382,11 @@ def add_NextCharServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=nextchar_dot_proto_dot_nextchar__pb2.GenerateRequest.FromString,
                     response_serializer=nextchar_dot_proto_dot_nextchar__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Complete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Complete,
+                    request_deserializer=nextchar_dot_proto_dot_nextchar__pb2.CompleteRequest.FromString,
+                    response_serializer=nextchar_dot_proto_dot_nextchar__pb2.CompleteResponse.SerializeToString,
             ),
             'Train': grpc.unary_stream_rpc_method_handler(
                     servicer.Train,
@@ -631,6 +667,33 @@ class NextCharService:
             _registered_method=True)
 
     @staticmethod
+    def RewindSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nextchar.v1.NextCharService/RewindSession',
+            nextchar_dot_proto_dot_nextchar__pb2.RewindSessionRequest.SerializeToString,
+            nextchar_dot_proto_dot_nextchar__pb2.RewindSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Predict(request,
             target,
             options=(),
@@ -701,6 +764,33 @@ class NextCharService:
             '/nextchar.v1.NextCharService/Generate',
             nextchar_dot_proto_dot_nextchar__pb2.GenerateRequest.SerializeToString,
             nextchar_dot_proto_dot_nextchar__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Complete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nextchar.v1.NextCharService/Complete',
+            nextchar_dot_proto_dot_nextchar__pb2.CompleteRequest.SerializeToString,
+            nextchar_dot_proto_dot_nextchar__pb2.CompleteResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,12 +58,20 @@ class NextCharServiceStub:
     """Exports a session's state as a portable, versioned blob (a serialized SessionSnapshot)."""
     ImportSession: _grpc.UnaryUnaryMultiCallable[_nextchar_pb2.ImportSessionRequest, _nextchar_pb2.ImportSessionResponse]
     """Creates a session from a blob made by ExportSession (on this or another server)."""
+    RewindSession: _grpc.UnaryUnaryMultiCallable[_nextchar_pb2.RewindSessionRequest, _nextchar_pb2.RewindSessionResponse]
+    """Takes back a session's last characters: afterwards it is exactly as if it had never
+    received them (offset, state, predictions). How far back it reaches: SessionInfo.rewind_limit.
+    """
     Predict: _grpc.UnaryUnaryMultiCallable[_nextchar_pb2.PredictRequest, _nextchar_pb2.PredictResponse]
     """Feeds one chunk of text to a session (or to a fresh state) and returns its predictions."""
     PredictStream: _grpc.StreamStreamMultiCallable[_nextchar_pb2.PredictStreamRequest, _nextchar_pb2.PredictStreamResponse]
     """Streams chunks of text into a session; one response per request, in order."""
     Generate: _grpc.UnaryStreamMultiCallable[_nextchar_pb2.GenerateRequest, _nextchar_pb2.GenerateResponse]
     """Samples text from a session (advancing it, or on a fork) or from a priming text."""
+    Complete: _grpc.UnaryUnaryMultiCallable[_nextchar_pb2.CompleteRequest, _nextchar_pb2.CompleteResponse]
+    """The most probable continuations of a session (not advancing it) or a priming text,
+    each up to a word boundary or a length limit, with their probabilities: a beam search.
+    """
     Train: _grpc.UnaryStreamMultiCallable[_nextchar_pb2.TrainRequest, _nextchar_pb2.TrainResponse]
     """Starts a training job in a worker process and streams its progress until it ends."""
     UploadText: _grpc.StreamUnaryMultiCallable[_nextchar_pb2.UploadTextRequest, _nextchar_pb2.UploadTextResponse]
@@ -108,12 +116,20 @@ class NextCharServiceAsyncStub(NextCharServiceStub):
     """Exports a session's state as a portable, versioned blob (a serialized SessionSnapshot)."""
     ImportSession: _aio.UnaryUnaryMultiCallable[_nextchar_pb2.ImportSessionRequest, _nextchar_pb2.ImportSessionResponse]  # type: ignore[assignment]
     """Creates a session from a blob made by ExportSession (on this or another server)."""
+    RewindSession: _aio.UnaryUnaryMultiCallable[_nextchar_pb2.RewindSessionRequest, _nextchar_pb2.RewindSessionResponse]  # type: ignore[assignment]
+    """Takes back a session's last characters: afterwards it is exactly as if it had never
+    received them (offset, state, predictions). How far back it reaches: SessionInfo.rewind_limit.
+    """
     Predict: _aio.UnaryUnaryMultiCallable[_nextchar_pb2.PredictRequest, _nextchar_pb2.PredictResponse]  # type: ignore[assignment]
     """Feeds one chunk of text to a session (or to a fresh state) and returns its predictions."""
     PredictStream: _aio.StreamStreamMultiCallable[_nextchar_pb2.PredictStreamRequest, _nextchar_pb2.PredictStreamResponse]  # type: ignore[assignment]
     """Streams chunks of text into a session; one response per request, in order."""
     Generate: _aio.UnaryStreamMultiCallable[_nextchar_pb2.GenerateRequest, _nextchar_pb2.GenerateResponse]  # type: ignore[assignment]
     """Samples text from a session (advancing it, or on a fork) or from a priming text."""
+    Complete: _aio.UnaryUnaryMultiCallable[_nextchar_pb2.CompleteRequest, _nextchar_pb2.CompleteResponse]  # type: ignore[assignment]
+    """The most probable continuations of a session (not advancing it) or a priming text,
+    each up to a word boundary or a length limit, with their probabilities: a beam search.
+    """
     Train: _aio.UnaryStreamMultiCallable[_nextchar_pb2.TrainRequest, _nextchar_pb2.TrainResponse]  # type: ignore[assignment]
     """Starts a training job in a worker process and streams its progress until it ends."""
     UploadText: _aio.StreamUnaryMultiCallable[_nextchar_pb2.UploadTextRequest, _nextchar_pb2.UploadTextResponse]  # type: ignore[assignment]
@@ -205,6 +221,16 @@ class NextCharServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a session from a blob made by ExportSession (on this or another server)."""
 
     @_abc_1.abstractmethod
+    def RewindSession(
+        self,
+        request: _nextchar_pb2.RewindSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nextchar_pb2.RewindSessionResponse, _abc.Awaitable[_nextchar_pb2.RewindSessionResponse]]:
+        """Takes back a session's last characters: afterwards it is exactly as if it had never
+        received them (offset, state, predictions). How far back it reaches: SessionInfo.rewind_limit.
+        """
+
+    @_abc_1.abstractmethod
     def Predict(
         self,
         request: _nextchar_pb2.PredictRequest,
@@ -227,6 +253,16 @@ class NextCharServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_nextchar_pb2.GenerateResponse], _abc.AsyncIterator[_nextchar_pb2.GenerateResponse]]:
         """Samples text from a session (advancing it, or on a fork) or from a priming text."""
+
+    @_abc_1.abstractmethod
+    def Complete(
+        self,
+        request: _nextchar_pb2.CompleteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nextchar_pb2.CompleteResponse, _abc.Awaitable[_nextchar_pb2.CompleteResponse]]:
+        """The most probable continuations of a session (not advancing it) or a priming text,
+        each up to a word boundary or a length limit, with their probabilities: a beam search.
+        """
 
     @_abc_1.abstractmethod
     def Train(

@@ -84,6 +84,7 @@ def make_store(
             metrics.session_ended,
             metrics.store_rtt.observe,
             replica,
+            config.rewind_chars,
         )
     return InMemorySessionStore(config.idle_timeout, config.session_lifetime, on_remove=metrics.session_ended)
 
@@ -105,7 +106,9 @@ class NextCharServer:
             on_batch=self.metrics.batch,
             commit=store.commit,
         )
-        self.sessions = SessionManager(store, self.scheduler, config.max_sessions, config.max_chunk_chars)
+        self.sessions = SessionManager(
+            store, self.scheduler, config.max_sessions, config.max_chunk_chars, config.rewind_chars
+        )
         self.jobs = JobManager(self.registry, config.max_jobs, config.max_vocab)
         self.texts = TextStore(config.model_dir / "_texts", config.max_upload_bytes)
         self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs, self.texts)

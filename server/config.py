@@ -60,6 +60,11 @@ class ServerConfig:
     max_prime_chars: int = field(
         default=100_000, metadata=_opt("Most characters of prime_text (CreateSession, Generate).")
     )
+    # a session keeps marks about rewind_chars/4 apart and the text since the oldest
+    # (nextchar.server.sessions.trail): about 7 KB per session at H=256; 0 turns rewinds off
+    rewind_chars: int = field(
+        default=256, metadata=_opt("Characters a session can always take back (RewindSession, Backspace).")
+    )
     # a training text's distinct characters: the output layer, and every step's (T*B, V)
     # arrays, grow with it (20,000 distinct characters took a trainer past 1.5 GB)
     max_vocab: int = field(default=2048, metadata=_opt("Most distinct characters a training text may hold."))
@@ -148,6 +153,7 @@ class ServerConfig:
             "max_top_k": self.max_top_k >= 1,
             "max_generate_chars": self.max_generate_chars >= 1,
             "max_prime_chars": self.max_prime_chars >= 1,
+            "rewind_chars": 0 <= self.rewind_chars <= 1_000_000,
             "max_vocab": self.max_vocab >= 1,
             "max_message_bytes": self.max_message_bytes >= 4096,
             "max_upload_bytes": self.max_upload_bytes >= 1,

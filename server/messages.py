@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import numpy as np
+from nextchar.core.inference import top_k_rows
 from nextchar.core.vocab import UNK
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.server.batching.work import ChunkResult
@@ -41,6 +42,7 @@ def session_info(session: Session, idle_timeout: float, lifetime: float) -> pb.S
         last_used_at=session.last_used,
         idle_expires_at=session.last_used + idle_timeout,
         lifetime_expires_at=session.created + lifetime if lifetime else 0.0,
+        rewind_limit=session.trail.reach(session.offset),
     )
 
 
@@ -60,6 +62,13 @@ def fill_predictions(msg: pb.Predictions, result: ChunkResult) -> None:
     if result.unknown_chars:
         msg.unknown_positions.extend(np.flatnonzero(result.idx == UNK).tolist())
         msg.unknown_chars = result.unknown_chars
+
+
+def fill_next(msg: pb.NextChars, probs: np.ndarray, k: int) -> None:
+    """The k likeliest next characters under probs (V,), the way a chunk's rows rank them."""
+    top_i, top_p = top_k_rows(probs[None, :], k)
+    msg.top_index.extend(top_i[0].tolist())
+    msg.top_prob.extend(top_p[0].astype(np.float32).tolist())
 
 
 def _finite(value: Any) -> float | None:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from grpc._cython.cygrpc import ExecuteBatchError  # what a call whose client is gone raises
+from nextchar.core.completion import MAX_COMPLETION_CHARS, MAX_CONTINUATIONS
 from nextchar.core.config import Sampling
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.proto import nextchar_pb2_grpc as pb_grpc
@@ -51,6 +52,7 @@ SNAPSHOT_FORMAT = 1
 MAX_OFFSET = 2**63 - 1  # an imported offset leaves room for ~9e18 more characters
 DEFAULT_TOP_K = 3
 GENERATE_PIECE = 64  # characters per Generate response
+DEFAULT_CONTINUATIONS, DEFAULT_COMPLETION_CHARS = 3, 12  # what Complete's 0s mean
 log = logging.getLogger("nextchar.server")
 
 
@@ -316,9 +318,21 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         probs = net.predict_from(state[None, :])[0]
         if snapshot.offset > MAX_OFFSET:  # else the next chunk overflows uint64 offsets in every reply
             raise InvalidArgument(f"blob: offset {snapshot.offset} is above {MAX_OFFSET}")
-        session = Session(self.sessions.admit(request.session_id), mv, state, probs)
+        session = self.sessions.imported(request.session_id, mv, state, probs)
         session.offset = snapshot.offset
         return pb.ImportSessionResponse(session=self._info(await self.sessions.add(session)))
+
+    @unary
+    async def RewindSession(self, request: pb.RewindSessionRequest, context: Ctx) -> pb.RewindSessionResponse:
+        if not request.chars:
+            raise InvalidArgument("chars: must be at least 1")
+        session = await self.sessions.get(request.session_id, fresh=True)
+        k = self._top_k(request.top_k, session.model.require().vocab.size)
+        expect = request.expect_offset if request.HasField("expect_offset") else None
+        await self.sessions.rewind(session, request.chars, expect)
+        reply = pb.RewindSessionResponse(session=self._info(session))
+        messages.fill_next(reply.next, session.probs, k)
+        return reply
 
     # ------------------------------------------------------------ predictions
 
@@ -383,6 +397,15 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             model=messages.model_ref(session.model),
             vocab=session.model.require().vocab.chars if first else "",
         )
+        if request.rewind:  # a Backspace: take characters back, then consume the text, if any
+            await self.sessions.rewind(session, request.rewind, expect)
+            expect = None
+            if not request.text:
+                k = self._top_k(request.top_k, session.model.require().vocab.size)
+                reply.predictions.start_offset, reply.predictions.top_k = session.offset, k
+                messages.fill_next(reply.next, session.probs, k)
+                await context.write(reply)
+                return session, attachment
         held = await self._predict(
             session, request.text, request.top_k, request.full_distribution, expect, reply.predictions
         )
@@ -399,7 +422,11 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
                 f"length: must be in 1..{self.config.max_generate_chars}, got {request.length}"
             )
         try:
-            sampling = Sampling(request.temperature or 1.0, request.top_k, request.top_p or 1.0)
+            sampling = Sampling(
+                request.temperature if request.HasField("temperature") else 1.0,
+                request.top_k,
+                request.top_p if request.HasField("top_p") else 1.0,
+            )
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         self._check_prime(request.prime_text)
@@ -427,6 +454,27 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
                 session_id=reported_id,
                 model=messages.model_ref(session.model),
             )
+
+    @unary
+    async def Complete(self, request: pb.CompleteRequest, context: Ctx) -> pb.CompleteResponse:
+        n, max_chars = request.n or DEFAULT_CONTINUATIONS, request.max_chars or DEFAULT_COMPLETION_CHARS
+        if not 1 <= n <= MAX_CONTINUATIONS:
+            raise InvalidArgument(f"n: must be in 1..{MAX_CONTINUATIONS}, got {n}")
+        if not 1 <= max_chars <= MAX_COMPLETION_CHARS:
+            raise InvalidArgument(f"max_chars: must be in 1..{MAX_COMPLETION_CHARS}, got {max_chars}")
+        if request.session_id:
+            if request.prime_text:
+                raise InvalidArgument("prime_text: a session completes from where it is; send no prime_text")
+            session = await self.sessions.get(request.session_id, fresh=True)
+        else:
+            self._check_prime(request.prime_text)
+            session = Session.fresh("", self._model(request.model))
+            if request.prime_text:
+                await self.sessions.prime(session, request.prime_text)
+        reply = pb.CompleteResponse(model=messages.model_ref(session.model), offset=session.offset)
+        for c in self.sessions.complete(session, n, max_chars):
+            reply.completions.add(text=c.text, prob=c.prob, complete=c.complete)
+        return reply
 
     # ------------------------------------------------------------ training
 

@@ -49,6 +49,7 @@ def request_limits(config: ServerConfig) -> dict[str, int]:
         "PredictStream": chunk,
         "CreateSession": prime,
         "Generate": prime,
+        "Complete": prime,
         "ImportSession": 1024 * 1024,  # a snapshot: state and probabilities, at most a few hundred KB
         "Train": config.max_message_bytes,
         "UploadText": config.max_message_bytes,

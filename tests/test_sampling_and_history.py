@@ -41,10 +41,23 @@ def test_low_temperature_is_greedy_and_high_flattens() -> None:
     assert counts.max() - counts.min() < 0.1
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": 0.0}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"temperature": -0.1}, {"temperature": 101.0}, {"top_k": -1}, {"top_p": -0.1}, {"top_p": 1.5}],
+)
 def test_bad_sampling_parameters(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         Sampling(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 0.0}, {"top_p": 0.0}, {"temperature": 0.0, "top_k": 3}])
+def test_temperature_or_top_p_zero_is_greedy_and_draws_nothing(kwargs: dict[str, float]) -> None:
+    rng = np.random.default_rng(0)
+    before = rng.bit_generator.state
+    assert {sample(PROBS, rng, Sampling(**kwargs)) for _ in range(50)} == {1}  # type: ignore[arg-type]
+    assert rng.bit_generator.state == before
+    tie = np.array([0.5, 0.25, 0.25])  # the unknown slot's mass is never the answer; ties: lower index
+    assert sample(tie, rng, Sampling(temperature=0.0)) == 1
 
 
 def test_generation_is_seedable() -> None:

@@ -51,6 +51,8 @@ SAMPLES: dict[str, Any] = {  # a valid request per RPC, to mutate
     "ImportSession": pb.ImportSessionRequest(blob=b"\x08\x01\x12\x09\x0a\x07default", session_id="s3"),
     "Predict": pb.PredictRequest(text="hello", top_k=3, model=pb.ModelRef(name="default", version=1)),
     "PredictStream": pb.PredictStreamRequest(text="hello", top_k=3),
+    "RewindSession": pb.RewindSessionRequest(session_id="s1", chars=2, top_k=2),
+    "Complete": pb.CompleteRequest(prime_text="hel", n=3, max_chars=5),
     "Generate": pb.GenerateRequest(prime_text="he", length=5, temperature=0.5, top_k=2, seed=1),
     "Train": pb.TrainRequest(model_name="m", text="x", train_config=pb.TrainConfigSpec(epochs=1)),
     "UploadText": pb.UploadTextRequest(piece="hello world"),

@@ -257,35 +257,41 @@ class Scheduler:
     async def _finish(self, batch: Sequence[Work], results: Sequence[Result]) -> None:
         """Have the store accept the batch's advances (one round trip), then apply what it accepted."""
         outcomes: list[ServiceError | None] = [None] * len(batch)
-        current = [i for i, w in enumerate(batch) if w.gen == w.session.gen]
-        backs = []
-        for i in current:
-            w, r = batch[i], results[i]
-            backs.append(WriteBack(w.session, r.state, r.probs, r.start_offset + w.size, w.size))
+        backs: list[WriteBack | None] = [None] * len(batch)
+        for i, (w, r) in enumerate(zip(batch, results, strict=True)):
+            if w.gen == w.session.gen:
+                s = w.session
+                trail = s.trail.advanced(r.start_offset, s.state, s.probs, consumed(w, r))
+                backs[i] = WriteBack(s, r.state, r.probs, r.start_offset + w.size, w.size, trail)
+        current = [i for i, back in enumerate(backs) if back is not None]
         self._busy += 1  # lone requests queue meanwhile: their session may be in this batch
         try:
-            accepted: Sequence[ServiceError | None] = await self.commit(backs)
+            accepted: Sequence[ServiceError | None] = await self.commit([b for b in backs if b is not None])
         except ServiceError as exc:
-            accepted = [exc] * len(backs)
+            accepted = [exc] * len(current)
         finally:
             self._busy -= 1
         for i, outcome in zip(current, accepted, strict=True):
             outcomes[i] = outcome
-        for work, result, outcome in zip(batch, results, outcomes, strict=True):
-            self._apply(work, result, outcome)
+        for work, result, back, outcome in zip(batch, results, backs, outcomes, strict=True):
+            self._apply(work, result, back, outcome)
 
     @staticmethod
-    def _apply(work: Work, result: Result, refusal: ServiceError | None) -> None:
+    def _apply(work: Work, result: Result, back: WriteBack | None, refusal: ServiceError | None) -> None:
         session = work.session
-        if work.gen != session.gen or refusal is not None:
+        if back is None or work.gen != session.gen or refusal is not None:
             if not work.future.done():
                 work.future.set_exception(
                     refusal or Aborted(f"session {shown(session.id)} was reset or closed during the request")
                 )
             return
         # absolute, not +=: a shared store's copy adopted meanwhile must not be advanced twice
-        session.state, session.probs = result.state, result.probs
-        session.offset = result.start_offset + work.size
+        session.state, session.probs, session.offset, session.trail = (
+            back.state,
+            back.probs,
+            back.offset,
+            back.trail,
+        )
         if work.future.done():
             return
         if isinstance(work, PredictWork):
@@ -294,3 +300,11 @@ class Scheduler:
         else:
             assert isinstance(result, GenerateResult)
             work.future.set_result(result)
+
+
+def consumed(work: Work, result: Result) -> np.ndarray:
+    """The characters a work fed its session: the chunk, or what a generation drew."""
+    if isinstance(work, PredictWork):
+        return work.idx
+    assert isinstance(result, GenerateResult)
+    return work.session.model.encode(result.text)[0]

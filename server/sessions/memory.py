@@ -54,8 +54,8 @@ class InMemorySessionStore:
     async def remove(self, session_id: str, reason: str) -> Session:
         return self._remove(session_id, reason)
 
-    async def reset(self, session: Session) -> None:
-        session.reset()
+    async def put(self, back: WriteBack) -> None:
+        back.session.restore(back)
 
     async def refresh(self, session: Session) -> None:
         """Nothing to do: this process holds the only copy."""

@@ -4,7 +4,8 @@
 Layout, all keys under ``nextchar:``::
 
     s:{id}     hash    v (version), model, mv, ck (model checksum), dtype, off, created, used (ms),
-                       state, probs (raw little-endian), by (the replica that last advanced it);
+                       state, probs (raw little-endian), trail (the rewind trail, snapshot.py's
+                       encoding), by (the replica that last advanced it);
                        PEXPIRE = idle timeout, capped by what is left of the lifetime, renewed on use
     created    zset    id -> created ms: ListSessions pages, the cap (ZCARD)
     deadline   zset    id -> expiry ms: the sweeper finds expired ids here and tells idle from lifetime
@@ -42,8 +43,16 @@ import redis.asyncio as aioredis
 from nextchar.server.errors import FailedPrecondition, ServiceError, Unavailable, shown
 from nextchar.server.registry import ModelVersion, Registry
 from nextchar.server.sessions.session import Session, WriteBack
-from nextchar.server.sessions.snapshot import SnapshotMismatch, decode_state, encode_array, same_model
+from nextchar.server.sessions.snapshot import (
+    SnapshotMismatch,
+    decode_state,
+    decode_trail,
+    encode_array,
+    encode_trail,
+    same_model,
+)
 from nextchar.server.sessions.store import StaleSession, check_new, gone, idle_reason, lifetime_reason
+from nextchar.server.sessions.trail import Trail
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
@@ -53,7 +62,6 @@ CREATED, DEADLINE, CLOCK = PREFIX + "created", PREFIX + "deadline", PREFIX + "cl
 TOMBSTONE_MS = 3_600_000  # how long the reason a session ended is remembered
 TIMEOUT = 2.0  # seconds a Redis call may take before the client is told UNAVAILABLE
 SCAN = 1000  # ids per round trip when listing, sweeping or evicting
-RESET_RETRIES = 5
 
 _TOUCH = """
 local function touch(key, id, created, now, idle, life)
@@ -172,6 +180,7 @@ class RedisSessionStore:
         on_remove: Callable[[str, str], None] | None = None,
         on_round_trip: Callable[[float], None] | None = None,
         replica: Callable[[], str] = lambda: "",
+        rewind_chars: int = 0,
     ) -> None:
         self.url = display_url(url)
         self.redis = aioredis.Redis.from_url(
@@ -186,6 +195,7 @@ class RedisSessionStore:
         self.replica = (
             replica  # host:port, recorded in "by" with each write (which replica advanced a session)
         )
+        self.rewind_chars = rewind_chars  # the trail each session keeps (nextchar.server.sessions.trail)
         self._hot: dict[str, Session] = {}  # this replica's sessions in memory, by id
         # every session object read from or added to the store, for as long as it lives: a
         # write-back from an object the store never handed out (a stateless Predict, a session
@@ -244,45 +254,50 @@ class RedisSessionStore:
 
     # ------------------------------------------------------------ sessions from and to hashes
 
-    def _fields(self, state: np.ndarray, probs: np.ndarray, offset: int) -> list[Any]:
+    def _fields(self, state: np.ndarray, probs: np.ndarray, offset: int, trail: Trail) -> list[Any]:
         return [
-            "off",
-            offset,
-            "state",
-            encode_array(state),
-            "probs",
-            encode_array(probs),
-            "by",
-            self.replica(),
+            *("off", offset, "state", encode_array(state), "probs", encode_array(probs)),
+            *("trail", encode_trail(trail), "by", self.replica()),
         ]
 
-    def _decode(self, session_id: str, h: dict[bytes, bytes]) -> tuple[ModelVersion, np.ndarray, np.ndarray]:
+    def _decode(
+        self, session_id: str, h: dict[bytes, bytes]
+    ) -> tuple[ModelVersion, np.ndarray, np.ndarray, Trail]:
         mv = self.registry.resolve(h[b"model"].decode(), int(h[b"mv"]))
         if not same_model(mv, h.get(b"ck", b"").decode()):
             raise FailedPrecondition(
                 f"session {shown(session_id)}: model {mv.name} v{mv.version} on this replica differs from the one "
                 "the session was created with; give every replica the same model files"
             )
+        net = mv.require()
         try:
-            state, probs = decode_state(mv.require(), h[b"dtype"].decode(), h[b"state"], h[b"probs"])
+            state, probs = decode_state(net, h[b"dtype"].decode(), h[b"state"], h[b"probs"])
         except SnapshotMismatch as exc:
             raise FailedPrecondition(
                 f"session {shown(session_id)}: the stored state does not fit its model: {exc}"
             ) from None
-        return mv, state, probs
+        trail = Trail(self.rewind_chars)
+        if self.rewind_chars and h.get(b"trail"):
+            with contextlib.suppress(
+                SnapshotMismatch
+            ):  # an unusable trail costs the rewinds, not the session
+                trail = decode_trail(net, self.rewind_chars, h[b"trail"], int(h[b"off"]))
+        return mv, state, probs, trail
 
     def _adopt(self, session: Session, stored: Stored, h: dict[bytes, bytes]) -> None:
         """Take the stored copy: state, probs, offset and version change together, never apart."""
-        mv, state, probs = self._decode(session.id, h)
+        mv, state, probs, trail = self._decode(session.id, h)
         if mv is not session.model:  # the id was closed and re-created on another model
             session.model, session.gen = mv, session.gen + 1
-        session.state, session.probs = state, probs
+        session.state, session.probs, session.trail = state, probs, trail
         session.offset, session.created = int(h[b"off"]), int(h[b"created"]) / 1000
         stored.version, stored.dirty = int(h[b"v"]), 0
 
     def _session(self, session_id: str, h: dict[bytes, bytes]) -> Session:
-        session = Session(session_id, *self._decode(session_id, h))
-        session.offset, session.created = int(h[b"off"]), int(h[b"created"]) / 1000
+        mv, state, probs, trail = self._decode(session_id, h)
+        session = Session(session_id, mv, state, probs)
+        session.offset, session.trail = int(h[b"off"]), trail
+        session.created = int(h[b"created"]) / 1000
         return session
 
     async def _load(self, session_id: str) -> dict[bytes, bytes] | None:
@@ -353,7 +368,7 @@ class RedisSessionStore:
         fields = [
             *("model", session.model.name, "mv", session.model.version, "ck", session.model.checksum),
             *("dtype", str(net.dtype)),
-            *self._fields(session.state, session.probs, session.offset),
+            *self._fields(session.state, session.probs, session.offset, session.trail),
         ]
         now = now_ms()
         v = await self._eval(
@@ -375,19 +390,11 @@ class RedisSessionStore:
             raise await self._gone(session_id)
         return session
 
-    async def reset(self, session: Session) -> None:
-        for _ in range(RESET_RETRIES):
-            fresh = Session.fresh(session.id, session.model)
-            back = WriteBack(session, fresh.state, fresh.probs, 0, 0)
-            (outcome,) = await self._commit([back], full=True)
-            if isinstance(outcome, StaleSession):
-                await self.refresh(session)
-                continue
-            if outcome is not None:
-                raise outcome
-            session.reset()
-            return
-        raise StaleSession(f"session {shown(session.id)}: other replicas kept advancing it; retry the reset")
+    async def put(self, back: WriteBack) -> None:
+        (outcome,) = await self._commit([back], full=True)
+        if outcome is not None:
+            raise outcome
+        back.session.restore(back)
 
     async def refresh(self, session: Session) -> None:
         """Adopt the stored copy into session if another replica moved it on."""
@@ -488,7 +495,7 @@ class RedisSessionStore:
         for (_, b, rec), write in zip(held, writes, strict=True):
             args = [b.session.id, rec.version, self.idle_ms, self.life_ms, now, "by", self.replica()]
             if write:
-                args += self._fields(b.state, b.probs, b.offset)
+                args += self._fields(b.state, b.probs, b.offset, b.trail)
             calls.append(("EVALSHA", [COMMIT_S.sha, 3, key(b.session.id), DEADLINE, CLOCK, *args]))
         try:
             results = await self._pipeline(calls)
@@ -515,7 +522,7 @@ class RedisSessionStore:
     async def _flush(self, sessions: Sequence[Session]) -> None:
         """Write the state of sessions that advanced since their last write (write_every > 1)."""
         backs = [
-            WriteBack(s, s.state, s.probs, s.offset, 0)
+            WriteBack(s, s.state, s.probs, s.offset, 0, s.trail)
             for s in sessions
             if (rec := self._stored.get(s)) is not None and rec.dirty
         ]

@@ -94,7 +94,9 @@ class SessionStore(Protocol):
     async def get(self, session_id: str, *, fresh: bool = False) -> Session: ...
     async def add(self, session: Session, cap: int) -> None: ...  # AlreadyExists, ResourceExhausted
     async def remove(self, session_id: str, reason: str) -> Session: ...
-    async def reset(self, session: Session) -> None: ...  # back to offset 0, written through
+    # make back the session's whole state (a reset, a rewind), written through; StaleSession when
+    # another replica moved the session on since this copy was read
+    async def put(self, back: WriteBack) -> None: ...
     async def refresh(self, session: Session) -> None: ...  # adopt the shared copy if it moved on
     # accept each advance before it is applied: None, or why not (StaleSession, NotFound, Unavailable);
     # a session the store does not hold (a stateless Predict, one still priming) is accepted as is

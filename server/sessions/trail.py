@@ -1,0 +1,96 @@
+"""Trail: what a session keeps so it can take back its last characters (RewindSession, Backspace).
+
+Keeping every state a session passed through would cost a state per character.
+A trail keeps instead a few marks (the state and prediction at an offset, taken
+at the start of a chunk at most every ``spacing`` characters) and the characters
+consumed since the oldest mark. Rewinding to offset t restores the newest mark at
+or before t and re-feeds the characters from there to t, so the session ends
+exactly where a session that never received the taken-back characters would be.
+
+A mark is dropped once the next one is far enough back to serve every rewind of
+``keep`` characters, so a trail holds at most about keep/spacing + 2 marks and
+keep + spacing + one chunk of characters: with the default 256 characters and
+H = 256, about 7 KB per session. It reaches back at least ``keep`` characters
+(or to the session's start, or the point it was imported at). Its arrays are
+never written in place (a session's state is replaced, not mutated), so marks
+share them with the states they record, and a forked session shares its trail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+NO_TEXT = np.zeros(0, dtype=np.uint16)
+MARKS_PER_KEEP = 4  # marks are keep/4 apart: a rewind re-feeds at most a quarter of keep plus what it takes
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    offset: int
+    state: np.ndarray  # (S,) after `offset` characters
+    probs: np.ndarray  # (V,) the prediction there
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """How to reach a rewind's target: start from mark, feed text (then the session is at target)."""
+
+    mark: Mark
+    text: np.ndarray  # (n,) indices
+
+
+class Trail:
+    """Immutable: advancing or rewinding gives a new trail, so a write-back can carry the trail
+    its session will have without touching the one it has."""
+
+    __slots__ = ("keep", "marks", "text")
+
+    def __init__(self, keep: int, marks: tuple[Mark, ...] = (), text: np.ndarray = NO_TEXT) -> None:
+        self.keep = keep  # characters a rewind is guaranteed to reach back (once consumed)
+        self.marks = marks  # oldest first
+        self.text = text  # (n,) uint16 indices consumed since marks[0]
+
+    @property
+    def spacing(self) -> int:
+        return max(1, self.keep // MARKS_PER_KEEP)
+
+    @property
+    def end(self) -> int:
+        """The offset the trail leads up to (its session's offset); -1 when empty."""
+        return self.marks[0].offset + len(self.text) if self.marks else -1
+
+    def reach(self, offset: int) -> int:
+        """How many characters a session at offset can take back."""
+        return offset - self.marks[0].offset if self.marks and self.end == offset else 0
+
+    def advanced(self, offset: int, state: np.ndarray, probs: np.ndarray, idx: np.ndarray) -> Trail:
+        """The trail after a chunk idx consumed from offset, where the session had state and probs."""
+        if not self.keep:
+            return self
+        marks, text = self.marks, self.text
+        if self.end != offset:  # new, reset, or a store's copy adopted from elsewhere: start here
+            marks, text = (), NO_TEXT
+        if not marks or offset - marks[-1].offset >= self.spacing:
+            marks = (*marks, Mark(offset, state, probs))
+        text = np.concatenate([text, idx.astype(np.uint16)])
+        end, drop = offset + len(idx), 0
+        while len(marks) - drop >= 2 and marks[drop + 1].offset <= end - self.keep:
+            drop += 1  # the next mark already serves every rewind of keep characters
+        if drop:
+            text = text[marks[drop].offset - marks[0].offset :]
+            marks = marks[drop:]
+        return Trail(self.keep, marks, text)
+
+    def replay(self, offset: int, chars: int) -> Replay:
+        """How to take chars back from a session at offset; the caller checked reach()."""
+        target = offset - chars
+        mark = next(m for m in reversed(self.marks) if m.offset <= target)
+        start = mark.offset - self.marks[0].offset
+        return Replay(mark, self.text[start : start + target - mark.offset].astype(np.int64))
+
+    def rewound(self, target: int) -> Trail:
+        """The trail of the session taken back to target."""
+        marks = tuple(m for m in self.marks if m.offset <= target)
+        return Trail(self.keep, marks, self.text[: target - marks[0].offset])
