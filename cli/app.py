@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import typer
 from nextchar.cli.common import (
     CREDENTIALS,
+    HELP,
     JsonOpt,
     ModelOpt,
     ServerOpt,
@@ -39,12 +40,9 @@ from nextchar.cli.options import config_options
 from nextchar.cli.sessions import sessions_app
 from nextchar.cli.stream import evaluate, print_predictions, stream
 from nextchar.cli.train import train
-from nextchar.client.channel import DEFAULT_TARGET, Tls
-from nextchar.client.errors import NextCharError
-from nextchar.client.library import DEFAULT_TIMEOUT
-from nextchar.client.results import ModelRef
-from nextchar.core.history import export_history, to_csv, to_json
+from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
 from nextchar.server.config import ServerConfig
+from typer._click.exceptions import NoArgsIsHelpError
 from typer.core import TyperGroup
 
 EXIT_ERROR = 1
@@ -68,21 +66,34 @@ class OneLineErrors(TyperGroup):
     ) -> Any:
         try:
             code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except NoArgsIsHelpError as exc:  # bare `nextchar` (or a bare group): its help is the answer
+            typer.echo(exc.format_message())
+            code = 0
         except typer.TyperException as exc:  # Click's usage errors, BadParameter, ...
             code = _fail(exc.format_message(), exc.exit_code)
-        except NextCharError as exc:
-            code = _fail(exc.message, EXIT_ERROR)
-        except (OSError, ValueError) as exc:  # unreadable files, invalid hyperparameters
-            code = _fail(str(exc), EXIT_ERROR)
-        except typer.Abort:
-            code = _fail("aborted", 130)
+        except (typer.Abort, KeyboardInterrupt):  # Ctrl-C: no traceback, the shell's code for it
+            typer.echo("", err=True)
+            code = 130
         except Exception as exc:
-            if os.environ.get("NEXTCHAR_DEBUG"):
-                raise
-            code = _fail(f"unexpected {type(exc).__name__}: {exc} (NEXTCHAR_DEBUG=1 shows where)", EXIT_ERROR)
+            code = _fail(_one_line(exc), EXIT_ERROR)
         if not standalone_mode:
             return code
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(exc: Exception) -> str:
+    """What a failed command says. A NextCharError can only come from a command that loaded
+    the client library (and gRPC), so this does not import it to recognise one."""
+    errors = sys.modules.get("nextchar.client.errors")
+    if errors is not None and isinstance(exc, errors.NextCharError):
+        if isinstance(exc, errors.Unavailable) and "cannot reach" in exc.message:
+            return f"{exc.message}; is the server running? start one with `nextchar serve` (or `make run`)"
+        return str(exc.message)
+    if isinstance(exc, OSError | ValueError):  # unreadable files, invalid hyperparameters
+        return str(exc)
+    if os.environ.get("NEXTCHAR_DEBUG"):
+        raise exc
+    return f"unexpected {type(exc).__name__}: {exc} (NEXTCHAR_DEBUG=1 shows where)"
 
 
 def _fail(message: str, code: int) -> int:
@@ -96,7 +107,17 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: no rich import (start-up time), flags without a <bool> metavar
+    context_settings=HELP,
 )
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        typer.echo(f"nextchar {version('nextchar')}")
+        raise typer.Exit()
 
 
 def pem_option(help: str, envvar: str | None = None) -> Any:
@@ -106,6 +127,10 @@ def pem_option(help: str, envvar: str | None = None) -> Any:
 
 @app.callback()
 def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
     token: Annotated[
         str, typer.Option(envvar="NEXTCHAR_TOKEN", show_default=False, help="Bearer token for the server.")
     ] = "",
@@ -126,7 +151,10 @@ def main(
     """
     CREDENTIALS.token = token
     use_tls = tls or tls_ca is not None or client_cert is not None
-    CREDENTIALS.tls = Tls.from_files(tls_ca, client_cert, client_key) if use_tls else None
+    if use_tls:
+        from nextchar.client.channel import Tls
+
+        CREDENTIALS.tls = Tls.from_files(tls_ca, client_cert, client_key)
 
 
 app.add_typer(models_app, name="models")
@@ -162,7 +190,7 @@ def predict(
         if session_id:
             predictions = client.attach(session_id).feed(text, top_k=top_k)
         else:
-            predictions = client.predict(text, ModelRef.parse(model), top_k=top_k)
+            predictions = client.predict(text, model, top_k=top_k)
     print_predictions(predictions, as_json)
 
 
@@ -191,7 +219,7 @@ def generate(
         if session_id:
             result = client.attach(session_id).generate(prime=prime, seed=seed, on_piece=show, **sampling)
         else:
-            result = client.generate(prime, ModelRef.parse(model), seed=seed, on_piece=show, **sampling)
+            result = client.generate(prime, model, seed=seed, on_piece=show, **sampling)
     if as_json:
         print_json(
             {"prime": prime, "text": result.text, "model": str(result.model), "session_id": result.session_id}
@@ -225,6 +253,9 @@ def loss(
     chosen = fmt.value if fmt else suffix if suffix in HistoryFormat.__members__ else "csv"
     if chosen == "png" and output is None:
         raise typer.BadParameter("a PNG needs --output PATH", param_hint="--format")
+    from nextchar.client.results import ModelRef
+    from nextchar.core.history import export_history, to_csv, to_json
+
     ref = ModelRef.parse(model)
     with connect(server, timeout) as client:
         history = [p.to_dict() for p in client.loss_history(ref)]

@@ -8,18 +8,20 @@ stderr as one line (see cli.OneLineErrors).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, is_dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from nextchar.client.channel import Tls
-from nextchar.client.library import NextCharClient
 from nextchar.server.config import ServerConfig
-from rich.console import Console
-from rich.table import Table
+
+if TYPE_CHECKING:  # imported where used: a command that only prints its help loads neither
+    from nextchar.client.channel import Tls
+    from nextchar.client.library import NextCharClient
+    from rich.console import Console
 
 ServerOpt = Annotated[
     str,
@@ -41,12 +43,17 @@ ModelOpt = Annotated[
 ]
 TopKOpt = Annotated[int, typer.Option("--top-k", "-k", min=1, help="Candidates shown per character.")]
 
+HELP = {"help_option_names": ["-h", "--help"]}  # every command's context settings
 SERVER_DEFAULTS = ServerConfig()  # what `nextchar serve` uses, and where `train --local` writes
 
-# Piped output has no terminal width to fit; let tables take their natural width instead of 80 columns.
-console = Console(highlight=False, soft_wrap=True)
-if not console.is_terminal:
-    console = Console(highlight=False, soft_wrap=True, width=200)
+
+@functools.cache
+def console() -> Console:
+    """Where tables go. Piped output has no terminal width to fit: tables take their natural width."""
+    from rich.console import Console
+
+    out = Console(highlight=False, soft_wrap=True)
+    return out if out.is_terminal else Console(highlight=False, soft_wrap=True, width=200)
 
 
 @dataclass
@@ -61,6 +68,8 @@ CREDENTIALS = Credentials()  # the one process-wide setting; cli.main fills it f
 
 
 def connect(server: str, timeout: float) -> NextCharClient:
+    from nextchar.client.library import NextCharClient
+
     return NextCharClient(server, timeout=timeout, token=CREDENTIALS.token, tls=CREDENTIALS.tls)
 
 
@@ -82,12 +91,14 @@ def print_json(value: Any) -> None:
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for column in columns:
         table.add_column(column)
     for row in rows:
         table.add_row(*("" if cell is None else str(cell) for cell in row))
-    console.print(table)
+    console().print(table)
 
 
 def show_char(char: str) -> str:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 from nextchar.cli.common import (
+    HELP,
     JsonOpt,
     ServerOpt,
     TimeoutOpt,
@@ -14,13 +15,16 @@ from nextchar.cli.common import (
     print_json,
     print_table,
 )
-from nextchar.client.channel import DEFAULT_TARGET
-from nextchar.client.library import DEFAULT_TIMEOUT
-from nextchar.client.results import ModelRef
+from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
 
 ModelArg = Annotated[str, typer.Argument(help="NAME or NAME:VERSION (the newest version when omitted).")]
 
-models_app = typer.Typer(help="List, describe, promote and delete model versions.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="List, describe, promote and delete model versions.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings=HELP,
+)
 
 
 @models_app.command("list")
@@ -60,7 +64,7 @@ def show(
 ) -> None:
     """Config, vocabulary, training summary and file metadata of one version."""
     with connect(server, timeout) as client:
-        details = client.model(ModelRef.parse(model))
+        details = client.model(model)
     if as_json:
         print_json(details)
         return
@@ -90,7 +94,7 @@ def promote(
 ) -> None:
     """Make a version the default for new sessions; live sessions keep theirs."""
     with connect(server, timeout) as client:
-        default, previous = client.promote(ModelRef.parse(model))
+        default, previous = client.promote(model)
     if as_json:
         print_json({"default": default, "previous": previous})
     else:
@@ -106,6 +110,8 @@ def delete(
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
 ) -> None:
     """Delete a version from disk; its live sessions are closed. The default cannot be deleted."""
+    from nextchar.client.results import ModelRef
+
     ref = ModelRef.parse(model)
     if not ref.version:
         raise typer.BadParameter("give the version to delete, e.g. NAME:3", param_hint="MODEL")

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from nextchar.cli.common import JsonOpt, ServerOpt, TimeoutOpt, connect, print_json, print_table
-from nextchar.client.channel import DEFAULT_TARGET
-from nextchar.client.library import DEFAULT_TIMEOUT
-from nextchar.client.results import SessionInfo
+from nextchar.cli.common import HELP, JsonOpt, ServerOpt, TimeoutOpt, connect, print_json, print_table
+from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
+
+if TYPE_CHECKING:
+    from nextchar.client.results import SessionInfo
 
 SessionArg = Annotated[str, typer.Argument(help="Session id.")]
 
-sessions_app = typer.Typer(help="List, describe, fork and close live sessions.", no_args_is_help=True)
+sessions_app = typer.Typer(
+    help="List, describe, fork and close live sessions.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings=HELP,
+)
 
 
 def _ago(t: float) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from nextchar.cli.common import (
@@ -29,10 +29,11 @@ from nextchar.cli.common import (
     print_table,
     show_char,
 )
-from nextchar.client.channel import DEFAULT_TARGET
-from nextchar.client.library import DEFAULT_TIMEOUT
-from nextchar.client.results import Predictions
-from nextchar.client.session import Session
+from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
+
+if TYPE_CHECKING:
+    from nextchar.client.results import Predictions
+    from nextchar.client.session import Session
 
 ChunkOpt = Annotated[int, typer.Option("--chunk", min=1, help="Characters per message sent to the server.")]
 
@@ -172,7 +173,7 @@ def _interactive(session: Session, top_k: int) -> None:
                 typed.append(key)
                 yield key
 
-    console.print("[dim]type; each key is sent as you type (Ctrl-D or Esc ends)[/dim]")
+    console().print("[dim]type; each key is sent as you type (Ctrl-D or Esc ends)[/dim]")
     for p in session.stream(keys(), top_k=top_k):
         guesses = "  ".join(f"{show_char(c.char)} {c.prob:.0%}" for c in p[-1].top)
         tail = "".join(typed)[-40:].replace("\n", "⏎")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from nextchar.cli.common import (
@@ -24,21 +24,23 @@ from nextchar.cli.common import (
     print_json,
 )
 from nextchar.cli.options import config_options
-from nextchar.client.channel import DEFAULT_TARGET
-from nextchar.client.errors import TrainingFailed
-from nextchar.client.library import DEFAULT_TIMEOUT, NextCharClient
-from nextchar.client.results import Progress
-from nextchar.client.training import TrainingRun
+from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
 from nextchar.core.config import ModelConfig, TrainConfig
-from rich.console import Console
-from rich.progress import BarColumn, TaskProgressColumn, TextColumn
-from rich.progress import Progress as RichProgress
+
+if TYPE_CHECKING:
+    from nextchar.client.library import NextCharClient
+    from nextchar.client.results import Progress
+    from nextchar.client.training import TrainingRun
 
 
 class TrainingBar:
     """A live bar on stderr: progress through the characters, loss, bits/char, chars/s and ETA."""
 
     def __init__(self, title: str, enabled: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, TaskProgressColumn, TextColumn
+        from rich.progress import Progress as RichProgress
+
         self.bar = RichProgress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -133,6 +135,8 @@ def _follow(client: NextCharClient, run: TrainingRun, name: str, as_json: bool) 
         _interrupted(run)
         raise typer.Exit(130) from None
     if job.state != "succeeded" or job.result is None:
+        from nextchar.client.errors import TrainingFailed
+
         raise TrainingFailed(
             f"training job {job.job_id} {job.state}: {job.error or 'no reason given'}", job=job
         )
@@ -166,6 +170,7 @@ def _train_here(
     model_dir: Path,
     as_json: bool,
 ) -> None:
+    from nextchar.client.results import Progress
     from nextchar.core.train import TrainingDiverged
     from nextchar.core.train import train as train_locally
     from nextchar.server.registry import Registry

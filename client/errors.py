@@ -14,7 +14,8 @@ NOT_FOUND, by the ``nextchar-subject`` the server attaches (session, model, job)
     ├── InvalidArgument            INVALID_ARGUMENT: a field is out of range; the message names it
     ├── AlreadyExists              ALREADY_EXISTS: the session id is taken
     ├── FailedPrecondition         FAILED_PRECONDITION: e.g. an unavailable model version
-    │   └── OffsetMismatch         the session is not at the offset the client expected (.offset)
+    │   ├── OffsetMismatch         the session is not at the offset the client expected (.offset)
+    │   └── RewindTooFar           a rewind reaches back further than the session keeps (.limit)
     ├── Overloaded                 RESOURCE_EXHAUSTED: session cap or a size limit; retry later
     ├── Unavailable                UNAVAILABLE: server unreachable or draining
     ├── DeadlineExceeded           DEADLINE_EXCEEDED: the call's timeout passed
@@ -93,6 +94,14 @@ class OffsetMismatch(FailedPrecondition):
         self.offset = offset
 
 
+class RewindTooFar(FailedPrecondition):
+    """A rewind asked for more characters than the session can take back; ``limit`` is how many it can."""
+
+    def __init__(self, message: str, *, limit: int = 0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.limit = limit
+
+
 class Overloaded(NextCharError):
     code = "RESOURCE_EXHAUSTED"
 
@@ -153,6 +162,8 @@ def from_rpc_error(error: grpc.RpcError) -> NextCharError:
         return _not_found(message, code, details)
     if status == grpc.StatusCode.FAILED_PRECONDITION and details.get("field") == "expect_offset":
         return OffsetMismatch(message, code=code, offset=int(details.get("offset", -1)))
+    if status == grpc.StatusCode.FAILED_PRECONDITION and details.get("field") == "rewind":
+        return RewindTooFar(message, code=code, limit=int(details.get("rewind_limit", 0)))
     if status == grpc.StatusCode.UNAVAILABLE and message.startswith("failed to connect"):
         message = f"cannot reach the server ({message})"
     return _BY_CODE.get(status, ServerError)(message, code=code)

@@ -19,9 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from nextchar.client.channel import DEFAULT_TARGET, Connection, Tls
+from nextchar.client.channel import Connection, Tls
+from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
 from nextchar.client.errors import TrainingFailed
 from nextchar.client.results import (
+    Completion,
     Generation,
     Job,
     ModelDetails,
@@ -33,12 +35,11 @@ from nextchar.client.results import (
     SessionInfo,
     model_ref,
 )
-from nextchar.client.session import Session, sample
+from nextchar.client.session import Session, completions, sample
 from nextchar.client.training import INLINE_TEXT_BYTES, TrainingRun, train_request, upload_pieces
 from nextchar.core.config import ModelConfig, TrainConfig
 from nextchar.proto import nextchar_pb2 as pb
 
-DEFAULT_TIMEOUT = 10.0  # seconds per unary call; generous for a loaded 2-core server
 UPLOAD_TIMEOUT = 600.0  # seconds an upload of a training text may take (100 MB on a slow link)
 
 
@@ -125,6 +126,16 @@ class NextCharClient:
         request = pb.PredictRequest(model=model_ref(model).to_pb(), text=text, top_k=top_k)
         resp = self._conn.call(self._conn.stub.Predict, request)
         return Predictions(resp.predictions, resp.vocab, text)
+
+    def complete(
+        self, prime: str = "", model: ModelLike = None, *, n: int = 3, max_chars: int = 12
+    ) -> list[Completion]:
+        """The n likeliest continuations of prime (from a fresh state of model), each up to a
+        word boundary or max_chars, most probable first."""
+        request = pb.CompleteRequest(
+            model=model_ref(model).to_pb(), prime_text=prime, n=n, max_chars=max_chars
+        )
+        return completions(self._conn.call(self._conn.stub.Complete, request))
 
     def generate(
         self,

@@ -63,6 +63,7 @@ class SessionInfo:
     last_used_at: float
     idle_expires_at: float
     lifetime_expires_at: float  # 0 = unlimited
+    rewind_limit: int = 0  # characters Session.rewind can take back now
 
     @classmethod
     def from_pb(cls, msg: pb.SessionInfo) -> SessionInfo:
@@ -74,6 +75,7 @@ class SessionInfo:
             msg.last_used_at,
             msg.idle_expires_at,
             msg.lifetime_expires_at,
+            msg.rewind_limit,
         )
 
 
@@ -99,14 +101,51 @@ class CharPrediction:
         return self.top[0].char if self.top else ""
 
 
-class Predictions(Sequence[CharPrediction]):
-    """The predictions for one chunk: a sequence of CharPrediction decoded on access."""
+@dataclass(frozen=True)
+class Rewind:
+    """An item of ``Session.stream``'s input besides text: take back the last chars characters."""
 
-    def __init__(self, msg: pb.Predictions, vocab: str, text: str = "") -> None:
+    chars: int = 1
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A continuation from ``complete``: its text, probability, and whether it ends at a word boundary."""
+
+    text: str
+    prob: float
+    complete: bool
+
+
+def candidates(msg: pb.NextChars, vocab: str) -> tuple[Candidate, ...]:
+    return tuple(
+        Candidate(vocab[i - 1] if 1 <= i <= len(vocab) else UNKNOWN, p)
+        for i, p in zip(msg.top_index, msg.top_prob, strict=True)
+    )
+
+
+class Predictions(Sequence[CharPrediction]):
+    """The predictions for one chunk: a sequence of CharPrediction decoded on access.
+
+    For a stream item that only rewound, the sequence is empty and ``next`` holds the
+    prediction where the session now stands.
+    """
+
+    def __init__(
+        self, msg: pb.Predictions, vocab: str, text: str = "", after_rewind: pb.NextChars | None = None
+    ) -> None:
         self._msg = msg
         self.vocab = vocab
         self.text = text  # the chunk as the client sent it
         self._unknown = frozenset(msg.unknown_positions)
+        self._after_rewind = after_rewind
+
+    @property
+    def next(self) -> tuple[Candidate, ...]:
+        """The likeliest characters to come after this chunk (or where a rewind left the session)."""
+        if self._msg.count:
+            return self[-1].top
+        return candidates(self._after_rewind, self.vocab) if self._after_rewind is not None else ()
 
     @property
     def start_offset(self) -> int:

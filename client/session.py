@@ -14,14 +14,25 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
+from itertools import accumulate
 from types import TracebackType
 
 from nextchar.client.channel import Connection, StreamCall
 from nextchar.client.errors import Cancelled, OffsetMismatch, SessionNotFound, Unavailable
-from nextchar.client.results import Generation, ModelRef, Predictions, SessionInfo
+from nextchar.client.results import (
+    Candidate,
+    Completion,
+    Generation,
+    ModelRef,
+    Predictions,
+    Rewind,
+    SessionInfo,
+    candidates,
+)
 from nextchar.proto import nextchar_pb2 as pb
 
 RESUMABLE = (Unavailable, Cancelled)  # what a dropped connection or a server-side drop looks like
+Item = str | Rewind  # what Session.stream sends: text to consume, or characters to take back
 
 
 def sample(
@@ -97,10 +108,28 @@ class Session:
         self._set_offset(resp.predictions.start_offset + resp.predictions.count)
         return Predictions(resp.predictions, self.vocab, text)
 
+    def rewind(self, chars: int = 1, *, top_k: int = 3) -> tuple[Candidate, ...]:
+        """Take back the last chars characters (at most ``info.rewind_limit``); returns the
+        prediction where the session now stands. FailedPrecondition when it cannot reach back."""
+        request = pb.RewindSessionRequest(
+            session_id=self.id, chars=chars, top_k=top_k, expect_offset=self.offset
+        )
+        resp = self._conn.call(self._conn.stub.RewindSession, request)
+        self.info, self.vocab = SessionInfo.from_pb(resp.session), resp.vocab
+        return candidates(resp.next, self.vocab)
+
+    def complete(self, n: int = 3, *, max_chars: int = 12) -> list[Completion]:
+        """The n likeliest continuations from where the session stands, up to a word boundary
+        or max_chars; the session does not move."""
+        request = pb.CompleteRequest(session_id=self.id, n=n, max_chars=max_chars)
+        return completions(self._conn.call(self._conn.stub.Complete, request))
+
     def stream(
-        self, chunks: Iterable[str], *, top_k: int = 3, full_distribution: bool = False
+        self, chunks: Iterable[Item], *, top_k: int = 3, full_distribution: bool = False
     ) -> Iterator[Predictions]:
-        """Stream chunks of text over one PredictStream and yield each chunk's predictions in order.
+        """Stream chunks of text (and Rewind items) over one PredictStream; yield each one's
+        predictions in order (for a Rewind: an empty Predictions whose ``next`` is the
+        prediction where the session went back to).
 
         A dropped stream is resumed (up to ``resume_attempts`` times in a row) at the
         last acknowledged offset.
@@ -114,11 +143,14 @@ class Session:
                     self._resync(feeder)
                 call = self._conn.stream(self._conn.stub.PredictStream, feeder.requests(self.offset))
                 for resp in call:
-                    text = feeder.acknowledge()
+                    item = feeder.acknowledge()
                     self.vocab = resp.vocab or self.vocab
                     self._set_offset(resp.predictions.start_offset + resp.predictions.count)
                     failures = 0
-                    yield Predictions(resp.predictions, self.vocab, text)
+                    if isinstance(item, Rewind):
+                        yield Predictions(resp.predictions, self.vocab, "", resp.next)
+                    else:
+                        yield Predictions(resp.predictions, self.vocab, item)
                 feeder.raise_source_error()
                 return
             except RESUMABLE:
@@ -137,14 +169,14 @@ class Session:
             self._conn.stub.GetSession, pb.GetSessionRequest(session_id=self.id), wait_for_ready=True
         )
         server_offset = resp.session.offset
-        if server_offset < self.offset or server_offset > self.offset + feeder.unacknowledged_chars():
+        try:
+            consumed = feeder.drop_consumed(self.offset, server_offset)
+        except ValueError:
             raise OffsetMismatch(
                 f"session {self.id!r}: the server is at offset {server_offset}, but this client "
                 f"acknowledged {self.offset}; the session was reset or fed by someone else",
                 offset=server_offset,
-            )
-        consumed = server_offset - self.offset
-        feeder.drop_consumed(consumed)
+            ) from None
         self.lost_chars += consumed
         self.resumes += 1
         self.info = SessionInfo.from_pb(resp.session)
@@ -220,10 +252,10 @@ class _Feeder:
     an iterator whose stream was replaced stops before sending anything more.
     """
 
-    def __init__(self, source: Iterator[str], session_id: str, top_k: int, full_distribution: bool) -> None:
+    def __init__(self, source: Iterator[Item], session_id: str, top_k: int, full_distribution: bool) -> None:
         self.source = source
         self.session_id, self.top_k, self.full_distribution = session_id, top_k, full_distribution
-        self.pending: deque[str] = deque()  # pulled from source, not yet acknowledged
+        self.pending: deque[Item] = deque()  # pulled from source, not yet acknowledged
         self.acked = 0  # sequence number of pending[0]
         self.exhausted = False
         self.source_error: BaseException | None = None
@@ -250,14 +282,18 @@ class _Feeder:
                 if not self._pull(seq):
                     return
                 continue
-            yield pb.PredictStreamRequest(
+            request = pb.PredictStreamRequest(
                 session_id=self.session_id,
-                text=chunk,
                 top_k=self.top_k,
                 full_distribution=self.full_distribution,
                 expect_offset=offset,
             )
-            offset += len(chunk)
+            if isinstance(chunk, Rewind):
+                request.rewind = chunk.chars
+            else:
+                request.text = chunk
+            yield request
+            offset += _moves(chunk)
             seq += 1
 
     def _pull(self, seq: int) -> bool:
@@ -281,26 +317,33 @@ class _Feeder:
                     self.pending.append(chunk)
             return True
 
-    def acknowledge(self) -> str:
+    def acknowledge(self) -> Item:
         with self.lock:
             self.acked += 1
             return self.pending.popleft()
 
-    def unacknowledged_chars(self) -> int:
+    def drop_consumed(self, start: int, now: int) -> int:
+        """The server took a session at offset start to offset now with the first unacknowledged
+        items: never send those again. Returns the characters of them (their replies were lost);
+        ValueError when no prefix of the items leads there, or more than one does (rewinds)."""
         with self.lock:
-            return sum(map(len, self.pending))
-
-    def drop_consumed(self, n: int) -> None:
-        """The server consumed the first n unacknowledged characters: never send them again."""
-        with self.lock:
-            while n > 0:
-                chunk = self.pending.popleft()
-                if len(chunk) > n:
-                    self.pending.appendleft(chunk[n:])
-                    break
-                n -= len(chunk)
-                self.acked += 1
+            ends = list(accumulate(map(_moves, self.pending), initial=start))
+            matches = [j for j, end in enumerate(ends) if end == now]
+            if len(matches) != 1:
+                raise ValueError(f"no single prefix of the unacknowledged items leads to offset {now}")
+            done = [self.pending.popleft() for _ in range(matches[0])]
+            self.acked += len(done)
+            return sum(len(item) for item in done if isinstance(item, str))
 
     def raise_source_error(self) -> None:
         if self.source_error is not None:
             raise self.source_error
+
+
+def _moves(item: Item) -> int:
+    """How far an item moves its session's offset."""
+    return -item.chars if isinstance(item, Rewind) else len(item)
+
+
+def completions(resp: pb.CompleteResponse) -> list[Completion]:
+    return [Completion(c.text, c.prob, c.complete) for c in resp.completions]

@@ -1173,6 +1173,9 @@ class RewindSessionResponse(_message.Message):
 
     SESSION_FIELD_NUMBER: _builtins.int
     NEXT_FIELD_NUMBER: _builtins.int
+    VOCAB_FIELD_NUMBER: _builtins.int
+    vocab: _builtins.str
+    """The model's vocabulary (index j >= 1 is vocab[j-1]), to read next with."""
     @_builtins.property
     def session(self) -> Global___SessionInfo:
         """The session after the rewind (offset lowered by chars)."""
@@ -1186,10 +1189,11 @@ class RewindSessionResponse(_message.Message):
         *,
         session: Global___SessionInfo | None = ...,
         next: Global___NextChars | None = ...,
+        vocab: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["next", b"next", "session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next", b"next", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next", b"next", "session", b"session", "vocab", b"vocab"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

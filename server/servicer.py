@@ -330,7 +330,9 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         k = self._top_k(request.top_k, session.model.require().vocab.size)
         expect = request.expect_offset if request.HasField("expect_offset") else None
         await self.sessions.rewind(session, request.chars, expect)
-        reply = pb.RewindSessionResponse(session=self._info(session))
+        reply = pb.RewindSessionResponse(
+            session=self._info(session), vocab=session.model.require().vocab.chars
+        )
         messages.fill_next(reply.next, session.probs, k)
         return reply
 
