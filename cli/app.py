@@ -199,10 +199,15 @@ def generate(
     prime: Annotated[str, typer.Option("--prime", "-p", help="Text to start from.")] = "",
     length: Annotated[int, typer.Option("--length", "-n", min=1, help="Characters to generate.")] = 200,
     temperature: Annotated[
-        float, typer.Option("--temperature", "-t", help="Sampling temperature, (0, 100].")
+        float,
+        typer.Option(
+            "--temperature", "-t", min=0, max=100, help="Sampling temperature, [0, 100]; 0 = greedy (argmax)."
+        ),
     ] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k likeliest; 0 = off.")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, (0, 1]; 1 = off.")] = 1.0,
+    top_p: Annotated[
+        float, typer.Option(min=0, max=1, help="Nucleus sampling mass, [0, 1]; 1 = off, 0 = greedy.")
+    ] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Random seed, for repeatable samples.")] = None,
     session_id: Annotated[
         str, typer.Option("--session", help="Generate from a live session, advancing it.")
@@ -215,6 +220,8 @@ def generate(
     """Sample text from a model, printed as it arrives."""
     sampling: dict[str, Any] = {"length": length, "temperature": temperature, "top_k": top_k, "top_p": top_p}
     show = None if as_json else lambda piece: typer.echo(piece, nl=False)
+    if show is not None:
+        show(prime)  # the text reads on from what it continues
     with connect(server, timeout) as client:
         if session_id:
             result = client.attach(session_id).generate(prime=prime, seed=seed, on_piece=show, **sampling)
@@ -250,7 +257,12 @@ def loss(
 ) -> None:
     """Export a model version's loss history as CSV, JSON or a PNG plot of train and validation loss."""
     suffix = output.suffix.lstrip(".").lower() if output else ""
-    chosen = fmt.value if fmt else suffix if suffix in HistoryFormat.__members__ else "csv"
+    if fmt is None and output is not None and suffix not in HistoryFormat.__members__:
+        raise typer.BadParameter(
+            f"cannot tell the format from {output.name!r}: name it .csv, .json or .png, or give --format",
+            param_hint="--output",
+        )
+    chosen = fmt.value if fmt else suffix or "csv"
     if chosen == "png" and output is None:
         raise typer.BadParameter("a PNG needs --output PATH", param_hint="--format")
     from nextchar.client.results import ModelRef
@@ -264,7 +276,7 @@ def loss(
     if output is None:
         typer.echo((to_csv if chosen == "csv" else to_json)(history), nl=chosen == "json")
         return
-    export_history(history, chosen, output, title=f"nextchar {ref}: training loss")
+    export_history(history, chosen, output, title=f"nextchar {ref}: bits/char per epoch")
     typer.echo(f"wrote {len(history)} records of {ref} to {output} ({chosen})", err=True)
 
 

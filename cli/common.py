@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -107,6 +108,20 @@ def show_char(char: str) -> str:
         return "␠"
     shown = json.dumps(char, ensure_ascii=False)[1:-1]
     return shown if char.isprintable() or shown != char else repr(char)[1:-1]
+
+
+def read_text(path: Path) -> str:
+    """A text file's contents, or a ValueError that names the file and says what is wrong."""
+    data = path.read_bytes()
+    if not data:
+        raise ValueError(f"{path} is empty")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at position {exc.start}); "
+            "give a text file, or convert it (iconv -t utf-8)"
+        ) from None
 
 
 def fmt_float(value: float | None, digits: int = 3) -> str:

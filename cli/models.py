@@ -17,7 +17,12 @@ from nextchar.cli.common import (
 )
 from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
 
-ModelArg = Annotated[str, typer.Argument(help="NAME or NAME:VERSION (the newest version when omitted).")]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="NAME or NAME:VERSION (a NAME alone: its newest version); the default model when omitted."
+    ),
+]
 
 models_app = typer.Typer(
     help="List, describe, promote and delete model versions.",
@@ -115,8 +120,9 @@ def delete(
     ref = ModelRef.parse(model)
     if not ref.version:
         raise typer.BadParameter("give the version to delete, e.g. NAME:3", param_hint="MODEL")
-    if not yes:
-        typer.confirm(f"delete model {ref} from the server's disk?", abort=True)
+    if not yes and not typer.confirm(f"delete model {ref} from the server's disk?"):
+        typer.echo(f"kept {ref}", err=True)  # a decision, not a failure
+        return
     with connect(server, timeout) as client:
         deleted = client.delete_model(ref)
     if as_json:

@@ -8,12 +8,19 @@ same figures ``eval`` reports for a whole file.
 
 from __future__ import annotations
 
+import codecs
+import io
+import os
+import queue
 import sys
-from collections.abc import Iterable, Iterator
+import termios
+import threading
+import tty
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 from nextchar.cli.common import (
@@ -23,17 +30,21 @@ from nextchar.cli.common import (
     TimeoutOpt,
     TopKOpt,
     connect,
-    console,
     fmt_float,
     print_json,
     print_table,
+    read_text,
     show_char,
 )
 from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
 
+READ_BYTES = 4096  # one read of a pipe or the terminal: a paste of this size arrives at once
+TAIL = 40  # characters of the typed text shown before the guesses
+BACKSPACE, END = "\x7f", "\x04"
+
 if TYPE_CHECKING:
     from nextchar.client.results import Predictions
-    from nextchar.client.session import Session
+    from nextchar.client.session import Item, Session
 
 ChunkOpt = Annotated[int, typer.Option("--chunk", min=1, help="Characters per message sent to the server.")]
 
@@ -55,6 +66,8 @@ class StreamStats:
     _guess_offset: int = -1
 
     def add(self, p: Predictions) -> None:
+        if not len(p) and p.next:  # a rewind: the guess is now for the character after the new end
+            self._guess, self._guess_offset = p.next[0].char, p.start_offset
         guesses, surprisal = p.next_chars, p.surprisal_bits
         for i, char in enumerate(p.text[: len(p)]):
             offset = p.start_offset + i
@@ -79,11 +92,18 @@ class StreamStats:
         }
 
 
-def chunked(lines: Iterable[str], size: int) -> Iterator[str]:
-    """Lines (or any text pieces) cut to at most size characters, none empty."""
-    for line in lines:
-        for start in range(0, len(line), size):
-            yield line[start : start + size]
+def pieces(source: io.BufferedIOBase, size: int) -> Iterator[str]:
+    """The text arriving on source, as it arrives: whatever one read returns (``read1``: a
+    pipe's writer may pause mid-line), decoded as UTF-8 (a character split between reads
+    waits for its rest; bytes that are not UTF-8 become U+FFFD), at most size characters a piece."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    while True:
+        data = source.read1(READ_BYTES)
+        text = decoder.decode(data, final=not data)
+        for start in range(0, len(text), size):
+            yield text[start : start + size]
+        if not data:
+            return
 
 
 def stream(
@@ -104,19 +124,21 @@ def stream(
 ) -> None:
     """Stream text into a session and show the predicted next characters as they come.
 
-    Interactive on a terminal (each key is sent as you type; Ctrl-D ends). From a pipe
-    or --file: one line per character (or JSON Lines with --json) and a summary with
-    top-1 accuracy and bits/char. A dropped connection is resumed where it stopped.
+    Interactive on a terminal: every key and paste is sent as typed, Backspace takes the
+    last character back (the session rewinds), the likeliest next words are shown; Ctrl-D
+    ends. From a pipe or --file: characters are sent as they arrive, one line per character
+    (or JSON Lines with --json), then a summary with top-1 accuracy and bits/char. A dropped
+    connection is resumed where it stopped.
     """
     with connect(server, timeout) as client:
         session = client.attach(session_id) if session_id else client.session(model)
         try:
             if file is None and sys.stdin.isatty():
-                _interactive(session, top_k)
+                Typing(session, top_k).run()
                 return
-            with file.open() if file else nullcontext(sys.stdin) as text:
+            with file.open("rb") if file else nullcontext(sys.stdin.buffer) as source:
                 stats = StreamStats()
-                for p in session.stream(chunked(text, chunk), top_k=top_k):
+                for p in session.stream(pieces(cast(io.BufferedIOBase, source), chunk), top_k=top_k):
                     stats.add(p)
                     print_predictions(p, as_json)
                 _print_summary(stats.summary(session), as_json)
@@ -156,30 +178,152 @@ def _print_summary(summary: dict[str, object], as_json: bool) -> None:
     print_table("summary", ("", "value"), rows)
 
 
-def _interactive(session: Session, top_k: int) -> None:
-    """Per keystroke: send the key, redraw the line with the typed tail and the next-character guesses."""
-    typed: list[str] = []
+class Typing:
+    """``nextchar stream`` on a terminal: a line that behaves like a text field.
 
-    def keys() -> Iterator[str]:
-        while True:
-            try:
-                key = typer.getchar()
-            except (EOFError, KeyboardInterrupt):
-                return
-            if key == "\x1b":
-                return
-            key = "\n" if key == "\r" else key
-            if key.isprintable() or key == "\n":
-                typed.append(key)
-                yield key
+    A thread reads the terminal in cbreak mode (every byte at once, so a paste arrives
+    whole, newlines included) and turns keys into edits; the stream sends one edit per
+    reply (lockstep), so Backspaces are never sent further back than the last reply said
+    the session can go (``rewind_limit``), and keys typed meanwhile are sent together.
+    Arrow keys and other escape sequences are ignored. A lost server ends the command at
+    once, on a line of its own; the summary is printed on the way out.
+    """
 
-    console().print("[dim]type; each key is sent as you type (Ctrl-D or Esc ends)[/dim]")
-    for p in session.stream(keys(), top_k=top_k):
-        guesses = "  ".join(f"{show_char(c.char)} {c.prob:.0%}" for c in p[-1].top)
-        tail = "".join(typed)[-40:].replace("\n", "⏎")
-        sys.stdout.write(f"\r\x1b[K{tail}  →  {guesses}")
+    def __init__(self, session: Session, top_k: int) -> None:
+        self.session, self.top_k = session, top_k
+        self.keys: queue.Queue[str | None] = queue.Queue()  # typed text, BACKSPACE, None at the end
+        self.ready = threading.Event()  # the last edit sent has its reply
+        self.typed: list[str] = []  # what the session holds, as far as this line shows it
+        self.limit = 0  # characters the session can take back (the last reply's rewind_limit)
+        self.rewinds = 0
+        self.stats = StreamStats()
+        self.flag = ""  # unknown characters of the last edit
+
+    def run(self) -> None:
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+        tty.setcbreak(fd)  # keys at once, no echo; Ctrl-C still interrupts
+        threading.Thread(target=self._read_keys, args=(fd,), daemon=True, name="nextchar-keys").start()
+        sys.stdout.write("type; every key is sent as you type, Backspace takes it back (Ctrl-D ends)\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
+        self.session.resume_attempts = 0  # a lost server is reported at once, not after retries
+        try:
+            self.ready.set()
+            for p in self.session.stream(self._edits(), top_k=self.top_k):
+                self._show(p)
+                self.ready.set()
+        except KeyboardInterrupt:
+            pass  # Ctrl-C ends the line like Ctrl-D
+        finally:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+            sys.stdout.write("\n")  # a lost server's error, or the summary, on a line of its own
+            sys.stdout.flush()
+        _print_summary({**self.stats.summary(self.session), "rewinds": self.rewinds}, False)
+
+    def _read_keys(self, fd: int) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while data := os.read(fd, READ_BYTES):
+            for key in keys_of(decoder.decode(data)):
+                if key == END:
+                    self.keys.put(None)
+                    return
+                self.keys.put(key)
+        self.keys.put(None)
+
+    def _edits(self) -> Iterator[Item]:
+        """One edit per reply: the rewind the Backspaces typed ask for, or the text typed."""
+        from nextchar.client.results import Rewind
+
+        pending: list[str] = []  # typed, not sent
+        back, ended = 0, False  # Backspaces past pending, not sent
+        while not ended or pending or back:
+            self.ready.wait()
+            if not ended:
+                key = self.keys.get() if not (pending or back) else self._next_key()
+                while key:  # "": nothing more typed yet; None: the end
+                    if key != BACKSPACE:
+                        pending.append(key)
+                    elif pending:
+                        pending.pop()
+                    elif back < min(self.limit, len(self.typed)):
+                        back += 1
+                    else:
+                        sys.stdout.write("\a")  # nothing more to take back
+                    key = self._next_key()
+                ended = key is None
+            self.ready.clear()
+            if back:  # before the text typed after the Backspaces
+                self.rewinds += back
+                del self.typed[len(self.typed) - back :]
+                yield Rewind(back)
+                back = 0
+            elif pending:
+                self.typed += pending
+                yield "".join(pending)
+                pending = []
+            else:
+                self.ready.set()
+
+    def _next_key(self) -> str | None:
+        """A key typed already ("" when none is waiting)."""
+        try:
+            return self.keys.get_nowait()
+        except queue.Empty:
+            return ""
+
+    def _show(self, p: Predictions) -> None:
+        self.stats.add(p)
+        self.limit = p.rewind_limit
+        if p.unknown_chars:
+            self.flag = f"  (unknown to the model: {' '.join(show_char(c) for c in p.unknown_chars)})"
+        elif len(p):
+            self.flag = ""
+        guesses = "  ".join(f"{show_char(c.char)} {c.prob:.0%}" for c in p.next)
+        words = self._completions() if self.keys.empty() else ""
+        tail = "".join(self.typed)[-TAIL:].replace("\n", "⏎")
+        sys.stdout.write(f"\r\x1b[K{tail}  →  {guesses}   {words}{self.flag}")
+        sys.stdout.flush()
+
+    def _completions(self) -> str:
+        from nextchar.client.errors import NextCharError
+
+        try:
+            return "  ".join(repr(c.text) for c in self.session.complete(3))
+        except NextCharError:  # a server without Complete: the line goes on without words
+            return ""
+
+
+def keys_of(text: str) -> Iterator[str]:
+    """Keys from what the terminal sent: characters to send, BACKSPACE, END; escape
+    sequences (arrows, function keys, bracketed-paste marks) and other controls dropped."""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\x1b":
+            i = _past_escape(text, i)
+            continue
+        i += 1
+        if ch == "\x04":
+            yield END
+            return
+        if ch in "\x7f\x08":
+            yield BACKSPACE
+        elif ch == "\r":
+            yield "\n"
+        elif ch.isprintable() or ch in "\n\t":
+            yield ch
+
+
+def _past_escape(text: str, i: int) -> int:
+    """The index after the escape sequence at text[i] (CSI ``ESC [ ... final``, SS3 ``ESC O x``)."""
+    if text.startswith("\x1b[", i):
+        j = i + 2
+        while j < len(text) and not "@" <= text[j] <= "~":
+            j += 1
+        return j + 1
+    if text.startswith("\x1bO", i):
+        return i + 3
+    return i + 1 if i + 1 >= len(text) else i + 2  # ESC alone, or ESC + one key (Alt-key)
 
 
 def evaluate(
@@ -191,9 +335,9 @@ def evaluate(
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
 ) -> None:
     """Score a model on a text: bits/char and top-1 accuracy, one hidden state carried through it."""
-    text = file.read_text()
+    text = read_text(file)
     with connect(server, timeout) as client, client.session(model) as session:
         stats = StreamStats()
-        for p in session.stream(chunked([text], chunk), top_k=1):
+        for p in session.stream((text[i : i + chunk] for i in range(0, len(text), chunk)), top_k=1):
             stats.add(p)
         _print_summary({"file": str(file), **stats.summary(session)}, as_json)

@@ -22,6 +22,7 @@ from nextchar.cli.common import (
     connect,
     fmt_float,
     print_json,
+    read_text,
 )
 from nextchar.cli.options import config_options
 from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
@@ -76,7 +77,7 @@ def train(
             exists=True, dir_okay=False, help="Training text files (UTF-8), concatenated in order."
         ),
     ] = None,
-    text: Annotated[str, typer.Option("--text", help="Train on this text instead of files.")] = "",
+    text: Annotated[str | None, typer.Option("--text", help="Train on this text instead of files.")] = None,
     name: Annotated[
         str, typer.Option("--name", "-n", help="Model name to register a new version of.")
     ] = "default",
@@ -101,9 +102,13 @@ def train(
     """Train a character model on text files (or --text) and register it as a new version.
 
     The model and training options are ModelConfig's and TrainConfig's fields."""
-    if bool(files) == bool(text):
-        raise typer.BadParameter("give training FILES or --text, not both or neither", param_hint="FILES")
-    corpus = text or "".join(path.read_text() for path in files or [])
+    if files and text is not None:
+        raise typer.BadParameter("give training FILES or --text, not both", param_hint="FILES")
+    if text == "":
+        raise typer.BadParameter("the text is empty", param_hint="--text")
+    if text is None and not files:
+        raise typer.BadParameter("give training FILES (or --text TEXT)", param_hint="FILES")
+    corpus = text if text is not None else "".join(read_text(path) for path in files or [])
     if local:
         _train_here(corpus, name, model_config, train_config, promote, model_dir, as_json)
         return

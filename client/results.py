@@ -132,13 +132,19 @@ class Predictions(Sequence[CharPrediction]):
     """
 
     def __init__(
-        self, msg: pb.Predictions, vocab: str, text: str = "", after_rewind: pb.NextChars | None = None
+        self,
+        msg: pb.Predictions,
+        vocab: str,
+        text: str = "",
+        after_rewind: pb.NextChars | None = None,
+        rewind_limit: int = 0,
     ) -> None:
         self._msg = msg
         self.vocab = vocab
         self.text = text  # the chunk as the client sent it
         self._unknown = frozenset(msg.unknown_positions)
         self._after_rewind = after_rewind
+        self.rewind_limit = rewind_limit  # (streams) how far the session can take back after this
 
     @property
     def next(self) -> tuple[Candidate, ...]:

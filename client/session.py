@@ -147,10 +147,9 @@ class Session:
                     self.vocab = resp.vocab or self.vocab
                     self._set_offset(resp.predictions.start_offset + resp.predictions.count)
                     failures = 0
-                    if isinstance(item, Rewind):
-                        yield Predictions(resp.predictions, self.vocab, "", resp.next)
-                    else:
-                        yield Predictions(resp.predictions, self.vocab, item)
+                    after = resp.next if isinstance(item, Rewind) else None
+                    text = "" if isinstance(item, Rewind) else item
+                    yield Predictions(resp.predictions, self.vocab, text, after, resp.rewind_limit)
                 feeder.raise_source_error()
                 return
             except RESUMABLE:

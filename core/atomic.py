@@ -1,13 +1,15 @@
 """Atomic file writes: a temp file in the target's directory, fsync, then rename over the target.
 
 Readers see either the old file or the new one, never a torn write, even if the
-process is killed mid-save (the leftover temp file is ignored by name).
+process is killed mid-save (the leftover temp file is ignored by name). The file
+gets the mode any new file gets (0666 less the umask), not mkstemp's private 0600:
+a model or a plot is meant to be read by whoever may read its directory.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,8 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """Yield a binary file; on a clean exit it replaces path, on an error it is deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nCorrect: stateful {hits[0]}/{n}, stateless {hits[1]}/{n}")
 
     png = args.out / "loss.png"
-    export_history(result.history, "png", png, title="Training loss over epochs (notebook text)")
+    export_history(result.history, "png", png, title="The notebook model: bits/char per epoch")
     print(f"Loss curve saved to {png}")
     return 0
 

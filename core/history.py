@@ -43,24 +43,42 @@ def to_json(history: list[dict[str, Any]]) -> str:
     return json.dumps([{k: record.get(k) for k in COLUMNS} for record in history], indent=1)
 
 
-def plot_png(history: list[dict[str, Any]], title: str = "Training loss") -> bytes:
-    """Train and validation loss against training step, as PNG bytes."""
+def plot_png(history: list[dict[str, Any]], title: str = "Training") -> bytes:
+    """Train and validation bits/char against epochs, as PNG bytes.
+
+    One point per epoch, marked, so a short run reads as its few epochs rather than a
+    straight line between two step records; the step records (every log_every steps)
+    are drawn faintly between them at their fraction of an epoch.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 5))
-    steps = [r for r in history if r["kind"] == "step"]
     epochs = [r for r in history if r["kind"] == "epoch"]
-    train = steps or epochs
-    ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], label="train loss")
-    val = [r for r in epochs if r.get("val_loss") is not None]
+    steps = [r for r in history if r["kind"] == "step"]
+    per_epoch = epochs[0]["chars"] / epochs[0]["epoch"] if epochs and epochs[0]["chars"] else 0
+    if steps and per_epoch:
+        xs = [r["chars"] / per_epoch for r in steps]
+        ax.plot(xs, [r["train_bpc"] for r in steps], color="tab:blue", alpha=0.35, label="train (steps)")
+    if epochs:
+        x = [r["epoch"] for r in epochs]
+        ax.plot(x, [r["train_bpc"] for r in epochs], "o-", color="tab:blue", label="train (epoch mean)")
+    elif steps:  # no epoch finished: the step records are all there is
+        ax.plot([r["step"] for r in steps], [r["train_bpc"] for r in steps], "o-", label="train")
+    val = [r for r in epochs if r.get("val_bpc") is not None]
     if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+        ax.plot(
+            [r["epoch"] for r in val],
+            [r["val_bpc"] for r in val],
+            "s-",
+            color="tab:orange",
+            label="validation",
+        )
     ax.set_title(title)
-    ax.set_xlabel("step (one update per batch x seq_len characters)")
-    ax.set_ylabel("loss")
+    ax.set_xlabel("epoch" if epochs else "step")
+    ax.set_ylabel("bits per character")
     ax.grid(True)
     ax.legend()
     buf = io.BytesIO()
@@ -73,7 +91,7 @@ def export_history(
     history: list[dict[str, Any]],
     fmt: str,
     path: str | os.PathLike[str],
-    title: str = "Training loss",
+    title: str = "Training",
 ) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")

@@ -1096,10 +1096,13 @@ class PredictStreamResponse(_message.Message):
     VOCAB_FIELD_NUMBER: _builtins.int
     PREDICTIONS_FIELD_NUMBER: _builtins.int
     NEXT_FIELD_NUMBER: _builtins.int
+    REWIND_LIMIT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session id (the new one when the stream opened a session)."""
     vocab: _builtins.str
     """The model's vocabulary; sent on the stream's first response only, empty afterwards."""
+    rewind_limit: _builtins.int
+    """How many characters the session can take back after this message (SessionInfo.rewind_limit)."""
     @_builtins.property
     def model(self) -> Global___ModelRef:
         """The model version the session is pinned to."""
@@ -1120,10 +1123,11 @@ class PredictStreamResponse(_message.Message):
         vocab: _builtins.str = ...,
         predictions: Global___Predictions | None = ...,
         next: Global___NextChars | None = ...,
+        rewind_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "next", b"next", "predictions", b"predictions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "next", b"next", "predictions", b"predictions", "session_id", b"session_id", "vocab", b"vocab"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "next", b"next", "predictions", b"predictions", "rewind_limit", b"rewind_limit", "session_id", b"session_id", "vocab", b"vocab"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -66,6 +68,25 @@ def train_default_model(registry: Registry) -> None:
     registry.register(
         DEFAULT_NAME, result.model, history=result.history, summary=result.summary, promote=True
     )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process holds (another `nextchar serve`, `make run`) in one clear
+    line, before gRPC tries it: gRPC writes a C-core error of its own and then fails."""
+    if port == 0:
+        return
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise OSError(
+                f"{host}:{port} is in use: is another nextchar serve (or make run) running? "
+                "stop it, or choose another port with --port"
+            ) from None
 
 
 def make_store(
@@ -137,6 +158,7 @@ class NextCharServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
+        check_port_free(self.config.host, self.config.port)
         self.port = add_port(self.grpc, self.config)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.address}")

@@ -406,11 +406,13 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
                 k = self._top_k(request.top_k, session.model.require().vocab.size)
                 reply.predictions.start_offset, reply.predictions.top_k = session.offset, k
                 messages.fill_next(reply.next, session.probs, k)
+                reply.rewind_limit = session.trail.reach(session.offset)
                 await context.write(reply)
                 return session, attachment
         held = await self._predict(
             session, request.text, request.top_k, request.full_distribution, expect, reply.predictions
         )
+        reply.rewind_limit = session.trail.reach(session.offset)
         try:
             await context.write(reply)  # returns once the transport took it: the client is reading
         finally:

@@ -75,7 +75,11 @@ def test_generate_is_repeatable_with_a_seed(server_address: str) -> None:
     assert json.loads(first) == json.loads(again)
     assert len(json.loads(first)["text"]) == 30
     plain, _, _ = run(*args)
-    assert plain.strip() == json.loads(first)["text"].strip()
+    assert plain == "hello" + json.loads(first)["text"] + "\n"  # the prime, then what follows it
+    greedy, _, _ = run("generate", "--prime", "hello", "-n", "30", "-t", "0", "--server", server_address)
+    assert greedy == run("generate", "--prime", "hello", "-n", "30", "-t", "0", "--server", server_address)[0]
+    _, err, code = run("generate", "-t", "-1", "--server", server_address, ok=False)
+    assert code == 2 and "temperature" in err
 
 
 def test_sessions_commands(server_address: str) -> None:
@@ -152,17 +156,35 @@ def test_train_local_writes_where_the_server_reads(tmp_path: Path) -> None:
     assert (tmp_path / "models" / "default" / "1.npz").is_file()
 
 
+def test_unreadable_training_files_are_named(tmp_path: Path) -> None:
+    empty, binary = tmp_path / "empty.txt", tmp_path / "latin1.txt"
+    empty.write_bytes(b"")
+    binary.write_bytes("héllo wörld, ça va".encode("latin-1"))
+    for path, words in ((empty, "empty.txt is empty"), (binary, "latin1.txt is not UTF-8 text (byte 0xe9")):
+        _, err, code = run("train", str(path), "--local", "--model-dir", str(tmp_path / "m"), ok=False)
+        assert code == 1 and words in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     ("args", "code", "words"),
     [
         (["predict", "hello", "--model", "nope"], 1, "nope"),
         (["predict", "hello", "--top-k", "0"], 2, "--top-k"),
         (["predict", "hello", "--server", "127.0.0.1:1", "--timeout", "1"], 1, "cannot reach the server"),
+        (
+            ["predict", "hello", "--server", "127.0.0.1:1", "--timeout", "1"],
+            1,
+            "start one with `nextchar serve`",
+        ),
         (["eval", "/no/such/file"], 2, "does not exist"),
         (["train", "--text", "hi", "--hidden", "0"], 1, "hidden"),
         (["train", "--text", "hi"], 1, "cannot fill one step"),
-        (["train"], 2, "FILES or --text"),
-        (["generate", "--temperature", "-1"], 1, "temperature"),
+        (["train"], 2, "give training FILES"),
+        (["train", "--text", ""], 2, "the text is empty"),
+        (["train", "--text", "hi", "/etc/hostname"], 2, "not both"),
+        (["generate", "--temperature", "-1"], 2, "temperature"),
+        (["generate", "--top-p", "1.5"], 2, "top-p"),
+        (["loss", "default", "-o", "x.txt"], 2, "cannot tell the format"),
         (["sessions", "fork", "nope"], 1, "no such session"),
         (["models", "delete", "default"], 2, "version"),
     ],
