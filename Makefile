@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 PROTO_GEN := $(VENV)/proto-gen
 
-.PHONY: run demo test bench bench-train bench-serve bench-load bench-abuse lint proto proto-check clean
+.PHONY: run demo test bench bench-train bench-serve bench-load bench-abuse bench-complete bench-startup lint proto proto-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ bench-load: $(STAMP)
 # 100 well-behaved streams beside hostile clients for 60 s: errors, p99, server memory
 bench-abuse: $(STAMP)
 	$(PY) bench/abuse_bench.py
+
+# Complete: n=3 continuations of up to 12 characters at H=256, in process and over gRPC
+bench-complete: $(STAMP)
+	$(PY) bench/complete_bench.py
+
+# the command line's start-up: nextchar --help and nextchar predict, 20 fresh processes each
+bench-startup: $(STAMP)
+	$(PY) bench/startup_bench.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

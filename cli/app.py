@@ -235,6 +235,33 @@ def generate(
         typer.echo()
 
 
+@app.command()
+def complete(
+    prime: Annotated[str, typer.Option("--prime", "-p", help="Text to continue (from a fresh state).")] = "",
+    session_id: Annotated[
+        str,
+        typer.Option("--session", help="Continue a live session from where it stands (it does not move)."),
+    ] = "",
+    n: Annotated[int, typer.Option("-n", min=1, max=16, help="Continuations to show.")] = 3,
+    max_chars: Annotated[int, typer.Option(min=1, max=64, help="Longest continuation, in characters.")] = 12,
+    model: ModelOpt = "",
+    as_json: JsonOpt = False,
+    server: ServerOpt = DEFAULT_TARGET,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """The likeliest continuations up to the end of a word, with their probabilities."""
+    with connect(server, timeout) as client:
+        if session_id:
+            found = client.attach(session_id).complete(n, max_chars=max_chars)
+        else:
+            found = client.complete(prime, model, n=n, max_chars=max_chars)
+    if as_json:
+        print_json({"prime": prime, "session_id": session_id, "completions": found})
+        return
+    for c in found:
+        typer.echo(f"{c.prob:8.4f}  {prime}{c.text}{'' if c.complete else '…'}")
+
+
 class HistoryFormat(StrEnum):
     csv = "csv"
     json = "json"

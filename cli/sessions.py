@@ -6,7 +6,16 @@ import time
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from nextchar.cli.common import HELP, JsonOpt, ServerOpt, TimeoutOpt, connect, print_json, print_table
+from nextchar.cli.common import (
+    HELP,
+    JsonOpt,
+    ServerOpt,
+    TimeoutOpt,
+    connect,
+    print_json,
+    print_table,
+    show_char,
+)
 from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
 
 if TYPE_CHECKING:
@@ -15,7 +24,7 @@ if TYPE_CHECKING:
 SessionArg = Annotated[str, typer.Argument(help="Session id.")]
 
 sessions_app = typer.Typer(
-    help="List, describe, fork and close live sessions.",
+    help="List, describe, fork, rewind and close live sessions.",
     no_args_is_help=True,
     rich_markup_mode=None,
     context_settings=HELP,
@@ -38,10 +47,11 @@ def _row(s: SessionInfo) -> tuple[object, ...]:
         _ago(s.created_at),
         _ago(s.last_used_at),
         _until(s.idle_expires_at),
+        s.rewind_limit,
     )
 
 
-COLUMNS = ("session", "model", "offset", "created", "last used", "idle expiry")
+COLUMNS = ("session", "model", "offset", "created", "last used", "idle expiry", "can rewind")
 
 
 def _print_sessions(title: str, sessions: list[SessionInfo], as_json: bool) -> None:
@@ -95,6 +105,25 @@ def fork(
     with connect(server, timeout) as client:
         twin = client.attach(session_id).fork(new_id)
         _print_session(f"fork of {session_id}", twin.info, as_json)
+
+
+@sessions_app.command("rewind")
+def rewind(
+    session_id: SessionArg,
+    chars: Annotated[int, typer.Argument(min=1, help="Characters to take back.")] = 1,
+    as_json: JsonOpt = False,
+    server: ServerOpt = DEFAULT_TARGET,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """Take back a session's last characters, as if it had never received them."""
+    with connect(server, timeout) as client:
+        session = client.attach(session_id)
+        after = session.rewind(chars)
+    if as_json:
+        print_json({"session": session.info, "next": after})
+    else:
+        guesses = "  ".join(f"{show_char(c.char)} {c.prob:.3f}" for c in after)
+        typer.echo(f"session {session_id} at offset {session.offset}; next: {guesses}")
 
 
 @sessions_app.command("close")

@@ -197,3 +197,18 @@ def test_errors_are_one_line_with_a_non_zero_exit(
     assert result.stderr.startswith("nextchar: error: ") and result.stderr.count("\n") == 1
     assert words in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_complete_and_rewind_from_the_command_line(server_address: str) -> None:
+    out, _, _ = run("complete", "--prime", "hello wo", "--server", server_address)
+    first = out.splitlines()[0].split()
+    assert first[1:] == ["hello", "world"] and 0.5 < float(first[0]) <= 1
+    made, _, _ = run("stream", "--keep", "--json", "--server", server_address, input="hello wor")
+    session_id = json.loads(made.splitlines()[-1])["summary"]["session_id"]
+    out, _, _ = run("sessions", "rewind", session_id, "2", "--json", "--server", server_address)
+    rewound = json.loads(out)
+    assert rewound["session"]["offset"] == 7 and rewound["next"][0]["char"] == "o"
+    out, _, _ = run("complete", "--session", session_id, "-n", "1", "--json", "--server", server_address)
+    assert json.loads(out)["completions"][0]["text"] == "orld"
+    _, err, code = run("sessions", "rewind", session_id, "99", "--server", server_address, ok=False)
+    assert code == 1 and "at most 7" in err
