@@ -86,7 +86,9 @@ def _one_line(exc: Exception) -> str:
     the client library (and gRPC), so this does not import it to recognise one."""
     errors = sys.modules.get("nextchar.client.errors")
     if errors is not None and isinstance(exc, errors.NextCharError):
-        if isinstance(exc, errors.Unavailable) and "cannot reach" in exc.message:
+        if isinstance(exc, errors.Unavailable) and exc.message.startswith(
+            ("cannot reach", "lost the connection")
+        ):
             return f"{exc.message}; is the server running? start one with `nextchar serve` (or `make run`)"
         return str(exc.message)
     if isinstance(exc, OSError | ValueError):  # unreadable files, invalid hyperparameters

@@ -148,11 +148,13 @@ _BY_CODE: dict[grpc.StatusCode, type[NextCharError]] = {
 }
 
 DETAIL_PREFIX = "nextchar-"  # the server's machine-readable error details, in trailing metadata
+LOST = ("Stream removed", "Socket closed", "Connection reset", "recvmsg:Connection reset")  # gRPC core's
 
 
 def from_rpc_error(error: grpc.RpcError) -> NextCharError:
     """The NextCharError for a failed call: chosen by status code and the server's details
-    (``nextchar-subject``, ``-reason``, ``-field``), never by parsing its message."""
+    (``nextchar-subject``, ``-reason``, ``-field``), never by parsing a server's message (only
+    gRPC's own, for a connection that failed or broke)."""
     call = error if isinstance(error, grpc.Call) else None
     status = call.code() if call is not None else grpc.StatusCode.UNKNOWN
     message = (call.details() if call is not None else None) or str(error)
@@ -166,6 +168,9 @@ def from_rpc_error(error: grpc.RpcError) -> NextCharError:
         return RewindTooFar(message, code=code, limit=int(details.get("rewind_limit", 0)))
     if status == grpc.StatusCode.UNAVAILABLE and message.startswith("failed to connect"):
         message = f"cannot reach the server ({message})"
+    elif status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and message.startswith(LOST):
+        # gRPC's own words for a connection that broke under a call: the server went away
+        return Unavailable(f"lost the connection to the server ({message})", code=code)
     return _BY_CODE.get(status, ServerError)(message, code=code)
 
 

@@ -85,7 +85,7 @@ def test_a_lost_server_is_reported_at_once_on_its_own_line(server: ServerProcess
     start = time.monotonic()
     child.expect(r"\r\n(nextchar: error: [^\r\n]+)", timeout=10)
     assert time.monotonic() - start < 5  # not after the next key, not after retries
-    assert "nextchar serve" in child.match.group(1) or "unavailable" in child.match.group(1).lower()
+    assert "the server" in child.match.group(1) and "`nextchar serve`" in child.match.group(1)
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 1
