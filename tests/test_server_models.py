@@ -15,7 +15,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from nextchar.core.demo import NOTEBOOK_TEXT
 from nextchar.proto import nextchar_pb2 as pb
-from server_harness import ServerThread, cancel, expected, make_registry, start_server, surprisals, take
+from server_harness import (
+    ServerThread,
+    cancel,
+    expected,
+    make_registry,
+    start_server,
+    surprisals,
+    take,
+    train_notebook_model,
+)
 
 TEXT = NOTEBOOK_TEXT * 8
 SMALL = pb.ModelConfigSpec(cell="rnn", hidden=16)
@@ -217,6 +226,15 @@ def test_delete_evicts_its_sessions_and_protects_the_default(tmp_path: Path) -> 
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         srv.close()
+
+
+def test_deleting_a_models_last_version_leaves_no_directory(tmp_path: Path) -> None:
+    registry = make_registry(tmp_path, versions=1)
+    model, history, summary = train_notebook_model(epochs=20)
+    registry.register("other", model, history=history, summary=summary)
+    assert (tmp_path / "other" / "1.npz").is_file()
+    registry.delete("other", 1)
+    assert not (tmp_path / "other").exists()  # not an empty directory a listing would show
 
 
 def test_empty_registry_trains_the_embedded_default(tmp_path: Path) -> None:
