@@ -146,6 +146,7 @@ class NextCharServer:
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
+        check_port_free(self.config.host, self.config.port)  # before any work: a busy port ends it
         await asyncio.to_thread(self.registry.load_all)
         if self.registry.is_empty and self.config.train_default_if_empty:
             log.info("empty model registry at %s: training the default model", self.config.model_dir)
@@ -158,7 +159,6 @@ class NextCharServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
-        check_port_free(self.config.host, self.config.port)
         self.port = add_port(self.grpc, self.config)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.address}")

@@ -212,3 +212,45 @@ def test_complete_and_rewind_from_the_command_line(server_address: str) -> None:
     assert json.loads(out)["completions"][0]["text"] == "orld"
     _, err, code = run("sessions", "rewind", session_id, "99", "--server", server_address, ok=False)
     assert code == 1 and "at most 7" in err
+
+
+def test_the_small_things_people_notice(server_address: str) -> None:
+    out, _, _ = run("--version")
+    assert out.startswith("nextchar ") and out.strip().split()[1][0].isdigit()
+    short, _, _ = run("stream", "-h")
+    assert short == run("stream", "--help")[0] and "--keep / --no-keep" in short
+    assert "<bool>" not in short and "<bool>" not in run("serve", "--help")[0]
+    bare = runner.invoke(app, [])
+    assert bare.exit_code == 0 and "Usage: " in bare.stdout and not bare.stderr  # help, no empty error
+    _, err, code = run("models", "delete", "default:1", "--server", server_address, input="n\n", ok=False)
+    assert code == 0 and "kept default:v1" in err  # answering no is a decision, not an error
+    _, err, code = run("serve", "--port", "99999", ok=False)
+    assert code == 1 and err == "nextchar: error: port: out of range (99999)\n"
+
+
+def test_a_second_serve_on_a_busy_port_says_so_in_one_line(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nextchar.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--model-dir",
+            str(tmp_path),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.endswith(
+        f"nextchar: error: 127.0.0.1:{port} is in use: is another nextchar serve (or "
+        "make run) running? stop it, or choose another port with --port\n"
+    ), done.stderr
+    assert "Traceback" not in done.stderr and "Failed to bind" not in done.stderr
