@@ -219,14 +219,18 @@ def test_delete_evicts_its_sessions_and_protects_the_default(tmp_path: Path) -> 
         srv.close()
 
 
-def test_empty_registry_trains_the_embedded_default(tmp_path: Path) -> None:
+def test_empty_registry_serves_the_shipped_default_at_once(tmp_path: Path) -> None:
+    """No training at start: the shipped Shakespeare model is installed as default v1."""
     start = time.perf_counter()
     srv = start_server(tmp_path / "fresh")
     try:
-        assert time.perf_counter() - start < 30
+        assert time.perf_counter() - start < 10
         listed = srv.stub.ListModels(pb.ListModelsRequest(), timeout=5)
         assert listed.default_model.name == "default" and listed.default_model.version == 1
-        r = srv.stub.Predict(pb.PredictRequest(text="hello worl", top_k=1), timeout=5)
-        assert ("\ufffd" + r.vocab)[r.predictions.top_index[-1]] == "d"
+        (info,) = listed.models
+        assert (info.cell, info.hidden, info.vocab_size) == ("gru", 256, 66)
+        r = srv.stub.Predict(pb.PredictRequest(text="To be, or not to", top_k=1), timeout=5)
+        assert ("\ufffd" + r.vocab)[r.predictions.top_index[-1]] == " "
+        assert not r.predictions.unknown_positions
     finally:
         srv.close()
