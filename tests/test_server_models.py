@@ -82,6 +82,36 @@ def test_train_streams_progress_and_registers_a_version(srv: ServerThread) -> No
     ]
 
 
+def test_regularisation_and_schedule_travel_to_the_trainer_and_into_the_file(srv: ServerThread) -> None:
+    config = quick(dropout=0.2, weight_decay=0.01, schedule="cosine", warmup_steps=2, min_lr=0.1)
+    events = [
+        r.event
+        for r in srv.stub.Train(
+            pb.TrainRequest(model_name="regularised", text=TEXT, model_config=SMALL, train_config=config),
+            timeout=60,
+        )
+    ]
+    final = events[-1].job
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    described = srv.stub.DescribeModel(pb.DescribeModelRequest(model=final.result), timeout=5)
+    recorded = json.loads(described.summary_json)["config"]
+    assert {k: recorded[k] for k in ("dropout", "weight_decay", "schedule", "warmup_steps", "min_lr")} == {
+        "dropout": 0.2,
+        "weight_decay": 0.01,
+        "schedule": "cosine",
+        "warmup_steps": 2,
+        "min_lr": 0.1,
+    }
+    with pytest.raises(grpc.RpcError) as err:
+        list(
+            srv.stub.Train(
+                pb.TrainRequest(text=TEXT, model_config=SMALL, train_config=quick(dropout=1.0)), timeout=10
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "train_config.dropout" in str(err.value.details())
+
+
 def test_client_disconnect_does_not_kill_the_job(srv: ServerThread) -> None:
     call = srv.stub.Train(
         pb.TrainRequest(model_name="detached", text=TEXT, model_config=SMALL, train_config=quick(epochs=40)),
