@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 PROTO_GEN := $(VENV)/proto-gen
 
-.PHONY: run demo test bench bench-train bench-serve bench-load bench-abuse bench-complete bench-startup lint proto proto-check clean
+.PHONY: run demo default-model test bench bench-train bench-serve bench-load bench-abuse bench-complete bench-startup lint proto proto-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ run: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m nextchar.core.demo --out demo-out
+
+# Retrain the shipped default model (core/data/default-model.npz, a few minutes) and check that the
+# file is bit-identical to the recorded build (nextchar.core.default_model.SHA256). One BLAS thread;
+# the environment's OpenBLAS settings are left as they are (the same kernel as the tests'): the
+# bytes are the same on the same BLAS kernel only.
+default-model: $(STAMP)
+	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m nextchar.core.default_model --out core/data/default-model.npz
 
 test: $(STAMP)
 	$(PY) -m pytest -q

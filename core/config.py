@@ -17,6 +17,7 @@ LOSSES = ("ce", "sigmoid_mse")  # nextchar.core.losses implements exactly these
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 CLIPS = ("none", "value", "norm")
 DTYPES = ("float32", "float64")
+SCHEDULES = ("constant", "cosine")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -71,6 +72,24 @@ class TrainConfig:
     log_every: int = field(default=100, metadata=_help("Steps between progress records."))
     max_chars: int = field(default=0, metadata=_help("Training-character budget; 0 = epochs decide."))
     max_seconds: float = field(default=0.0, metadata=_help("Wall-clock budget in seconds; 0 = none."))
+    # The regularisers and the schedule come last: the wire message's fields follow this order.
+    # All off by default, so a config without them trains exactly as before they existed.
+    dropout: float = field(
+        default=0.0,
+        metadata=_help("Dropout on the inputs of upper layers and of the read-out, [0, 1); training only."),
+    )
+    weight_decay: float = field(
+        default=0.0,
+        metadata=_help("Decoupled weight decay of the weight matrices per step, times lr (AdamW); >= 0."),
+    )
+    schedule: str = field(
+        default="constant",
+        metadata=_help("Learning rate after warm-up: constant, or cosine down to min_lr over the budget."),
+    )
+    warmup_steps: int = field(
+        default=0, metadata=_help("Steps of linear warm-up from lr/warmup_steps to lr.")
+    )
+    min_lr: float = field(default=0.0, metadata=_help("Where cosine ends, as a fraction of lr, [0, 1]."))
 
     def __post_init__(self) -> None:
         require(1 <= self.seq_len <= 10_000, "seq_len", "in 1..10000", self.seq_len)
@@ -85,6 +104,13 @@ class TrainConfig:
         require(self.log_every >= 1, "log_every", ">= 1", self.log_every)
         require(self.max_chars >= 0, "max_chars", ">= 0", self.max_chars)
         require(self.max_seconds >= 0, "max_seconds", ">= 0", self.max_seconds)
+        require(0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
+        wd = self.weight_decay
+        require(0 <= wd < math.inf, "weight_decay", ">= 0 and finite", wd)
+        require(self.lr * wd < 1, "weight_decay", f"below 1/lr ({1 / self.lr:g}): lr * weight_decay >= 1", wd)
+        require(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}", self.schedule)
+        require(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
+        require(0 <= self.min_lr <= 1, "min_lr", "in [0, 1]", self.min_lr)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

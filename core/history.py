@@ -26,6 +26,8 @@ COLUMNS = (
     "val_bpc",
     "chars_per_sec",
     "elapsed",
+    "wall_seconds",
+    "lr",
 )
 FORMATS = ("csv", "json", "png")
 

@@ -2,7 +2,10 @@
 
 The model contract is min-char-rnn's: ``loss_and_grads(inputs, targets, state)``
 returns ``(loss, grads, state_last)`` for a (T, B) chunk, and the gradients are checked
-against finite differences in tests/test_gradients.py. Inference has two shapes:
+against finite differences in tests/test_gradients.py. Training may pass dropout
+masks (``dropout_masks``): one per layer, on what that layer hands up (to the next
+layer's input projection, or to the read-out from the top layer). Evaluation and
+serving never pass any. Inference has two shapes:
 ``step`` advances N independent sessions by one character each, ``forward`` runs a
 (T, B) chunk; nextchar.core.inference builds every prediction (server, demo) on them.
 
@@ -59,6 +62,21 @@ def init_params(config: ModelConfig, vocab_size: int, rng: np.random.Generator) 
     }
 
 
+def dropout_masks(
+    rng: np.random.Generator, rate: float, shape: tuple[int, ...], layers: int, dtype: np.dtype[Any]
+) -> list[np.ndarray]:
+    """One inverted-dropout mask per layer, each of shape (T, B, H): 0 with probability rate, else
+    1/(1 - rate), so a masked layer's output has the same expectation as at evaluation, where no
+    mask is applied and nothing is rescaled."""
+    keep = 1.0 - rate
+    masks = []
+    for _ in range(layers):
+        mask = (rng.random(shape, dtype=np.float32) < keep).astype(dtype)  # (T, B, H) 0 or 1
+        mask *= 1.0 / keep
+        masks.append(mask)
+    return masks
+
+
 class CharRNN:
     """Parameters plus the vocabulary they were trained on; stateless itself (states are passed in)."""
 
@@ -97,9 +115,11 @@ class CharRNN:
     # ------------------------------------------------------------ training
 
     def forward(
-        self, inputs: np.ndarray, state: np.ndarray
+        self, inputs: np.ndarray, state: np.ndarray, masks: list[np.ndarray] | None = None
     ) -> tuple[list[LayerCache], np.ndarray, np.ndarray]:
-        """Run a (T, B) chunk from state (B, S): (layer caches, logits (T*B, V), state after it)."""
+        """Run a (T, B) chunk from state (B, S): (layer caches, logits (T*B, V), state after it).
+
+        masks (training only): one (T, B, H) dropout mask per layer, see dropout_masks."""
         cfg, p = self.config, self.params
         T, B = inputs.shape
         W = self.layer_width
@@ -111,28 +131,39 @@ class CharRNN:
             s0 = state[:, layer * W : (layer + 1) * W]
             s_last, cache = self.cell.forward(xp, s0, p[f"l{layer}.Whh"], p.get(f"l{layer}.bhn"))
             new_state[:, layer * W : (layer + 1) * W] = s_last
+            if masks is not None:
+                cache.mask = masks[layer]
+                cache.out = cache.hs * cache.mask  # (T, B, H)
             caches.append(cache)
-            x = cache.hs
+            x = cache.output()
         assert x is not None
         logits = x.reshape(T * B, cfg.hidden) @ p["Why"]
         logits += p["by"]
         return caches, logits, new_state
 
     def loss_and_grads(
-        self, inputs: np.ndarray, targets: np.ndarray, state: np.ndarray
+        self,
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        state: np.ndarray,
+        masks: list[np.ndarray] | None = None,
     ) -> tuple[float, Params, np.ndarray, float]:
-        """Loss of a (T, B) chunk from state (B, S); returns (loss, grads, state_last, nats summed)."""
+        """Loss of a (T, B) chunk from state (B, S); returns (loss, grads, state_last, nats summed).
+
+        masks: the dropout masks of this step (forward's), or None for none."""
         cfg, p = self.config, self.params
         T, B = inputs.shape
         H = cfg.hidden
-        caches, logits, new_state = self.forward(inputs, state)
-        hs = caches[-1].hs.reshape(T * B, H)
+        caches, logits, new_state = self.forward(inputs, state, masks)
+        hs = caches[-1].output().reshape(T * B, H)
         loss, dlogits, nats = losses.LOSSES[cfg.loss](logits, targets.reshape(T * B))
 
         grads: Params = {"Why": hs.T @ dlogits, "by": dlogits.sum(axis=0)}
-        dhs = (dlogits @ p["Why"].T).reshape(T, B, H)
+        dhs = (dlogits @ p["Why"].T).reshape(T, B, H)  # dL/d(output) of the top layer
         for layer in reversed(range(cfg.layers)):
             cache = caches[layer]
+            if cache.mask is not None:
+                dhs *= cache.mask  # dL/dhs = dL/d(hs * mask) * mask
             dxp, dWhh, dbhn = self.cell.backward(cache, dhs, p[f"l{layer}.Whh"])
             dxp2 = dxp.reshape(T * B, -1)
             grads[f"l{layer}.Whh"] = dWhh
@@ -142,7 +173,7 @@ class CharRNN:
             if layer == 0:
                 grads["l0.Wxh"] = _scatter_rows(inputs.reshape(T * B), dxp2, p["l0.Wxh"].shape[0])
             else:
-                below = caches[layer - 1].hs.reshape(T * B, H)
+                below = caches[layer - 1].output().reshape(T * B, H)
                 grads[f"l{layer}.Wxh"] = below.T @ dxp2
                 dhs = (dxp2 @ p[f"l{layer}.Wxh"].T).reshape(T, B, H)
         return loss, grads, new_state, nats

@@ -1,10 +1,13 @@
 """Model files: one .npz (no pickle) holding the parameters and a JSON metadata record.
 
 The metadata carries everything needed to rebuild and trust the model: format
-version, config, vocabulary, training summary, loss history, and a SHA-256 over the
-parameters. Writes go to a temporary file in the same directory and are renamed
-into place, so a crash mid-save never leaves a half-written model under the real
-name. Loading checks everything and raises ModelFileError naming the file.
+version, config, vocabulary, training summary (with the whole TrainConfig the run
+used: ``ModelFile.train_config``), loss history, and a SHA-256 over the parameters.
+Writes go to a temporary file in the same directory and are renamed into place, so
+a crash mid-save never leaves a half-written model under the real name. The same
+model and metadata always give the same bytes (the archive's timestamps are fixed),
+so a file can be rebuilt bit for bit and compared by its hash. Loading checks
+everything and raises ModelFileError naming the file.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ import hashlib
 import json
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from nextchar.core.atomic import atomic_write
-from nextchar.core.config import ModelConfig
+from nextchar.core.config import ModelConfig, TrainConfig
 from nextchar.core.model import CharRNN, Params, param_shapes
 from nextchar.core.vocab import Vocab
 
@@ -27,6 +30,7 @@ FORMAT = "nextchar.model"
 FORMAT_VERSION = 1
 META_KEY = "__meta__"
 PARAM_PREFIX = "param:"
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest a zip entry can say: no build time in the file
 
 
 class ModelFileError(Exception):
@@ -39,6 +43,18 @@ class ModelFile:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_config(self) -> TrainConfig | None:
+        """The TrainConfig the model was trained with, or None when the file does not say.
+
+        A file written before a setting existed lacks its key; it was trained with what
+        is that setting's default now (every new setting defaults to "off")."""
+        recorded = self.summary.get("config")
+        if not isinstance(recorded, dict):
+            return None
+        known = {f.name for f in fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in recorded.items() if k in known})
 
 
 def checksum(params: Params) -> str:
@@ -70,7 +86,17 @@ def save_model(
     arrays: dict[str, np.ndarray] = {PARAM_PREFIX + k: v for k, v in model.params.items()}
     arrays[META_KEY] = np.frombuffer(json.dumps(meta, allow_nan=True).encode(), dtype=np.uint8)
     with atomic_write(path) as f:
-        np.savez(f, allow_pickle=False, **arrays)
+        write_npz(f, arrays)
+
+
+def write_npz(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
+    """np.savez's archive (np.load reads it), but deterministic: np.savez stamps each entry
+    with the current time, so saving the same model twice gave two different files."""
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_DATE)
+            with archive.open(info, "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
 
 
 def load_model(path: str | os.PathLike[str]) -> ModelFile:

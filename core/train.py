@@ -5,6 +5,11 @@ characters of every stream, starting from the hidden state the previous step end
 in (reset at each epoch). Validation streams the held-out tail through one carried
 state, so its bits/char is what a session on the server would see.
 
+Regularisation and schedule (all off by default): dropout masks drawn each step
+from the trainer's own seeded generator, decoupled weight decay in the optimizer,
+and the learning rate of nextchar.core.optim.learning_rate (warm-up, then constant
+or cosine over the character budget).
+
 Run: ``nextchar train --local FILE`` (or through the service: ``nextchar train FILE``).
 """
 
@@ -20,8 +25,8 @@ import numpy as np
 from nextchar.core.config import ModelConfig, TrainConfig, check_text, split_text
 from nextchar.core.evaluate import evaluate_indices
 from nextchar.core.memory import keep_freed_memory
-from nextchar.core.model import CharRNN
-from nextchar.core.optim import Optimizer, clip_grads
+from nextchar.core.model import CharRNN, dropout_masks
+from nextchar.core.optim import Optimizer, clip_grads, learning_rate
 from nextchar.core.vocab import Vocab
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -30,6 +35,7 @@ LN2 = math.log(2)
 # A step loss this many times the first step's means the run blew up: tanh and softmax
 # keep the loss finite long after the weights have gone (lr 10 with Adam: 4.2 -> 75 nats).
 DIVERGED = 4.0
+DROPOUT_STREAM = 1  # the dropout generator's seed is (seed, this): a stream apart from the initialisation's
 
 
 class TrainingDiverged(RuntimeError):
@@ -58,7 +64,8 @@ def train(
     """Train a new model on text; the best-validation weights are returned (the last, if no validation).
 
     Same seed, data and machine give bit-identical weights: the only randomness is
-    the seeded initialisation.
+    the seeded initialisation and, with dropout, the masks, drawn from a generator
+    seeded with the same seed.
     """
     check_text(text, config)
     train_text, val_text = split_text(text, config.val_fraction)
@@ -82,11 +89,15 @@ class Trainer:
         self.model, self.config = model, config
         self.on_progress = on_progress or (lambda record: None)
         self.should_stop = should_stop or (lambda: False)
-        self.optimizer = Optimizer(config.optimizer, config.lr, model.params)
+        self.optimizer = Optimizer(config.optimizer, config.lr, model.params, config.weight_decay)
+        self.dropout_rng = np.random.default_rng([config.seed, DROPOUT_STREAM])
+        self.lr = learning_rate(config, 1, 0.0)
         self.history: list[dict[str, Any]] = []
         self.step = self.chars = 0
         self.first_loss = 0.0
         self.train_seconds = 0.0
+        self.start = time.perf_counter()  # run() restarts it
+        self.total_chars = 0
 
     def run(self, train_idx: np.ndarray, val_idx: np.ndarray) -> TrainResult:
         cfg, model = self.config, self.model
@@ -97,7 +108,7 @@ class Trainer:
         budget = cfg.max_chars or cfg.epochs * B * L
         self.total_chars = min(budget, cfg.epochs * B * L)
         best_val, best_params, stale = math.inf, None, 0
-        start = time.perf_counter()
+        start = self.start = time.perf_counter()
         for epoch in range(1, cfg.epochs + 1):
             state = model.initial_state(B)
             window, whole_epoch = Running(), Running()
@@ -147,7 +158,12 @@ class Trainer:
     ) -> np.ndarray:
         """One update on a (T, B) chunk; returns the state to carry into the next chunk."""
         t0 = time.perf_counter()
-        loss, grads, state, nats = self.model.loss_and_grads(x, y, state)
+        cfg, model = self.config, self.model
+        masks = None
+        if cfg.dropout:
+            shape = (*x.shape, model.config.hidden)  # (T, B, H)
+            masks = dropout_masks(self.dropout_rng, cfg.dropout, shape, model.config.layers, model.dtype)
+        loss, grads, state, nats = model.loss_and_grads(x, y, state, masks)
         grad_norm = clip_grads(grads, self.config.clip, self.config.clip_value)
         self.first_loss = self.first_loss or loss
         if not (math.isfinite(loss) and math.isfinite(grad_norm)) or loss > DIVERGED * self.first_loss:
@@ -155,7 +171,8 @@ class Trainer:
                 f"loss became {loss:.4g} (first step {self.first_loss:.4g}, gradient norm {grad_norm:.4g}) "
                 f"at epoch {epoch}, step {self.step + 1}; lower the learning rate or clip harder"
             )
-        self.optimizer.update(self.model.params, grads)
+        self.lr = learning_rate(cfg, self.step + 1, self.chars / self.total_chars)
+        self.optimizer.update(model.params, grads, self.lr)
         self.train_seconds += time.perf_counter() - t0
         self.step += 1
         self.chars += x.size
@@ -180,6 +197,8 @@ class Trainer:
             "val_bpc": None if val is None else val["bits_per_char"],
             "chars_per_sec": rate,
             "elapsed": self.train_seconds,
+            "wall_seconds": time.perf_counter() - self.start,  # evaluations included
+            "lr": self.lr,
             "eta_seconds": max(self.total_chars - self.chars, 0) / rate if rate > 0 else None,
         }
         self.history.append(record)

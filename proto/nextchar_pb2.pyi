@@ -1474,6 +1474,11 @@ class TrainConfigSpec(_message.Message):
     LOG_EVERY_FIELD_NUMBER: _builtins.int
     MAX_CHARS_FIELD_NUMBER: _builtins.int
     MAX_SECONDS_FIELD_NUMBER: _builtins.int
+    DROPOUT_FIELD_NUMBER: _builtins.int
+    WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    WARMUP_STEPS_FIELD_NUMBER: _builtins.int
+    MIN_LR_FIELD_NUMBER: _builtins.int
     seq_len: _builtins.int
     """BPTT window, 1..10000 (default 64)."""
     batch: _builtins.int
@@ -1500,6 +1505,16 @@ class TrainConfigSpec(_message.Message):
     """Training-character budget; 0 = epochs decide (default 0)."""
     max_seconds: _builtins.float
     """Wall-clock budget, seconds; 0 = none (default 0)."""
+    dropout: _builtins.float
+    """Dropout on the inputs of upper layers and of the read-out, [0, 1); training only (default 0)."""
+    weight_decay: _builtins.float
+    """Decoupled (AdamW) weight decay of the weight matrices, >= 0, lr * weight_decay < 1 (default 0)."""
+    schedule: _builtins.str
+    """Learning rate after warm-up: "constant" or "cosine" (default "constant")."""
+    warmup_steps: _builtins.int
+    """Steps of linear learning-rate warm-up (default 0)."""
+    min_lr: _builtins.float
+    """Where the cosine schedule ends, as a fraction of lr, [0, 1] (default 0)."""
     def __init__(
         self,
         *,
@@ -1516,10 +1531,15 @@ class TrainConfigSpec(_message.Message):
         log_every: _builtins.int | None = ...,
         max_chars: _builtins.int | None = ...,
         max_seconds: _builtins.float | None = ...,
+        dropout: _builtins.float | None = ...,
+        weight_decay: _builtins.float | None = ...,
+        schedule: _builtins.str | None = ...,
+        warmup_steps: _builtins.int | None = ...,
+        min_lr: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch", b"_batch", "_clip", b"_clip", "_clip_value", b"_clip_value", "_epochs", b"_epochs", "_log_every", b"_log_every", "_lr", b"_lr", "_max_chars", b"_max_chars", "_max_seconds", b"_max_seconds", "_optimizer", b"_optimizer", "_patience", b"_patience", "_seed", b"_seed", "_seq_len", b"_seq_len", "_val_fraction", b"_val_fraction", "batch", b"batch", "clip", b"clip", "clip_value", b"clip_value", "epochs", b"epochs", "log_every", b"log_every", "lr", b"lr", "max_chars", b"max_chars", "max_seconds", b"max_seconds", "optimizer", b"optimizer", "patience", b"patience", "seed", b"seed", "seq_len", b"seq_len", "val_fraction", b"val_fraction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch", b"_batch", "_clip", b"_clip", "_clip_value", b"_clip_value", "_dropout", b"_dropout", "_epochs", b"_epochs", "_log_every", b"_log_every", "_lr", b"_lr", "_max_chars", b"_max_chars", "_max_seconds", b"_max_seconds", "_min_lr", b"_min_lr", "_optimizer", b"_optimizer", "_patience", b"_patience", "_schedule", b"_schedule", "_seed", b"_seed", "_seq_len", b"_seq_len", "_val_fraction", b"_val_fraction", "_warmup_steps", b"_warmup_steps", "_weight_decay", b"_weight_decay", "batch", b"batch", "clip", b"clip", "clip_value", b"clip_value", "dropout", b"dropout", "epochs", b"epochs", "log_every", b"log_every", "lr", b"lr", "max_chars", b"max_chars", "max_seconds", b"max_seconds", "min_lr", b"min_lr", "optimizer", b"optimizer", "patience", b"patience", "schedule", b"schedule", "seed", b"seed", "seq_len", b"seq_len", "val_fraction", b"val_fraction", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch", b"_batch", "_clip", b"_clip", "_clip_value", b"_clip_value", "_epochs", b"_epochs", "_log_every", b"_log_every", "_lr", b"_lr", "_max_chars", b"_max_chars", "_max_seconds", b"_max_seconds", "_optimizer", b"_optimizer", "_patience", b"_patience", "_seed", b"_seed", "_seq_len", b"_seq_len", "_val_fraction", b"_val_fraction", "batch", b"batch", "clip", b"clip", "clip_value", b"clip_value", "epochs", b"epochs", "log_every", b"log_every", "lr", b"lr", "max_chars", b"max_chars", "max_seconds", b"max_seconds", "optimizer", b"optimizer", "patience", b"patience", "seed", b"seed", "seq_len", b"seq_len", "val_fraction", b"val_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch", b"_batch", "_clip", b"_clip", "_clip_value", b"_clip_value", "_dropout", b"_dropout", "_epochs", b"_epochs", "_log_every", b"_log_every", "_lr", b"_lr", "_max_chars", b"_max_chars", "_max_seconds", b"_max_seconds", "_min_lr", b"_min_lr", "_optimizer", b"_optimizer", "_patience", b"_patience", "_schedule", b"_schedule", "_seed", b"_seed", "_seq_len", b"_seq_len", "_val_fraction", b"_val_fraction", "_warmup_steps", b"_warmup_steps", "_weight_decay", b"_weight_decay", "batch", b"batch", "clip", b"clip", "clip_value", b"clip_value", "dropout", b"dropout", "epochs", b"epochs", "log_every", b"log_every", "lr", b"lr", "max_chars", b"max_chars", "max_seconds", b"max_seconds", "min_lr", b"min_lr", "optimizer", b"optimizer", "patience", b"patience", "schedule", b"schedule", "seed", b"seed", "seq_len", b"seq_len", "val_fraction", b"val_fraction", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch: _TypeAlias = _typing.Literal["batch"]  # noqa: Y015
     _WhichOneofArgType__batch: _TypeAlias = _typing.Literal["_batch", b"_batch"]  # noqa: Y015
@@ -1527,6 +1547,8 @@ class TrainConfigSpec(_message.Message):
     _WhichOneofArgType__clip: _TypeAlias = _typing.Literal["_clip", b"_clip"]  # noqa: Y015
     _WhichOneofReturnType__clip_value: _TypeAlias = _typing.Literal["clip_value"]  # noqa: Y015
     _WhichOneofArgType__clip_value: _TypeAlias = _typing.Literal["_clip_value", b"_clip_value"]  # noqa: Y015
+    _WhichOneofReturnType__dropout: _TypeAlias = _typing.Literal["dropout"]  # noqa: Y015
+    _WhichOneofArgType__dropout: _TypeAlias = _typing.Literal["_dropout", b"_dropout"]  # noqa: Y015
     _WhichOneofReturnType__epochs: _TypeAlias = _typing.Literal["epochs"]  # noqa: Y015
     _WhichOneofArgType__epochs: _TypeAlias = _typing.Literal["_epochs", b"_epochs"]  # noqa: Y015
     _WhichOneofReturnType__log_every: _TypeAlias = _typing.Literal["log_every"]  # noqa: Y015
@@ -1537,22 +1559,32 @@ class TrainConfigSpec(_message.Message):
     _WhichOneofArgType__max_chars: _TypeAlias = _typing.Literal["_max_chars", b"_max_chars"]  # noqa: Y015
     _WhichOneofReturnType__max_seconds: _TypeAlias = _typing.Literal["max_seconds"]  # noqa: Y015
     _WhichOneofArgType__max_seconds: _TypeAlias = _typing.Literal["_max_seconds", b"_max_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__min_lr: _TypeAlias = _typing.Literal["min_lr"]  # noqa: Y015
+    _WhichOneofArgType__min_lr: _TypeAlias = _typing.Literal["_min_lr", b"_min_lr"]  # noqa: Y015
     _WhichOneofReturnType__optimizer: _TypeAlias = _typing.Literal["optimizer"]  # noqa: Y015
     _WhichOneofArgType__optimizer: _TypeAlias = _typing.Literal["_optimizer", b"_optimizer"]  # noqa: Y015
     _WhichOneofReturnType__patience: _TypeAlias = _typing.Literal["patience"]  # noqa: Y015
     _WhichOneofArgType__patience: _TypeAlias = _typing.Literal["_patience", b"_patience"]  # noqa: Y015
+    _WhichOneofReturnType__schedule: _TypeAlias = _typing.Literal["schedule"]  # noqa: Y015
+    _WhichOneofArgType__schedule: _TypeAlias = _typing.Literal["_schedule", b"_schedule"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__seq_len: _TypeAlias = _typing.Literal["seq_len"]  # noqa: Y015
     _WhichOneofArgType__seq_len: _TypeAlias = _typing.Literal["_seq_len", b"_seq_len"]  # noqa: Y015
     _WhichOneofReturnType__val_fraction: _TypeAlias = _typing.Literal["val_fraction"]  # noqa: Y015
     _WhichOneofArgType__val_fraction: _TypeAlias = _typing.Literal["_val_fraction", b"_val_fraction"]  # noqa: Y015
+    _WhichOneofReturnType__warmup_steps: _TypeAlias = _typing.Literal["warmup_steps"]  # noqa: Y015
+    _WhichOneofArgType__warmup_steps: _TypeAlias = _typing.Literal["_warmup_steps", b"_warmup_steps"]  # noqa: Y015
+    _WhichOneofReturnType__weight_decay: _TypeAlias = _typing.Literal["weight_decay"]  # noqa: Y015
+    _WhichOneofArgType__weight_decay: _TypeAlias = _typing.Literal["_weight_decay", b"_weight_decay"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__batch) -> _WhichOneofReturnType__batch | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__clip) -> _WhichOneofReturnType__clip | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__clip_value) -> _WhichOneofReturnType__clip_value | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dropout) -> _WhichOneofReturnType__dropout | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epochs) -> _WhichOneofReturnType__epochs | None: ...
     @_typing.overload
@@ -1564,15 +1596,23 @@ class TrainConfigSpec(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_seconds) -> _WhichOneofReturnType__max_seconds | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_lr) -> _WhichOneofReturnType__min_lr | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__optimizer) -> _WhichOneofReturnType__optimizer | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__patience) -> _WhichOneofReturnType__patience | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__schedule) -> _WhichOneofReturnType__schedule | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seq_len) -> _WhichOneofReturnType__seq_len | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__val_fraction) -> _WhichOneofReturnType__val_fraction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__warmup_steps) -> _WhichOneofReturnType__warmup_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_decay) -> _WhichOneofReturnType__weight_decay | None: ...
 
 Global___TrainConfigSpec: _TypeAlias = TrainConfigSpec  # noqa: Y015
 

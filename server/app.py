@@ -54,19 +54,17 @@ TRIM_SLACK = 32 * 1024 * 1024  # bytes above the server's smallest size that mak
 SERVER_TRIM_THRESHOLD = 64 * 1024 * 1024  # free bytes the heap's top keeps (a trainer keeps 1 GiB)
 
 
-def train_default_model(registry: Registry) -> None:
-    """First start on an empty registry: train the notebook's model so sessions work at once.
+def install_default_model(registry: Registry) -> None:
+    """First start on an empty registry: register the shipped model, so sessions work at once.
 
-    rnn H=50 on "hello world" x3, the whole text as one BPTT window, batch 1, no
-    validation split (35 characters cannot spare one): about a second of training.
+    The GRU nextchar trained on tinyshakespeare (nextchar.core.default_model); loading
+    and registering it takes well under a second, and nothing is trained at start.
     """
-    from nextchar.core.demo import NOTEBOOK_TEXT, notebook_configs
-    from nextchar.core.train import train
+    from nextchar.core.default_model import load_default_model
 
-    model_config, train_config = notebook_configs(epochs=200)
-    result = train(NOTEBOOK_TEXT, model_config, train_config)
+    shipped = load_default_model()
     registry.register(
-        DEFAULT_NAME, result.model, history=result.history, summary=result.summary, promote=True
+        DEFAULT_NAME, shipped.model, history=shipped.history, summary=shipped.summary, promote=True
     )
 
 
@@ -149,8 +147,10 @@ class NextCharServer:
         check_port_free(self.config.host, self.config.port)  # before any work: a busy port ends it
         await asyncio.to_thread(self.registry.load_all)
         if self.registry.is_empty and self.config.train_default_if_empty:
-            log.info("empty model registry at %s: training the default model", self.config.model_dir)
-            await asyncio.to_thread(train_default_model, self.registry)
+            log.info(
+                "empty model registry at %s: installing the shipped default model", self.config.model_dir
+            )
+            await asyncio.to_thread(install_default_model, self.registry)
         for mv in self.registry.versions():
             if not mv.available:
                 log.warning("model %s v%d unavailable: %s", mv.name, mv.version, mv.reason)

@@ -86,7 +86,7 @@ class ServerConfig:
     train_default_if_empty: bool = field(
         default=True,
         metadata=_opt(
-            "Train the notebook model when the registry is empty.",
+            "Install the shipped default model (a GRU trained on Shakespeare) when the registry is empty.",
             flags=("--default-model/--no-default-model",),
         ),
     )

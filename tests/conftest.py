@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from redis_harness import RedisServer
-from server_harness import DroppingProxy, ServerThread, start_server
+from server_harness import DroppingProxy, ServerThread, make_registry, start_server
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -26,8 +26,11 @@ def shakespeare() -> str:
 
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    """One server for the client and CLI tests; it trains the embedded default model on start."""
-    server = start_server(tmp_path_factory.mktemp("models"))
+    """One server for the client and CLI tests, serving the notebook model (tiny and fast, and what
+    they predict); a real first start installs the shipped model instead (test_default_model)."""
+    model_dir = tmp_path_factory.mktemp("models")
+    make_registry(model_dir, versions=1)
+    server = start_server(model_dir)
     yield server
     server.close()
 

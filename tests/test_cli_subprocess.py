@@ -93,8 +93,8 @@ def test_serve_starts_answers_and_drains_on_sigterm(tmp_path: Path) -> None:
                 except Unavailable:
                     assert time.monotonic() < deadline and proc.poll() is None
                     time.sleep(0.2)
-            with c.session() as s:
-                assert s.feed("hello wor").next_chars[-1] == "l"
+            with c.session() as s:  # the empty registry got the shipped (Shakespeare) model
+                assert s.feed("To be, or not to").next_chars[-1] == " "
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
         assert proc.returncode == 0

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from nextchar.core.config import ModelConfig
+from nextchar.core.config import ModelConfig, TrainConfig
 from nextchar.core.model import CharRNN
-from nextchar.core.modelfile import META_KEY, ModelFileError, load_model, save_model
+from nextchar.core.modelfile import META_KEY, ModelFileError, checksum, load_model, save_model
+from nextchar.core.train import train
 from nextchar.core.vocab import Vocab
 
 
@@ -98,8 +100,53 @@ def test_failed_save_keeps_the_previous_file(
     def explode(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(np, "savez", explode)
+    monkeypatch.setattr(np.lib.format, "write_array", explode)
     with pytest.raises(OSError, match="disk full"):
         save_model(path, model)
     assert path.read_bytes() == before
     assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_the_same_model_always_gives_the_same_bytes(saved: tuple[Path, CharRNN], tmp_path: Path) -> None:
+    """No save time in the archive: a model rebuilt bit for bit has the file's hash too."""
+    path, model = saved
+    again = tmp_path / "again.npz"
+    save_model(again, model, history=[{"kind": "epoch", "train_loss": 1.0}], summary={"val_bpc": 2.0})
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_the_file_records_the_whole_train_config(tmp_path: Path) -> None:
+    config = TrainConfig(
+        seq_len=8, batch=2, epochs=1, dropout=0.25, weight_decay=0.01, schedule="cosine", warmup_steps=3
+    )
+    result = train("abcdefgh" * 20, ModelConfig(cell="gru", hidden=8, layers=2), config)
+    save_model(tmp_path / "m.npz", result.model, history=result.history, summary=result.summary)
+    assert load_model(tmp_path / "m.npz").train_config == config
+
+
+def test_a_file_written_before_regularisation_existed_still_loads(tmp_path: Path) -> None:
+    """Format 1 as the first nextchar wrote it: np.savez, a summary whose train config has
+    no dropout, weight decay or schedule. It loads, and those read as off."""
+    model = CharRNN.create(ModelConfig(cell="gru", hidden=6), Vocab.from_text("abc"), seed=1)
+    old_train_config = {
+        "seq_len": 64, "batch": 64, "epochs": 10, "lr": 0.002, "optimizer": "adam", "clip": "norm",
+        "clip_value": 5.0, "val_fraction": 0.1, "patience": 0, "seed": 0, "log_every": 100,
+        "max_chars": 0, "max_seconds": 0.0,
+    }  # fmt: skip
+    meta = {
+        "format": "nextchar.model",
+        "format_version": 1,
+        "config": {"cell": "gru", "hidden": 6, "layers": 1, "loss": "ce", "dtype": "float32"},
+        "vocab": model.vocab.chars,
+        "summary": {"val_bpc": 2.5, "config": old_train_config},
+        "history": [{"kind": "epoch", "epoch": 1, "elapsed": 1.0}],
+        "checksum": checksum(model.params),
+    }
+    arrays: dict[str, Any] = {f"param:{k}": v for k, v in model.params.items()}
+    arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(tmp_path / "old.npz", **arrays)
+    loaded = load_model(tmp_path / "old.npz")
+    for name, value in model.params.items():
+        assert np.array_equal(loaded.model.params[name], value)
+    assert loaded.train_config == TrainConfig()
+    assert loaded.train_config is not None and loaded.train_config.dropout == 0.0

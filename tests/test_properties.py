@@ -369,6 +369,11 @@ def train_config(draw: Callable[[Any], Any]) -> pb.TrainConfigSpec:
         "log_every": small_u32,
         "max_chars": U64,
         "max_seconds": F64,
+        "dropout": st.one_of(st.sampled_from([0.0, 0.5, 1.0, -0.1]), F64),
+        "weight_decay": st.one_of(st.sampled_from([0.0, 0.01, 500.0, -1.0]), F64),
+        "schedule": st.one_of(st.sampled_from(["constant", "cosine", "step"]), st.text(ANY_CHAR, max_size=8)),
+        "warmup_steps": small_u32,
+        "min_lr": st.one_of(st.sampled_from([0.0, 0.1, 1.0, 2.0]), F64),
     }
     chosen = {name: draw(strategy) for name, strategy in fields.items() if draw(st.booleans())}
     return pb.TrainConfigSpec(**chosen)

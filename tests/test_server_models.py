@@ -91,6 +91,36 @@ def test_train_streams_progress_and_registers_a_version(srv: ServerThread) -> No
     ]
 
 
+def test_regularisation_and_schedule_travel_to_the_trainer_and_into_the_file(srv: ServerThread) -> None:
+    config = quick(dropout=0.2, weight_decay=0.01, schedule="cosine", warmup_steps=2, min_lr=0.1)
+    events = [
+        r.event
+        for r in srv.stub.Train(
+            pb.TrainRequest(model_name="regularised", text=TEXT, model_config=SMALL, train_config=config),
+            timeout=60,
+        )
+    ]
+    final = events[-1].job
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    described = srv.stub.DescribeModel(pb.DescribeModelRequest(model=final.result), timeout=5)
+    recorded = json.loads(described.summary_json)["config"]
+    assert {k: recorded[k] for k in ("dropout", "weight_decay", "schedule", "warmup_steps", "min_lr")} == {
+        "dropout": 0.2,
+        "weight_decay": 0.01,
+        "schedule": "cosine",
+        "warmup_steps": 2,
+        "min_lr": 0.1,
+    }
+    with pytest.raises(grpc.RpcError) as err:
+        list(
+            srv.stub.Train(
+                pb.TrainRequest(text=TEXT, model_config=SMALL, train_config=quick(dropout=1.0)), timeout=10
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "train_config.dropout" in str(err.value.details())
+
+
 def test_client_disconnect_does_not_kill_the_job(srv: ServerThread) -> None:
     call = srv.stub.Train(
         pb.TrainRequest(model_name="detached", text=TEXT, model_config=SMALL, train_config=quick(epochs=40)),
@@ -237,14 +267,18 @@ def test_deleting_a_models_last_version_leaves_no_directory(tmp_path: Path) -> N
     assert not (tmp_path / "other").exists()  # not an empty directory a listing would show
 
 
-def test_empty_registry_trains_the_embedded_default(tmp_path: Path) -> None:
+def test_empty_registry_serves_the_shipped_default_at_once(tmp_path: Path) -> None:
+    """No training at start: the shipped Shakespeare model is installed as default v1."""
     start = time.perf_counter()
     srv = start_server(tmp_path / "fresh")
     try:
-        assert time.perf_counter() - start < 30
+        assert time.perf_counter() - start < 10
         listed = srv.stub.ListModels(pb.ListModelsRequest(), timeout=5)
         assert listed.default_model.name == "default" and listed.default_model.version == 1
-        r = srv.stub.Predict(pb.PredictRequest(text="hello worl", top_k=1), timeout=5)
-        assert ("\ufffd" + r.vocab)[r.predictions.top_index[-1]] == "d"
+        (info,) = listed.models
+        assert (info.cell, info.hidden, info.vocab_size) == ("gru", 256, 66)
+        r = srv.stub.Predict(pb.PredictRequest(text="To be, or not to", top_k=1), timeout=5)
+        assert ("\ufffd" + r.vocab)[r.predictions.top_index[-1]] == " "
+        assert not r.predictions.unknown_positions
     finally:
         srv.close()

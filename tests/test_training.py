@@ -15,6 +15,7 @@ from nextchar.core.demo import (
 )
 from nextchar.core.evaluate import evaluate
 from nextchar.core.model import CharRNN
+from nextchar.core.optim import Optimizer, learning_rate
 from nextchar.core.train import Trainer, TrainingCancelled, TrainingDiverged, train
 from nextchar.core.vocab import Vocab
 
@@ -130,7 +131,20 @@ def test_text_shorter_than_one_step_is_rejected_naming_the_sizes() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"lr": 0.0}, {"seq_len": 0}, {"optimizer": "lbfgs"}, {"clip": "max"}, {"val_fraction": 0.9}],
+    [
+        {"lr": 0.0},
+        {"seq_len": 0},
+        {"optimizer": "lbfgs"},
+        {"clip": "max"},
+        {"val_fraction": 0.9},
+        {"dropout": 1.0},
+        {"dropout": -0.1},
+        {"weight_decay": -1e-4},
+        {"weight_decay": 1000.0},  # lr * weight_decay >= 1 would flip the weights' sign
+        {"schedule": "linear"},
+        {"warmup_steps": -1},
+        {"min_lr": 1.5},
+    ],
 )
 def test_bad_train_config_names_the_field(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -142,3 +156,74 @@ def test_learns_real_text(shakespeare: str) -> None:
     config = TrainConfig(seq_len=32, batch=16, epochs=10, max_chars=150_000, val_fraction=0.1, log_every=50)
     result = train(shakespeare, ModelConfig(cell="gru", hidden=64), config)
     assert result.summary["val_bpc"] < 3.6
+
+
+# ---------------------------------------------------------------- regularisation and schedule
+
+REGULARISED = TrainConfig(
+    seq_len=16,
+    batch=4,
+    epochs=2,
+    val_fraction=0.1,
+    seed=5,
+    dropout=0.3,
+    weight_decay=0.1,
+    schedule="cosine",
+    warmup_steps=5,
+    min_lr=0.1,
+)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_dropout_decay_and_schedule_train_bit_identically_with_a_seed(cell: str) -> None:
+    text = "the quick brown fox jumps over the lazy dog. " * 20
+    mc = ModelConfig(cell=cell, hidden=16, layers=2)
+    a, b = train(text, mc, REGULARISED).model, train(text, mc, REGULARISED).model
+    for name in a.params:
+        assert np.array_equal(a.params[name], b.params[name]), name
+    plain = train(text, mc, TrainConfig(**{**REGULARISED.to_dict(), "dropout": 0.0})).model
+    assert not np.array_equal(a.params["Why"], plain.params["Why"])  # the masks did something
+
+
+def test_dropout_is_for_training_only(shakespeare: str) -> None:
+    """The validation score is the model's without masks: what evaluate (and a session) sees."""
+    config = TrainConfig(seq_len=32, batch=8, epochs=1, max_chars=20_000, dropout=0.5, val_fraction=0.1)
+    result = train(shakespeare[:30_000], ModelConfig(cell="gru", hidden=32, layers=2), config)
+    val_text = shakespeare[:30_000][-3000:]
+    assert evaluate(result.model, val_text)["bits_per_char"] == pytest.approx(result.summary["val_bpc"])
+
+
+def test_weight_decay_is_decoupled_and_spares_the_biases() -> None:
+    """AdamW: with a zero gradient Adam moves nothing, so only the decay acts, lr * decay per step."""
+    rng = np.random.default_rng(0)
+    params = {"W": rng.normal(size=(3, 4)), "b": rng.normal(size=4)}
+    before = {k: v.copy() for k, v in params.items()}
+    for kind in ("adam", "adagrad", "sgd"):
+        opt = Optimizer(kind, 0.01, params, weight_decay=0.5)
+        opt.update(params, {k: np.zeros_like(v) for k, v in params.items()}, lr=0.1)
+        np.testing.assert_allclose(params["W"], before["W"] * (1 - 0.1 * 0.5))
+        np.testing.assert_array_equal(params["b"], before["b"])
+        params["W"][:] = before["W"]
+
+
+def test_learning_rate_warms_up_then_follows_its_schedule() -> None:
+    cosine = TrainConfig(lr=0.01, schedule="cosine", warmup_steps=10, min_lr=0.1)
+    assert learning_rate(cosine, 1, 0.0) == pytest.approx(0.001)
+    assert learning_rate(cosine, 10, 0.01) == pytest.approx(0.01)
+    assert learning_rate(cosine, 11, 0.0) == pytest.approx(0.01)
+    assert learning_rate(cosine, 500, 0.5) == pytest.approx(0.001 + 0.009 * 0.5)
+    assert learning_rate(cosine, 999, 1.0) == pytest.approx(0.001)
+    assert learning_rate(cosine, 999, 1.3) == pytest.approx(0.001)  # past the budget: stays at the floor
+    constant = TrainConfig(lr=0.01)
+    assert {learning_rate(constant, s, s / 100) for s in range(1, 100)} == {0.01}
+
+
+def test_records_carry_the_learning_rate_and_the_wall_clock() -> None:
+    config = TrainConfig(
+        seq_len=10, batch=4, epochs=3, log_every=2, val_fraction=0.2, schedule="cosine", warmup_steps=3
+    )
+    history = train("0123456789" * 30, ModelConfig(hidden=8), config).history
+    lrs = [r["lr"] for r in history if r["kind"] == "step"]
+    assert lrs[0] < lrs[1] and lrs[1] > lrs[-1]  # up through the warm-up, then down the cosine
+    walls = [r["wall_seconds"] for r in history]
+    assert walls == sorted(walls) and all(w >= r["elapsed"] for w, r in zip(walls, history, strict=True))

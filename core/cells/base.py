@@ -34,6 +34,14 @@ class LayerCache:
     h0: np.ndarray  # (B, W*H) state entering the chunk
     hs: np.ndarray  # (T, B, H) hidden outputs
     gates: dict[str, np.ndarray] = field(default_factory=dict)  # (T, B, ...) per-cell activations
+    # Training with dropout only (set by the model, not the cell): the (T, B, H) inverted-dropout
+    # mask on hs, and out = hs * mask, what the layer above or the read-out received.
+    mask: np.ndarray | None = None
+    out: np.ndarray | None = None
+
+    def output(self) -> np.ndarray:
+        """(T, B, H): what the layer above (or the read-out) received from this layer."""
+        return self.hs if self.out is None else self.out
 
     def previous_h(self) -> np.ndarray:
         """h entering each step, (T, B, H): the input of every recurrent product."""
