@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nextchar.cli.app import app
+from nextchar.cli.app import run
 
 if __name__ == "__main__":
-    app(prog_name="nextchar")
+    run()

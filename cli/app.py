@@ -1,4 +1,4 @@
-"""``nextchar``: the command line for the nextchar service (one Typer app, ``app``).
+"""``nextchar``: the command line for the nextchar service (one Typer app, ``app``; ``run`` is the script).
 
     nextchar serve                      # start the service on 127.0.0.1:50051
     nextchar train corpus.txt --epochs 5
@@ -9,43 +9,24 @@
 Every command that prints data takes ``--json``. Errors are one line on stderr
 and a non-zero exit code; OneLineErrors is the one place that turns them into that.
 Command groups live in nextchar.cli.models / .sessions, the long commands in
-.train / .stream; this module wires them into ``app``. The command line is the one
+.train / .stream, the one-shot ones in .calls; this module wires them into the app,
+importing only the command a call names (COMMANDS, make_app). The command line is the one
 package that knows both the client library and the server (``serve``, ``train --local``).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Sequence
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from nextchar.cli.common import (
-    CREDENTIALS,
-    HELP,
-    JsonOpt,
-    ModelOpt,
-    ServerOpt,
-    TimeoutOpt,
-    TopKOpt,
-    connect,
-    print_json,
-    print_table,
-)
-from nextchar.cli.models import models_app
-from nextchar.cli.options import config_options
-from nextchar.cli.sessions import sessions_app
-from nextchar.cli.stream import evaluate, print_predictions, stream
-from nextchar.cli.train import train
-from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
-from nextchar.server.config import ServerConfig
+from nextchar.cli.common import CREDENTIALS, EXIT_ERROR, HELP
 from typer._click.exceptions import NoArgsIsHelpError
 from typer.core import TyperGroup
-
-EXIT_ERROR = 1
 
 
 class OneLineErrors(TyperGroup):
@@ -103,17 +84,6 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-app = typer.Typer(
-    cls=OneLineErrors,
-    help="Stateful next-character prediction: train, serve and stream char-RNNs.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # plain help: no rich import (start-up time), flags without a <bool> metavar
-    context_settings=HELP,
-)
-
-
 def _version(show: bool) -> None:
     if show:
         from importlib.metadata import version
@@ -127,7 +97,6 @@ def pem_option(help: str, envvar: str | None = None) -> Any:
     return typer.Option(envvar=envvar, dir_okay=False, exists=True, show_default=False, help=help)
 
 
-@app.callback()
 def main(
     version: Annotated[
         bool,
@@ -159,169 +128,74 @@ def main(
         CREDENTIALS.tls = Tls.from_files(tls_ca, client_cert, client_key)
 
 
-app.add_typer(models_app, name="models")
-app.add_typer(sessions_app, name="sessions")
-app.command()(train)
-app.command()(stream)
-app.command("eval")(evaluate)
+# name -> (module, function or sub-app): registered in this order, imported only when used
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("nextchar.cli.train", "train"),
+    "stream": ("nextchar.cli.stream", "stream"),
+    "eval": ("nextchar.cli.stream", "evaluate"),
+    "serve": ("nextchar.cli.calls", "serve"),
+    "predict": ("nextchar.cli.calls", "predict"),
+    "generate": ("nextchar.cli.calls", "generate"),
+    "complete": ("nextchar.cli.calls", "complete"),
+    "loss": ("nextchar.cli.calls", "loss"),
+    "health": ("nextchar.cli.calls", "health"),
+    "models": ("nextchar.cli.models", "models_app"),
+    "sessions": ("nextchar.cli.sessions", "sessions_app"),
+}
 
 
-@app.command()
-@config_options(ServerConfig, env_prefix="NEXTCHAR_")
-def serve(config: ServerConfig) -> None:
-    """Run the nextchar service until SIGTERM or Ctrl-C, then drain and exit.
-
-    Every option is a ServerConfig field, also settable as NEXTCHAR_<FIELD>."""
-    from nextchar.server.app import serve as run_server
-
-    run_server(config)
-
-
-@app.command()
-def predict(
-    text: Annotated[str, typer.Argument(help="Text to feed, character by character.")],
-    session_id: Annotated[str, typer.Option("--session", help="Feed a live session (advancing it).")] = "",
-    model: ModelOpt = "",
-    top_k: TopKOpt = 3,
-    as_json: JsonOpt = False,
-    server: ServerOpt = DEFAULT_TARGET,
-    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
-) -> None:
-    """Predict the next character after every character of TEXT (from a fresh state unless --session)."""
-    with connect(server, timeout) as client:
-        if session_id:
-            predictions = client.attach(session_id).feed(text, top_k=top_k)
-        else:
-            predictions = client.predict(text, model, top_k=top_k)
-    print_predictions(predictions, as_json)
+def make_app(only: str | None = None) -> typer.Typer:
+    """The ``nextchar`` app with every command, or with the one named (what a call that names
+    a command needs: the others' modules are not imported nor their options built, ~35 ms)."""
+    cli = typer.Typer(
+        cls=OneLineErrors,
+        help="Stateful next-character prediction: train, serve and stream char-RNNs.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,  # plain help: no rich import (start-up time), flags without a <bool> metavar
+        context_settings=HELP,
+    )
+    cli.callback()(main)
+    for name, (module, attribute) in COMMANDS.items():
+        if only is None or name == only:
+            target = getattr(importlib.import_module(module), attribute)
+            if isinstance(target, typer.Typer):
+                cli.add_typer(target, name=name)
+            else:
+                cli.command(name)(target)
+    return cli
 
 
-@app.command()
-def generate(
-    prime: Annotated[str, typer.Option("--prime", "-p", help="Text to start from.")] = "",
-    length: Annotated[int, typer.Option("--length", "-n", min=1, help="Characters to generate.")] = 200,
-    temperature: Annotated[
-        float,
-        typer.Option(
-            "--temperature", "-t", min=0, max=100, help="Sampling temperature, [0, 100]; 0 = greedy (argmax)."
-        ),
-    ] = 1.0,
-    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k likeliest; 0 = off.")] = 0,
-    top_p: Annotated[
-        float, typer.Option(min=0, max=1, help="Nucleus sampling mass, [0, 1]; 1 = off, 0 = greedy.")
-    ] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Random seed, for repeatable samples.")] = None,
-    session_id: Annotated[
-        str, typer.Option("--session", help="Generate from a live session, advancing it.")
-    ] = "",
-    model: ModelOpt = "",
-    as_json: JsonOpt = False,
-    server: ServerOpt = DEFAULT_TARGET,
-    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
-) -> None:
-    """Sample text from a model, printed as it arrives."""
-    sampling: dict[str, Any] = {"length": length, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    show = None if as_json else lambda piece: typer.echo(piece, nl=False)
-    if show is not None:
-        show(prime)  # the text reads on from what it continues
-    with connect(server, timeout) as client:
-        if session_id:
-            result = client.attach(session_id).generate(prime=prime, seed=seed, on_piece=show, **sampling)
-        else:
-            result = client.generate(prime, model, seed=seed, on_piece=show, **sampling)
-    if as_json:
-        print_json(
-            {"prime": prime, "text": result.text, "model": str(result.model), "session_id": result.session_id}
-        )
-    else:
-        typer.echo()
+def __getattr__(name: str) -> typer.Typer:
+    """``app``, with every command, built on first use (the tests, the help): importing this
+    module for ``run`` builds nothing."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    full = globals()["app"] = make_app()
+    return full
 
 
-@app.command()
-def complete(
-    prime: Annotated[str, typer.Option("--prime", "-p", help="Text to continue (from a fresh state).")] = "",
-    session_id: Annotated[
-        str,
-        typer.Option("--session", help="Continue a live session from where it stands (it does not move)."),
-    ] = "",
-    n: Annotated[int, typer.Option("-n", min=1, max=16, help="Continuations to show.")] = 3,
-    max_chars: Annotated[int, typer.Option(min=1, max=64, help="Longest continuation, in characters.")] = 12,
-    model: ModelOpt = "",
-    as_json: JsonOpt = False,
-    server: ServerOpt = DEFAULT_TARGET,
-    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
-) -> None:
-    """The likeliest continuations up to the end of a word, with their probabilities."""
-    with connect(server, timeout) as client:
-        if session_id:
-            found = client.attach(session_id).complete(n, max_chars=max_chars)
-        else:
-            found = client.complete(prime, model, n=n, max_chars=max_chars)
-    if as_json:
-        print_json({"prime": prime, "session_id": session_id, "completions": found})
-        return
-    for c in found:
-        typer.echo(f"{c.prob:8.4f}  {prime}{c.text}{'' if c.complete else '…'}")
+def run() -> None:
+    """The ``nextchar`` console script: builds only the command the arguments name."""
+    make_app(command_named(sys.argv[1:]))(prog_name="nextchar")
 
 
-class HistoryFormat(StrEnum):
-    csv = "csv"
-    json = "json"
-    png = "png"
+VALUE_OPTIONS = (
+    "--token",
+    "--tls-ca",
+    "--client-cert",
+    "--client-key",
+)  # the app's options that take a value
 
 
-@app.command()
-def loss(
-    model: Annotated[str, typer.Argument(help="MODEL or MODEL:VERSION (the newest version when omitted).")],
-    fmt: Annotated[
-        HistoryFormat | None,
-        typer.Option("--format", "-f", help="csv, json or png; from --output's suffix if omitted."),
-    ] = None,
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", dir_okay=False, help="File to write; stdout for csv/json."),
-    ] = None,
-    server: ServerOpt = DEFAULT_TARGET,
-    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
-) -> None:
-    """Export a model version's loss history as CSV, JSON or a PNG plot of train and validation loss."""
-    suffix = output.suffix.lstrip(".").lower() if output else ""
-    if fmt is None and output is not None and suffix not in HistoryFormat.__members__:
-        raise typer.BadParameter(
-            f"cannot tell the format from {output.name!r}: name it .csv, .json or .png, or give --format",
-            param_hint="--output",
-        )
-    chosen = fmt.value if fmt else suffix or "csv"
-    if chosen == "png" and output is None:
-        raise typer.BadParameter("a PNG needs --output PATH", param_hint="--format")
-    from nextchar.client.results import ModelRef
-    from nextchar.core.history import export_history, to_csv, to_json
-
-    ref = ModelRef.parse(model)
-    with connect(server, timeout) as client:
-        history = [p.to_dict() for p in client.loss_history(ref)]
-    if not history:
-        raise typer.BadParameter(f"model {ref} has no loss history", param_hint="MODEL")
-    if output is None:
-        typer.echo((to_csv if chosen == "csv" else to_json)(history), nl=chosen == "json")
-        return
-    export_history(history, chosen, output, title=f"nextchar {ref}: bits/char per epoch")
-    typer.echo(f"wrote {len(history)} records of {ref} to {output} ({chosen})", err=True)
-
-
-@app.command()
-def health(
-    as_json: JsonOpt = False, server: ServerOpt = DEFAULT_TARGET, timeout: TimeoutOpt = DEFAULT_TIMEOUT
-) -> None:
-    """Is the server serving? Exits 0 when it is, 1 when it is not (e.g. draining)."""
-    with connect(server, timeout) as client:
-        status = client.health()
-        models = client.models() if status == "SERVING" else []
-    default = next((str(m.model) for m in models if m.is_default), None)
-    report = {"server": server, "status": status, "default_model": default, "models": len(models)}
-    if as_json:
-        print_json(report)
-    else:
-        print_table("health", ("", "value"), list(report.items()))
-    if status != "SERVING":
-        raise typer.Exit(EXIT_ERROR)
+def command_named(args: Sequence[str]) -> str | None:
+    """The command the arguments name (the first word that is not an app option or its value),
+    or None when they name none (bare ``nextchar``, ``--help``) or one that does not exist."""
+    words = iter(args)
+    for word in words:
+        if word in VALUE_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None

@@ -44,6 +44,7 @@ ModelOpt = Annotated[
 ]
 TopKOpt = Annotated[int, typer.Option("--top-k", "-k", min=1, help="Candidates shown per character.")]
 
+EXIT_ERROR = 1  # a command that failed (usage errors exit 2, as Click does; Ctrl-C 130)
 HELP = {"help_option_names": ["-h", "--help"]}  # every command's context settings
 SERVER_DEFAULTS = ServerConfig()  # what `nextchar serve` uses, and where `train --local` writes
 
