@@ -10,6 +10,10 @@ from the trainer's own seeded generator, decoupled weight decay in the optimizer
 and the learning rate of nextchar.core.optim.learning_rate (warm-up, then constant
 or cosine over the character budget).
 
+A run can checkpoint itself (nextchar.core.checkpoint) at every epoch's end and
+every ``checkpoint_seconds``, pause (checkpoint, then stop), and resume from a
+checkpoint to the same weights an uninterrupted run ends with.
+
 Run: ``nextchar train --local FILE`` (or through the service: ``nextchar train FILE``).
 """
 
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from nextchar.core.checkpoint import Checkpoint
 from nextchar.core.config import ModelConfig, TrainConfig, check_text, split_text
 from nextchar.core.evaluate import evaluate_indices
 from nextchar.core.memory import keep_freed_memory
@@ -31,6 +36,7 @@ from nextchar.core.vocab import Vocab
 
 ProgressFn = Callable[[dict[str, Any]], None]
 StopFn = Callable[[], bool]
+CheckpointFn = Callable[[Checkpoint], None]
 LN2 = math.log(2)
 # A step loss this many times the first step's means the run blew up: tanh and softmax
 # keep the loss finite long after the weights have gone (lr 10 with Adam: 4.2 -> 75 nats).
@@ -44,6 +50,10 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingCancelled(RuntimeError):
     """should_stop() asked the run to end; nothing from the run should be kept."""
+
+
+class TrainingPaused(RuntimeError):
+    """should_pause() asked the run to stop after a checkpoint; resume from it to go on."""
 
 
 @dataclass
@@ -60,19 +70,28 @@ def train(
     *,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    should_pause: StopFn | None = None,
+    on_checkpoint: CheckpointFn | None = None,
+    checkpoint_seconds: float = 0.0,
+    resume: Checkpoint | None = None,
 ) -> TrainResult:
     """Train a new model on text; the best-validation weights are returned (the last, if no validation).
 
     Same seed, data and machine give bit-identical weights: the only randomness is
     the seeded initialisation and, with dropout, the masks, drawn from a generator
-    seeded with the same seed.
+    seeded with the same seed. on_checkpoint gets a checkpoint at every epoch's end,
+    every checkpoint_seconds (0: epochs only) and when should_pause() asks the run to
+    stop (it then raises TrainingPaused); resume goes on from one.
     """
     check_text(text, config)
     train_text, val_text = split_text(text, config.val_fraction)
     model = CharRNN.create(model_config, Vocab.from_text(text), seed=config.seed)
-    return Trainer(model, config, on_progress, should_stop).run(
-        model.vocab.encode(train_text), model.vocab.encode(val_text)
-    )
+    trainer = Trainer(model, config, on_progress, should_stop)
+    trainer.should_pause = should_pause or (lambda: False)
+    trainer.on_checkpoint, trainer.checkpoint_seconds = on_checkpoint, checkpoint_seconds
+    if resume is not None:
+        trainer.restore(resume)
+    return trainer.run(model.vocab.encode(train_text), model.vocab.encode(val_text))
 
 
 class Trainer:
@@ -98,6 +117,16 @@ class Trainer:
         self.train_seconds = 0.0
         self.start = time.perf_counter()  # run() restarts it
         self.total_chars = 0
+        # where the run stands between two steps: what a checkpoint holds beside the weights
+        self.epoch, self.offset = 1, 0  # the next window: epoch, and its start in each stream
+        self.state: np.ndarray | None = None  # (B, S) carried into the next window; None: the epoch's start
+        self.window, self.whole_epoch = Running(), Running()
+        self.best_val, self.stale = math.inf, 0
+        self.best_params: dict[str, np.ndarray] | None = None
+        self.wall_before = 0.0  # wall seconds of the runs this one resumes
+        self.should_pause: StopFn = lambda: False
+        self.on_checkpoint: CheckpointFn | None = None
+        self.checkpoint_seconds = 0.0
 
     def run(self, train_idx: np.ndarray, val_idx: np.ndarray) -> TrainResult:
         cfg, model = self.config, self.model
@@ -107,30 +136,46 @@ class Trainer:
         Y = train_idx[1 : B * L + 1].reshape(B, L).T  # (L, B) targets
         budget = cfg.max_chars or cfg.epochs * B * L
         self.total_chars = min(budget, cfg.epochs * B * L)
-        best_val, best_params, stale = math.inf, None, 0
-        start = self.start = time.perf_counter()
-        for epoch in range(1, cfg.epochs + 1):
-            state = model.initial_state(B)
-            window, whole_epoch = Running(), Running()
-            for s in range(0, L, T):
+        start = self.start = time.perf_counter() - self.wall_before
+        last_checkpoint = time.perf_counter()
+        while self.epoch <= cfg.epochs:
+            epoch = self.epoch
+            state = model.initial_state(B) if self.state is None else self.state
+            for s in range(self.offset, L, T):
                 if self.should_stop():
                     raise TrainingCancelled("training cancelled")
+                pause = self.should_pause()
+                if pause or (
+                    self.checkpoint_seconds
+                    and time.perf_counter() - last_checkpoint >= self.checkpoint_seconds
+                ):
+                    self.offset, self.state = s, state
+                    self._checkpoint()
+                    last_checkpoint = time.perf_counter()
+                    if pause:
+                        raise TrainingPaused(f"training paused at epoch {epoch}, step {self.step}")
                 x, y = X[s : s + T], Y[s : s + T]
-                state = self._step(epoch, x, y, state, (window, whole_epoch))
+                state = self._step(epoch, x, y, state, (self.window, self.whole_epoch))
                 if self.step % cfg.log_every == 0:
-                    self._record("step", epoch, window)
-                    window = Running()
+                    self._record("step", epoch, self.window)
+                    self.window = Running()
                 if self.chars >= budget or self._out_of_time(start):
                     break
             val = evaluate_indices(model, val_idx) if len(val_idx) > 1 else None
-            self._record("epoch", epoch, whole_epoch, val)
-            if val is not None and val["nats_per_char"] < best_val:
-                best_val, stale = val["nats_per_char"], 0
-                best_params = {k: v.copy() for k, v in model.params.items()}
+            self._record("epoch", epoch, self.whole_epoch, val)
+            if val is not None and val["nats_per_char"] < self.best_val:
+                self.best_val, self.stale = val["nats_per_char"], 0
+                self.best_params = {k: v.copy() for k, v in model.params.items()}
             else:
-                stale += 1
-            if (cfg.patience and stale >= cfg.patience) or self.chars >= budget or self._out_of_time(start):
+                self.stale += 1
+            self.epoch, self.offset, self.state = epoch + 1, 0, None
+            self.window, self.whole_epoch = Running(), Running()
+            done = (cfg.patience and self.stale >= cfg.patience) or self.chars >= budget
+            if done or self._out_of_time(start):
                 break
+            self._checkpoint()  # every epoch's end (the last one's: the result is kept instead)
+            last_checkpoint = time.perf_counter()
+        best_val, best_params = self.best_val, self.best_params
         if best_params is not None:
             model.params = best_params
         last = self.history[-1]
@@ -180,6 +225,63 @@ class Trainer:
             meter.add(loss, nats, x.size)
         return state
 
+    def _checkpoint(self) -> None:
+        if self.on_checkpoint is None:
+            return
+        arrays = {f"p.{k}": v for k, v in self.model.params.items()}
+        arrays |= {f"m.{k}": v for k, v in self.optimizer.m.items()}
+        arrays |= {f"v.{k}": v for k, v in self.optimizer.v.items()}
+        if self.best_params is not None:
+            arrays |= {f"best.{k}": v for k, v in self.best_params.items()}
+        if self.state is not None:
+            arrays["state"] = self.state
+        meta = {
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "step": self.step,
+            "chars": self.chars,
+            "optimizer_t": self.optimizer.t,
+            "first_loss": self.first_loss,
+            "lr": self.lr,
+            "train_seconds": self.train_seconds,
+            "wall_seconds": time.perf_counter() - self.start,
+            "window": self.window.__dict__,
+            "whole_epoch": self.whole_epoch.__dict__,
+            "best_val": None if math.isinf(self.best_val) else self.best_val,
+            "stale": self.stale,
+            "dropout_rng": self.dropout_rng.bit_generator.state,
+            "history": self.history,
+            "config": self.config.to_dict(),
+        }
+        self.on_checkpoint(Checkpoint(arrays, meta))
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Take up the run a checkpoint recorded (of the same model and config)."""
+        meta = checkpoint.meta
+        if meta["config"] != self.config.to_dict():
+            raise ValueError("the checkpoint was taken with another training configuration")
+        params = checkpoint.group("p.")
+        if set(params) != set(self.model.params):
+            raise ValueError("the checkpoint's weights do not fit the model")
+        self.model.params = {k: v.astype(self.model.dtype) for k, v in params.items()}
+        self.optimizer.m, self.optimizer.v = checkpoint.group("m."), checkpoint.group("v.")
+        self.optimizer.t = meta["optimizer_t"]
+        self.best_params = checkpoint.group("best.") or None
+        self.state = checkpoint.arrays.get("state")
+        self.epoch, self.offset, self.step, self.chars = (
+            meta["epoch"],
+            meta["offset"],
+            meta["step"],
+            meta["chars"],
+        )
+        self.first_loss, self.lr, self.train_seconds = meta["first_loss"], meta["lr"], meta["train_seconds"]
+        self.wall_before = meta["wall_seconds"]
+        self.window, self.whole_epoch = Running(**meta["window"]), Running(**meta["whole_epoch"])
+        self.best_val = math.inf if meta["best_val"] is None else meta["best_val"]
+        self.stale = meta["stale"]
+        self.dropout_rng.bit_generator.state = meta["dropout_rng"]
+        self.history = list(meta["history"])
+
     def _out_of_time(self, start: float) -> bool:
         return bool(self.config.max_seconds) and time.perf_counter() - start >= self.config.max_seconds
 
@@ -208,9 +310,9 @@ class Trainer:
 class Running:
     """Mean training loss and bits/char over the steps added since it was made."""
 
-    def __init__(self) -> None:
-        self.loss_sum = self.nats = 0.0
-        self.steps = self.chars = 0
+    def __init__(self, loss_sum: float = 0.0, nats: float = 0.0, steps: int = 0, chars: int = 0) -> None:
+        self.loss_sum, self.nats = loss_sum, nats
+        self.steps, self.chars = steps, chars
 
     def add(self, loss: float, nats: float, chars: int) -> None:
         self.loss_sum += loss
