@@ -51,6 +51,12 @@ def save(path: str | os.PathLike[str], checkpoint: Checkpoint) -> None:
         f.write(buf.getvalue())
 
 
+def meta_of(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's meta alone (its arrays stay on disk): where the run stood."""
+    with np.load(path, allow_pickle=False) as data:
+        return dict(json.loads(data["meta"].tobytes().decode()))
+
+
 def load(path: str | os.PathLike[str]) -> Checkpoint:
     """The checkpoint save wrote; ValueError when the file is not one."""
     try:

@@ -37,13 +37,17 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_UNSPECIFIED: _JobState.ValueType  # 0
     """Never sent."""
     JOB_STATE_RUNNING: _JobState.ValueType  # 1
-    """The worker process is starting or training."""
+    """A trainer process is starting or training."""
     JOB_STATE_SUCCEEDED: _JobState.ValueType  # 2
     """Finished; its model version is registered."""
     JOB_STATE_FAILED: _JobState.ValueType  # 3
     """Failed or diverged; nothing registered; error says why."""
     JOB_STATE_CANCELLED: _JobState.ValueType  # 4
     """Cancelled; nothing registered."""
+    JOB_STATE_QUEUED: _JobState.ValueType  # 5
+    """Waiting for a trainer (JobInfo.queue_position); also a job paused by a draining
+    server, or whose trainer died: it resumes from its last checkpoint.
+    """
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
     """Lifecycle of a training job."""
@@ -51,13 +55,17 @@ class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
 JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
 """Never sent."""
 JOB_STATE_RUNNING: JobState.ValueType  # 1
-"""The worker process is starting or training."""
+"""A trainer process is starting or training."""
 JOB_STATE_SUCCEEDED: JobState.ValueType  # 2
 """Finished; its model version is registered."""
 JOB_STATE_FAILED: JobState.ValueType  # 3
 """Failed or diverged; nothing registered; error says why."""
 JOB_STATE_CANCELLED: JobState.ValueType  # 4
 """Cancelled; nothing registered."""
+JOB_STATE_QUEUED: JobState.ValueType  # 5
+"""Waiting for a trainer (JobInfo.queue_position); also a job paused by a draining
+server, or whose trainer died: it resumes from its last checkpoint.
+"""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 @_typing.final
@@ -339,6 +347,8 @@ class JobInfo(_message.Message):
     LATEST_FIELD_NUMBER: _builtins.int
     MODEL_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     TRAIN_CONFIG_JSON_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Job id, server-assigned."""
     state: Global___JobState.ValueType
@@ -348,13 +358,17 @@ class JobInfo(_message.Message):
     error: _builtins.str
     """Why the job failed or was cancelled; empty otherwise."""
     started_at: _builtins.float
-    """Start time, Unix seconds."""
+    """When a trainer first took the job up, Unix seconds; 0 while it waits."""
     finished_at: _builtins.float
     """End time, Unix seconds; 0 while running."""
     model_config_json: _builtins.str
     """The model configuration as JSON."""
     train_config_json: _builtins.str
     """The training configuration as JSON."""
+    queue_position: _builtins.int
+    """Place in the queue while QUEUED, 1 = next; 0 otherwise."""
+    attempts: _builtins.int
+    """Trainer processes started for the job so far (a resume after a crash starts another)."""
     @_builtins.property
     def result(self) -> Global___ModelRef:
         """The registered version once the job succeeded (name and version)."""
@@ -376,10 +390,12 @@ class JobInfo(_message.Message):
         latest: Global___ProgressRecord | None = ...,
         model_config_json: _builtins.str = ...,
         train_config_json: _builtins.str = ...,
+        queue_position: _builtins.int = ...,
+        attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latest", b"latest", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "latest", b"latest", "model_config_json", b"model_config_json", "model_name", b"model_name", "result", b"result", "started_at", b"started_at", "state", b"state", "train_config_json", b"train_config_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "latest", b"latest", "model_config_json", b"model_config_json", "model_name", b"model_name", "queue_position", b"queue_position", "result", b"result", "started_at", b"started_at", "state", b"state", "train_config_json", b"train_config_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1874,6 +1890,52 @@ class CancelJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
+
+@_typing.final
+class ResumeJobRequest(_message.Message):
+    """ResumeJob input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Job id of a FAILED job."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeJobRequest: _TypeAlias = ResumeJobRequest  # noqa: Y015
+
+@_typing.final
+class ResumeJobResponse(_message.Message):
+    """ResumeJob output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___JobInfo:
+        """The job, queued again."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___JobInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeJobResponse: _TypeAlias = ResumeJobResponse  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):

@@ -125,6 +125,11 @@ class NextCharServiceStub:
                 request_serializer=nextchar_dot_proto_dot_nextchar__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=nextchar_dot_proto_dot_nextchar__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.ResumeJob = channel.unary_unary(
+                '/nextchar.v1.NextCharService/ResumeJob',
+                request_serializer=nextchar_dot_proto_dot_nextchar__pb2.ResumeJobRequest.SerializeToString,
+                response_deserializer=nextchar_dot_proto_dot_nextchar__pb2.ResumeJobResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/nextchar.v1.NextCharService/ListModels',
                 request_serializer=nextchar_dot_proto_dot_nextchar__pb2.ListModelsRequest.SerializeToString,
@@ -285,6 +290,13 @@ class NextCharServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeJob(self, request, context):
+        """Queues a failed job again; it goes on from its last checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Lists every model version in the registry, available or not.
         """
@@ -412,6 +424,11 @@ def add_NextCharServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=nextchar_dot_proto_dot_nextchar__pb2.CancelJobRequest.FromString,
                     response_serializer=nextchar_dot_proto_dot_nextchar__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJob,
+                    request_deserializer=nextchar_dot_proto_dot_nextchar__pb2.ResumeJobRequest.FromString,
+                    response_serializer=nextchar_dot_proto_dot_nextchar__pb2.ResumeJobResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -926,6 +943,33 @@ class NextCharService:
             '/nextchar.v1.NextCharService/CancelJob',
             nextchar_dot_proto_dot_nextchar__pb2.CancelJobRequest.SerializeToString,
             nextchar_dot_proto_dot_nextchar__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nextchar.v1.NextCharService/ResumeJob',
+            nextchar_dot_proto_dot_nextchar__pb2.ResumeJobRequest.SerializeToString,
+            nextchar_dot_proto_dot_nextchar__pb2.ResumeJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

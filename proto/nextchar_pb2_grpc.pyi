@@ -84,6 +84,8 @@ class NextCharServiceStub:
     """Streams a job's progress: everything recorded so far, then live updates until it ends."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_nextchar_pb2.CancelJobRequest, _nextchar_pb2.CancelJobResponse]
     """Asks a running job to stop; it registers nothing."""
+    ResumeJob: _grpc.UnaryUnaryMultiCallable[_nextchar_pb2.ResumeJobRequest, _nextchar_pb2.ResumeJobResponse]
+    """Queues a failed job again; it goes on from its last checkpoint."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_nextchar_pb2.ListModelsRequest, _nextchar_pb2.ListModelsResponse]
     """Lists every model version in the registry, available or not."""
     DescribeModel: _grpc.UnaryUnaryMultiCallable[_nextchar_pb2.DescribeModelRequest, _nextchar_pb2.DescribeModelResponse]
@@ -142,6 +144,8 @@ class NextCharServiceAsyncStub(NextCharServiceStub):
     """Streams a job's progress: everything recorded so far, then live updates until it ends."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_nextchar_pb2.CancelJobRequest, _nextchar_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Asks a running job to stop; it registers nothing."""
+    ResumeJob: _aio.UnaryUnaryMultiCallable[_nextchar_pb2.ResumeJobRequest, _nextchar_pb2.ResumeJobResponse]  # type: ignore[assignment]
+    """Queues a failed job again; it goes on from its last checkpoint."""
     ListModels: _aio.UnaryUnaryMultiCallable[_nextchar_pb2.ListModelsRequest, _nextchar_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists every model version in the registry, available or not."""
     DescribeModel: _aio.UnaryUnaryMultiCallable[_nextchar_pb2.DescribeModelRequest, _nextchar_pb2.DescribeModelResponse]  # type: ignore[assignment]
@@ -305,6 +309,14 @@ class NextCharServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_nextchar_pb2.CancelJobResponse, _abc.Awaitable[_nextchar_pb2.CancelJobResponse]]:
         """Asks a running job to stop; it registers nothing."""
+
+    @_abc_1.abstractmethod
+    def ResumeJob(
+        self,
+        request: _nextchar_pb2.ResumeJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nextchar_pb2.ResumeJobResponse, _abc.Awaitable[_nextchar_pb2.ResumeJobResponse]]:
+        """Queues a failed job again; it goes on from its last checkpoint."""
 
     @_abc_1.abstractmethod
     def ListModels(

@@ -128,7 +128,13 @@ class NextCharServer:
         self.sessions = SessionManager(
             store, self.scheduler, config.max_sessions, config.max_chunk_chars, config.rewind_chars
         )
-        self.jobs = JobManager(self.registry, config.max_jobs, config.max_vocab)
+        self.jobs = JobManager(
+            self.registry,
+            config.max_jobs,
+            config.max_vocab,
+            config.model_dir / "_jobs",
+            config.checkpoint_seconds,
+        )
         self.texts = TextStore(config.model_dir / "_texts", config.max_upload_bytes)
         self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs, self.texts)
         self.servicer.on_message = self.metrics.message_latency.observe
@@ -164,6 +170,7 @@ class NextCharServer:
             raise RuntimeError(f"could not bind {self.config.address}")
         self.scheduler.start()
         await self.grpc.start()
+        await self.jobs.load()  # the journal's unfinished jobs resume from their checkpoints
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())

@@ -80,7 +80,11 @@ class ServerConfig:
         default=16 * MIB, metadata=_opt("Bytes of big replies the server holds unread at once.")
     )
     # the machine has 2 cores and serves too
-    max_jobs: int = field(default=1, metadata=_opt("Concurrent training jobs."))
+    max_jobs: int = field(default=1, metadata=_opt("Training jobs run at once; more wait in the queue."))
+    # a crash loses at most this much training (and an epoch's end always checkpoints)
+    checkpoint_seconds: float = field(
+        default=60.0, metadata=_opt("Seconds between a training job's checkpoints (and every epoch).")
+    )
     grace: float = field(default=10.0, metadata=_opt("Seconds live streams get to finish on SIGTERM."))
     sweep_interval: float = field(default=30.0, metadata=_opt("Seconds between idle-session sweeps."))
     train_default_if_empty: bool = field(
@@ -159,6 +163,7 @@ class ServerConfig:
             "max_upload_bytes": self.max_upload_bytes >= 1,
             "max_reply_bytes": self.max_reply_bytes >= 1,
             "max_jobs": self.max_jobs >= 1,
+            "checkpoint_seconds": self.checkpoint_seconds > 0,
             "grace": self.grace >= 0,
             "sweep_interval": self.sweep_interval > 0,
             "batch_inline_chars": self.batch_inline_chars >= 0,

@@ -19,9 +19,10 @@ from nextchar.proto import nextchar_pb2 as pb
 from nextchar.server.batching.work import ChunkResult
 from nextchar.server.registry import ModelVersion
 from nextchar.server.sessions.session import Session
-from nextchar.server.training.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job
+from nextchar.server.training.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 
 JOB_STATES = {
+    QUEUED: pb.JOB_STATE_QUEUED,
     RUNNING: pb.JOB_STATE_RUNNING,
     SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
     FAILED: pb.JOB_STATE_FAILED,
@@ -97,8 +98,10 @@ def progress(record: dict[str, Any]) -> pb.ProgressRecord:
     return msg
 
 
-def job_info(job: Job) -> pb.JobInfo:
+def job_info(job: Job, queue_position: int = 0) -> pb.JobInfo:
     msg = pb.JobInfo(
+        queue_position=queue_position,
+        attempts=job.attempts,
         job_id=job.id,
         state=JOB_STATES[job.state],
         model_name=job.model_name,
@@ -115,8 +118,8 @@ def job_info(job: Job) -> pb.JobInfo:
     return msg
 
 
-def job_event(job: Job, record: dict[str, Any] | None) -> pb.JobEvent:
-    event = pb.JobEvent(job=job_info(job))
+def job_event(job: Job, record: dict[str, Any] | None, queue_position: int = 0) -> pb.JobEvent:
+    event = pb.JobEvent(job=job_info(job, queue_position))
     if record is not None:
         event.progress.CopyFrom(progress(record))
     return event

@@ -518,7 +518,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
                 path.unlink(missing_ok=True)
             raise
         async for record in job.follow():
-            yield pb.TrainResponse(event=messages.job_event(job, record))
+            yield pb.TrainResponse(event=messages.job_event(job, record, self.jobs.place(job)))
         yield pb.TrainResponse(event=messages.job_event(job, None))
 
     @unary
@@ -531,18 +531,24 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
 
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
-        return pb.ListJobsResponse(jobs=[messages.job_info(j) for j in self.jobs.jobs.values()])
+        jobs = self.jobs.jobs.values()
+        return pb.ListJobsResponse(jobs=[messages.job_info(j, self.jobs.place(j)) for j in jobs])
 
     @streaming
     async def WatchJob(self, request: pb.WatchJobRequest, context: Ctx) -> AsyncIterator[pb.WatchJobResponse]:
         job = self.jobs.get(request.job_id)
         async for record in job.follow():
-            yield pb.WatchJobResponse(event=messages.job_event(job, record))
+            yield pb.WatchJobResponse(event=messages.job_event(job, record, self.jobs.place(job)))
         yield pb.WatchJobResponse(event=messages.job_event(job, None))
 
     @unary
     async def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.CancelJobResponse:
         return pb.CancelJobResponse(job=messages.job_info(self.jobs.cancel(request.job_id)))
+
+    @unary
+    async def ResumeJob(self, request: pb.ResumeJobRequest, context: Ctx) -> pb.ResumeJobResponse:
+        job = self.jobs.resume(request.job_id)
+        return pb.ResumeJobResponse(job=messages.job_info(job, self.jobs.place(job)))
 
     # ------------------------------------------------------------ models
 

@@ -59,6 +59,7 @@ SAMPLES: dict[str, Any] = {  # a valid request per RPC, to mutate
     "ListJobs": pb.ListJobsRequest(),
     "WatchJob": pb.WatchJobRequest(job_id="job-1"),
     "CancelJob": pb.CancelJobRequest(job_id="job-1"),
+    "ResumeJob": pb.ResumeJobRequest(job_id="job-1"),
     "ListModels": pb.ListModelsRequest(),
     "DescribeModel": pb.DescribeModelRequest(model=pb.ModelRef(name="default")),
     "GetModelHistory": pb.GetModelHistoryRequest(model=pb.ModelRef(name="default")),

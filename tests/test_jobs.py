@@ -1,0 +1,144 @@
+"""Durable training jobs, with real processes: nothing a checkpoint holds is lost to a crash.
+
+Four identical jobs (same text, configs and seed) on real ``nextchar serve``
+processes sharing one model directory: one runs undisturbed; one has its trainer
+SIGKILLed mid-epoch (the server restarts it from its checkpoint); one is running
+when its server gets SIGTERM (it pauses, and the next server resumes it); one is
+running when its server is SIGKILLed (its trainer dies with it; the next server
+resumes it). All four must register weights with the same checksum, and the
+journal must still list every job after the restarts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+from nextchar.proto import nextchar_pb2 as pb
+from nextchar.server.registry import Registry
+from nextchar.server.training.trainer import NICE as TRAINER_NICE
+from server_harness import ServerProcess, cancel, take
+
+CORPUS = Path(__file__).resolve().parents[1] / "core" / "data" / "tinyshakespeare.txt"
+MODEL = pb.ModelConfigSpec(cell="gru", hidden=48)
+CONFIG = pb.TrainConfigSpec(seq_len=32, batch=16, epochs=4, dropout=0.1, log_every=5, seed=7)
+
+
+def start_job(server: ServerProcess, name: str) -> str:
+    text = CORPUS.read_text()[:80_000]
+    request = pb.TrainRequest(model_name=name, text=text, model_config=MODEL, train_config=CONFIG)
+    call = server.stub.Train(request, timeout=120)
+    job_id = str(take(call).event.job.job_id)
+    cancel(call)  # stop watching; the job goes on
+    return job_id
+
+
+def job(server: ServerProcess, job_id: str) -> pb.JobInfo:
+    jobs = server.stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs
+    return next(j for j in jobs if j.job_id == job_id)
+
+
+def wait_for(server: ServerProcess, job_id: str, step: int = 0, timeout: float = 120) -> pb.JobInfo:
+    """Until the job is past step (and RUNNING), or, with step 0, until it has ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job(server, job_id)
+        if step and info.state == pb.JOB_STATE_RUNNING and info.latest.step >= step:
+            return info
+        if not step and info.state not in (pb.JOB_STATE_RUNNING, pb.JOB_STATE_QUEUED):
+            return info
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not get there: {job(server, job_id)}")
+
+
+def checksum(model_dir: Path, name: str) -> str:
+    registry = Registry(model_dir)
+    registry.load_all()
+    return registry.resolve(name, 1).checksum
+
+
+def test_jobs_resume_bit_identically_after_trainer_kill_sigterm_and_sigkill(tmp_path: Path) -> None:
+    args = ("--checkpoint-seconds", "0.3")
+    server = ServerProcess(tmp_path, *args)
+    try:
+        reference = start_job(server, "undisturbed")
+        assert wait_for(server, reference).state == pb.JOB_STATE_SUCCEEDED
+
+        killed = start_job(server, "trainer-killed")
+        wait_for(server, killed, step=200)  # mid-epoch 2: an epoch-end checkpoint behind it
+        os.kill(trainer_of(server.proc.pid), signal.SIGKILL)
+        info = wait_for(server, killed)
+        assert info.state == pb.JOB_STATE_SUCCEEDED and info.attempts == 2
+
+        paused = start_job(server, "server-sigterm")
+        wait_for(server, paused, step=200)
+        server.proc.send_signal(signal.SIGTERM)  # drains: the trainer checkpoints and stops
+        assert server.proc.wait(60) == 0
+        assert any("paused" in line or "checkpointed" in line for line in server.log)
+    finally:
+        server.close()
+
+    server = ServerProcess(tmp_path, *args)  # takes the journal up: the paused job resumes
+    try:
+        assert wait_for(server, paused).state == pb.JOB_STATE_SUCCEEDED
+        crashed = start_job(server, "server-sigkill")
+        wait_for(server, crashed, step=200)
+        server.proc.kill()  # no drain: the trainer dies with its server
+        server.proc.wait(10)
+    finally:
+        server.close()
+
+    server = ServerProcess(tmp_path, *args)
+    try:
+        assert wait_for(server, crashed).state == pb.JOB_STATE_SUCCEEDED
+        listed = {j.job_id: j.state for j in server.stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs}
+        assert set(listed) == {reference, killed, paused, crashed}  # the journal kept them all
+        assert set(listed.values()) == {pb.JOB_STATE_SUCCEEDED}
+        resumed_log = "".join(server.log)
+        assert (
+            "back in the queue from the journal" in resumed_log
+            and "resumed from its checkpoint" in resumed_log
+        )
+    finally:
+        server.close()
+
+    sums = {
+        name: checksum(tmp_path, name)
+        for name in ("undisturbed", "trainer-killed", "server-sigterm", "server-sigkill")
+    }
+    assert len(set(sums.values())) == 1, sums  # bit-identical weights, however the run was interrupted
+
+
+def test_a_failed_job_can_be_resumed_and_unknown_ones_are_not_found(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path)
+    try:
+        try:
+            server.stub.ResumeJob(pb.ResumeJobRequest(job_id="job-nope"), timeout=10)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+        else:
+            raise AssertionError("resuming an unknown job must fail")
+        done = start_job(server, "finished")
+        wait_for(server, done)
+        try:
+            server.stub.ResumeJob(pb.ResumeJobRequest(job_id=done), timeout=10)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "succeeded" in str(exc.details())
+        else:
+            raise AssertionError("a succeeded job has nothing to resume")
+    finally:
+        server.close()
+
+
+def trainer_of(server_pid: int) -> int:
+    """The pid of the server's trainer: its child at the trainers' lower CPU priority (nice 10;
+    the compute process, its other child, runs at the server's)."""
+    for task in Path(f"/proc/{server_pid}/task").glob("*/children"):
+        for child in task.read_text().split():
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[16]) == TRAINER_NICE:  # field 19 of stat: nice
+                return int(child)
+    raise AssertionError("no trainer process")
