@@ -141,6 +141,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "health": ("nextchar.cli.calls", "health"),
     "models": ("nextchar.cli.models", "models_app"),
     "sessions": ("nextchar.cli.sessions", "sessions_app"),
+    "jobs": ("nextchar.cli.jobs", "jobs_app"),
 }
 
 

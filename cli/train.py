@@ -119,20 +119,29 @@ def train(
         if detach:
             _report_detached(run, as_json)
             return
-        _follow(client, run, name, as_json)
+        if not as_json:
+            typer.echo(
+                f"training job {run.job_id} (follow it again with: nextchar jobs watch {run.job_id})",
+                err=True,
+            )
+        follow(client, run, name, as_json)
 
 
 def _report_detached(run: TrainingRun, as_json: bool) -> None:
     job_id = run.job_id
+    job = run.job
     run.detach()
+    state = job.state if job else "queued"
     if as_json:
-        print_json({"job_id": job_id, "state": "running"})
+        print_json({"job_id": job_id, "state": state})
     else:
-        typer.echo(f"training job {job_id} is running on the server")
+        place = f", place {job.queue_position} in the queue" if job and job.queue_position else ""
+        typer.echo(f"training job {job_id} is {state} on the server{place}; nextchar jobs watch {job_id}")
 
 
-def _follow(client: NextCharClient, run: TrainingRun, name: str, as_json: bool) -> None:
-    """Watch the job to its end; Ctrl-C asks whether to cancel it or leave it running."""
+def follow(client: NextCharClient, run: TrainingRun, name: str, as_json: bool) -> None:
+    """Watch the job to its end, then say what was registered; Ctrl-C asks whether to cancel
+    it or leave it running."""
     try:
         with TrainingBar(f"training {name}", enabled=not as_json) as bar:
             job = run.wait(print_json if as_json else bar.update)
@@ -148,9 +157,26 @@ def _follow(client: NextCharClient, run: TrainingRun, name: str, as_json: bool) 
     info = client.model(job.result).info
     if as_json:
         print_json({"job_id": job.job_id, "model": info})
-    else:
-        bpc = fmt_float(info.bits_per_char)
-        typer.echo(f"registered {info.model}{' (default)' if info.is_default else ''}: {bpc} bits/char")
+        return
+    bpc = fmt_float(info.bits_per_char)
+    typer.echo(f"registered {info.model}{' (default)' if info.is_default else ''}: {bpc} bits/char")
+    kept = kept_epoch([p for p in client.loss_history(job.result) if p.kind == "epoch"])
+    if kept:
+        typer.echo(kept)
+
+
+def kept_epoch(epochs: list[Progress]) -> str:
+    """Which epoch's weights a run kept (the best validation) against its last epoch."""
+    scored = [p for p in epochs if p.val_bpc is not None]
+    if not scored:
+        return ""
+    best, last = min(scored, key=lambda p: p.val_bpc or 0.0), scored[-1]
+    if best is last:
+        return f"kept the last epoch's weights ({last.epoch}: the best validation, {fmt_float(last.val_bpc)} bits/char)"
+    return (
+        f"kept epoch {best.epoch}'s weights (the best validation, {fmt_float(best.val_bpc)} bits/char); "
+        f"the last, epoch {last.epoch}, had {fmt_float(last.val_bpc)}"
+    )
 
 
 def _interrupted(run: TrainingRun) -> None:

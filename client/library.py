@@ -21,7 +21,7 @@ from types import TracebackType
 
 from nextchar.client.channel import Connection, Tls
 from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
-from nextchar.client.errors import TrainingFailed
+from nextchar.client.errors import JobNotFound, TrainingFailed
 from nextchar.client.results import (
     Completion,
     Generation,
@@ -213,6 +213,18 @@ class NextCharClient:
     def cancel_job(self, job_id: str) -> Job:
         resp = self._conn.call(self._conn.stub.CancelJob, pb.CancelJobRequest(job_id=job_id))
         return Job.from_pb(resp.job)
+
+    def resume_job(self, job_id: str) -> Job:
+        """Queue a failed job again; it goes on from its last checkpoint."""
+        resp = self._conn.call(self._conn.stub.ResumeJob, pb.ResumeJobRequest(job_id=job_id))
+        return Job.from_pb(resp.job)
+
+    def job(self, job_id: str) -> Job:
+        """One job, as ListJobs sees it; JobNotFound when there is none."""
+        for job in self.jobs():
+            if job.job_id == job_id:
+                return job
+        raise JobNotFound(f"job {job_id!r}: no such job", code="NOT_FOUND")
 
     def jobs(self) -> list[Job]:
         resp = self._conn.call(self._conn.stub.ListJobs, pb.ListJobsRequest())

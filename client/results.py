@@ -264,6 +264,7 @@ class Progress:
 
 
 JOB_STATES = {
+    pb.JOB_STATE_QUEUED: "queued",
     pb.JOB_STATE_RUNNING: "running",
     pb.JOB_STATE_SUCCEEDED: "succeeded",
     pb.JOB_STATE_FAILED: "failed",
@@ -274,13 +275,15 @@ JOB_STATES = {
 @dataclass(frozen=True)
 class Job:
     job_id: str
-    state: str  # running | succeeded | failed | cancelled
+    state: str  # queued | running | succeeded | failed | cancelled
     model_name: str
     result: ModelRef | None  # the registered version once the job succeeded
     error: str
-    started_at: float
-    finished_at: float  # 0 while running
+    started_at: float  # 0 while it waits for a trainer
+    finished_at: float  # 0 until it ends
     latest: Progress | None
+    queue_position: int = 0  # while queued: 1 = next
+    attempts: int = 0  # trainer processes started for it (a resume after a crash starts another)
 
     @classmethod
     def from_pb(cls, msg: pb.JobInfo) -> Job:
@@ -293,11 +296,13 @@ class Job:
             msg.started_at,
             msg.finished_at,
             Progress.from_pb(msg.latest) if msg.HasField("latest") else None,
+            msg.queue_position,
+            msg.attempts,
         )
 
     @property
     def done(self) -> bool:
-        return self.state != "running"
+        return self.state not in ("queued", "running")
 
 
 @dataclass(frozen=True)

@@ -254,3 +254,23 @@ def test_a_second_serve_on_a_busy_port_says_so_in_one_line(tmp_path: Path) -> No
         "make run) running? stop it, or choose another port with --port\n"
     ), done.stderr
     assert "Traceback" not in done.stderr and "Failed to bind" not in done.stderr
+
+
+def test_jobs_from_the_command_line(server_address: str) -> None:
+    s = ("--server", server_address)
+    out, _, _ = run(
+        "train", "--text", NOTEBOOK_TEXT * 8, "--name", "watched", *TINY, "--detach", "--json", *s
+    )
+    job_id = json.loads(out)["job_id"]
+    out, _, _ = run("jobs", "watch", job_id, *s)  # re-attached: to the end, then what was kept
+    assert "registered watched:v" in out and "best validation" in out
+    listed = {j["job_id"]: j for j in json.loads(run("jobs", "list", "--json", *s)[0])}
+    assert listed[job_id]["state"] == "succeeded" and listed[job_id]["attempts"] == 1
+    out, _, _ = run("jobs", "show", job_id, *s)
+    assert job_id in out and "succeeded" in out
+    out, _, _ = run("jobs", "cancel", job_id, *s)
+    assert "already succeeded" in out
+    _, err, code = run("jobs", "resume", job_id, *s, ok=False)
+    assert code == 1 and "only a failed job" in err
+    _, err, code = run("jobs", "show", "job-nope", *s, ok=False)
+    assert code == 1 and "no such job" in err
