@@ -124,15 +124,21 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
 
 def check_text(text: str, config: TrainConfig) -> None:
     """Raise ValueError when the text cannot fill one (T, B) step after the validation split."""
-    train_text, val_text = split_text(text, config.val_fraction)
+    check_length(len(text), config)
+
+
+def check_length(chars: int, config: TrainConfig) -> None:
+    """check_text for a text of chars characters (one too big to hold in memory to ask)."""
+    n_val = int(chars * config.val_fraction)  # as split_text cuts it
+    n_train = chars - n_val
     need = config.batch * config.seq_len + 1
-    if len(train_text) < need:
+    if n_train < need:
         raise ValueError(
-            f"text: {len(train_text)} training characters cannot fill one step of "
+            f"text: {n_train} training characters cannot fill one step of "
             f"batch {config.batch} x seq_len {config.seq_len} (needs {need}); "
             "give more text or lower batch/seq_len"
         )
-    if config.val_fraction > 0 and len(val_text) < 2:
+    if config.val_fraction > 0 and n_val < 2:
         raise ValueError("text: too short to hold out a validation split; set val_fraction 0")
 
 

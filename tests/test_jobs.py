@@ -142,3 +142,29 @@ def trainer_of(server_pid: int) -> int:
             if int(fields[16]) == TRAINER_NICE:  # field 19 of stat: nice
                 return int(child)
     raise AssertionError("no trainer process")
+
+
+def test_a_corpus_above_the_old_message_limit_trains_with_the_server_staying_small(tmp_path: Path) -> None:
+    """70 MB of text (the old single-message limit was 64 MiB) goes up in pieces and trains;
+    the server validates it a piece at a time, so its own memory does not grow with it."""
+    from nextchar.client import NextCharClient, TrainConfig
+
+    server = ServerProcess(tmp_path)
+    try:
+        base_kb = hwm_kb(server.proc.pid)
+        text = CORPUS.read_text() * 63  # 70 MB, ASCII
+        with NextCharClient(server.address, timeout=120) as client:
+            info = client.train(text, name="big", train_config=TrainConfig(max_chars=8192, val_fraction=0.0))
+        assert info.model.name == "big" and len(text) > 64 * 2**20
+        grown_mb = (hwm_kb(server.proc.pid) - base_kb) / 1024
+        assert grown_mb < 40, (
+            f"the server's peak memory grew {grown_mb:.0f} MB for a {len(text) / 1e6:.0f} MB text"
+        )
+    finally:
+        server.close()
+
+
+def hwm_kb(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), KiB."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1])

@@ -21,6 +21,7 @@ so ``ResumeJob`` can take it up again.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import logging
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 from nextchar.core import checkpoint as ck
 from nextchar.core.atomic import atomic_write
-from nextchar.core.config import ModelConfig, TrainConfig, check_text
+from nextchar.core.config import ModelConfig, TrainConfig, check_length
 from nextchar.core.model import CharRNN
 from nextchar.core.vocab import Vocab
 from nextchar.server.errors import FailedPrecondition, InvalidArgument, NotFound, shown
@@ -49,6 +50,7 @@ from nextchar.server.training.trainer import run_training
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 CANCEL_GRACE = 5.0  # seconds a cancelled trainer gets to notice before it is terminated
+READ_PIECE = 1 << 20  # bytes of a training text read at a time to validate it
 MAX_ATTEMPTS = 3  # trainer starts per job: a trainer that keeps dying fails its job
 JOB_FILE, RECORDS_FILE, TEXT_FILE, CHECKPOINT_FILE = "job.json", "records.jsonl", "text.txt", "checkpoint.npz"
 log = logging.getLogger("nextchar.server")
@@ -57,14 +59,24 @@ log = logging.getLogger("nextchar.server")
 def validate(
     text_path: Path, model_config: dict[str, Any], train_config: dict[str, Any], max_vocab: int
 ) -> None:
-    """Raise InvalidArgument naming the field, before any process is started (blocking: reads the text)."""
-    text = text_path.read_text(encoding="utf-8")
-    if not text:
+    """Raise InvalidArgument naming the field, before the job is queued (blocking: reads the
+    text, a piece at a time, so a corpus of any size costs the server one piece of memory)."""
+    chars, distinct = 0, set[str]()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(text_path, "rb") as f:
+            while piece := f.read(READ_PIECE):
+                text = decoder.decode(piece)
+                chars += len(text)
+                distinct.update(text)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"text: not UTF-8 ({exc.reason} near byte {exc.start})") from None
+    if not chars:
         raise InvalidArgument("text: empty; give the training text")
-    distinct = len(set(text))
-    if distinct > max_vocab:
+    if len(distinct) > max_vocab:
         raise InvalidArgument(
-            f"text: {distinct} distinct characters exceed max_vocab ({max_vocab}); "
+            f"text: {len(distinct)} distinct characters exceed max_vocab ({max_vocab}); "
             "the output layer and every step's arrays grow with the vocabulary"
         )
     try:
@@ -76,7 +88,7 @@ def validate(
     except (ValueError, TypeError) as exc:
         raise InvalidArgument(f"train_config.{exc}") from exc
     try:
-        check_text(text, tc)
+        check_length(chars, tc)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from exc
 
