@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 PROTO_GEN := $(VENV)/proto-gen
 
-.PHONY: run demo default-model test bench bench-train bench-serve bench-load bench-abuse bench-complete bench-startup lint proto proto-check clean
+.PHONY: run demo default-model test bench bench-train bench-serve bench-load bench-abuse bench-complete bench-startup bench-train-load lint proto proto-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench-abuse: $(STAMP)
 # Complete: n=3 continuations of up to 12 characters at H=256, in process and over gRPC
 bench-complete: $(STAMP)
 	$(PY) bench/complete_bench.py
+
+# serving latency and throughput with and without a training job on the same machine
+bench-train-load: $(STAMP)
+	$(PY) bench/train_load_bench.py
 
 # the command line's start-up: nextchar --help and nextchar predict, 20 fresh processes each
 bench-startup: $(STAMP)
