@@ -51,6 +51,8 @@ SERVICE_NAME = nextchar_pb2.DESCRIPTOR.services_by_name["NextCharService"].full_
 STORE_CHECK = 1.0  # seconds between pings of the session store (health follows it)
 TRIM_INTERVAL = 5.0  # seconds between looks at whether freed heap pages should go back to the OS
 TRIM_SLACK = 32 * 1024 * 1024  # bytes above the server's smallest size that make a return worth it
+IDLE_TRIM_SLACK = 4 * 1024 * 1024  # the same for an idle server: returning pages costs it nothing
+IDLE_CPU = 0.02  # of a core, over TRIM_INTERVAL: a server using less is idle
 SERVER_TRIM_THRESHOLD = 64 * 1024 * 1024  # free bytes the heap's top keeps (a trainer keeps 1 GiB)
 
 
@@ -195,16 +197,25 @@ class NextCharServer:
 
     async def _trim(self) -> None:
         """Give freed memory back: a burst of big requests or replies (refused or served) must not
-        leave the server at its peak for good. Only while it is TRIM_SLACK above the smallest size
-        it was seen at (a server at its usual size keeps the pages its batches reuse), and in a
-        thread: trimming a large heap takes ~25 ms."""
+        leave the server at its peak for good. A busy server trims only while it is TRIM_SLACK
+        above the smallest size it was seen at (it keeps the pages its batches reuse); an idle
+        one (under IDLE_CPU of a core over the last interval: nothing to re-fault) once per idle
+        spell when it is IDLE_TRIM_SLACK above. In a thread: trimming a large heap takes ~25 ms."""
         floor = resident_bytes()
+        cpu, trimmed_idle = time.process_time(), False
         while True:
             await asyncio.sleep(TRIM_INTERVAL)
             resident = resident_bytes()
             floor = min(floor, resident)
-            if resident - floor > TRIM_SLACK:
+            idle = time.process_time() - cpu < IDLE_CPU * TRIM_INTERVAL
+            cpu = time.process_time()
+            trimmed_idle = trimmed_idle and idle
+            if resident - floor > TRIM_SLACK or (
+                idle and not trimmed_idle and resident - floor > IDLE_TRIM_SLACK
+            ):
                 await asyncio.to_thread(return_freed_memory)
+                trimmed_idle = idle
+                cpu = time.process_time()  # the trim's own work is not activity
 
     async def _watch_store(self) -> None:
         """Health follows the session store: NOT_SERVING while it is unreachable (every session
