@@ -209,6 +209,7 @@ class JobManager:
         self.jobs: dict[str, Job] = {}  # by id, oldest first
         self._ctx = mp.get_context("spawn")  # fork would copy the server's threads and sockets
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False  # the server drains: no trainer starts any more
 
     def running(self) -> list[Job]:
         return [j for j in self.jobs.values() if j.state == RUNNING]
@@ -309,6 +310,7 @@ class JobManager:
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Pause running jobs (they checkpoint and stop, and stay queued in the journal for the
         next start) and wait for their trainers, up to timeout."""
+        self._closing = True
         for job in self.running():
             if job.pause is not None:
                 job.pause.set()
@@ -323,6 +325,8 @@ class JobManager:
 
     def _schedule(self) -> None:
         """Start trainers for the oldest queued jobs while slots are free."""
+        if self._closing:
+            return
         for job in self.queued():
             if len(self.running()) >= self.max_jobs:
                 return
@@ -449,5 +453,4 @@ class JobManager:
                         (job.directory / name).unlink()
         job.save()
         job.notify()
-        if not (job.pause is not None and job.pause.is_set()):  # a draining server starts nothing
-            self._schedule()
+        self._schedule()
