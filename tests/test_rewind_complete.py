@@ -106,6 +106,19 @@ def test_rewind_on_redis_across_replicas(redis_pair: tuple[ServerThread, ServerT
         check_random_rewinds(s, cb.attach(s.id), ca, seed=2)
 
 
+def test_a_stream_rewinds_on_redis_and_another_replica_completes_from_there(
+    redis_pair: tuple[ServerThread, ServerThread],
+) -> None:
+    a, b = redis_pair
+    with client_of(a) as ca, client_of(b) as cb, ca.session() as s:
+        out = list(s.stream(["hello wor", Rewind(2), "orld hel", Rewind(3)]))
+        assert s.offset == len("hello world ") and out[-1].rewind_limit >= 12
+        same_prediction(out[-1].next, ca.predict("hello world ")[-1].top)
+        there = cb.attach(s.id)
+        assert there.refresh().offset == s.offset  # the rewound state is the shared one
+        assert [c.text for c in there.complete(2)] == [c.text for c in ca.complete("hello world ", n=2)]
+
+
 def test_rewind_further_than_kept_is_refused_with_the_limit(memory_server: ServerThread) -> None:
     with client_of(memory_server) as c, c.session() as s:
         with pytest.raises(FailedPrecondition, match="at most 0"):
