@@ -9,6 +9,7 @@ four gates: scale^2 - (scale * tanh(scale * x))^2.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -18,13 +19,18 @@ GATE_SCALE = (0.5, 0.5, 1.0, 0.5)  # i, f, g, o: sigmoid, sigmoid, tanh, sigmoid
 GATE_SHIFT = (0.5, 0.5, 0.0, 0.5)
 
 
+@functools.cache
 def _gate_constants(H: int, dtype: np.dtype[Any], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(scale, shift) shaped to broadcast over the gates: shape (4, 1, 1) gate-major, or (4 * H,)
-    for PyTorch's (N, 4H) row layout."""
+    for PyTorch's (N, 4H) row layout. Cached (inference steps one character at a time), so
+    read-only."""
     scale, shift = np.array(GATE_SCALE, dtype=dtype), np.array(GATE_SHIFT, dtype=dtype)
     if shape == (4 * H,):
-        return np.repeat(scale, H), np.repeat(shift, H)
-    return scale.reshape(shape), shift.reshape(shape)
+        scale, shift = np.repeat(scale, H), np.repeat(shift, H)
+    else:
+        scale, shift = scale.reshape(shape), shift.reshape(shape)
+    scale.flags.writeable = shift.flags.writeable = False
+    return scale, shift
 
 
 def _activate(a: np.ndarray, scale: np.ndarray, shift: np.ndarray, dact: np.ndarray | None = None) -> None:
