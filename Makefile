@@ -36,6 +36,9 @@ test: $(STAMP)
 
 bench: bench-train bench-serve bench-load
 
+# nextchar against PyTorch, 5M characters per cell (~8 min). Both benchmarks run their measured
+# processes without this machine's OpenBLAS pin (bench/bench_env.py) and record the kernel that ran;
+# the tests keep the pin.
 bench-train: $(BENCH_STAMP)
 	$(PY) bench/train_bench.py
 

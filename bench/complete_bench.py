@@ -22,7 +22,6 @@ kernel that ran. Results: ``bench/results/complete-<time>.json``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -32,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-PIN = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # this machine's; a user's has neither
+from bench_env import blas_kernel, unpin_this_process
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CORPORA = [
@@ -43,30 +43,9 @@ TRAIN_CHARS = 2_000_000
 N, MAX_CHARS, HIDDEN = 3, 12, 256
 
 
-def blas_kernel() -> str:
-    """The OpenBLAS kernel NumPy runs (the pin's effect), read from the library itself."""
-    try:
-        path = next(
-            line.split()[-1]
-            for line in Path("/proc/self/maps").read_text().splitlines()
-            if "openblas" in line
-        )
-        lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
-            if hasattr(lib, name):
-                fn = getattr(lib, name)
-                fn.restype = ctypes.c_char_p
-                return str(fn().decode())
-    except (StopIteration, OSError):
-        pass
-    return "unknown"
-
-
 def unpinned() -> None:
     """Run this script again without the OpenBLAS pin, if it is set (before NumPy loads OpenBLAS)."""
-    if any(v in os.environ for v in PIN):
-        env = {k: v for k, v in os.environ.items() if k not in PIN}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    unpin_this_process()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 

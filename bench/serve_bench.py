@@ -17,6 +17,9 @@ of its compute worker process (``--compute-in-thread``). Results go to
 The machine is shared and noisy (±15%, and slow spells that last seconds): each case
 runs ``--rounds`` times, alternating the servers, and a ratio is the median of the
 rounds' back-to-back ratios. Compare ratios within one run.
+
+Every process runs without this machine's OpenBLAS pin (``bench_env``: a user's machine
+has none); the result records the BLAS kernel and thread count that ran.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_env import blas_info, unpin_this_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -391,6 +395,8 @@ def main(duration: float, warmup: float, rounds: int) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "numpy": np.__version__,
             "load_average_1m": os.getloadavg()[0],  # the machine is shared: context for the figures
+            # this process's (the in-process compute's); the servers inherit its environment
+            **blas_info(),
         },
         "model": {"cell": "rnn", "hidden": HIDDEN, "top_k": TOP_K},
         "duration_s": duration,
@@ -420,7 +426,9 @@ def print_table(result: dict[str, Any]) -> None:
             f"{us(e, 'server_us_per_message')} | {c['chars_ratio']:>5.2f} | {thread}"
         )
     print("(srv us: server CPU per message, its compute worker included)")
-    print("\nin-process compute (H=256 rnn, one BLAS thread):")
+    machine = result["machine"]
+    print(f"\nBLAS: OpenBLAS kernel {machine['blas_kernel']}, {machine['blas_threads']} thread(s)")
+    print("in-process compute (H=256 rnn, one BLAS thread):")
     for key, value in result["in_process"].items():
         print(f"  {key:<32} {value:>12,.0f}")
     print("\ngoals:")
@@ -432,6 +440,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    unpin_this_process()  # no OpenBLAS pin for any measured process (see bench_env); the servers inherit
     if len(sys.argv) > 1 and sys.argv[1] == "--echo":
         asyncio.run(echo_server())
     elif len(sys.argv) > 1 and sys.argv[1] == "--client":

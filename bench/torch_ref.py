@@ -2,7 +2,7 @@
 
 It is deliberately the plain, stock-PyTorch way to train a char-RNN (one-hot input,
 one ``nn.RNN``/``nn.GRU``/``nn.LSTM`` layer, ``nn.Linear`` read-out, default
-initialisation, Adam, ``clip_grad_norm_``), because the question the benchmark asks is
+initialisation, Adam, ``clip_grad_norm_``; optionally nextchar's dropout), because the question the benchmark asks is
 "is nextchar at least as good as what anyone would write with PyTorch?", not "can
 PyTorch be tuned to win?".
 
@@ -14,6 +14,11 @@ the same characters in the same order and the bits/char are comparable:
   may be shorter), starting from the detached hidden state the previous step ended in;
 * the state is reset at each epoch start (the streams wrap to their beginnings);
 * training stops after the first step that reaches the character budget.
+
+Dropout (``dropout`` > 0) is nextchar's: inverted dropout (``F.dropout``) on what the
+recurrent layer hands to the read-out, drawn afresh each step, training only; the carried
+state is never masked. With one layer that is the whole of nextchar's rule (a mask on
+each layer's output, the top one's before the read-out).
 
 Validation feeds every validation character once through one stream with the hidden
 state carried, and reports nats / ln 2 per predicted character.
@@ -54,10 +59,13 @@ class RefConfig:
     seed: int = 0
     threads: int = 2
     log_every: int = 100  # steps between progress records
+    dropout: float = 0.0  # inverted dropout on the layer's output before the read-out, training only
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class CharModel:
@@ -75,10 +83,14 @@ class CharModel:
     def parameters(self) -> list[torch.Tensor]:
         return [*self.rnn.parameters(), *self.out.parameters()]
 
-    def __call__(self, x: torch.Tensor, h: Hidden) -> tuple[torch.Tensor, Hidden]:
-        """(T, B) indices from state h -> (logits (T*B, V), state after the last character)."""
+    def __call__(self, x: torch.Tensor, h: Hidden, dropout: float = 0.0) -> tuple[torch.Tensor, Hidden]:
+        """(T, B) indices from state h -> (logits (T*B, V), state after the last character).
+
+        dropout (training only): inverted dropout on the outputs the read-out sees, not on h."""
         onehot = F.one_hot(x, self.vocab_size).to(torch.float32)
-        ys, h = self.rnn(onehot, h)
+        ys, h = self.rnn(onehot, h)  # (T, B, H)
+        if dropout:
+            ys = F.dropout(ys, p=dropout, training=True)
         return self.out(ys.reshape(-1, ys.shape[-1])), h
 
 
@@ -130,7 +142,7 @@ def train_reference(
         if epoch_start:
             h = None
         t0 = time.perf_counter()
-        loss, h = _train_step(model, optimizer, x, y, h, config.clip)
+        loss, h = _train_step(model, optimizer, x, y, h, config.clip, config.dropout)
         seconds += time.perf_counter() - t0
         steps += 1
         chars += x.numel()
@@ -164,9 +176,10 @@ def _train_step(
     y: torch.Tensor,
     h: Hidden,
     clip: float,
+    dropout: float,
 ) -> tuple[float, Hidden]:
     """One update on a (T, B) window; returns (mean loss in nats, detached state to carry)."""
-    logits, h = model(x, h)
+    logits, h = model(x, h, dropout)
     loss = F.cross_entropy(logits, y.reshape(-1))
     optimizer.zero_grad(set_to_none=True)
     # cast: Tensor.backward is untyped in torch 2.13, and mypy must pass with or without torch

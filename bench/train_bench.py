@@ -2,8 +2,8 @@
 
 Run: ``make bench-train`` (installs torch 2.13.0 first), or directly::
 
-    .venv/bin/python bench/train_bench.py                      # rnn 5M chars, gru/lstm 1M (~10 min)
-    .venv/bin/python bench/train_bench.py --cells rnn --chars 5000000
+    .venv/bin/python bench/train_bench.py                      # 5M chars per cell (~8 min)
+    .venv/bin/python bench/train_bench.py --cells gru --chars 1000000 --dropout 0.25
     .venv/bin/python bench/train_bench.py --quick              # 100k chars per cell: a smoke test
 
 Throughput on a shared machine drifts by ±15% between runs, so the figure that counts is
@@ -15,7 +15,16 @@ Each training run happens in a fresh process: nextchar tunes glibc's malloc for 
 whole process and torch keeps OpenMP threads around, and neither should tilt the other's
 figures. Both sides share the data file, the 90/10 split, the vocabulary (V includes
 nextchar's unknown slot), the cell, H, B, T, Adam lr 2e-3, global-norm clip 5, seed 0 and
-the character budget. chars/s counts training steps only; validation is timed apart.
+the character budget (and, with --dropout, the same dropout: on what the layer hands to
+the read-out, inverted, training only). chars/s counts training steps only; validation is
+timed apart.
+
+The measured processes run without this machine's OpenBLAS pin (bench_env; --keep-pin
+keeps it), and each records the BLAS kernel and thread count that ran. The arithmetic
+limit: fresh processes time float32 products of the step's big shapes, at the start and
+the end of the run, and the best rate is what each cell's chars/s is set against, at
+6·H·(G·H + V) flops per character (G gates; forward, backward and weight gradients of the
+recurrent product and the read-out; the one-hot input is a gather).
 
 Figures go to bench/results/train-<timestamp>.json and bench/results/train-latest.json.
 """
@@ -36,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_env import PIN, blas_info, matmul_gflops, pin_of
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -43,9 +53,11 @@ DATA_FILE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 RESULTS_DIR = BENCH_DIR / "results"
 
 VAL_FRACTION = 0.1  # the last 10% is validation, split exactly as nextchar.core.train does
-DEFAULT_CHARS = {"rnn": 5_000_000, "gru": 1_000_000, "lstm": 1_000_000}
+DEFAULT_CHARS = {"rnn": 5_000_000, "gru": 5_000_000, "lstm": 5_000_000}
 QUICK_CHARS = 100_000
-RATIO_GOAL = {"rnn": 1.0, "gru": 0.8, "lstm": 0.8}  # the goal: nextchar/torch chars/s
+RATIO_GOAL = {"rnn": 2.8, "gru": 1.8, "lstm": 1.2}  # the goal: nextchar/torch chars/s, unpinned
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+LIMIT_GOAL = {"rnn": 0.6}  # the goal: chars/s x flops per char / the machine's matrix-product rate
 BPC_GOAL_PCT = 2.0  # the goal: nextchar's bits/char within 2% of torch's
 IMPLS = ("nextchar", "torch")
 BUSY_WARNING = 0.1  # foreign CPU share above which throughput figures are flagged
@@ -77,7 +89,9 @@ def split_text(text: str) -> tuple[str, str]:
 # every run starts from a clean interpreter.
 
 
-def run_torch(data: str, cell: str, shape: dict[str, int], chars: int, log_every: int) -> dict[str, Any]:
+def run_torch(
+    data: str, cell: str, shape: dict[str, int], chars: int, log_every: int, dropout: float
+) -> dict[str, Any]:
     """Train and score the PyTorch reference on the same split and vocabulary as nextchar."""
     from nextchar.core.vocab import Vocab
     from torch_ref import RefConfig, train_reference
@@ -85,17 +99,20 @@ def run_torch(data: str, cell: str, shape: dict[str, int], chars: int, log_every
     text = Path(data).read_text(encoding="utf-8")
     vocab = Vocab.from_text(text)
     train_text, val_text = split_text(text)
-    config = RefConfig(cell=cell, max_chars=chars, log_every=log_every, **shape)
-    return train_reference(
+    config = RefConfig(cell=cell, max_chars=chars, log_every=log_every, dropout=dropout, **shape)
+    result = train_reference(
         vocab.encode(train_text),
         vocab.encode(val_text),
         vocab.size,
         config,
         on_progress=_printer("torch", cell),
     )
+    return {**result, **blas_info()}  # NumPy's BLAS here; torch's own threads are result["threads"]
 
 
-def run_nextchar(data: str, cell: str, shape: dict[str, int], chars: int, log_every: int) -> dict[str, Any]:
+def run_nextchar(
+    data: str, cell: str, shape: dict[str, int], chars: int, log_every: int, dropout: float
+) -> dict[str, Any]:
     """Train nextchar through its public API and report the same figures as the reference.
 
     val_bpc is the validation after the last step (the budget), which is what the
@@ -123,6 +140,7 @@ def run_nextchar(data: str, cell: str, shape: dict[str, int], chars: int, log_ev
             seed=0,
             max_chars=chars,
             log_every=log_every,
+            dropout=dropout,
         ),
         on_progress=_printer("nextchar", cell),
     )
@@ -139,6 +157,20 @@ def run_nextchar(data: str, cell: str, shape: dict[str, int], chars: int, log_ev
         "best_val_bpc": s.get("val_bpc"),
         "epochs": s.get("epochs"),
         "wall_seconds": s.get("wall_seconds"),
+        "vocab_size": res.model.vocab.size,
+        **blas_info(),
+    }
+
+
+def run_matmul(shape: dict[str, int]) -> dict[str, Any]:
+    """The machine's float32 matrix-product rate on the training step's big shapes, in this process's
+    BLAS (as unpinned as the training runs'): the window's (T*B, H) @ (H, H) and the weight
+    gradient's (H, T*B) @ (T*B, H)."""
+    H, TB = shape["hidden"], shape["batch"] * shape["seq_len"]
+    return {
+        "window_gflops": matmul_gflops(TB, H, H),
+        "weight_grad_gflops": matmul_gflops(H, TB, H),
+        **blas_info(),
     }
 
 
@@ -200,7 +232,7 @@ def compare(
     cell: str, shape: dict[str, int], chars: int, data: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Train both implementations of one configuration and put their figures side by side."""
-    entry: dict[str, Any] = {"cell": cell, **shape, "budget_chars": chars}
+    entry: dict[str, Any] = {"cell": cell, **shape, "budget_chars": chars, "dropout": args.dropout}
     runners = {"torch": run_torch, "nextchar": run_nextchar}
     for impl in args.impls:
         print(
@@ -208,14 +240,17 @@ def compare(
             file=sys.stderr,
             flush=True,
         )
-        entry[impl] = in_fresh_process(runners[impl], str(data), cell, shape, chars, args.log_every)
+        entry[impl] = in_fresh_process(
+            runners[impl], str(data), cell, shape, chars, args.log_every, args.dropout
+        )
     entry.update(verdict(cell, shape, chars, entry))
     return entry
 
 
 def verdict(cell: str, shape: dict[str, int], chars: int, entry: dict[str, Any]) -> dict[str, Any]:
     """The ratio and bits/char gap, judged against the goals above when both sides ran."""
-    anchor = ANCHOR_BPC.get((cell, shape["hidden"], shape["batch"], shape["seq_len"], chars))
+    key = (cell, shape["hidden"], shape["batch"], shape["seq_len"], chars)
+    anchor = None if entry["dropout"] else ANCHOR_BPC.get(key)
     out: dict[str, Any] = {"anchor_torch_val_bpc": anchor}
     if "torch" not in entry or "nextchar" not in entry:
         return out
@@ -229,6 +264,29 @@ def verdict(cell: str, shape: dict[str, int], chars: int, entry: dict[str, Any])
         bpc_gap_pct=gap,
         bpc_met=gap <= BPC_GOAL_PCT,
     )
+    return out
+
+
+def flops_per_char(cell: str, hidden: int, vocab: int) -> int:
+    """6·H·(G·H + V): the forward product, its backward and its weight gradient (2 flops per
+    multiply-add each), for the recurrent weights (H, G·H) and the read-out (H, V)."""
+    return 6 * hidden * (GATES[cell] * hidden + vocab)
+
+
+def arithmetic_limit(entry: dict[str, Any], gflops: float) -> dict[str, Any]:
+    """Each side's chars/s as a fraction of what the machine's matrix-product rate allows."""
+    nc = entry.get("nextchar")
+    vocab = nc["vocab_size"] if nc else None
+    if vocab is None:
+        return {}
+    flops = flops_per_char(entry["cell"], entry["hidden"], vocab)
+    out: dict[str, Any] = {"flops_per_char": flops, "limit_chars_per_sec": gflops * 1e9 / flops}
+    for impl in IMPLS:
+        if impl in entry:
+            out[f"{impl}_limit_fraction"] = entry[impl]["chars_per_sec"] * flops / (gflops * 1e9)
+    goal = LIMIT_GOAL.get(entry["cell"])
+    if goal is not None:
+        out.update(limit_goal=goal, limit_met=out["nextchar_limit_fraction"] >= goal)
     return out
 
 
@@ -267,13 +325,24 @@ def write_results(report: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    """The short human summary: throughput of each, their ratio, validation bits/char of each."""
+def table(results: list[dict[str, Any]], blas: dict[str, Any]) -> str:
+    """The short human summary: throughput of each, their ratio, validation bits/char of each, and
+    nextchar's fraction of the arithmetic limit."""
     head = (
         f"{'config':<22} {'chars':>10} {'nextchar c/s':>13} {'torch c/s':>10} {'ratio':>6}"
-        f" {'nextchar bpc':>13} {'torch bpc':>10} {'gap':>7}"
+        f" {'nextchar bpc':>13} {'torch bpc':>10} {'gap':>7} {'limit':>6}"
     )
-    lines = [head, "-" * len(head)]
+    nc_blas: dict[str, Any] = next((r["nextchar"] for r in results if "nextchar" in r), {})
+    torch_threads = next((r["torch"].get("threads") for r in results if "torch" in r), None)
+    lines = [
+        f"BLAS: nextchar ran OpenBLAS kernel {nc_blas.get('blas_kernel', '-')} on "
+        f"{nc_blas.get('blas_threads', '-')} thread(s), torch {torch_threads} thread(s); "
+        f"pin removed: {blas['pin_removed'] or 'none set'}",
+        f"arithmetic limit: float32 matrix products at {blas['gflops']:.0f} GFLOP/s (best of "
+        f"{', '.join(f'{g:.0f}' for g in blas['gflops_runs'])})",
+        head,
+        "-" * len(head),
+    ]
     for r in results:
         nc, ref = r.get("nextchar", {}), r.get("torch", {})
         name = f"{r['cell']} H{r['hidden']} B{r['batch']} T{r['seq_len']}"
@@ -282,6 +351,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f" {_num(ref, 'chars_per_sec'):>10} {_fmt(r.get('ratio'), '.2f', r.get('ratio_met')):>6}"
             f" {_fmt(nc.get('val_bpc'), '.3f'):>13} {_fmt(ref.get('val_bpc'), '.3f'):>10}"
             f" {_fmt(r.get('bpc_gap_pct'), '+.1f', r.get('bpc_met'), '%'):>7}"
+            f" {_fmt(r.get('nextchar_limit_fraction'), '.0%', r.get('limit_met')):>6}"
         )
         if r.get("anchor_torch_val_bpc") is not None:
             lines.append(f"{'':<22} (reference run: torch {r['anchor_torch_val_bpc']} bpc at this budget)")
@@ -294,9 +364,11 @@ def table(results: list[dict[str, Any]]) -> str:
             f"WARNING: other processes used up to {busiest:.0%} of the CPUs during a run; "
             "chars/s and the ratio are not trustworthy (bits/char still are)"
         )
+    goals = ", ".join(f"{cell} >= {goal}" for cell, goal in RATIO_GOAL.items())
     lines.append(
-        "ratio = nextchar/torch chars/s (goal >= 1.0 rnn, >= 0.8 gru/lstm); "
-        "gap = bpc difference vs torch (goal <= +2%); * = goal missed"
+        f"ratio = nextchar/torch chars/s (goal {goals}); gap = bpc difference vs torch (goal <= +2%);\n"
+        "limit = nextchar chars/s x 6·H·(G·H+V) flops per char / the matrix-product rate "
+        f"(goal rnn >= {LIMIT_GOAL['rnn']:.0%}); * = goal missed"
     )
     return "\n".join(lines)
 
@@ -334,11 +406,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="which sides to run (both for a ratio)",
     )
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    p.add_argument("--dropout", type=float, default=0.0, help="the same dropout on both sides (0: none)")
+    p.add_argument(
+        "--keep-pin",
+        action="store_true",
+        help=f"keep this machine's OpenBLAS pin ({', '.join(PIN)}) for the measured processes",
+    )
     p.add_argument("--data", type=Path, default=DATA_FILE)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     if args.chars is not None and args.chars < 1:
         p.error("--chars must be positive")
+    if not 0.0 <= args.dropout < 1.0:
+        p.error("--dropout must be in [0, 1)")
     return args
 
 
@@ -354,8 +434,24 @@ def main(argv: list[str] | None = None) -> int:
     text = load_text(data)
     train_text, val_text = split_text(text)
     shape = {"hidden": args.hidden, "batch": args.batch, "seq_len": args.seq_len}
+    pin = pin_of(os.environ)
+    if not args.keep_pin:  # the spawned workers inherit this environment; this process measures nothing
+        for name in pin:
+            del os.environ[name]
     started = time.time()
+    rates = [in_fresh_process(run_matmul, shape)]
     results = [compare(cell, shape, budget(cell, args), data, args) for cell in args.cells]
+    rates.append(in_fresh_process(run_matmul, shape))
+    gflops_runs = [max(r["window_gflops"], r["weight_grad_gflops"]) for r in rates]
+    blas = {
+        "pin_removed": {} if args.keep_pin else pin,
+        "pin_kept": pin if args.keep_pin else {},
+        "gflops": max(gflops_runs),
+        "gflops_runs": gflops_runs,
+        "matmul_runs": rates,
+    }
+    for entry in results:
+        entry.update(arithmetic_limit(entry, blas["gflops"]))
     report = {
         "timestamp": time.strftime("%Y%m%d-%H%M%S", time.localtime(started)),
         "wall_seconds": time.time() - started,
@@ -373,12 +469,14 @@ def main(argv: list[str] | None = None) -> int:
             "seed": 0,
             "torch_threads": 2,
             "val_fraction": VAL_FRACTION,
+            "dropout": args.dropout,
         },
         "environment": environment(),
+        "blas": blas,
         "results": results,
     }
     path = write_results(report, args.out)
-    print(table(results))
+    print(table(results, blas))
     print(f"results: {path} (and {path.parent / 'train-latest.json'})")
     return 0
 

@@ -51,7 +51,7 @@ TRAIN_CONFIG = TrainConfig(
 PROBE_LINE = "You have taken it wiselier than I meant you should."
 # of the file make default-model writes, on this machine's (pinned) OpenBLAS kernel; the shipped
 # file is that build, and tests/test_default_model.py checks it
-SHA256 = "93035385d1b157846d8c6d30862560279c5010f43dc66a0c91ac3a9f755c83ce"
+SHA256 = "63f8ca30934f57247ccbbc851871f507a99b093a3cfaf2efce97bdcf42909112"
 # what differs from one build to the next: throughput and timings, kept out of the file
 TIMINGS = ("chars_per_sec", "elapsed", "wall_seconds", "eta_seconds", "train_seconds")
 

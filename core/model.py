@@ -165,26 +165,31 @@ class CharRNN:
             if cache.mask is not None:
                 dhs *= cache.mask  # dL/dhs = dL/d(hs * mask) * mask
             dxp, dWhh, dbhn = self.cell.backward(cache, dhs, p[f"l{layer}.Whh"])
-            dxp2 = dxp.reshape(T * B, -1)
+            dxp2 = dxp.reshape(T * B, -1)  # (T*B, G*H)
             grads[f"l{layer}.Whh"] = dWhh
-            grads[f"l{layer}.bh"] = dxp2.sum(axis=0)
             if dbhn is not None:
                 grads[f"l{layer}.bhn"] = dbhn
             if layer == 0:
-                grads["l0.Wxh"] = _scatter_rows(inputs.reshape(T * B), dxp2, p["l0.Wxh"].shape[0])
+                dWxh = _scatter_rows(inputs.reshape(T * B), dxp2, p["l0.Wxh"].shape[0])  # (V, G*H)
+                grads["l0.Wxh"] = dWxh
+                # every character adds its dxp row to exactly one row of dWxh, so dWxh's column
+                # sums are dbh: (V, G*H) summed instead of (T*B, G*H)
+                grads["l0.bh"] = dWxh.sum(axis=0)
             else:
+                grads[f"l{layer}.bh"] = dxp2.sum(axis=0)
                 below = caches[layer - 1].output().reshape(T * B, H)
                 grads[f"l{layer}.Wxh"] = below.T @ dxp2
                 dhs = (dxp2 @ p[f"l{layer}.Wxh"].T).reshape(T, B, H)
         return loss, grads, new_state, nats
 
     def _input_projection(self, layer: int, inputs: np.ndarray, below: np.ndarray | None) -> np.ndarray:
-        """xp = x @ Wxh + bh for inputs of any leading shape ((T, B) or (N,)): a row gather at layer 0."""
+        """xp = x @ Wxh + bh for inputs of any leading shape ((T, B) or (N,)): a row gather at layer 0
+        (of Wxh + bh, (V, G*H), so the bias is added once per character of the vocabulary, not per
+        character of the input)."""
         Wxh, bh = self.params[f"l{layer}.Wxh"], self.params[f"l{layer}.bh"]
         if below is None:
-            xp = Wxh[inputs]  # (..., G*H)
-        else:
-            xp = (below.reshape(-1, below.shape[-1]) @ Wxh).reshape(*below.shape[:-1], -1)
+            return (Wxh + bh)[inputs]  # (..., G*H)
+        xp = (below.reshape(-1, below.shape[-1]) @ Wxh).reshape(*below.shape[:-1], -1)
         xp += bh
         return xp
 

@@ -8,6 +8,14 @@ PyTorch's order, so weights and results compare directly with torch.nn.
 
 A cell's state is one array per sample, ``state_width`` * H wide: h for rnn and
 gru, [h, c] for lstm.
+
+Speed (training is bound by the recurrent products, (B, H) @ (H, G*H), that must run one
+step after another): inside the time loops every operation writes into preallocated
+memory (``out=``, in-place), and whatever the backward needs that does not depend on the
+incoming gradient (the gates' derivatives) is computed in the forward loop, on the step's
+small arrays while they are still in cache, rather than in passes over whole (T, B, G*H)
+arrays afterwards. What needs no loop runs once per window: the input projection (by the
+caller) and the weight gradient dWhh, one (H, T*B) @ (T*B, G*H) product.
 """
 
 from __future__ import annotations
@@ -32,21 +40,35 @@ class LayerCache:
     """What BPTT needs from the forward pass of one layer over one chunk."""
 
     h0: np.ndarray  # (B, W*H) state entering the chunk
-    hs: np.ndarray  # (T, B, H) hidden outputs
-    gates: dict[str, np.ndarray] = field(default_factory=dict)  # (T, B, ...) per-cell activations
+    h: np.ndarray  # (T+1, B, H): h[0] the h entering the chunk, h[t+1] step t's output (hidden_buffer)
+    gates: dict[str, np.ndarray] = field(default_factory=dict)  # (T, B, ...) per-cell factors
     # Training with dropout only (set by the model, not the cell): the (T, B, H) inverted-dropout
     # mask on hs, and out = hs * mask, what the layer above or the read-out received.
     mask: np.ndarray | None = None
     out: np.ndarray | None = None
+
+    @property
+    def hs(self) -> np.ndarray:
+        """(T, B, H) hidden outputs, a view."""
+        return self.h[1:]
 
     def output(self) -> np.ndarray:
         """(T, B, H): what the layer above (or the read-out) received from this layer."""
         return self.hs if self.out is None else self.out
 
     def previous_h(self) -> np.ndarray:
-        """h entering each step, (T, B, H): the input of every recurrent product."""
-        H = self.hs.shape[2]
-        return np.concatenate([self.h0[None, :, :H], self.hs[:-1]], axis=0)
+        """h entering each step, (T, B, H): the input of every recurrent product (a view, no copy)."""
+        return self.h[:-1]
+
+
+def hidden_buffer(state: np.ndarray, xp: np.ndarray, H: int) -> np.ndarray:
+    """(T+1, B, H) for the h of a forward over xp (T, B, G*H): row 0 the h in state (B, W*H),
+    rows 1..T for the steps to fill, so the inputs of all the window's recurrent products are
+    one contiguous view (LayerCache.previous_h)."""
+    T, B, _ = xp.shape
+    h = np.empty((T + 1, B, H), dtype=xp.dtype)
+    h[0] = state[:, :H]
+    return h
 
 
 class Cell(ABC):
@@ -83,6 +105,7 @@ class Cell(ABC):
         """
         dxp, drec = self.backward_preacts(cache, dhs, Whh)
         T, B, H = cache.hs.shape
+        # dWhh = sum over t of h_{t-1}^T drec_t: one (H, T*B) @ (T*B, G*H) product for the window
         dWhh = cache.previous_h().reshape(T * B, H).T @ drec.reshape(T * B, -1)
         dbhn = drec[:, :, 2 * H :].sum(axis=(0, 1)) if self.has_bhn else None
         return dxp, dWhh, dbhn

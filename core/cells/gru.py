@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from nextchar.core.cells.base import Cell, LayerCache, sigmoid
+from nextchar.core.cells.base import Cell, LayerCache, hidden_buffer, sigmoid
 
 
 class GRU(Cell):
@@ -26,53 +26,70 @@ class GRU(Cell):
     def forward(
         self, xp: np.ndarray, state: np.ndarray, Whh: np.ndarray, bhn: np.ndarray | None
     ) -> tuple[np.ndarray, LayerCache]:
+        """T steps, each step's gates gate-major, (3, B, H), so every gate is one contiguous block
+        (as in lstm.py). What the backward needs is computed here, per step, while it is in
+        cache: the gates r, z (T, 2, B, H); k_rz (T, 2, B, H), which turns dn_pre (r) or dh (z)
+        into the gate's pre-activation gradient; k_n (T, B, H), which turns dh into dn_pre."""
         assert bhn is not None
         T, B, G = xp.shape
         H = G // 3
-        hs = np.empty((T, B, H), dtype=xp.dtype)
-        rz = np.empty((T, B, 2 * H), dtype=xp.dtype)
-        n = np.empty((T, B, H), dtype=xp.dtype)
-        ghn = np.empty((T, B, H), dtype=xp.dtype)
-        gh = np.empty((B, G), dtype=xp.dtype)
-        h = state
+        # gate-major views: Whh as (3, H, H) (a copy, so one batched product writes each gate's
+        # block), xp as (T, 3, B, H) (a strided view)
+        Whh3 = np.ascontiguousarray(Whh.reshape(H, 3, H).transpose(1, 0, 2))
+        xp3 = xp.reshape(T, B, 3, H).transpose(0, 2, 1, 3)
+        h = hidden_buffer(state, xp, H)  # (T+1, B, H)
+        rz = np.empty((T, 2, B, H), dtype=xp.dtype)
+        k_rz = np.empty((T, 2, B, H), dtype=xp.dtype)
+        k_n = np.empty((T, B, H), dtype=xp.dtype)
+        gh = np.empty((3, B, H), dtype=xp.dtype)  # h @ Whh, gate-major
+        ghn = gh[2]
+        n = np.empty((B, H), dtype=xp.dtype)
+        diff = np.empty((B, H), dtype=xp.dtype)
         for t in range(T):
-            np.matmul(h, Whh, out=gh)
-            np.add(xp[t, :, : 2 * H], gh[:, : 2 * H], out=rz[t])
-            sigmoid(rz[t], out=rz[t])
-            np.add(gh[:, 2 * H :], bhn, out=ghn[t])
-            np.multiply(rz[t, :, :H], ghn[t], out=n[t])
-            n[t] += xp[t, :, 2 * H :]
-            np.tanh(n[t], out=n[t])
-            # h' = n + z * (h - n)
-            np.subtract(h, n[t], out=hs[t])
-            hs[t] *= rz[t, :, H:]
-            hs[t] += n[t]
-            h = hs[t]
-        return h.copy(), LayerCache(h0=state, hs=hs, gates={"rz": rz, "n": n, "ghn": ghn})
+            np.matmul(h[t], Whh3, out=gh)
+            a = np.add(xp3[t, :2], gh[:2], out=rz[t])  # (2, B, H)
+            a *= 0.5  # sigmoid(x) = 0.5 * tanh(0.5 * x) + 0.5, as base.sigmoid
+            np.tanh(a, out=a)
+            a *= 0.5
+            np.multiply(a, a, out=k_rz[t])  # sigmoid' = 0.25 - (0.5 * tanh(0.5 * x))^2
+            np.subtract(0.25, k_rz[t], out=k_rz[t])
+            a += 0.5
+            r, z = a
+            ghn += bhn
+            np.multiply(r, ghn, out=n)  # n = tanh(xp_n + r * (h Whh_n + bhn))
+            n += xp3[t, 2]
+            np.tanh(n, out=n)
+            np.subtract(h[t], n, out=diff)  # h' = n + z * (h - n)
+            np.multiply(z, diff, out=h[t + 1])
+            h[t + 1] += n
+            k_rz[t, 0] *= ghn  # d n_pre / d a_r
+            k_rz[t, 1] *= diff  # d h' / d a_z
+            np.multiply(n, n, out=k_n[t])  # d h' / d n_pre = (1 - z) * (1 - n^2)
+            np.subtract(1.0, k_n[t], out=k_n[t])
+            np.subtract(1.0, z, out=diff)
+            k_n[t] *= diff
+        return h[T].copy(), LayerCache(h0=state, h=h, gates={"rz": rz, "k_rz": k_rz, "k_n": k_n})
 
     def backward_preacts(
         self, cache: LayerCache, dhs: np.ndarray, Whh: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         T, B, H = cache.hs.shape
-        rz, n, ghn = cache.gates["rz"], cache.gates["n"], cache.gates["ghn"]
-        r, z = rz[:, :, :H], rz[:, :, H:]
-        # Everything that does not depend on dh is computed for all T at once, outside the loop.
-        k_n = (1.0 - z) * (1.0 - np.square(n))  # dL/d(n preact) = dh * k_n
-        k_r = ghn * r * (1.0 - r)  # dL/d(r preact) = dn_pre * k_r
-        k_z = (cache.previous_h() - n) * z * (1.0 - z)  # dL/d(z preact) = dh * k_z
-        dxp = np.empty((T, B, 3 * H), dtype=dhs.dtype)
-        dgh = np.empty((T, B, 3 * H), dtype=dhs.dtype)
+        rz, k_rz, k_n = cache.gates["rz"], cache.gates["k_rz"], cache.gates["k_n"]
+        dxp = np.empty((T, B, 3 * H), dtype=dhs.dtype)  # PyTorch's row layout, as xp
+        dgh = np.empty((T, B, 3 * H), dtype=dhs.dtype)  # dL/d(h @ Whh): dxp, but dn_pre * r for n
+        d = np.empty((3, B, H), dtype=dhs.dtype)  # this step's dr_pre, dz_pre, dn_pre, gate-major
         WhhT = np.ascontiguousarray(Whh.T)
         dh = np.zeros((B, H), dtype=dhs.dtype)
         back = np.empty((B, H), dtype=dhs.dtype)
         for t in range(T - 1, -1, -1):
             dh += dhs[t]
-            dan = np.multiply(dh, k_n[t], out=dxp[t, :, 2 * H :])
-            np.multiply(dan, r[t], out=dgh[t, :, 2 * H :])
-            np.multiply(dan, k_r[t], out=dxp[t, :, :H])
-            np.multiply(dh, k_z[t], out=dxp[t, :, H : 2 * H])
-            dgh[t, :, : 2 * H] = dxp[t, :, : 2 * H]
+            np.multiply(dh, k_n[t], out=d[2])
+            np.multiply(d[2], k_rz[t, 0], out=d[0])
+            np.multiply(dh, k_rz[t, 1], out=d[1])
+            np.copyto(dxp[t].reshape(B, 3, H), d.transpose(1, 0, 2))
+            d[2] *= rz[t, 0]
+            np.copyto(dgh[t].reshape(B, 3, H), d.transpose(1, 0, 2))
             np.matmul(dgh[t], WhhT, out=back)
-            dh *= z[t]
+            dh *= rz[t, 1]
             dh += back
         return dxp, dgh

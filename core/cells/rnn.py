@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from nextchar.core.cells.base import Cell, LayerCache
+from nextchar.core.cells.base import Cell, LayerCache, hidden_buffer
 
 
 class RNN(Cell):
@@ -18,26 +18,28 @@ class RNN(Cell):
     def forward(
         self, xp: np.ndarray, state: np.ndarray, Whh: np.ndarray, bhn: np.ndarray | None
     ) -> tuple[np.ndarray, LayerCache]:
-        T, B, H = xp.shape
-        hs = np.empty((T, B, H), dtype=xp.dtype)
-        h = state
+        T, H = xp.shape[0], xp.shape[2]
+        h = hidden_buffer(state, xp, H)  # (T+1, B, H)
         for t in range(T):
-            a = np.matmul(h, Whh, out=hs[t])
+            a = np.matmul(h[t], Whh, out=h[t + 1])  # (B, H)
             a += xp[t]
-            h = np.tanh(a, out=a)
-        return h.copy(), LayerCache(h0=state, hs=hs)
+            np.tanh(a, out=a)
+        return h[T].copy(), LayerCache(h0=state, h=h)
 
     def backward_preacts(
         self, cache: LayerCache, dhs: np.ndarray, Whh: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        T = cache.hs.shape[0]
-        da = np.square(cache.hs)  # becomes 1 - h^2, then dL/da in place
-        np.subtract(1.0, da, out=da)
+        T = dhs.shape[0]
+        hs = cache.hs
+        da = np.empty_like(dhs)  # (T, B, H) dL/d(preact)
         WhhT = np.ascontiguousarray(Whh.T)
-        dh = dhs[T - 1].copy()
+        dh = dhs[T - 1].copy()  # (B, H)
         for t in range(T - 1, -1, -1):
             if t < T - 1:
                 np.matmul(da[t + 1], WhhT, out=dh)
                 dh += dhs[t]
+            # da = dh * (1 - h^2), on the step's (B, H) while it is in cache
+            np.multiply(hs[t], hs[t], out=da[t])
+            np.subtract(1.0, da[t], out=da[t])
             da[t] *= dh
         return da, da
