@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -26,8 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_bench as sb  # the server command, its start-up and the load client
+from bench_env import unpin_this_process
 
-PIN = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 CASES = [(1, "ping-pong"), (100, "100 streams")]
 
 
@@ -111,10 +110,7 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    if any(v in os.environ for v in PIN):  # the measured processes run unpinned, as a user's would
-        os.execve(
-            sys.executable, [sys.executable, *sys.argv], {k: v for k, v in os.environ.items() if k not in PIN}
-        )
+    unpin_this_process()  # the measured processes run unpinned, as a user's would (bench_env)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per case and round")
     parser.add_argument("--rounds", type=int, default=2)
