@@ -1,22 +1,24 @@
 """Serving benchmark: nextchar's gRPC server vs a no-op echo server with the same messages.
 
-Run: ``make bench-serve`` (or ``python bench/serve_bench.py [--duration S] [--rounds N]``).
+Run: ``make bench-serve`` (or ``python bench/serve_bench.py [--duration S] [--rounds N]
+[--cases 1x1,100x64] [--with-thread]``).
 
 Both servers run as their own processes (nextchar via ``python -m nextchar.cli serve``,
 one BLAS thread); the load comes from a separate client process (grpc.aio), one
 ping-pong stream per simulated client: 1, 100 and 1,000 concurrent streams, with
 1-character messages and 64-character chunks, top-3 predictions. Reported per
-case: characters/s, messages/s, p50/p99 per-message latency, and nextchar/echo
-ratios; plus the in-process batched-step throughput of the same H=256 rnn model
-(``model.step`` over N sessions, and the scheduler's batch ``compute`` with top-k),
-the compute ceiling the service is measured against. The 64-character cases also
-run against a second nextchar server that computes big batches in a thread instead
-of its compute worker process (``--compute-in-thread``). Results go to
-``bench/results/serve-<time>.json``; a short table is printed.
+case: characters/s, messages/s, p50/p99 per-message latency, the server's CPU per
+message (its compute process included), and the figure that counts, nextchar's
+**overhead**: its CPU per message minus the echo server's minus the in-process
+arithmetic that computes the same predictions (one ``inference.advance`` of the
+case's batch, top-k and surprisal included, fastest of repeated calls). The goals
+(issue 12) are checked and printed beside their figures. ``--with-thread`` also runs
+the 64-character cases against a server that computes big batches in a thread.
+Results go to ``bench/results/serve-<time>.json``; a short table is printed.
 
 The machine is shared and noisy (±15%, and slow spells that last seconds): each case
-runs ``--rounds`` times, alternating the servers, and a ratio is the median of the
-rounds' back-to-back ratios. Compare ratios within one run.
+runs ``--rounds`` times, alternating the servers, and a ratio (and the overhead) is
+the median of the rounds' back-to-back figures. Compare figures within one run.
 
 Every process runs without this machine's OpenBLAS pin (``bench_env``: a user's machine
 has none); the result records the BLAS kernel and thread count that ran.
@@ -172,46 +174,30 @@ async def load(port: int, streams: int, chunk: int, duration: float, warmup: flo
     }
 
 
-# ---------------------------------------------------------------- in-process compute ceiling
+# ---------------------------------------------------------------- in-process arithmetic
 
 
-def compute_ceiling(seconds: float = 1.5) -> dict[str, Any]:
-    from nextchar.server.batching.work import BatchStats, PredictWork, compute
-    from nextchar.server.registry import ModelVersion
-    from nextchar.server.sessions.session import Session
+def arithmetic(cases: list[tuple[int, int]], seconds: float = 0.6) -> dict[str, float]:
+    """Per case, the in-process µs per message of the fastest call that computes the same
+    predictions: ONE ``inference.advance`` of all the case's streams (top-k and surprisal
+    included, chunks of the case's size, one BLAS thread), divided by the streams."""
+    from nextchar.core.inference import advance, initial_probs
 
     model = make_model()
-    out: dict[str, Any] = {}
-    rng = np.random.default_rng(0)
-    for n in (1, 100, 1000):
-        states = model.initial_state(n)
-        idx = rng.integers(1, model.vocab.size, size=n)
-        steps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 3:
-            states, _ = model.step(states, idx)
-            steps += 1
-        out[f"step_{n}_chars_per_sec"] = n * steps / (time.perf_counter() - start)
-    mv = ModelVersion.from_model("bench", 1, Path("bench.npz"), model, [], {}, {})
-    loop = asyncio.new_event_loop()
-    text = corpus()
-    for n in (100, 1000):
-        works = [
-            PredictWork(
-                Session.fresh(str(i), mv),
-                model.vocab.encode(text[i * 64 : i * 64 + 64]),
-                TOP_K,
-                False,
-                0,
-                loop.create_future(),
-            )
-            for i in range(n)
-        ]
-        rounds, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 3 or rounds < 2:
-            compute(works, BatchStats())
-            rounds += 1
-        out[f"batcher_{n}x64_chars_per_sec"] = n * 64 * rounds / (time.perf_counter() - start)
-    loop.close()
+    text = model.vocab.encode(corpus())
+    out: dict[str, float] = {}
+    for streams, chunk in cases:
+        states = model.initial_state(streams)
+        probs0 = np.repeat(initial_probs(model)[None, :], streams, axis=0)
+        idx = np.stack([text[i * 97 : i * 97 + chunk] for i in range(streams)], axis=1)  # (chunk, streams)
+        lens = [chunk] * streams
+        best = float("inf")
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or best == float("inf"):
+            start = time.perf_counter()
+            advance(model, idx, lens, states, probs0, TOP_K, False)
+            best = min(best, time.perf_counter() - start)
+        out[f"{streams}x{chunk}"] = best / streams * 1e6
     return out
 
 
@@ -321,26 +307,24 @@ def median_ratio(ours: list[dict[str, Any]], echo: list[dict[str, Any]], field: 
     return float(np.median(ratios)) if ratios else None
 
 
-def main(duration: float, warmup: float, rounds: int) -> dict[str, Any]:
+def main(
+    duration: float, warmup: float, rounds: int, cases: list[tuple[int, int]], with_thread: bool
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         serve = server_command(tmp)
-        servers = {
-            "nextchar": start(serve),
-            "nextchar_thread": start(
-                [*serve, "--compute-in-thread"]
-            ),  # big batches in a thread, for comparison
-            "echo": start([sys.executable, __file__, "--echo"]),
-        }
-        cases: list[dict[str, Any]] = []
+        servers = {"nextchar": start(serve), "echo": start([sys.executable, __file__, "--echo"])}
+        if with_thread:  # big batches in a thread instead of the compute process, for comparison
+            servers["nextchar_thread"] = start([*serve, "--compute-in-thread"])
+        rows: list[dict[str, Any]] = []
         try:
-            for streams, chunk in CASES:
-                names = ["echo", "nextchar"] + (["nextchar_thread"] if chunk > 1 else [])  # 1-char: no thread
+            for streams, chunk in cases:
+                names = ["echo", "nextchar"] + (["nextchar_thread"] if chunk > 1 and with_thread else [])
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
                 for _ in range(rounds):  # alternate, so a slow spell of the machine hits both servers
                     for name in names:
                         proc, port = servers[name]
                         runs[name].append(run_client(port, streams, chunk, duration, warmup, proc.pid))
-                row: dict[str, Any] = {"streams": streams, "chunk": chunk, "rounds": rounds}
+                row: dict[str, Any] = {"streams": streams, "chunk": chunk, "rounds": rounds, "runs": runs}
                 row.update({name: median_run(runs[name]) for name in names})
                 for key, field in (
                     ("chars_ratio", "chars_per_sec"),
@@ -348,10 +332,10 @@ def main(duration: float, warmup: float, rounds: int) -> dict[str, Any]:
                     ("p99_ratio", "p99_ms"),
                 ):
                     row[key] = median_ratio(runs["nextchar"], runs["echo"], field)
-                cases.append(row)
+                rows.append(row)
                 print(
                     f"  {streams:>5} streams x {chunk:>2} chars: nextchar {row['nextchar']['chars_per_sec']:>10,.0f} c/s"
-                    f"  echo {row['echo']['chars_per_sec']:>10,.0f} c/s  ratio {row['chars_ratio']:.2f}",
+                    f"  echo {row['echo']['chars_per_sec']:>10,.0f} c/s  ratio {row['chars_ratio'] or 0:.2f}",
                     flush=True,
                 )
         finally:
@@ -362,31 +346,10 @@ def main(duration: float, warmup: float, rounds: int) -> dict[str, Any]:
                     proc.wait(15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    ceiling = compute_ceiling()
-    chunked100 = next(c for c in cases if c["streams"] == 100 and c["chunk"] == 64)
-    goals = {
-        "1char_100_streams_vs_echo>=0.70": next(c for c in cases if c["streams"] == 100 and c["chunk"] == 1)[
-            "chars_ratio"
-        ],
-        "1char_1000_streams_vs_echo>=0.70": next(
-            c for c in cases if c["streams"] == 1000 and c["chunk"] == 1
-        )["chars_ratio"],
-        "pingpong_p50_vs_echo<=1.5": cases[0]["p50_ratio"],
-        "pingpong_p99_vs_echo<=2.0": cases[0]["p99_ratio"],
-        "64char_100_streams_vs_batched_step>=0.75": chunked100["nextchar"]["chars_per_sec"]
-        / ceiling["step_100_chars_per_sec"],
-    }
-    chunked = chunked100["nextchar"]
-    context = {
-        # the same arithmetic as the service's (top-k and surprisal included), in-process
-        "64char_100_streams_vs_batcher_100x64": chunked["chars_per_sec"]
-        / ceiling["batcher_100x64_chars_per_sec"],
-        # the 2-core budget while messages flow: server (loop + compute worker) and load client
-        "64char_100_streams_server_cores": (chunked.get("server_us_per_message") or 0.0)
-        * chunked["messages_per_sec"]
-        / 1e6,
-        "64char_100_streams_client_cores": chunked["client_cpu"],
-    }
+    arith = arithmetic(cases)
+    for row in rows:
+        row["arithmetic_us_per_message"] = arith[f"{row['streams']}x{row['chunk']}"]
+        row["overhead_us_per_message"] = overhead(row)
     return {
         "benchmark": "serve",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -395,48 +358,79 @@ def main(duration: float, warmup: float, rounds: int) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "numpy": np.__version__,
             "load_average_1m": os.getloadavg()[0],  # the machine is shared: context for the figures
-            # this process's (the in-process compute's); the servers inherit its environment
+            # this process's (the in-process arithmetic's); the servers inherit its environment
             **blas_info(),
         },
         "model": {"cell": "rnn", "hidden": HIDDEN, "top_k": TOP_K},
         "duration_s": duration,
         "rounds": rounds,
-        "cases": cases,
-        "in_process": ceiling,
-        "goals": goals,
-        "context": context,
+        "cases": rows,
+        "goals": goals(rows),
     }
 
 
+def overhead(row: dict[str, Any]) -> float | None:
+    """nextchar's server CPU per message minus the echo server's and minus the in-process
+    arithmetic of the same predictions: the median over rounds, each round's pair back to back."""
+    values = [
+        ours["server_us_per_message"] - echo["server_us_per_message"] - row["arithmetic_us_per_message"]
+        for ours, echo in zip(row["runs"]["nextchar"], row["runs"]["echo"], strict=True)
+        if ours.get("server_us_per_message") is not None and echo.get("server_us_per_message") is not None
+    ]
+    return float(np.median(values)) if values else None
+
+
+def goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Issue 12's goals, each with the measured figure and whether it is met (cases not run: absent)."""
+    found = {(r["streams"], r["chunk"]): r for r in rows}
+    out: dict[str, dict[str, Any]] = {}
+
+    def goal(name: str, value: float | None, limit: float, at_most: bool) -> None:
+        met = value is not None and (value <= limit if at_most else value >= limit)
+        out[name] = {"value": value, "limit": limit, "met": met}
+
+    for (streams, chunk), row in found.items():
+        goal(f"overhead_{streams}x{chunk}_us<=30", row["overhead_us_per_message"], 30.0, True)
+    if (1, 1) in found:
+        goal("pingpong_p50_vs_echo<=1.3", found[1, 1]["p50_ratio"], 1.3, True)
+        goal("pingpong_p99_vs_echo<=1.5", found[1, 1]["p99_ratio"], 1.5, True)
+    for streams in (100, 1000):
+        if (streams, 1) in found:
+            goal(
+                f"1char_{streams}_streams_chars_vs_echo>=0.90", found[streams, 1]["chars_ratio"], 0.90, False
+            )
+    return out
+
+
 def print_table(result: dict[str, Any]) -> None:
-    def us(run: dict[str, Any], key: str) -> str:
-        value = run.get(key)
-        return f"{value:>6.0f}" if value is not None else f"{'-':>6}"
+    def num(value: float | None, width: int, digits: int = 0) -> str:
+        return f"{value:>{width},.{digits}f}" if value is not None else f"{'-':>{width}}"
 
     print(
-        f"\n{'streams':>7} {'chars':>5} | {'nextchar c/s':>12} {'p50 ms':>7} {'p99 ms':>7} {'srv us':>6} | "
-        f"{'echo c/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'srv us':>6} | {'ratio':>5} | {'thread c/s':>12}"
+        f"\n{'case':>9} | {'nextchar c/s':>12} {'p50 ms':>7} {'p99 ms':>7} {'µs/msg':>7} | "
+        f"{'echo c/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'µs/msg':>7} | {'arith':>6} {'overhead':>8} | "
+        f"{'c/s ratio':>9}"
     )
     for c in result["cases"]:
         n, e = c["nextchar"], c["echo"]
-        thread = f"{c['nextchar_thread']['chars_per_sec']:>12,.0f}" if "nextchar_thread" in c else f"{'':>12}"
         print(
-            f"{c['streams']:>7} {c['chunk']:>5} | {n['chars_per_sec']:>12,.0f} {n['p50_ms']:>7.2f} {n['p99_ms']:>7.2f} "
-            f"{us(n, 'server_us_per_message')} | {e['chars_per_sec']:>10,.0f} {e['p50_ms']:>7.2f} {e['p99_ms']:>7.2f} "
-            f"{us(e, 'server_us_per_message')} | {c['chars_ratio']:>5.2f} | {thread}"
+            f"{c['streams']:>5}x{c['chunk']:<3} | {num(n['chars_per_sec'], 12)} {num(n['p50_ms'], 7, 2)} "
+            f"{num(n['p99_ms'], 7, 2)} {num(n.get('server_us_per_message'), 7)} | "
+            f"{num(e['chars_per_sec'], 10)} {num(e['p50_ms'], 7, 2)} {num(e['p99_ms'], 7, 2)} "
+            f"{num(e.get('server_us_per_message'), 7)} | {num(c['arithmetic_us_per_message'], 6, 1)} "
+            f"{num(c['overhead_us_per_message'], 8, 1)} | {num(c['chars_ratio'], 9, 2)}"
         )
-    print("(srv us: server CPU per message, its compute worker included)")
+        if "nextchar_thread" in c:
+            print(f"{'':>9}   compute in a thread: {num(c['nextchar_thread']['chars_per_sec'], 12)} c/s")
+    print(
+        "(µs/msg: server CPU per message, its compute process included; arith: the in-process "
+        "advance of the same batch per message; overhead = nextchar - echo - arith, median of rounds)"
+    )
     machine = result["machine"]
     print(f"\nBLAS: OpenBLAS kernel {machine['blas_kernel']}, {machine['blas_threads']} thread(s)")
-    print("in-process compute (H=256 rnn, one BLAS thread):")
-    for key, value in result["in_process"].items():
-        print(f"  {key:<32} {value:>12,.0f}")
     print("\ngoals:")
-    for key, value in result["goals"].items():
-        print(f"  {key:<44} {value:.2f}")
-    print("\ncontext:")
-    for key, value in result["context"].items():
-        print(f"  {key:<44} {value:.2f}")
+    for key, g in result["goals"].items():
+        print(f"  {key:<44} {num(g['value'], 8, 2)}  {'met' if g['met'] else 'NOT met'}")
 
 
 if __name__ == "__main__":
@@ -455,12 +449,17 @@ if __name__ == "__main__":
         parser.add_argument(
             "--rounds", type=int, default=3, help="alternating runs per case; ratios are their median"
         )
+        parser.add_argument("--cases", default=",".join(f"{s}x{c}" for s, c in CASES), help="e.g. 1x1,100x64")
+        parser.add_argument(
+            "--with-thread", action="store_true", help="also a server computing big batches in a thread"
+        )
         args = parser.parse_args()
+        cases = [(int(a), int(b)) for a, b in (c.split("x") for c in args.cases.split(","))]
         print(
-            f"nextchar serve benchmark: {len(CASES)} cases x {args.rounds} rounds x 2-3 servers"
+            f"nextchar serve benchmark: {len(cases)} cases x {args.rounds} rounds x 2-3 servers"
             f" x {args.duration + args.warmup:.0f} s"
         )
-        result = main(args.duration, args.warmup, args.rounds)
+        result = main(args.duration, args.warmup, args.rounds, cases, args.with_thread)
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
         path.write_text(json.dumps(result, indent=2))

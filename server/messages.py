@@ -14,9 +14,7 @@ from typing import Any
 
 import numpy as np
 from nextchar.core.inference import top_k_rows
-from nextchar.core.vocab import UNK
 from nextchar.proto import nextchar_pb2 as pb
-from nextchar.server.batching.work import ChunkResult
 from nextchar.server.registry import ModelVersion
 from nextchar.server.sessions.session import Session
 from nextchar.server.training.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
@@ -45,24 +43,6 @@ def session_info(session: Session, idle_timeout: float, lifetime: float) -> pb.S
         lifetime_expires_at=session.created + lifetime if lifetime else 0.0,
         rewind_limit=session.trail.reach(session.offset),
     )
-
-
-def fill_predictions(msg: pb.Predictions, result: ChunkResult) -> None:
-    """Fill msg in place, the reply's own sub-message: passing a built Predictions to the
-    reply's constructor would copy it (~15% of building the reply)."""
-    top_index, top_prob, surprisal_bits = result.reply_lists()
-    msg.start_offset = result.start_offset
-    msg.count = result.n
-    msg.top_k = result.k
-    msg.top_index.extend(top_index)
-    msg.top_prob.extend(top_prob)
-    msg.surprisal_bits.extend(surprisal_bits)
-    distribution = result.distribution
-    if distribution is not None:
-        msg.distribution.extend(distribution.astype(np.float32).ravel().tolist())
-    if result.unknown_chars:
-        msg.unknown_positions.extend(np.flatnonzero(result.idx == UNK).tolist())
-        msg.unknown_chars = result.unknown_chars
 
 
 def fill_next(msg: pb.NextChars, probs: np.ndarray, k: int) -> None:

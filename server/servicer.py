@@ -17,6 +17,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -26,7 +27,8 @@ from nextchar.core.completion import MAX_COMPLETION_CHARS, MAX_CONTINUATIONS
 from nextchar.core.config import Sampling
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.proto import nextchar_pb2_grpc as pb_grpc
-from nextchar.server import messages
+from nextchar.server import messages, replies
+from nextchar.server.batching.work import ChunkResult
 from nextchar.server.budget import ReplyBudget, reply_bytes
 from nextchar.server.config import ServerConfig
 from nextchar.server.errors import (
@@ -143,6 +145,15 @@ async def fail(method: str, exc: Exception, context: Ctx) -> None:
     )
 
 
+@dataclass(slots=True)
+class Stream:
+    """A PredictStream's own state between its messages."""
+
+    session: Session
+    attachment: Attachment
+    head: bytes  # its replies' leading fields (nextchar.server.replies.head), encoded once
+
+
 class NextCharServicer(pb_grpc.NextCharServiceServicer):
     def __init__(
         self,
@@ -205,16 +216,10 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             )
 
     async def _predict(
-        self,
-        session: Session,
-        text: str,
-        top_k: int,
-        full: bool,
-        expect_offset: int | None,
-        out: pb.Predictions,
-    ) -> int:
-        """Advance session through text and fill out, the reply's predictions. Returns the reply
-        budget it holds: the caller releases it once the reply is written."""
+        self, session: Session, text: str, top_k: int, full: bool, expect_offset: int | None
+    ) -> tuple[ChunkResult, int]:
+        """Advance session through text: (the chunk's result, the reply budget it holds; the
+        caller releases it once the reply is written)."""
         start = time.perf_counter()
         self._check_text(text)
         vocab_size = session.model.require().vocab.size
@@ -222,12 +227,11 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         held = self.budget.reserve(reply_bytes(len(text), k, vocab_size, full))
         try:
             result = await self.sessions.predict(session, text, k, full, expect_offset)
-            messages.fill_predictions(out, result)
         except BaseException:
             self.budget.release(held)
             raise
         self.on_message(time.perf_counter() - start)
-        return held
+        return result, held
 
     # ------------------------------------------------------------ sessions
 
@@ -339,85 +343,84 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     # ------------------------------------------------------------ predictions
 
     @unary
-    async def Predict(self, request: pb.PredictRequest, context: Ctx) -> pb.PredictResponse:
+    async def Predict(self, request: pb.PredictRequest, context: Ctx) -> bytes:  # type: ignore[override]  # a serialized PredictResponse
         if request.session_id:
             session = await self.sessions.get(request.session_id)
         else:
             session = Session.fresh("", self._model(request.model))
         expect = request.expect_offset if request.HasField("expect_offset") else None
-        reply = pb.PredictResponse(
-            session_id=session.id,
-            model=messages.model_ref(session.model),
-            vocab=session.model.require().vocab.chars,
-        )
-        held = await self._predict(
-            session, request.text, request.top_k, request.full_distribution, expect, reply.predictions
+        result, held = await self._predict(
+            session, request.text, request.top_k, request.full_distribution, expect
         )
         if held:  # the reply leaves after this returns; the budget is back when the call is over
             context.add_done_callback(lambda _: self.budget.release(held))  # type: ignore[arg-type]  # stubs: a callable works
-        return reply
+        return replies.reply(
+            replies.head(session.id, session.model, session.model.require().vocab.chars), result
+        )
 
     @duplex
     async def PredictStream(self, context: Ctx) -> None:  # type: ignore[override]  # stubs: generator form only
-        session: Session | None = None
-        attachment: Attachment | None = None
+        stream: Stream | None = None
         try:
             while (raw := await context.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
-                session, attachment = await self._stream_message(context, accepted(raw), session, attachment)
+                stream = await self._stream_message(context, accepted(raw), stream)
         finally:
-            if session is not None and attachment is not None:
-                self.sessions.detach(session.id, attachment)
+            if stream is not None:
+                self.sessions.detach(stream.session.id, stream.attachment)
 
     async def _stream_message(
-        self,
-        context: Ctx,
-        request: pb.PredictStreamRequest,
-        session: Session | None,
-        attachment: Attachment | None,
-    ) -> tuple[Session, Attachment]:
+        self, context: Ctx, request: pb.PredictStreamRequest, stream: Stream | None
+    ) -> Stream:
         """One request of a PredictStream: the first attaches the stream to its session (taking it
         over from a stream attached before, which ends ABORTED at its next message)."""
-        first = session is None
-        if session is None or attachment is None:
+        if stream is None:
             if request.session_id:
                 session = await self.sessions.get(request.session_id)
             else:
                 self._check_text(request.text)  # a bad first chunk must not leave a session behind
                 session = await self.sessions.create("", self._model(request.model))
-            attachment = self.sessions.attach(session.id)
+            stream = Stream(
+                session, self.sessions.attach(session.id), replies.head(session.id, session.model)
+            )
+            head = replies.head(session.id, session.model, session.model.require().vocab.chars)
         else:
-            if request.session_id and request.session_id != session.id:
+            if request.session_id and request.session_id != stream.session.id:
                 raise InvalidArgument(
-                    f"session_id: this stream is attached to {shown(session.id)}, not {shown(request.session_id)}"
+                    f"session_id: this stream is attached to {shown(stream.session.id)}, "
+                    f"not {shown(request.session_id)}"
                 )
-            if attachment.revoked:
-                raise Aborted(f"session {shown(session.id)}: another stream attached to it; this one ends")
-            session = await self.sessions.again(session)
+            if stream.attachment.revoked:
+                raise Aborted(
+                    f"session {shown(stream.session.id)}: another stream attached to it; this one ends"
+                )
+            stream.session = await self.sessions.again(stream.session)
+            head = stream.head
+        session = stream.session
         expect = request.expect_offset if request.HasField("expect_offset") else None
-        reply = pb.PredictStreamResponse(
-            session_id=session.id,
-            model=messages.model_ref(session.model),
-            vocab=session.model.require().vocab.chars if first else "",
-        )
         if request.rewind:  # a Backspace: take characters back, then consume the text, if any
             await self.sessions.rewind(session, request.rewind, expect)
             expect = None
             if not request.text:
-                k = self._top_k(request.top_k, session.model.require().vocab.size)
-                reply.predictions.start_offset, reply.predictions.top_k = session.offset, k
-                messages.fill_next(reply.next, session.probs, k)
-                reply.rewind_limit = session.trail.reach(session.offset)
-                await context.write(reply)
-                return session, attachment
-        held = await self._predict(
-            session, request.text, request.top_k, request.full_distribution, expect, reply.predictions
+                await context.write(self._rewound(head, session, request.top_k))
+                return stream
+        result, held = await self._predict(
+            session, request.text, request.top_k, request.full_distribution, expect
         )
-        reply.rewind_limit = session.trail.reach(session.offset)
         try:
-            await context.write(reply)  # returns once the transport took it: the client is reading
+            # returns once the transport took it: the client is reading
+            await context.write(replies.reply(head, result, session.trail.reach(session.offset)))
         finally:
             self.budget.release(held)
-        return session, attachment
+        return stream
+
+    def _rewound(self, head: bytes, session: Session, top_k: int) -> pb.PredictStreamResponse:
+        """The reply to a message that only rewound: no predictions, the next characters where it is."""
+        reply = pb.PredictStreamResponse.FromString(head)
+        k = self._top_k(top_k, session.model.require().vocab.size)
+        reply.predictions.start_offset, reply.predictions.top_k = session.offset, k
+        messages.fill_next(reply.next, session.probs, k)
+        reply.rewind_limit = session.trail.reach(session.offset)
+        return reply
 
     @streaming
     async def Generate(self, request: pb.GenerateRequest, context: Ctx) -> AsyncIterator[pb.GenerateResponse]:

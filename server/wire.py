@@ -86,6 +86,11 @@ HANDLERS: dict[tuple[bool, bool], Callable[..., Any]] = {
 }
 
 
+def serialize(response: Message | bytes) -> bytes:
+    """A response as wire bytes: prediction replies are written as bytes already (nextchar.server.replies)."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
 def add_service(servicer: object, server: grpc.aio.Server, config: ServerConfig) -> None:
     """Register every NextCharService method of servicer on server, each with its lenient deserializer."""
     limits = request_limits(config)
@@ -95,7 +100,7 @@ def add_service(servicer: object, server: grpc.aio.Server, config: ServerConfig)
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=lenient(GetMessageClass(method.input_type), limits.get(method.name, SMALL)),
-            response_serializer=GetMessageClass(method.output_type).SerializeToString,
+            response_serializer=serialize,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     # as the generated code does: registered methods are matched in gRPC's core, not per call in Python

@@ -59,22 +59,6 @@ class ChunkResult:
         probs_seq = self.batch.probs_seq
         return None if probs_seq is None else probs_seq[1 : self.n + 1, self.col]
 
-    def reply_lists(self) -> tuple[list[int], list[float], list[float]]:
-        """(top_index n*k, top_prob n*k, surprisal_bits n) as flat lists, for the reply.
-        One character (the ping-pong case) takes half the NumPy calls of the general slice."""
-        col, k, out = self.col, self.k, self.batch
-        if self.n == 1:
-            return (
-                out.top_index[0, col, :k].tolist(),
-                out.top_prob[0, col, :k].tolist(),
-                [float(out.surprisal[0, col])],
-            )
-        return (
-            self.top_index.ravel().tolist(),
-            self.top_prob.ravel().tolist(),
-            self.surprisal_bits.tolist(),
-        )
-
 
 @dataclass(slots=True)
 class GenerateResult:
