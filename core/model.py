@@ -183,11 +183,15 @@ class CharRNN:
         return loss, grads, new_state, nats
 
     def _input_projection(self, layer: int, inputs: np.ndarray, below: np.ndarray | None) -> np.ndarray:
-        """xp = x @ Wxh + bh for inputs of any leading shape ((T, B) or (N,)): a row gather at layer 0
-        (of Wxh + bh, (V, G*H), so the bias is added once per character of the vocabulary, not per
-        character of the input)."""
+        """xp = x @ Wxh + bh for inputs of any leading shape ((T, B) or (N,)): a row gather at layer 0,
+        the bias added to whichever is smaller, the gathered rows or Wxh ((V, G*H): once per
+        character of the vocabulary, not per character of a long input). Both give the same bits."""
         Wxh, bh = self.params[f"l{layer}.Wxh"], self.params[f"l{layer}.bh"]
         if below is None:
+            if inputs.size < Wxh.shape[0]:  # a step of a few sessions (a ping-pong stream: one)
+                xp = Wxh[inputs]
+                xp += bh
+                return xp
             return (Wxh + bh)[inputs]  # (..., G*H)
         xp = (below.reshape(-1, below.shape[-1]) @ Wxh).reshape(*below.shape[:-1], -1)
         xp += bh

@@ -49,9 +49,10 @@ def varint(n: int) -> bytes:
 
 def varints(values: np.ndarray) -> bytes:
     """Non-negative integers as consecutive varints (a packed field's payload), vectorised."""
-    a = values.ravel().astype(np.uint64, copy=False)
-    if not a.size or int(a.max()) < 0x80:  # every vocabulary index of a vocabulary below 128
+    a = values.ravel()
+    if a.max(initial=0) < 0x80:  # every vocabulary index of a vocabulary below 128
         return a.astype(np.uint8).tobytes()
+    a = a.astype(np.uint64)
     sizes = np.ones(a.size, dtype=np.int64)
     for bits in (7, 14, 21, 28, 35, 42, 49, 56, 63):
         sizes += a >= np.uint64(1 << bits)
@@ -90,13 +91,15 @@ for _name in ("session_id", "model", "vocab", "predictions"):  # the fields the 
 
 def predictions(result: ChunkResult) -> bytes:
     """The Predictions message of a chunk's result, serialized (defaults left out, as protobuf does)."""
-    parts = []
-    if result.start_offset:
-        parts.append(_P_START + varint(result.start_offset))
+    index, prob, surprisal = (
+        varints(result.top_index),
+        _floats(result.top_prob),
+        _floats(result.surprisal_bits),
+    )
+    parts = [_P_START, varint(result.start_offset)] if result.start_offset else []
     parts += (_P_COUNT, varint(result.n), _P_TOP_K, varint(result.k))
-    parts.append(_field(_P_INDEX, varints(result.top_index)))
-    parts.append(_field(_P_PROB, _floats(result.top_prob)))
-    parts.append(_field(_P_SURPRISAL, _floats(result.surprisal_bits)))
+    parts += (_P_INDEX, varint(len(index)), index, _P_PROB, varint(len(prob)), prob)
+    parts += (_P_SURPRISAL, varint(len(surprisal)), surprisal)
     distribution = result.distribution
     if distribution is not None:
         parts.append(_field(_P_DIST, _floats(distribution)))
@@ -118,5 +121,6 @@ def head(session_id: str, model: ModelVersion, vocab: str = "") -> bytes:
 
 def reply(head_bytes: bytes, result: ChunkResult, rewind_limit: int = 0) -> bytes:
     """A PredictResponse (rewind_limit 0) or PredictStreamResponse, serialized."""
-    out = head_bytes + _field(_R_PREDICTIONS, predictions(result))
-    return out + _R_REWIND + varint(rewind_limit) if rewind_limit else out
+    body = predictions(result)  # never empty: count is at least 1
+    tail = (_R_REWIND, varint(rewind_limit)) if rewind_limit else ()
+    return b"".join((head_bytes, _R_PREDICTIONS, varint(len(body)), body, *tail))

@@ -24,7 +24,7 @@ from nextchar.server.batching.work import (
     Work,
     compute,
     pack,
-    predictions_by_model,
+    prediction_groups,
     unpack,
 )
 
@@ -109,17 +109,17 @@ class ProcessExecutor:
 
     async def _remote(self, process: ComputeProcess, batch: Sequence[Work]) -> list[Result]:
         start = time.perf_counter()
-        out: dict[int, Result] = {}
-        for members in predictions_by_model(batch).values():
-            works = [w for w in (batch[i] for i in members) if isinstance(w, PredictWork)]
+        out: list[Result | None] = [None] * len(batch)
+        for members, works in prediction_groups(batch):
             packed = pack(works)
-            results = unpack(works, packed, await process.advance(works[0].session.model.require(), packed))
-            out.update(zip(members, results, strict=True))
+            answer = await process.advance(works[0].session.model.require(), packed)
+            for i, result in zip(members, unpack(works, packed, answer), strict=True):
+                out[i] = result
             self.stats.count(works)
         self.stats.batches += 1
         self.stats.remote_batches += 1
         self.stats.compute_seconds += time.perf_counter() - start
-        return [out[i] for i in range(len(batch))]
+        return out  # type: ignore[return-value]  # all predictions (run() checked): every position filled
 
     async def close(self) -> None:
         if self.process is not None:

@@ -256,50 +256,47 @@ class Scheduler:
 
     async def _finish(self, batch: Sequence[Work], results: Sequence[Result]) -> None:
         """Have the store accept the batch's advances (one round trip), then apply what it accepted."""
-        outcomes: list[ServiceError | None] = [None] * len(batch)
-        backs: list[WriteBack | None] = [None] * len(batch)
-        for i, (w, r) in enumerate(zip(batch, results, strict=True)):
-            if w.gen == w.session.gen:
-                s = w.session
-                trail = s.trail.advanced(r.start_offset, s.state, s.probs, consumed(w, r))
-                backs[i] = WriteBack(s, r.state, r.probs, r.start_offset + w.size, w.size, trail)
-        current = [i for i, back in enumerate(backs) if back is not None]
+        current: list[tuple[Work, Result, WriteBack]] = []
+        for w, r in zip(batch, results, strict=True):
+            s = w.session
+            if w.gen != s.gen:  # reset or closed meanwhile
+                self._refuse(w, None)
+                continue
+            trail = s.trail.advanced(r.start_offset, s.state, s.probs, consumed(w, r))
+            current.append((w, r, WriteBack(s, r.state, r.probs, r.start_offset + w.size, w.size, trail)))
+        if not current:
+            return
         self._busy += 1  # lone requests queue meanwhile: their session may be in this batch
         try:
-            accepted: Sequence[ServiceError | None] = await self.commit([b for b in backs if b is not None])
+            accepted: Sequence[ServiceError | None] = await self.commit([back for _, _, back in current])
         except ServiceError as exc:
             accepted = [exc] * len(current)
         finally:
             self._busy -= 1
-        for i, outcome in zip(current, accepted, strict=True):
-            outcomes[i] = outcome
-        for work, result, back, outcome in zip(batch, results, backs, outcomes, strict=True):
-            self._apply(work, result, back, outcome)
+        for (work, result, back), refusal in zip(current, accepted, strict=True):
+            session = work.session
+            if refusal is not None or work.gen != session.gen:
+                self._refuse(work, refusal)
+                continue
+            # absolute, not +=: a shared store's copy adopted meanwhile must not be advanced twice
+            session.state, session.probs, session.offset, session.trail = (
+                back.state,
+                back.probs,
+                back.offset,
+                back.trail,
+            )
+            if not work.future.done():
+                work.future.set_result(result)  # type: ignore[arg-type]  # a work's future takes its own result kind
 
     @staticmethod
-    def _apply(work: Work, result: Result, back: WriteBack | None, refusal: ServiceError | None) -> None:
-        session = work.session
-        if back is None or work.gen != session.gen or refusal is not None:
-            if not work.future.done():
-                work.future.set_exception(
-                    refusal or Aborted(f"session {shown(session.id)} was reset or closed during the request")
-                )
-            return
-        # absolute, not +=: a shared store's copy adopted meanwhile must not be advanced twice
-        session.state, session.probs, session.offset, session.trail = (
-            back.state,
-            back.probs,
-            back.offset,
-            back.trail,
-        )
-        if work.future.done():
-            return
-        if isinstance(work, PredictWork):
-            assert isinstance(result, ChunkResult)
-            work.future.set_result(result)
-        else:
-            assert isinstance(result, GenerateResult)
-            work.future.set_result(result)
+    def _refuse(work: Work, refusal: ServiceError | None) -> None:
+        """Fail a work whose advance does not stand: the store refused it, or its session was
+        reset or closed while it computed (refusal None)."""
+        if not work.future.done():
+            session = work.session
+            work.future.set_exception(
+                refusal or Aborted(f"session {shown(session.id)} was reset or closed during the request")
+            )
 
 
 def consumed(work: Work, result: Result) -> np.ndarray:

@@ -137,6 +137,12 @@ def rows(vectors: list[np.ndarray]) -> np.ndarray:
 
 
 def pack(works: Sequence[PredictWork]) -> Packed:
+    if len(works) == 1:  # a lone stream (ping-pong): its own arrays, viewed as one column
+        w = works[0]
+        n = len(w.idx)
+        return Packed(
+            [0], [n], w.idx.reshape(n, 1), w.session.state[None], w.session.probs[None], w.top_k, w.full
+        )
     order, lens, idx = pack_chunks([w.idx for w in works])
     ws = [works[i] for i in order]
     states = rows([w.session.state for w in ws])  # (N, S)
@@ -160,19 +166,25 @@ def unpack(works: Sequence[PredictWork], packed: Packed, out: Advanced) -> list[
     return [r for r in results if r is not None]
 
 
-def predictions_by_model(batch: Sequence[Work]) -> dict[int, list[int]]:
-    """Positions of the batch's predictions, grouped by the model version they run on."""
-    groups: dict[int, list[int]] = {}
+def prediction_groups(batch: Sequence[Work]) -> list[tuple[list[int], list[PredictWork]]]:
+    """The batch's predictions grouped by the model version they run on: (positions, works) per
+    group. The usual batch, predictions on one model, is one group."""
+    model = batch[0].session.model
+    if all(isinstance(w, PredictWork) and w.session.model is model for w in batch):
+        return [(list(range(len(batch))), list(batch))]  # type: ignore[arg-type]  # all PredictWork, checked
+    groups: dict[int, tuple[list[int], list[PredictWork]]] = {}
     for i, work in enumerate(batch):
         if isinstance(work, PredictWork):
-            groups.setdefault(id(work.session.model), []).append(i)
-    return groups
+            members, works = groups.setdefault(id(work.session.model), ([], []))
+            members.append(i)
+            works.append(work)
+    return list(groups.values())
 
 
 def compute(batch: Sequence[Work], stats: BatchStats) -> list[Result]:
     """Run one batch here: predictions one advance per model version, generations one by one."""
     start = time.perf_counter()
-    out: dict[int, Result] = {}
+    out: list[Result | None] = [None] * len(batch)
     for i, work in enumerate(batch):
         if isinstance(work, GenerateWork):
             s = work.session
@@ -180,12 +192,12 @@ def compute(batch: Sequence[Work], stats: BatchStats) -> list[Result]:
                 s.model.require(), s.state, s.probs, work.length, work.rng, work.sampling
             )
             out[i] = GenerateResult(s.offset, text, state, probs)
-    for members in predictions_by_model(batch).values():
-        works = [w for w in (batch[i] for i in members) if isinstance(w, PredictWork)]
+    for members, works in prediction_groups(batch):
         packed = pack(works)
-        results = unpack(works, packed, advance_packed(works[0].session.model.require(), packed))
-        out.update(zip(members, results, strict=True))
+        answer = advance_packed(works[0].session.model.require(), packed)
+        for i, result in zip(members, unpack(works, packed, answer), strict=True):
+            out[i] = result
         stats.count(works)
     stats.batches += 1
     stats.compute_seconds += time.perf_counter() - start
-    return [out[i] for i in range(len(batch))]
+    return out  # type: ignore[return-value]  # every position filled above
