@@ -16,6 +16,8 @@ import, not the wire.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -89,17 +91,26 @@ for _name in ("session_id", "model", "vocab", "predictions"):  # the fields the 
     assert _key(pb.PredictResponse, _name) == _key(pb.PredictStreamResponse, _name), _name
 
 
+@functools.lru_cache(maxsize=1024)
+def _frame(n: int, k: int, index_bytes: int) -> tuple[bytes, bytes, bytes]:
+    """What a Predictions message of n characters, k candidates each, holds besides its arrays and
+    offset: count and top_k, and each packed field's key and length. A stream's messages
+    mostly share one shape, so it is encoded once."""
+    return (
+        b"".join((_P_COUNT, varint(n), _P_TOP_K, varint(k), _P_INDEX, varint(index_bytes))),
+        _P_PROB + varint(4 * n * k),
+        _P_SURPRISAL + varint(4 * n),
+    )
+
+
 def predictions(result: ChunkResult) -> bytes:
     """The Predictions message of a chunk's result, serialized (defaults left out, as protobuf does)."""
-    index, prob, surprisal = (
-        varints(result.top_index),
-        _floats(result.top_prob),
-        _floats(result.surprisal_bits),
-    )
-    parts = [_P_START, varint(result.start_offset)] if result.start_offset else []
-    parts += (_P_COUNT, varint(result.n), _P_TOP_K, varint(result.k))
-    parts += (_P_INDEX, varint(len(index)), index, _P_PROB, varint(len(prob)), prob)
-    parts += (_P_SURPRISAL, varint(len(surprisal)), surprisal)
+    top_index = result.top_index
+    vocab_size = result.batch.last_probs.shape[1]  # every index is below it
+    index = top_index.astype(np.uint8).tobytes() if vocab_size <= 0x80 else varints(top_index)
+    counts, prob_key, surprisal_key = _frame(result.n, result.k, len(index))
+    parts = [_P_START + varint(result.start_offset) if result.start_offset else b"", counts, index]
+    parts += (prob_key, _floats(result.top_prob), surprisal_key, _floats(result.surprisal_bits))
     distribution = result.distribution
     if distribution is not None:
         parts.append(_field(_P_DIST, _floats(distribution)))
