@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from nextchar.core.config import Sampling
@@ -76,10 +76,10 @@ class PredictWork:
     full: bool
     gen: int  # the session's gen when asked: a result for an older gen is dropped
     future: asyncio.Future[ChunkResult]
+    size: int = field(init=False)  # characters: read several times per work by the scheduler
 
-    @property
-    def size(self) -> int:
-        return len(self.idx)
+    def __post_init__(self) -> None:
+        self.size = len(self.idx)
 
 
 @dataclass(slots=True)
@@ -92,7 +92,7 @@ class GenerateWork:
     future: asyncio.Future[GenerateResult]
 
     @property
-    def size(self) -> int:
+    def size(self) -> int:  # characters
         return self.length
 
 

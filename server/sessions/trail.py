@@ -53,10 +53,6 @@ class Trail:
         self.text = text  # (n,) uint16 indices consumed since marks[0]
 
     @property
-    def spacing(self) -> int:
-        return max(1, self.keep // MARKS_PER_KEEP)
-
-    @property
     def end(self) -> int:
         """The offset the trail leads up to (its session's offset); -1 when empty."""
         return self.marks[0].offset + len(self.text) if self.marks else -1
@@ -67,21 +63,22 @@ class Trail:
 
     def advanced(self, offset: int, state: np.ndarray, probs: np.ndarray, idx: np.ndarray) -> Trail:
         """The trail after a chunk idx consumed from offset, where the session had state and probs."""
-        if not self.keep:
+        keep = self.keep
+        if not keep:
             return self
         marks, text = self.marks, self.text
-        if self.end != offset:  # new, reset, or a store's copy adopted from elsewhere: start here
+        if not marks or marks[0].offset + len(text) != offset:  # new, reset, or a copy adopted from elsewhere
             marks, text = (), NO_TEXT
-        if not marks or offset - marks[-1].offset >= self.spacing:
+        if not marks or offset - marks[-1].offset >= max(1, keep // MARKS_PER_KEEP):  # the spacing
             marks = (*marks, Mark(offset, state, probs))
-        text = np.concatenate([text, idx.astype(np.uint16)])
+        text = np.concatenate((text, idx), dtype=np.uint16, casting="unsafe")  # indices < max_vocab
         end, drop = offset + len(idx), 0
-        while len(marks) - drop >= 2 and marks[drop + 1].offset <= end - self.keep:
+        while len(marks) - drop >= 2 and marks[drop + 1].offset <= end - keep:
             drop += 1  # the next mark already serves every rewind of keep characters
         if drop:
             text = text[marks[drop].offset - marks[0].offset :]
             marks = marks[drop:]
-        return Trail(self.keep, marks, text)
+        return Trail(keep, marks, text)
 
     def replay(self, offset: int, chars: int) -> Replay:
         """How to take chars back from a session at offset; the caller checked reach()."""
