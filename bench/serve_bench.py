@@ -49,7 +49,7 @@ from bench_env import blas_info, unpin_this_process
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-HIDDEN = 256
+MODEL: dict[str, Any] = {"cell": "rnn", "hidden": 256}  # --cell / --hidden change it (e.g. the README recipe's gru 512)
 TOP_K = 3
 CASES = [(1, 1), (100, 1), (1000, 1), (1, 64), (100, 64), (1000, 64)]  # (streams, chars per message)
 
@@ -63,12 +63,15 @@ def corpus() -> str:
 
 
 def make_model() -> Any:
-    """An H=256 rnn over the corpus's alphabet; random weights cost the same as trained ones."""
+    """The benchmark's model (an H=256 rnn unless --cell/--hidden say otherwise) over the corpus's
+    alphabet; random weights cost the same as trained ones."""
     from nextchar.core.config import ModelConfig
     from nextchar.core.model import CharRNN
     from nextchar.core.vocab import Vocab
 
-    return CharRNN.create(ModelConfig(cell="rnn", hidden=HIDDEN), Vocab.from_text(corpus()), seed=0)
+    return CharRNN.create(
+        ModelConfig(cell=MODEL["cell"], hidden=MODEL["hidden"]), Vocab.from_text(corpus()), seed=0
+    )
 
 
 # ---------------------------------------------------------------- echo server (own process)
@@ -361,7 +364,7 @@ def main(
             # this process's (the in-process arithmetic's); the servers inherit its environment
             **blas_info(),
         },
-        "model": {"cell": "rnn", "hidden": HIDDEN, "top_k": TOP_K},
+        "model": {**MODEL, "top_k": TOP_K},
         "duration_s": duration,
         "rounds": rounds,
         "cases": rows,
@@ -453,7 +456,12 @@ if __name__ == "__main__":
         parser.add_argument(
             "--with-thread", action="store_true", help="also a server computing big batches in a thread"
         )
+        parser.add_argument("--cell", default=MODEL["cell"], help="the served model's cell")
+        parser.add_argument(
+            "--hidden", type=int, default=MODEL["hidden"], help="the served model's hidden size"
+        )
         args = parser.parse_args()
+        MODEL.update(cell=args.cell, hidden=args.hidden)
         cases = [(int(a), int(b)) for a, b in (c.split("x") for c in args.cases.split(","))]
         print(
             f"nextchar serve benchmark: {len(cases)} cases x {args.rounds} rounds x 2-3 servers"
