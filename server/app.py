@@ -123,15 +123,14 @@ def make_store(
 
 def shared_parts(config: ServerConfig | TrainerConfig) -> tuple[Registry, JobStore]:
     """The model registry and the job store: on files in model_dir, or on the Redis config.store
-    names (every replica and trainer sees the same models and jobs; model_dir caches them)."""
+    names (every replica and trainer sees the same jobs and, unless local_models, the same models;
+    model_dir caches them)."""
     jobs_dir = config.model_dir / "_jobs"
     if not config.store:
         return Registry(config.model_dir), LocalJobStore(jobs_dir)
     client, url = connect(config.store), display_url(config.store)
-    return (
-        Registry(config.model_dir, RedisModelFiles(client, url, config.model_dir)),
-        RedisJobStore(client, url, config.job_lease, jobs_dir),
-    )
+    files = RedisModelFiles(client, url, config.model_dir) if config.shared_models else None
+    return Registry(config.model_dir, files), RedisJobStore(client, url, config.job_lease, jobs_dir)
 
 
 class NextCharServer:

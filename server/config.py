@@ -52,6 +52,18 @@ def _store(what: str) -> Any:
     return field(default="", metadata=_opt(what))
 
 
+def _shared_models() -> Any:
+    # replicas that still read one shared directory (or identical copies) keep doing so
+    return field(
+        default=True,
+        metadata=_opt(
+            "With --store: model files kept in the store too, cached in --model-dir "
+            "(--local-models: each process reads its own --model-dir).",
+            flags=("--shared-models/--local-models",),
+        ),
+    )
+
+
 def _checkpoint_seconds() -> Any:
     # a crash loses at most this much training (and an epoch's end always checkpoints)
     return field(
@@ -193,6 +205,7 @@ class ServerConfig:
     log_format: str = _log_format()
     log_level: str = _log_level()
     store: str = _store("redis://HOST:PORT/DB: sessions, jobs and models shared by replicas; local if unset.")
+    shared_models: bool = _shared_models()
     # with a shared store the version moves every message; 1 = the state too, so a
     # replica's crash loses nothing that was answered
     store_write_every: int = field(
@@ -269,6 +282,7 @@ class TrainerConfig:
     store: str = _store("redis://HOST:PORT/DB: the shared store whose queued jobs this trainer runs.")
     # here: a cache of the shared models, and the jobs' working files
     model_dir: Path = _model_dir()  # noqa: RUF009 (a field(), as the others)
+    shared_models: bool = _shared_models()
     trainers: int = field(default=1, metadata=_opt("Jobs this process trains at once."))
     checkpoint_seconds: float = _checkpoint_seconds()
     job_lease: float = _job_lease()
