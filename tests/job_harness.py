@@ -7,16 +7,11 @@ interrupted (the tests compare their checksums).
 
 from __future__ import annotations
 
-import os
-import queue
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 from nextchar.proto import nextchar_pb2 as pb
-from server_harness import ServerProcess, cancel, take
+from server_harness import LoggedProcess, ServerProcess, cancel, take
 
 CORPUS = Path(__file__).resolve().parents[1] / "core" / "data" / "tinyshakespeare.txt"
 MODEL = pb.ModelConfigSpec(cell="gru", hidden=48)
@@ -50,50 +45,9 @@ def wait_for(server: ServerProcess, job_id: str, step: int = 0, timeout: float =
     raise AssertionError(f"job {job_id} did not get there: {job(server, job_id)}")
 
 
-class TrainerProcess:
-    """``python -m nextchar.cli trainer --store URL --model-dir DIR *args``, its log collected."""
+class TrainerProcess(LoggedProcess):
+    """``python -m nextchar.cli trainer --store URL --model-dir DIR *args``, once it takes jobs."""
 
     def __init__(self, store: str, model_dir: Path, *args: str) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "nextchar.cli",
-            "trainer",
-            "--store",
-            store,
-            "--model-dir",
-            str(model_dir),
-        ]
-        self.proc = subprocess.Popen(
-            [*cmd, *args], stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
+        super().__init__("trainer", "--store", store, "--model-dir", str(model_dir), *args)
         self.wait_for_line("taking jobs from")
-        self.name = f"{os.uname().nodename}:{self.proc.pid}"
-
-    def _pump(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            self.lines.put(line)
-
-    def wait_for_line(self, text: str, timeout: float = 60) -> tuple[float, str]:
-        """Until a log line holds text; returns when (time.monotonic) it was read, and the line."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if text in line:
-                return time.monotonic(), line
-        raise AssertionError(f"trainer never logged {text!r}:\n" + "".join(self.log))
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)

@@ -5,8 +5,10 @@ their own (``--trainers 0``) and ``nextchar trainer`` processes, all on one Redi
 a job queued through replica A is listed, watched and cancelled through B, a
 second job waits in the queue behind the first, the model a job registers is
 listed and served by B, and default and deletions agree on both. A trainer
-SIGKILLed mid-epoch loses its lease; another trainer takes the job up from its
-checkpoint, and the final weights are bit-identical to an undisturbed run's.
+SIGKILLed mid-epoch loses its lease, and another trainer takes the job up from
+its checkpoint; that one gets SIGTERM (it checkpoints and puts the job back in the
+queue), and a third finishes it: the final weights are bit-identical to an
+undisturbed run's.
 """
 
 from __future__ import annotations
@@ -110,14 +112,14 @@ def test_jobs_and_models_are_shared_by_replicas_with_separate_directories(
         trainer.close()
 
 
-def test_a_sigkilled_trainer_s_job_resumes_on_another_from_its_checkpoint(
+def test_a_trainer_s_job_resumes_on_another_from_its_checkpoint_after_sigkill_and_sigterm(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     url = store_url(redis_server, 3)
     replica = ServerProcess(tmp_path / "serve", "--store", url, "--trainers", "0", "--compute-in-thread")
     args = ("--checkpoint-seconds", "0.3", "--job-lease", LEASE)
     first = TrainerProcess(url, tmp_path / "t1", *args)
-    second: TrainerProcess | None = None
+    second = third = None
     try:
         reference = start_job(replica, "undisturbed")
         assert wait_for(replica, reference).state == pb.JOB_STATE_SUCCEEDED
@@ -128,14 +130,22 @@ def test_a_sigkilled_trainer_s_job_resumes_on_another_from_its_checkpoint(
         killed_at = time.monotonic()
         first.proc.wait(10)
         second = TrainerProcess(url, tmp_path / "t2", *args)  # no file of the job on its machine
-        resumed_at, line = second.wait_for_line(" on trainer ")  # the job taken up
-        assert "resumed from its checkpoint" in line and killed in line, line
-        info = wait_for(replica, killed)
-        assert info.state == pb.JOB_STATE_SUCCEEDED and info.attempts == 2
+        resumed_at, taken = second.wait_for_line(" on trainer ")  # the job taken up
+        assert "resumed from its checkpoint" in taken.string and killed in taken.string, taken.string
         print(f"trainer SIGKILL -> resumed on another trainer: {resumed_at - killed_at:.2f} s")
+
+        wait_for(replica, killed, step=job(replica, killed).latest.step + 50)
+        second.proc.terminate()  # SIGTERM: the trainer checkpoints, and the job goes back to the queue
+        assert second.proc.wait(30) == 0
+        assert job(replica, killed).state == pb.JOB_STATE_QUEUED
+        third = TrainerProcess(url, tmp_path / "t3", *args)
+        _, taken = third.wait_for_line(" on trainer ")
+        assert "resumed from its checkpoint" in taken.string, taken.string
+        info = wait_for(replica, killed)
+        assert info.state == pb.JOB_STATE_SUCCEEDED and info.attempts == 3
         assert checksum(replica, "trainer-killed") == checksum(replica, "undisturbed")  # bit-identical
     finally:
-        first.close()
-        if second is not None:
-            second.close()
+        for trainer in (first, second, third):
+            if trainer is not None:
+                trainer.close()
         replica.close()

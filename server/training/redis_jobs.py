@@ -172,19 +172,30 @@ class RedisJobStore:
 
     def take(self, trainer: str) -> Claim | None:
         with reaching(str(self)):
-            self._group()
-            # a lease run out first: that job's trainer died, and it waits for nobody else
-            reply: Any = self.redis.xautoclaim(QUEUE, GROUP, trainer, self.lease_ms, "0-0", count=1)
-            entries = reply[1]
-            if not entries:
-                read = cast(list[Any], self.redis.xreadgroup(GROUP, trainer, {QUEUE: ">"}, count=1))
-                entries = read[0][1] if read else []
-            if not entries:
-                return None
-            entry, fields = entries[0]
-            claim = Claim(fields[b"job"].decode(), entry.decode(), trainer)
-            self.redis.hset(job_key(claim.job_id), "owner", owner(claim))
-            return claim
+            try:
+                return self._take(trainer)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis lost the stream (a restart without persistence)
+                    self._group_ready = False
+                raise
+
+    def _take(self, trainer: str) -> Claim | None:
+        self._group()
+        # a lease run out first: that job's trainer died, and it waits for nobody else
+        cursor: Any = "0-0"
+        while True:  # each call looks at a few pending entries: go through all of them
+            cursor, entries, _ = self.redis.xautoclaim(QUEUE, GROUP, trainer, self.lease_ms, cursor, count=1)
+            if entries or cursor in (b"0-0", "0-0"):
+                break
+        if not entries:
+            read = cast(list[Any], self.redis.xreadgroup(GROUP, trainer, {QUEUE: ">"}, count=1))
+            entries = read[0][1] if read else []
+        if not entries:
+            return None
+        entry, fields = entries[0]
+        claim = Claim(fields[b"job"].decode(), entry.decode(), trainer)
+        self.redis.hset(job_key(claim.job_id), "owner", owner(claim))
+        return claim
 
     def renew(self, claim: Claim) -> bool:
         with reaching(str(self)):
