@@ -171,5 +171,5 @@ class JobManager:
         log.info(
             "job %s (%s): queued again to resume, place %d", job.id, job.model_name, await self.place_of(job)
         )
-        self.on_queued()
-        return job
+        await asyncio.to_thread(self.on_queued)
+        return await self.get(job.id)

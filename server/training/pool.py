@@ -120,6 +120,8 @@ class TrainerPool:
                 if not self._failing:  # once per outage
                     log.warning("trainer %s: cannot reach the job queue: %s", self.name, exc)
                 self._failing = True
+            except Exception:  # whatever one job's start met, the pool goes on with the others
+                log.exception("trainer %s: a job could not be started", self.name)
 
     def _loop(self) -> None:
         while not self._closing.is_set():
@@ -165,6 +167,9 @@ class TrainerPool:
             resuming = checkpoint.is_file()
             if resuming:  # the records after the checkpoint come again, from the resumed run
                 self.store.trim(job.id, len(ck.meta_of(checkpoint)["history"]))
+            job.state, job.attempts, job.trainer = RUNNING, job.attempts + 1, self.name
+            job.started = job.started or time.time()
+            self._check(self.store.save(job, claim))
         except (ServiceError, LostClaim) as exc:  # the claim's lease runs out and the job comes back
             log.warning("job %s: could not be taken up (%s); it stays in the queue", claim.job_id, exc)
             return
@@ -188,11 +193,6 @@ class TrainerPool:
         )
         process.start()
         child.close()
-        job.state, job.attempts, job.trainer = RUNNING, job.attempts + 1, self.name
-        job.started = job.started or time.time()
-        if not self.store.save(job, claim):  # taken over already
-            process.terminate()
-            return
         thread = threading.Thread(
             target=self._follow, args=(claim, job, checkpoint, parent), name=f"trainer-{job.id}", daemon=True
         )
@@ -298,8 +298,12 @@ class TrainerPool:
 
     def _end(self, claim: Claim, job: Job, final: Final) -> None:
         """Record how the job ended (or that it is back in the queue), tidy its files, let it go."""
+        if final[0] == FAILED and self.store.cancel_requested(job.id):  # its text went with the cancel
+            final = (CANCELLED, "cancelled by request", None)
         job.state, job.error, job.result = final
-        if job.state != QUEUED:
+        if job.state == QUEUED:
+            log.info("job %s (%s): back in the queue, to resume from its checkpoint", job.id, job.model_name)
+        else:
             job.finished = time.time()
             log.info(
                 "job %s (%s): %s%s", job.id, job.model_name, job.state, f": {job.error}" if job.error else ""
