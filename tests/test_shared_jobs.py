@@ -75,12 +75,13 @@ def test_jobs_and_models_are_shared_by_replicas_with_separate_directories(
 
         # the trainer's model: listed and served by both, without a shared directory
         assert ("shared", 1) in models(a)[0] and ("shared", 1) in models(b)[0]
-        for replica in (a, b):
-            created = replica.stub.CreateSession(
-                pb.CreateSessionRequest(model=pb.ModelRef(name="shared")), timeout=10
-            )
-            replies = stream_chars(replica.stub, "To be, or not", created.session.session_id, chunk=4)
-            assert sum(r.predictions.count for r in replies) == len("To be, or not")
+        created = b.stub.CreateSession(pb.CreateSessionRequest(model=pb.ModelRef(name="shared")), timeout=10)
+        replies = stream_chars(b.stub, "To be, or not", created.session.session_id, chunk=4)
+        assert sum(r.predictions.count for r in replies) == len("To be, or not")
+        stateless = a.stub.Predict(
+            pb.PredictRequest(model=pb.ModelRef(name="shared"), text="To be"), timeout=10
+        )
+        assert (stateless.model.name, stateless.predictions.count) == ("shared", len("To be"))
         assert checksum(a, "shared") == checksum(b, "shared")
 
         # the default and deletions agree: set on A, seen and guarded on B
