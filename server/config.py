@@ -237,6 +237,10 @@ class ServerConfig:
             **_shared_checks(self),
         }
         _check(self, checks)
+        if self.max_jobs == 0 and not self.store:
+            raise ValueError(
+                "max_jobs: 0 trainers needs a shared store (--store): no other trainer could take a job"
+            )
         check_security(self)
         object.__setattr__(self, "model_dir", Path(self.model_dir).expanduser())
 
