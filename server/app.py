@@ -36,7 +36,7 @@ from nextchar.proto import nextchar_pb2
 from nextchar.server.auth import add_port, interceptors
 from nextchar.server.batching.scheduler import Scheduler
 from nextchar.server.blas import limit_blas_threads
-from nextchar.server.blobs import connect
+from nextchar.server.blobs import Blobs, connect
 from nextchar.server.config import ServerConfig, TrainerConfig
 from nextchar.server.errors import ServiceError
 from nextchar.server.logs import configure_logging
@@ -121,16 +121,17 @@ def make_store(
     return InMemorySessionStore(config.idle_timeout, config.session_lifetime, on_remove=metrics.session_ended)
 
 
-def shared_parts(config: ServerConfig | TrainerConfig) -> tuple[Registry, JobStore]:
-    """The model registry and the job store: on files in model_dir, or on the Redis config.store
-    names (every replica and trainer sees the same jobs and, unless local_models, the same models;
-    model_dir caches them)."""
+def shared_parts(config: ServerConfig | TrainerConfig) -> tuple[Registry, JobStore, Blobs | None]:
+    """The model registry, the job store and where uploaded texts are shared: on files in
+    model_dir, or on the Redis config.store names (every replica and trainer sees the same jobs,
+    uploads and, unless local_models, models; model_dir caches them)."""
     jobs_dir = config.model_dir / "_jobs"
     if not config.store:
-        return Registry(config.model_dir), LocalJobStore(jobs_dir)
+        return Registry(config.model_dir), LocalJobStore(jobs_dir), None
     client, url = connect(config.store), display_url(config.store)
     files = RedisModelFiles(client, url, config.model_dir) if config.shared_models else None
-    return Registry(config.model_dir, files), RedisJobStore(client, url, config.job_lease, jobs_dir)
+    jobs = RedisJobStore(client, url, config.job_lease, jobs_dir)
+    return Registry(config.model_dir, files), jobs, Blobs(client)
 
 
 class NextCharServer:
@@ -139,7 +140,7 @@ class NextCharServer:
     def __init__(self, config: ServerConfig, store: SessionStore | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.registry, job_store = shared_parts(config)
+        self.registry, job_store, shared_texts = shared_parts(config)
         self.port = 0
         if store is None:  # (not `or`: an empty store has len 0)
             store = make_store(config, self.registry, self.metrics, lambda: f"{config.host}:{self.port}")
@@ -157,7 +158,7 @@ class NextCharServer:
             job_store, self.registry, config.max_jobs, config.checkpoint_seconds, config.job_lease
         )
         self.jobs = JobManager(job_store, config.max_vocab, on_queued=self.trainers.fill)
-        self.texts = TextStore(config.model_dir / "_texts", config.max_upload_bytes)
+        self.texts = TextStore(config.model_dir / "_texts", config.max_upload_bytes, shared_texts)
         self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs, self.texts)
         self.servicer.on_message = self.metrics.message_latency.observe
         self.metrics.watch(lambda: len(store), self.jobs.states)
@@ -324,7 +325,7 @@ def run_trainer(config: TrainerConfig) -> None:
     if not config.store:
         raise ValueError("store: give the shared store (redis://HOST:PORT/DB) whose jobs to train")
     configure_logging(config.log_format, config.log_level)
-    registry, store = shared_parts(config)
+    registry, store, _ = shared_parts(config)
     registry.load_all()
     store.load()
     pool = TrainerPool(store, registry, config.trainers, config.checkpoint_seconds, config.job_lease)

@@ -62,17 +62,22 @@ class Blobs:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
-    def put(self, key: str, path: Path) -> str:
-        """Store the file at path under key; returns its SHA-256 (hex)."""
+    def put(self, key: str, path: Path, ttl: float | None = None) -> str:
+        """Store the file at path under key, for ttl seconds (None: for good); returns its SHA-256 (hex)."""
         previous = self._header(key)
         gen, digest, size, chunks = secrets.token_hex(4), hashlib.sha256(), 0, 0
+        px = int(ttl * 1000) if ttl else None
         with open(path, "rb") as f:
             while piece := f.read(CHUNK):
-                self.redis.set(f"{key}:{gen}:{chunks}", piece)
+                self.redis.set(f"{key}:{gen}:{chunks}", piece, px=px)
                 digest.update(piece)
                 size, chunks = size + len(piece), chunks + 1
         sha = digest.hexdigest()
-        self.redis.hset(key, mapping={"sha256": sha, "size": size, "chunks": chunks, "gen": gen})
+        pipe = self.redis.pipeline()  # MULTI: the header never lives without its expiry
+        pipe.hset(key, mapping={"sha256": sha, "size": size, "chunks": chunks, "gen": gen})
+        if px:
+            pipe.pexpire(key, px)
+        pipe.execute()
         if previous:
             self._drop_chunks(key, previous)
         return sha

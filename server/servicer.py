@@ -507,7 +507,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         path = (
             await asyncio.to_thread(self.texts.store, request.text)
             if inline
-            else self.texts.path(request.text_id)
+            else await asyncio.to_thread(self.texts.path, request.text_id)
         )
         try:
             job = await self.jobs.start(
@@ -517,6 +517,8 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             if inline:  # a refused job's text is nobody's
                 path.unlink(missing_ok=True)
             raise
+        if not inline:
+            await asyncio.to_thread(self.texts.forget, request.text_id)
         async for current, record, place in self.jobs.follow(job.id):
             yield pb.TrainResponse(event=messages.job_event(current, record, place))
 

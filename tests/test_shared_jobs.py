@@ -3,8 +3,9 @@
 Two ``nextchar serve`` replicas with separate model directories and no trainer of
 their own (``--trainers 0``) and ``nextchar trainer`` processes, all on one Redis:
 a job queued through replica A is listed, watched and cancelled through B, a
-second job waits in the queue behind the first, the model a job registers is
-listed and served by B, and default and deletions agree on both. A trainer
+second job (its text uploaded through A, trained through B) waits in the queue
+behind the first, the model a job registers is listed and served by B, and
+default and deletions agree on both. A trainer
 SIGKILLed mid-epoch loses its lease, and another trainer takes the job up from
 its checkpoint; that one gets SIGTERM (it checkpoints and puts the job back in the
 queue), and a third finishes it: the final weights are bit-identical to an
@@ -21,13 +22,14 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from job_harness import TrainerProcess, job, start_job, wait_for
+from job_harness import CORPUS, MODEL, TrainerProcess, job, start_job, wait_for
 from nextchar.proto import nextchar_pb2 as pb
 from redis_harness import RedisServer
-from server_harness import ServerProcess, stream_chars
+from server_harness import ServerProcess, cancel, stream_chars, take
 
 LEASE = "2"  # seconds: a dead trainer's job waits this long for another
 LONG = pb.TrainConfigSpec(seq_len=32, batch=16, epochs=1000, log_every=5, seed=7)
+SHORT = pb.TrainConfigSpec(seq_len=32, batch=16, epochs=1, log_every=5, seed=7)
 
 
 def store_url(redis_server: RedisServer, db: int) -> str:
@@ -101,7 +103,17 @@ def test_jobs_and_models_are_shared_by_replicas_with_separate_directories(
         # one trainer: a second job waits behind the first, and runs once B cancels the first
         long = start_job(a, "long", LONG)
         wait_for(b, long, step=10)
-        behind = start_job(b, "behind", pb.TrainConfigSpec(seq_len=32, batch=16, epochs=1, seed=7))
+        # its text uploaded through A, trained through B: an upload is shared too
+        pieces = [
+            pb.UploadTextRequest(piece=CORPUS.read_text()[i : i + 10_000]) for i in range(0, 60_000, 10_000)
+        ]
+        uploaded = a.stub.UploadText(iter(pieces), timeout=30)
+        request = pb.TrainRequest(
+            model_name="behind", text_id=uploaded.text_id, model_config=MODEL, train_config=SHORT
+        )
+        call = b.stub.Train(request, timeout=60)
+        behind = str(take(call).event.job.job_id)
+        cancel(call)
         queued = job(a, behind)
         assert queued.state == pb.JOB_STATE_QUEUED and queued.queue_position == 1
         b.stub.CancelJob(pb.CancelJobRequest(job_id=long), timeout=10)
