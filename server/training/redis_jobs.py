@@ -64,8 +64,9 @@ return 1
 """
 
 
-def job_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
+def job_key(job_id: str, part: str = "") -> str:
+    """The job's hash, or its part: "records", "text" or "checkpoint"."""
+    return f"{PREFIX}job:{job_id}" + (f":{part}" if part else "")
 
 
 def owner(claim: Claim) -> str:
@@ -109,7 +110,7 @@ class RedisJobStore:
     def add(self, job: Job, text: Path) -> None:
         with reaching(str(self)):
             self._group()
-            self.blobs.put(job_key(job.id) + ":text", text)
+            self.blobs.put(job_key(job.id, "text"), text)
             pipe = self.redis.pipeline()
             pipe.hset(job_key(job.id), mapping={"rec": json.dumps(job.record()), "owner": ""})
             pipe.zadd(INDEX, {job.id: job.created})
@@ -133,7 +134,7 @@ class RedisJobStore:
             pipe = self.redis.pipeline()
             for job_id in ids:
                 pipe.hget(job_key(job_id), "rec")
-                pipe.lindex(job_key(job_id) + ":records", -1)
+                pipe.lindex(job_key(job_id, "records"), -1)
             replies = pipe.execute()
         jobs = []
         for rec, latest in zip(replies[::2], replies[1::2], strict=True):
@@ -146,7 +147,7 @@ class RedisJobStore:
 
     def records(self, job_id: str, start: int = 0) -> list[dict[str, Any]]:
         with reaching(str(self)):
-            raw = cast(list[bytes], self.redis.lrange(job_key(job_id) + ":records", start, -1))
+            raw = cast(list[bytes], self.redis.lrange(job_key(job_id, "records"), start, -1))
         return [json.loads(r) for r in raw]
 
     def save(self, job: Job, claim: Claim | None = None) -> bool:
@@ -214,16 +215,16 @@ class RedisJobStore:
             self._fenced_hset([job_key(claim.job_id)], [owner(claim), "owner", ""])
 
     def append(self, claim: Claim, record: dict[str, Any]) -> bool:
-        keys = [job_key(claim.job_id), job_key(claim.job_id) + ":records"]
+        keys = [job_key(claim.job_id), job_key(claim.job_id, "records")]
         with reaching(str(self)):
             return bool(self._fenced_rpush(keys, [owner(claim), json.dumps(record)]))
 
     def trim(self, job_id: str, keep: int) -> None:
         with reaching(str(self)):
             if keep:
-                self.redis.ltrim(job_key(job_id) + ":records", 0, keep - 1)
+                self.redis.ltrim(job_key(job_id, "records"), 0, keep - 1)
             else:  # LTRIM 0 -1 would keep them all
-                self.redis.delete(job_key(job_id) + ":records")
+                self.redis.delete(job_key(job_id, "records"))
 
     # ------------------------------------------------------------ files
 
@@ -232,12 +233,12 @@ class RedisJobStore:
         directory.mkdir(parents=True, exist_ok=True)
         text, checkpoint = directory / TEXT_FILE, directory / CHECKPOINT_FILE
         with reaching(str(self)):
-            sha = self.blobs.sha256(job_key(job.id) + ":text")
+            sha = self.blobs.sha256(job_key(job.id, "text"))
             if sha is None:
                 raise FileNotFoundError(f"job {job.id}: its text is gone from {self.url}")
             if not text.is_file() or file_sha256(text) != sha:  # a trainer that ran it before keeps it
-                self.blobs.get(job_key(job.id) + ":text", text)
-            if self.blobs.get(job_key(job.id) + ":checkpoint", checkpoint) is None:
+                self.blobs.get(job_key(job.id, "text"), text)
+            if self.blobs.get(job_key(job.id, "checkpoint"), checkpoint) is None:
                 checkpoint.unlink(missing_ok=True)  # none taken yet: the run starts afresh
         return directory
 
@@ -245,11 +246,11 @@ class RedisJobStore:
         with reaching(str(self)):
             if self.redis.hget(job_key(claim.job_id), "owner") != owner(claim).encode():
                 return False
-            self.blobs.put(job_key(claim.job_id) + ":checkpoint", path)
+            self.blobs.put(job_key(claim.job_id, "checkpoint"), path)
             return True
 
     def discard(self, job_id: str) -> None:
         with reaching(str(self)):
-            for what in ("text", "checkpoint"):
-                self.blobs.delete(f"{job_key(job_id)}:{what}")
+            for part in ("text", "checkpoint"):
+                self.blobs.delete(job_key(job_id, part))
         shutil.rmtree(self.cache / job_id, ignore_errors=True)
