@@ -1,6 +1,7 @@
 """``nextchar``: the command line for the nextchar service (one Typer app, ``app``; ``run`` is the script).
 
     nextchar serve                      # start the service on 127.0.0.1:50051
+    nextchar trainer --store redis://…  # a process that only trains jobs from the shared queue
     nextchar train corpus.txt --epochs 5
     echo "hello world" | nextchar stream
     nextchar generate --prime "hello" --length 80
@@ -134,6 +135,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stream": ("nextchar.cli.stream", "stream"),
     "eval": ("nextchar.cli.stream", "evaluate"),
     "serve": ("nextchar.cli.calls", "serve"),
+    "trainer": ("nextchar.cli.calls", "trainer"),
     "predict": ("nextchar.cli.calls", "predict"),
     "generate": ("nextchar.cli.calls", "generate"),
     "complete": ("nextchar.cli.calls", "complete"),

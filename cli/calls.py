@@ -1,4 +1,4 @@
-"""The one-shot commands: serve, predict, generate, complete, loss and health.
+"""The one-shot commands: serve, trainer, predict, generate, complete, loss and health.
 
 Each is a plain function; nextchar.cli.app registers them (and the longer commands
 of .train, .stream, .models and .sessions) on the ``nextchar`` app.
@@ -25,7 +25,7 @@ from nextchar.cli.common import (
 from nextchar.cli.options import config_options
 from nextchar.cli.stream import print_predictions
 from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
-from nextchar.server.config import ServerConfig
+from nextchar.server.config import ServerConfig, TrainerConfig
 
 
 @config_options(ServerConfig, env_prefix="NEXTCHAR_")
@@ -36,6 +36,17 @@ def serve(config: ServerConfig) -> None:
     from nextchar.server.app import serve as run_server
 
     run_server(config)
+
+
+@config_options(TrainerConfig, env_prefix="NEXTCHAR_")
+def trainer(config: TrainerConfig) -> None:
+    """Train jobs from a shared store's queue (on any machine) until SIGTERM or Ctrl-C.
+
+    A trainer only trains: it takes queued jobs, reports their progress into the store,
+    and registers the models they make; SIGTERM pauses its jobs back into the queue."""
+    from nextchar.server.app import run_trainer
+
+    run_trainer(config)
 
 
 def predict(

@@ -7,8 +7,12 @@ and the batcher wants every handler on one loop anyway.
 
 Drain (SIGTERM/SIGINT, or ``NextCharServer.drain``): health turns NOT_SERVING, new
 sessions are refused with UNAVAILABLE, live streams get ``config.grace`` seconds to
-finish, then the server stops (cancelling what is left) and training jobs are
-cancelled (they register nothing).
+finish, then the server stops (cancelling what is left) and its trainers pause:
+their jobs checkpoint and go back to the queue.
+
+``shared_parts`` makes the model registry and the job store on files in
+``model_dir`` or, with ``config.store``, on the shared Redis; ``run_trainer`` is
+``nextchar trainer``: the same parts and a trainer pool, nothing served.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -31,7 +36,8 @@ from nextchar.proto import nextchar_pb2
 from nextchar.server.auth import add_port, interceptors
 from nextchar.server.batching.scheduler import Scheduler
 from nextchar.server.blas import limit_blas_threads
-from nextchar.server.config import ServerConfig
+from nextchar.server.blobs import Blobs, connect
+from nextchar.server.config import ServerConfig, TrainerConfig
 from nextchar.server.errors import ServiceError
 from nextchar.server.logs import configure_logging
 from nextchar.server.metrics import Metrics
@@ -39,9 +45,14 @@ from nextchar.server.registry import DEFAULT_NAME, Registry
 from nextchar.server.servicer import NextCharServicer
 from nextchar.server.sessions.manager import SessionManager
 from nextchar.server.sessions.memory import InMemorySessionStore
-from nextchar.server.sessions.redis_store import RedisSessionStore
+from nextchar.server.sessions.redis_store import RedisSessionStore, display_url
 from nextchar.server.sessions.store import SessionStore
+from nextchar.server.shared_models import RedisModelFiles
 from nextchar.server.training.jobs import JobManager
+from nextchar.server.training.journal import LocalJobStore
+from nextchar.server.training.pool import TrainerPool
+from nextchar.server.training.redis_jobs import RedisJobStore
+from nextchar.server.training.store import JobStore
 from nextchar.server.training.texts import TextStore
 from nextchar.server.wire import add_service
 
@@ -110,13 +121,26 @@ def make_store(
     return InMemorySessionStore(config.idle_timeout, config.session_lifetime, on_remove=metrics.session_ended)
 
 
+def shared_parts(config: ServerConfig | TrainerConfig) -> tuple[Registry, JobStore, Blobs | None]:
+    """The model registry, the job store and where uploaded texts are shared: on files in
+    model_dir, or on the Redis config.store names (every replica and trainer sees the same jobs,
+    uploads and, unless local_models, models; model_dir caches them)."""
+    jobs_dir = config.model_dir / "_jobs"
+    if not config.store:
+        return Registry(config.model_dir), LocalJobStore(jobs_dir), None
+    client, url = connect(config.store), display_url(config.store)
+    files = RedisModelFiles(client, url, config.model_dir) if config.shared_models else None
+    jobs = RedisJobStore(client, url, config.job_lease, jobs_dir)
+    return Registry(config.model_dir, files), jobs, Blobs(client)
+
+
 class NextCharServer:
     """The running service: the grpc.aio server plus the parts it serves, and its drain."""
 
     def __init__(self, config: ServerConfig, store: SessionStore | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.registry = Registry(config.model_dir)
+        self.registry, job_store, shared_texts = shared_parts(config)
         self.port = 0
         if store is None:  # (not `or`: an empty store has len 0)
             store = make_store(config, self.registry, self.metrics, lambda: f"{config.host}:{self.port}")
@@ -130,17 +154,14 @@ class NextCharServer:
         self.sessions = SessionManager(
             store, self.scheduler, config.max_sessions, config.max_chunk_chars, config.rewind_chars
         )
-        self.jobs = JobManager(
-            self.registry,
-            config.max_jobs,
-            config.max_vocab,
-            config.model_dir / "_jobs",
-            config.checkpoint_seconds,
+        self.trainers = TrainerPool(
+            job_store, self.registry, config.max_jobs, config.checkpoint_seconds, config.job_lease
         )
-        self.texts = TextStore(config.model_dir / "_texts", config.max_upload_bytes)
+        self.jobs = JobManager(job_store, config.max_vocab, on_queued=self.trainers.fill)
+        self.texts = TextStore(config.model_dir / "_texts", config.max_upload_bytes, shared_texts)
         self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs, self.texts)
         self.servicer.on_message = self.metrics.message_latency.observe
-        self.metrics.watch(lambda: len(store), lambda: [j.state for j in list(self.jobs.jobs.values())])
+        self.metrics.watch(lambda: len(store), self.jobs.states)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs predate health.aio
         self.grpc = grpc.aio.server(
             options=config.grpc_options(), interceptors=interceptors(config, self.metrics.auth_failed)
@@ -173,6 +194,7 @@ class NextCharServer:
         self.scheduler.start()
         await self.grpc.start()
         await self.jobs.load()  # the journal's unfinished jobs resume from their checkpoints
+        self.trainers.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -255,7 +277,7 @@ class NextCharServer:
             if task is not None:
                 task.cancel()
         await self.grpc.stop(grace)
-        await self.jobs.shutdown()
+        await asyncio.to_thread(self.trainers.shutdown)
         await self.scheduler.close()
         await self.store.close()  # a shared store writes back what is not written yet
         self.metrics.close()
@@ -295,3 +317,24 @@ def serve(config: ServerConfig | None = None) -> None:
     config = config or ServerConfig()
     configure_logging(config.log_format, config.log_level)
     asyncio.run(serve_async(config))
+
+
+def run_trainer(config: TrainerConfig) -> None:
+    """``nextchar trainer``: train jobs from the shared store's queue until SIGTERM/SIGINT, then
+    pause them (they checkpoint and go back to the queue for any trainer). Blocking."""
+    if not config.store:
+        raise ValueError("store: give the shared store (redis://HOST:PORT/DB) whose jobs to train")
+    configure_logging(config.log_format, config.log_level)
+    registry, store, _ = shared_parts(config)
+    registry.load_all()
+    store.load()
+    pool = TrainerPool(store, registry, config.trainers, config.checkpoint_seconds, config.job_lease)
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    pool.start()
+    log.info("nextchar trainer %s taking jobs from %s (models in %s)", pool.name, store, config.model_dir)
+    stopping.wait()
+    log.info("trainer %s stopping: pausing %d job(s)", pool.name, len(pool.running))
+    pool.shutdown()
+    log.info("nextchar trainer stopped")

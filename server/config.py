@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MIB = 1024 * 1024
 
@@ -38,12 +39,82 @@ def _opt(text: str, **more: object) -> dict[str, object]:
     return {"help": text, **more}
 
 
+# Fields nextchar serve and nextchar trainer share: one definition each, for both configs.
+
+
+def _model_dir() -> Any:
+    return field(default_factory=default_model_dir, metadata=_opt("Model registry directory."))
+
+
+def _store(what: str) -> Any:
+    # "" keeps sessions and jobs in this process and its model_dir; redis://HOST:PORT/DB shares
+    # them, and the models, between replicas and trainers (docs/deploy.md)
+    return field(default="", metadata=_opt(what))
+
+
+def _shared_models() -> Any:
+    # replicas that still read one shared directory (or identical copies) keep doing so
+    return field(
+        default=True,
+        metadata=_opt(
+            "With --store: model files kept in the store too, cached in --model-dir "
+            "(--local-models: each process reads its own --model-dir).",
+            flags=("--shared-models/--local-models",),
+        ),
+    )
+
+
+def _checkpoint_seconds() -> Any:
+    # a crash loses at most this much training (and an epoch's end always checkpoints)
+    return field(
+        default=60.0, metadata=_opt("Seconds between a training job's checkpoints (and every epoch).")
+    )
+
+
+def _job_lease() -> Any:
+    # a trainer renews it every third of it; a dead trainer's job waits this long for another
+    return field(
+        default=15.0,
+        metadata=_opt(
+            "Seconds a trainer's hold on a job lasts unrenewed (shared store): then another takes it."
+        ),
+    )
+
+
+def _log_format() -> Any:
+    # json: one object per line, with the session id where there is one
+    return field(default="text", metadata=_opt("Log lines as text or JSON.", choices=("text", "json")))
+
+
+def _log_level() -> Any:
+    return field(
+        default="info",
+        metadata=_opt("Least severe log level shown.", choices=("debug", "info", "warning", "error")),
+    )
+
+
+def _check(config: object, checks: dict[str, bool]) -> None:
+    for name, ok in checks.items():
+        if not ok:
+            raise ValueError(f"{name}: out of range ({getattr(config, name)!r})")
+
+
+def _shared_checks(config: ServerConfig | TrainerConfig) -> dict[str, bool]:
+    return {
+        "checkpoint_seconds": config.checkpoint_seconds > 0,
+        "job_lease": config.job_lease >= 1,
+        "store": config.store == "" or config.store.startswith(("redis://", "rediss://", "unix://")),
+        "log_format": config.log_format in ("text", "json"),
+        "log_level": config.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+    }
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     # loopback by default; listen wider only with a token and TLS
     host: str = field(default="127.0.0.1", metadata=_opt("Interface to listen on."))
     port: int = field(default=50051, metadata=_opt("Port; 0 picks a free one."))
-    model_dir: Path = field(default_factory=default_model_dir, metadata=_opt("Model registry directory."))
+    model_dir: Path = _model_dir()  # noqa: RUF009 (a field(), as the others)
     # ~1 KB each beyond the state: well under 1 GB at H=256
     max_sessions: int = field(
         default=100_000, metadata=_opt("Cap on live sessions; new ones are refused beyond it.")
@@ -79,12 +150,16 @@ class ServerConfig:
     max_reply_bytes: int = field(
         default=16 * MIB, metadata=_opt("Bytes of big replies the server holds unread at once.")
     )
-    # the machine has 2 cores and serves too
-    max_jobs: int = field(default=1, metadata=_opt("Training jobs run at once; more wait in the queue."))
-    # a crash loses at most this much training (and an epoch's end always checkpoints)
-    checkpoint_seconds: float = field(
-        default=60.0, metadata=_opt("Seconds between a training job's checkpoints (and every epoch).")
+    # the machine has 2 cores and serves too; 0 leaves training to `nextchar trainer` processes
+    max_jobs: int = field(
+        default=1,
+        metadata=_opt(
+            "Trainers this server runs (jobs at once; more wait in the queue); 0 = none.",
+            flags=("--trainers", "--max-jobs"),
+        ),
     )
+    checkpoint_seconds: float = _checkpoint_seconds()
+    job_lease: float = _job_lease()
     grace: float = field(default=10.0, metadata=_opt("Seconds live streams get to finish on SIGTERM."))
     sweep_interval: float = field(default=30.0, metadata=_opt("Seconds between idle-session sweeps."))
     train_default_if_empty: bool = field(
@@ -127,19 +202,10 @@ class ServerConfig:
     metrics_port: int | None = field(
         default=None, metadata=_opt("Serve Prometheus /metrics on this port; 0 = any free.")
     )
-    # json: one object per line, with the session id where there is one
-    log_format: str = field(
-        default="text", metadata=_opt("Log lines as text or JSON.", choices=("text", "json"))
-    )
-    log_level: str = field(
-        default="info",
-        metadata=_opt("Least severe log level shown.", choices=("debug", "info", "warning", "error")),
-    )
-    # sessions: "" keeps them in this process; redis://HOST:PORT/DB shares them between replicas
-    # (nextchar.server.sessions.redis_store, docs/deploy.md)
-    store: str = field(
-        default="", metadata=_opt("redis://HOST:PORT/DB: sessions shared by replicas; in memory if unset.")
-    )
+    log_format: str = _log_format()
+    log_level: str = _log_level()
+    store: str = _store("redis://HOST:PORT/DB: sessions, jobs and models shared by replicas; local if unset.")
+    shared_models: bool = _shared_models()
     # with a shared store the version moves every message; 1 = the state too, so a
     # replica's crash loses nothing that was answered
     store_write_every: int = field(
@@ -162,20 +228,19 @@ class ServerConfig:
             "max_message_bytes": self.max_message_bytes >= 4096,
             "max_upload_bytes": self.max_upload_bytes >= 1,
             "max_reply_bytes": self.max_reply_bytes >= 1,
-            "max_jobs": self.max_jobs >= 1,
-            "checkpoint_seconds": self.checkpoint_seconds > 0,
+            "max_jobs": self.max_jobs >= 0,
             "grace": self.grace >= 0,
             "sweep_interval": self.sweep_interval > 0,
             "batch_inline_chars": self.batch_inline_chars >= 0,
-            "store": self.store == "" or self.store.startswith(("redis://", "rediss://", "unix://")),
             "store_write_every": self.store_write_every >= 1,
             "metrics_port": self.metrics_port is None or 0 <= self.metrics_port <= 65535,
-            "log_format": self.log_format in ("text", "json"),
-            "log_level": self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+            **_shared_checks(self),
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"{name}: out of range ({getattr(self, name)!r})")
+        _check(self, checks)
+        if self.max_jobs == 0 and not self.store:
+            raise ValueError(
+                "max_jobs: 0 trainers needs a shared store (--store): no other trainer could take a job"
+            )
         check_security(self)
         object.__setattr__(self, "model_dir", Path(self.model_dir).expanduser())
 
@@ -212,3 +277,22 @@ class ServerConfig:
             # 1,000 streams gain more than a lone ping-pong's latency loses (bench/serve_bench.py).
             ("grpc.optimization_target", "throughput"),
         ]
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """``nextchar trainer``: a process that only trains, taking jobs from the shared store's queue."""
+
+    store: str = _store("redis://HOST:PORT/DB: the shared store whose queued jobs this trainer runs.")
+    # here: a cache of the shared models, and the jobs' working files
+    model_dir: Path = _model_dir()  # noqa: RUF009 (a field(), as the others)
+    shared_models: bool = _shared_models()
+    trainers: int = field(default=1, metadata=_opt("Jobs this process trains at once."))
+    checkpoint_seconds: float = _checkpoint_seconds()
+    job_lease: float = _job_lease()
+    log_format: str = _log_format()
+    log_level: str = _log_level()
+
+    def __post_init__(self) -> None:
+        _check(self, {"trainers": self.trainers >= 1, **_shared_checks(self)})
+        object.__setattr__(self, "model_dir", Path(self.model_dir).expanduser())

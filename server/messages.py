@@ -17,7 +17,7 @@ from nextchar.core.inference import top_k_rows
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.server.registry import ModelVersion
 from nextchar.server.sessions.session import Session
-from nextchar.server.training.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
+from nextchar.server.training.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 
 JOB_STATES = {
     QUEUED: pb.JOB_STATE_QUEUED,
@@ -92,9 +92,9 @@ def job_info(job: Job, queue_position: int = 0) -> pb.JobInfo:
         train_config_json=json.dumps(job.train_config),
     )
     if job.result is not None:
-        msg.result.CopyFrom(model_ref(job.result))
-    if job.records:
-        msg.latest.CopyFrom(progress(job.records[-1]))
+        msg.result.CopyFrom(pb.ModelRef(name=job.result[0], version=job.result[1]))
+    if job.latest is not None:
+        msg.latest.CopyFrom(progress(job.latest))
     return msg
 
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from nextchar.server.sessions.store import GONE_REASONS, reason_label
-from nextchar.server.training.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED
+from nextchar.server.training.store import CANCELLED, FAILED, RUNNING, SUCCEEDED
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector

@@ -5,8 +5,11 @@ Layout under ``model_dir``::
     <name>/<version>.npz   one model file per version (nextchar.core.modelfile)
     _default.json          {"name": ..., "version": ...}, replaced atomically
 
-The registry's own files start with "_", which no model name can (NAME_RE), so no
-model can collide with them; a pointer from before (``default.json``) is moved
+Where the files are the truth is a ModelFiles backend: this directory
+(LocalModelFiles, the default), or the shared Redis with this directory as a cache
+(nextchar.server.shared_models: replicas with separate directories see the same
+models, versions and default). The registry's own files start with "_", which no
+model name can (NAME_RE), so no model can collide with them; a pointer from before (``default.json``) is moved
 there at start. Temporary files that a killed save left behind are removed at
 start. A file that fails to load marks its version unavailable with the reason
 (naming the file relative to model_dir: no server paths reach clients), and the
@@ -19,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from nextchar.core.atomic import atomic_write
@@ -39,6 +43,8 @@ POINTER = "_default.json"
 LEGACY_POINTER = "default.json"  # where the pointer lived before: a model name could collide with it
 STALE_TMP = 60.0  # seconds: a temporary file older than this belongs to a save that died
 REFRESH_INTERVAL = 1.0  # seconds between directory scans for models written by other processes
+log = logging.getLogger("nextchar.server")
+Ref = tuple[str, int]  # (name, version)
 
 
 def check_name(name: str) -> str:
@@ -105,21 +111,34 @@ class ModelVersion:
         return vocab.encode(text), not vocab.knows(text)
 
 
-class Registry:
-    """Thread-safe: jobs register from a worker thread while the event loop reads."""
+class ModelFiles(Protocol):
+    """Where the registry's files and default pointer are kept (blocking I/O)."""
+
+    def files(self) -> dict[Ref, Path]:
+        """Every model file, by (name, version), as a path on this machine."""
+
+    def read_pointer(self) -> Ref | None:
+        """The default as last written; None when there is none or it is unreadable."""
+
+    def write_pointer(self, ref: Ref) -> bool:
+        """Make ref the default; False when that version is gone."""
+
+    def publish(self, ref: Ref, path: Path) -> bool:
+        """The model file saved at path becomes version ref for every reader; False when another
+        process took that version first (path is then left to the caller)."""
+
+    def withdraw(self, ref: Ref, path: Path) -> bool:
+        """Delete the version; False when it is the default."""
+
+
+class LocalModelFiles:
+    """The files in model_dir: ``<name>/<version>.npz`` and ``_default.json``."""
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = model_dir
-        self._lock = threading.Lock()
-        self._versions: dict[tuple[str, int], ModelVersion] = {}
-        self._default: tuple[str, int] | None = None
-        self._refreshed = -REFRESH_INTERVAL  # monotonic time of the last directory scan
 
-    # ------------------------------------------------------------ loading
-
-    def _files(self) -> dict[tuple[str, int], Path]:
-        """Every model file under model_dir, by (name, version)."""
-        found: dict[tuple[str, int], Path] = {}
+    def files(self) -> dict[Ref, Path]:
+        found: dict[Ref, Path] = {}
         for directory in sorted(p for p in self.model_dir.iterdir() if p.is_dir()):
             if not NAME_RE.match(directory.name):
                 continue
@@ -128,11 +147,46 @@ class Registry:
                     found[(directory.name, int(path.stem))] = path
         return found
 
+    def read_pointer(self) -> Ref | None:
+        try:
+            data = json.loads((self.model_dir / POINTER).read_text())
+            return (str(data["name"]), int(data["version"]))
+        except (ValueError, KeyError, TypeError, OSError):  # missing, or damaged
+            return None
+
+    def write_pointer(self, ref: Ref) -> bool:
+        with atomic_write(self.model_dir / POINTER) as f:
+            f.write(json.dumps({"name": ref[0], "version": ref[1]}).encode())
+        return True
+
+    def publish(self, ref: Ref, path: Path) -> bool:
+        return True  # saved in place, under the registry's lock
+
+    def withdraw(self, ref: Ref, path: Path) -> bool:
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the model's last version: no empty directory left
+            path.parent.rmdir()
+        return True
+
+
+class Registry:
+    """Thread-safe: jobs register from a worker thread while the event loop reads."""
+
+    def __init__(self, model_dir: Path, files: ModelFiles | None = None) -> None:
+        self.model_dir = model_dir
+        self.files = files or LocalModelFiles(model_dir)
+        self._lock = threading.Lock()
+        self._versions: dict[tuple[str, int], ModelVersion] = {}
+        self._default: tuple[str, int] | None = None
+        self._refreshed = -REFRESH_INTERVAL  # monotonic time of the last directory scan
+
+    # ------------------------------------------------------------ loading
+
     def load_all(self) -> None:
         """Scan model_dir; every version loads or is marked unavailable."""
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self._tidy()
-        versions = {key: ModelVersion.load(*key, path) for key, path in self._files().items()}
+        versions = {key: ModelVersion.load(*key, path) for key, path in self.files.files().items()}
         with self._lock:
             self._versions = versions
             self._default = self._read_pointer()
@@ -150,45 +204,36 @@ class Registry:
                     tmp.unlink()
 
     def refresh(self, *, force: bool = False) -> int:
-        """Load versions another process wrote since (``nextchar train --local``); returns how many.
+        """Follow what other processes changed since (``nextchar train --local``, other replicas on
+        a shared store): load the versions they wrote, drop the ones they deleted, and take up the
+        default they set; returns how many versions are new.
 
         Versions already loaded stay the same objects, so live sessions keep theirs.
-        Unless forced (ListModels), at most one directory scan per REFRESH_INTERVAL, so
-        unknown-model requests cannot turn into a disk scan each.
+        Unless forced (ListModels), at most one scan per REFRESH_INTERVAL, so
+        unknown-model requests cannot turn into a scan each.
         """
         if not force and time.monotonic() - self._refreshed < REFRESH_INTERVAL:
             return 0
         self._refreshed = time.monotonic()
-        new = {
-            key: ModelVersion.load(*key, path)
-            for key, path in self._files().items()
-            if key not in self._versions
-        }
+        files = self.files.files()
+        new = {key: ModelVersion.load(*key, path) for key, path in files.items() if key not in self._versions}
         with self._lock:
+            for key in [k for k in self._versions if k not in files]:
+                del self._versions[key]
             for key, mv in new.items():
                 self._versions.setdefault(key, mv)
-            if self._default is None:
-                self._default = self._read_pointer()
+            self._default = self._read_pointer()
         return len(new)
 
     def _read_pointer(self) -> tuple[str, int] | None:
-        path = self.model_dir / POINTER
-        try:
-            data = json.loads(path.read_text())
-            ref = (str(data["name"]), int(data["version"]))
-        except FileNotFoundError:
-            ref = None
-        except (ValueError, KeyError, TypeError, OSError):
-            ref = None  # a damaged pointer falls back to the newest available version
+        """The pointer's version when it is usable, else the newest available one (a damaged
+        pointer, or one naming a version that does not load)."""
+        ref = self.files.read_pointer()
         if ref is not None and ref in self._versions and self._versions[ref].available:
             return ref
         available = [k for k, v in self._versions.items() if v.available]
         prefer = [k for k in available if k[0] == DEFAULT_NAME] or available
         return max(prefer, key=lambda k: k[1]) if prefer else None
-
-    def _write_pointer(self, ref: tuple[str, int]) -> None:
-        with atomic_write(self.model_dir / POINTER) as f:
-            f.write(json.dumps({"name": ref[0], "version": ref[1]}).encode())
 
     # ------------------------------------------------------------ queries
 
@@ -256,15 +301,21 @@ class Registry:
             taken = [v for (n, v) in self._versions if n == name]
             on_disk = [int(p.stem) for p in (self.model_dir / name).glob("*.npz") if p.stem.isdigit()]
             version = max([0, *taken, *on_disk]) + 1
-            path = self.model_dir / name / f"{version}.npz"
-            save_model(path, model, history=history, summary=summary)
-            try:
-                meta = load_model(path).meta  # read back: what sessions use is what is on disk
-                if promote or self._default is None:
-                    self._write_pointer((name, version))
-            except BaseException:  # a version is registered whole or not at all
-                path.unlink(missing_ok=True)
-                raise
+            while True:
+                path = self.model_dir / name / f"{version}.npz"
+                save_model(path, model, history=history, summary=summary)
+                try:
+                    meta = load_model(path).meta  # read back: what sessions use is what is on disk
+                    published = self.files.publish((name, version), path)
+                    if published and (promote or self._default is None):
+                        self.files.write_pointer((name, version))
+                except BaseException:  # a version is registered whole or not at all
+                    path.unlink(missing_ok=True)
+                    raise
+                if published:
+                    break
+                path.unlink(missing_ok=True)  # another replica registered this version meanwhile
+                version += 1
             mv = ModelVersion.from_model(name, version, path, model, history, summary, meta)
             self._versions[(name, version)] = mv
             if promote or self._default is None:
@@ -275,8 +326,10 @@ class Registry:
         mv = self.resolve(name or DEFAULT_NAME, version)
         with self._lock:
             previous = self._versions.get(self._default) if self._default else None
-            self._write_pointer((mv.name, mv.version))
+            if not self.files.write_pointer((mv.name, mv.version)):
+                raise NotFound(f"model {mv.name} version {mv.version}: deleted meanwhile", subject="model")
             self._default = (mv.name, mv.version)
+        log.info("model %s v%d promoted to default", mv.name, mv.version)
         return mv, previous
 
     def delete(self, name: str, version: int) -> ModelVersion:
@@ -284,12 +337,11 @@ class Registry:
             raise InvalidArgument("model.version: give the version to delete")
         mv = self.resolve(name, version, need_available=False)
         with self._lock:
-            if self._default == (mv.name, mv.version):
+            is_default = self._default == (mv.name, mv.version)
+            if is_default or not self.files.withdraw((mv.name, mv.version), mv.path):
                 raise FailedPrecondition(
                     f"model {mv.name} v{mv.version} is the default; set another default first"
                 )
-            mv.path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # the model's last version: no empty directory left
-                mv.path.parent.rmdir()
             del self._versions[(mv.name, mv.version)]
+        log.info("model %s v%d deleted", mv.name, mv.version)
         return mv

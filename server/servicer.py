@@ -510,7 +510,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         path = (
             await asyncio.to_thread(self.texts.store, request.text)
             if inline
-            else self.texts.path(request.text_id)
+            else await asyncio.to_thread(self.texts.path, request.text_id)
         )
         try:
             job = await self.jobs.start(
@@ -520,9 +520,10 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             if inline:  # a refused job's text is nobody's
                 path.unlink(missing_ok=True)
             raise
-        async for record in job.follow():
-            yield pb.TrainResponse(event=messages.job_event(job, record, self.jobs.place(job)))
-        yield pb.TrainResponse(event=messages.job_event(job, None))
+        if not inline:
+            await asyncio.to_thread(self.texts.forget, request.text_id)
+        async for current, record, place in self.jobs.follow(job.id):
+            yield pb.TrainResponse(event=messages.job_event(current, record, place))
 
     @unary
     async def UploadText(
@@ -534,24 +535,22 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
 
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
-        jobs = self.jobs.jobs.values()
-        return pb.ListJobsResponse(jobs=[messages.job_info(j, self.jobs.place(j)) for j in jobs])
+        jobs = await self.jobs.all()
+        return pb.ListJobsResponse(jobs=[messages.job_info(j, self.jobs.place(j, jobs)) for j in jobs])
 
     @streaming
     async def WatchJob(self, request: pb.WatchJobRequest, context: Ctx) -> AsyncIterator[pb.WatchJobResponse]:
-        job = self.jobs.get(request.job_id)
-        async for record in job.follow():
-            yield pb.WatchJobResponse(event=messages.job_event(job, record, self.jobs.place(job)))
-        yield pb.WatchJobResponse(event=messages.job_event(job, None))
+        async for job, record, place in self.jobs.follow(request.job_id):
+            yield pb.WatchJobResponse(event=messages.job_event(job, record, place))
 
     @unary
     async def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.CancelJobResponse:
-        return pb.CancelJobResponse(job=messages.job_info(self.jobs.cancel(request.job_id)))
+        return pb.CancelJobResponse(job=messages.job_info(await self.jobs.cancel(request.job_id)))
 
     @unary
     async def ResumeJob(self, request: pb.ResumeJobRequest, context: Ctx) -> pb.ResumeJobResponse:
-        job = self.jobs.resume(request.job_id)
-        return pb.ResumeJobResponse(job=messages.job_info(job, self.jobs.place(job)))
+        job = await self.jobs.resume(request.job_id)
+        return pb.ResumeJobResponse(job=messages.job_info(job, await self.jobs.place_of(job)))
 
     # ------------------------------------------------------------ models
 

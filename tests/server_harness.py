@@ -101,32 +101,19 @@ def start_server(model_dir: Path, **overrides: Any) -> ServerThread:
     return ServerThread(config)
 
 
-class ServerProcess:
-    """``python -m nextchar.cli serve --port 0 --model-dir DIR *args``; the bound port is read from its log."""
+class LoggedProcess:
+    """``python -m nextchar.cli *args`` in a subprocess, its log (stderr) collected as it comes."""
 
-    def __init__(self, model_dir: Path, *args: str) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "nextchar.cli",
-            "serve",
-            "--port",
-            "0",
-            "--model-dir",
-            str(model_dir),
-            *args,
-        ]
+    def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            [sys.executable, "-m", "nextchar.cli", *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
-        self.port = self._wait_for_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = pb_grpc.NextCharServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def _pump(self) -> None:
         assert self.proc.stderr is not None
@@ -134,20 +121,39 @@ class ServerProcess:
             self.log.append(line)
             self.lines.put(line)
 
-    def _wait_for_port(self) -> int:
-        deadline = time.monotonic() + 60
+    def wait_for_line(self, pattern: str, timeout: float = 60) -> tuple[float, re.Match[str]]:
+        """Until a log line not read yet matches pattern (a regex): when (time.monotonic) it was
+        read, and the match. A process that ends first, or a timeout, fails the test with its log."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                line = self.lines.get(timeout=1)
+                line = self.lines.get(timeout=0.5)
             except queue.Empty:
                 if self.proc.poll() is not None:
                     break
                 continue
-            match = re.search(r"serving on [\d.]+:(\d+)", line)
+            match = re.search(pattern, line)
             if match:
-                return int(match.group(1))
+                return time.monotonic(), match
         self.proc.kill()
-        raise AssertionError("server did not start:\n" + "".join(self.log))
+        raise AssertionError(f"no log line matched {pattern!r}:\n" + "".join(self.log))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+class ServerProcess(LoggedProcess):
+    """``python -m nextchar.cli serve --port 0 --model-dir DIR *args``; the bound port is read from its log."""
+
+    def __init__(self, model_dir: Path, *args: str) -> None:
+        super().__init__("serve", "--port", "0", "--model-dir", str(model_dir), *args)
+        self.port = int(self.wait_for_line(r"serving on [\d.]+:(\d+)")[1].group(1))
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = pb_grpc.NextCharServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def status(self) -> int:
         return int(self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status)
@@ -158,9 +164,7 @@ class ServerProcess:
 
     def close(self) -> None:
         self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
+        super().close()
 
 
 def proc_rss_kb(pid: int) -> int:

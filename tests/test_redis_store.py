@@ -34,8 +34,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pair(model_dir: Path, redis_server: RedisServer) -> Iterator[tuple[ServerThread, ServerThread]]:
-    a = start_server(model_dir, store=redis_server.url)
-    b = start_server(model_dir, store=redis_server.url)
+    a = start_server(model_dir, store=redis_server.url, shared_models=False)
+    b = start_server(model_dir, store=redis_server.url, shared_models=False)
     yield a, b
     a.close()
     b.close()
@@ -129,8 +129,8 @@ def test_racing_replicas_never_both_advance_a_session(
 def test_tombstones_and_expiry_reasons_cross_replicas(model_dir: Path, redis_server: RedisServer) -> None:
     # database 1: replicas sharing a store share its timeouts, and the pair on database 0 has others
     url = redis_server.url.removesuffix("/0") + "/1"
-    a = start_server(model_dir, store=url, idle_timeout=0.3, session_lifetime=0.8)
-    b = start_server(model_dir, store=url, idle_timeout=0.3, session_lifetime=0.8)
+    a = start_server(model_dir, store=url, shared_models=False, idle_timeout=0.3, session_lifetime=0.8)
+    b = start_server(model_dir, store=url, shared_models=False, idle_timeout=0.3, session_lifetime=0.8)
     try:
         closed, idle = create(a), create(a)
         a.stub.CloseSession(pb.CloseSessionRequest(session_id=closed), timeout=5)
@@ -162,7 +162,7 @@ def test_tombstones_and_expiry_reasons_cross_replicas(model_dir: Path, redis_ser
 def test_write_every_n_writes_state_every_n_chars_and_flushes_on_stop(
     model_dir: Path, redis_server: RedisServer, pair: tuple[ServerThread, ServerThread]
 ) -> None:
-    lazy = start_server(model_dir, store=redis_server.url, store_write_every=4)
+    lazy = start_server(model_dir, store=redis_server.url, shared_models=False, store_write_every=4)
     try:
         sid = create(lazy)
         stream_chars(lazy.stub, "hello ", session_id=sid)
@@ -177,7 +177,7 @@ def test_write_every_n_writes_state_every_n_chars_and_flushes_on_stop(
 
 def test_redis_restarted_mid_load_is_unavailable_then_recovers(model_dir: Path, tmp_path: Path) -> None:
     store = RedisServer(tmp_path)
-    srv = start_server(model_dir, store=store.url, sweep_interval=0.2)
+    srv = start_server(model_dir, store=store.url, shared_models=False, sweep_interval=0.2)
     health = health_pb2_grpc.HealthStub(srv.channel)
 
     def status() -> int:

@@ -54,8 +54,8 @@ def memory_server(model_dir: Path) -> Iterator[ServerThread]:
 
 @pytest.fixture(scope="module")
 def redis_pair(model_dir: Path, redis_server: RedisServer) -> Iterator[tuple[ServerThread, ServerThread]]:
-    a = start_server(model_dir, store=redis_server.url, rewind_chars=KEEP)
-    b = start_server(model_dir, store=redis_server.url, rewind_chars=KEEP)
+    a = start_server(model_dir, store=redis_server.url, shared_models=False, rewind_chars=KEEP)
+    b = start_server(model_dir, store=redis_server.url, shared_models=False, rewind_chars=KEEP)
     yield a, b
     a.close()
     b.close()

@@ -165,11 +165,11 @@ def test_a_trainer_that_keeps_dying_fails_its_job_with_a_reason(srv: ServerThrea
         timeout=60,
     )
     job_id = take(call).event.job.job_id
-    job = srv.server.jobs.get(job_id)
     killed: set[int] = set()
     deadline = time.monotonic() + 60
     while len(killed) < 3 and time.monotonic() < deadline:  # each death restarts it from its checkpoint
-        process = job.process
+        running = srv.server.trainers.running.get(job_id)
+        process = running.process if running else None
         if (
             process is not None
             and process.pid is not None

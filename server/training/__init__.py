@@ -1,1 +1,1 @@
-"""Training jobs: the job manager on the server side, the trainer process that runs one."""
+"""Training jobs: the job store (local journal or Redis), the API side, the trainer pool and the trainer process."""

@@ -6,7 +6,9 @@ to a temporary file, which becomes ``<id>.txt`` only when the upload is complete
 (a broken upload leaves nothing usable), and the total is capped
 (``max_upload_bytes``). A job's trainer reads its text from the file, so a 100 MB
 corpus is never copied through the server's memory or a process pipe. Texts are
-removed after ``TEXT_TTL`` seconds.
+removed after ``TEXT_TTL`` seconds. With a shared store (``shared``: the Redis
+every replica uses) a finished upload is also kept there as a blob for as long, so a
+``Train`` that names it may reach any replica: one that lacks the file fetches it.
 """
 
 from __future__ import annotations
@@ -20,22 +22,33 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from nextchar.core.atomic import atomic_write
+from nextchar.server.blobs import Blobs, reaching
 from nextchar.server.errors import InvalidArgument, NotFound, ResourceExhausted, shown
+from redis.exceptions import RedisError
 
 TEXT_TTL = 3600.0  # seconds an uploaded text is kept for a Train to name it
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
+def shared_key(text_id: str) -> str:
+    return f"nextchar:upload:{text_id}"
+
+
 class TextStore:
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, shared: Blobs | None = None) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        self.shared = shared
 
     def path(self, text_id: str) -> Path:
-        """The file of an uploaded text; NotFound when there is none (never uploaded, or expired)."""
+        """The file of an uploaded text (blocking: with a shared store, a text another replica took
+        is fetched first); NotFound when there is none (never uploaded, or expired)."""
         if not ID_RE.match(text_id):
             raise InvalidArgument(f"text_id: {shown(text_id)} is not an id UploadText gave")
         path = self.directory / f"{text_id}.txt"
+        if not path.is_file() and self.shared is not None:
+            with reaching("upload store"):
+                self.shared.get(shared_key(text_id), path)
         if not path.is_file():
             raise NotFound(
                 f"text {shown(text_id)}: no such uploaded text (they are kept {TEXT_TTL:g} s)", subject="text"
@@ -67,7 +80,19 @@ class TextStore:
             tmp.replace(self.directory / f"{text_id}.txt")
         finally:
             tmp.unlink(missing_ok=True)
+        if self.shared is not None:
+            with reaching("upload store"):
+                await asyncio.to_thread(
+                    self.shared.put, shared_key(text_id), self.directory / f"{text_id}.txt", TEXT_TTL
+                )
         return text_id, chars, size
+
+    def forget(self, text_id: str) -> None:
+        """A job took the text (into its own store): the shared copy is nobody's any more (should
+        Redis not answer now, its expiry removes it)."""
+        if self.shared is not None:
+            with contextlib.suppress(RedisError):
+                self.shared.delete(shared_key(text_id))
 
     def sweep(self, now: float) -> int:
         """Remove texts older than TEXT_TTL; returns how many."""

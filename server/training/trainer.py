@@ -2,8 +2,9 @@
 
 It imports only nextchar.core. It resumes from the job's checkpoint when there is
 one, writes a new checkpoint (atomically, into the job's directory) at every epoch's
-end and every checkpoint_seconds, and pauses (checkpoint, then stop) when the server
-asks. Progress records go to the parent over a pipe as they happen; the last
+end and every checkpoint_seconds, and pauses (checkpoint, then stop) when its pool
+asks (nextchar.server.training.pool, in ``nextchar serve`` or ``nextchar trainer``).
+Progress records go to the parent over a pipe as they happen; the last
 message is exactly one of ("done", payload), ("paused", position), ("failed", why)
 or ("cancelled", why). The trained parameters travel back over the pipe and the
 parent writes the model file, so the registry has one writer.

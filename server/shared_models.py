@@ -1,0 +1,124 @@
+"""RedisModelFiles: the model registry's files in the shared Redis, cached in each replica's --model-dir.
+
+With ``--store redis://…`` a version that any replica (or ``nextchar trainer``)
+registers is seen by every replica, without a shared directory. Layout, all keys
+under ``nextchar:``::
+
+    models                        hash    "name/version" -> the model file's SHA-256
+    model:{name}/{version}:{sha}  blob    the model file (nextchar.server.blobs)
+    models:default                string  "name/version": the default model
+
+Publishing stores the blob first, then adds the version to ``models`` with HSETNX:
+two processes registering the next version of a name at once cannot both get it
+(the loser's blob goes, unless it is the very same file, and it takes the next
+number). The default and the
+deletions are scripts that check each other: the pointer is set only to a version
+in ``models``, and a version is deleted only when the pointer does not name it, so
+the default never names a version that is gone. ``files`` reads ``models`` and
+downloads every version the cache lacks (or holds with another checksum) into
+``model_dir/<name>/<version>.npz``, atomically and checksum-checked; cached files
+of versions no longer in ``models`` are ignored (and removed when this process
+deleted them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import cast
+
+import redis
+from nextchar.server.blobs import Blobs, file_sha256, reaching
+from nextchar.server.registry import NAME_RE, Ref
+
+PREFIX = "nextchar:"
+INDEX, POINTER = PREFIX + "models", PREFIX + "models:default"
+
+# KEYS: models, models:default; ARGV: "name/version". 1 when set, 0 when the version is gone.
+SET_DEFAULT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS: models, models:default; ARGV: "name/version". The deleted file's SHA-256 ("" when it was
+# not there), or false when it is the default.
+WITHDRAW = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then return false end
+local sha = redis.call('HGET', KEYS[1], ARGV[1])
+if not sha then return '' end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return sha
+"""
+
+
+def field(ref: Ref) -> str:
+    return f"{ref[0]}/{ref[1]}"
+
+
+def blob_key(ref: Ref, sha: str) -> str:
+    return f"{PREFIX}model:{field(ref)}:{sha}"
+
+
+class RedisModelFiles:
+    """The ModelFiles protocol (nextchar.server.registry) on Redis, with model_dir as the cache."""
+
+    def __init__(self, client: redis.Redis, url: str, model_dir: Path) -> None:
+        self.redis, self.url, self.model_dir = client, url, model_dir
+        self.blobs = Blobs(client)
+        self._set_default = client.register_script(SET_DEFAULT)
+        self._withdraw = client.register_script(WITHDRAW)
+        self._cached: dict[Ref, str] = {}  # versions whose cached file this process checked: SHA-256
+
+    def __str__(self) -> str:
+        return f"model registry {self.url}"
+
+    def files(self) -> dict[Ref, Path]:
+        with reaching(str(self)):
+            index = cast(dict[bytes, bytes], self.redis.hgetall(INDEX))
+            found: dict[Ref, Path] = {}
+            for raw, sha_raw in index.items():
+                name, _, version = raw.decode().partition("/")
+                if not (NAME_RE.match(name) and version.isdigit()):
+                    continue
+                ref, sha = (name, int(version)), sha_raw.decode()
+                path = self.model_dir / name / f"{version}.npz"
+                fresh = self._cached.get(ref) == sha or (path.is_file() and file_sha256(path) == sha)
+                if not fresh and self.blobs.get(blob_key(ref, sha), path) is None:
+                    continue  # deleted while we listed
+                self._cached[ref] = sha
+                found[ref] = path
+        return found
+
+    def read_pointer(self) -> Ref | None:
+        with reaching(str(self)):
+            raw = self.redis.get(POINTER)
+        if not raw:
+            return None
+        name, _, version = cast(bytes, raw).decode().partition("/")
+        return (name, int(version)) if version.isdigit() else None
+
+    def write_pointer(self, ref: Ref) -> bool:
+        with reaching(str(self)):
+            return bool(self._set_default([INDEX, POINTER], [field(ref)]))
+
+    def publish(self, ref: Ref, path: Path) -> bool:
+        sha = file_sha256(path)
+        with reaching(str(self)):
+            self.blobs.put(blob_key(ref, sha), path)
+            if not self.redis.hsetnx(INDEX, field(ref), sha):
+                if self.redis.hget(INDEX, field(ref)) != sha.encode():  # not the same file's blob
+                    self.blobs.delete(blob_key(ref, sha))
+                return False
+        self._cached[ref] = sha
+        return True
+
+    def withdraw(self, ref: Ref, path: Path) -> bool:
+        with reaching(str(self)):
+            sha = self._withdraw([INDEX, POINTER], [field(ref)])
+            if sha is None:
+                return False
+            if sha:
+                self.blobs.delete(blob_key(ref, cast(bytes, sha).decode()))
+        self._cached.pop(ref, None)
+        path.unlink(missing_ok=True)
+        return True

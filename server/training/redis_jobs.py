@@ -1,0 +1,256 @@
+"""RedisJobStore: jobs in the shared Redis, so every replica and every trainer sees every job.
+
+``nextchar serve --store redis://…`` and ``nextchar trainer --store redis://…``
+(docs/deploy.md). Layout, all keys under ``nextchar:``::
+
+    jobs                  zset    job id -> created: ListJobs, oldest first
+    job:{id}              hash    rec (the record, JSON), owner (the claim that may write), cancel
+    job:{id}:records      list    its progress records (JSON), appended
+    job:{id}:text         blob    its training text (nextchar.server.blobs)
+    job:{id}:checkpoint   blob    the latest checkpoint its trainer took
+    jobs:queue            stream  one entry {job: id} per turn in the queue; consumer group "trainers"
+
+The queue is a Redis Stream read by a consumer group: a trainer takes an entry
+with XREADGROUP (each entry goes to one trainer), and the entry stays in the
+group's pending list, owned by that trainer, until the trainer releases it
+(XACK; a requeue adds a new entry first). The pending entry is the trainer's
+**lease**: a live trainer renews it every few seconds (XCLAIM of its own entry,
+which resets the entry's idle time), and a trainer that finds an entry idle for
+longer than the lease takes it over (XAUTOCLAIM): its trainer died, and the job
+resumes from the checkpoint blob. Taking a job writes the claim into the job's
+``owner``; every write a trainer makes names its claim and is refused once the
+owner is another, so a trainer given up for dead (a long pause) stops instead of
+overwriting the job.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+from nextchar.server.blobs import Blobs, file_sha256, reaching
+from nextchar.server.errors import NotFound, shown
+from nextchar.server.training.store import CHECKPOINT_FILE, TEXT_FILE, Claim, Job
+from redis.exceptions import ResponseError
+
+PREFIX = "nextchar:"
+INDEX, QUEUE, GROUP = PREFIX + "jobs", PREFIX + "jobs:queue", "trainers"
+
+# KEYS: job:{id}; ARGV: owner ("" = no claim), field, value, ... Writes only while owner holds the job.
+FENCED_HSET = """
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+
+# KEYS: job:{id}, job:{id}:records; ARGV: owner, record
+FENCED_RPUSH = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return 1
+"""
+
+# KEYS: queue, job:{id}; ARGV: group, consumer, entry, owner. Renews the lease (resets the entry's
+# idle time) if this trainer still holds the entry and the job.
+RENEW = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+if redis.call('HGET', KEYS[2], 'owner') ~= ARGV[4] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"""
+
+
+def job_key(job_id: str, part: str = "") -> str:
+    """The job's hash, or its part: "records", "text" or "checkpoint"."""
+    return f"{PREFIX}job:{job_id}" + (f":{part}" if part else "")
+
+
+def owner(claim: Claim) -> str:
+    return f"{claim.trainer}/{claim.entry}"
+
+
+class RedisJobStore:
+    """The JobStore protocol on Redis; lease: seconds a trainer's claim lasts without renewal."""
+
+    def __init__(self, client: redis.Redis, url: str, lease: float, cache: Path) -> None:
+        self.redis, self.url = client, url
+        self.cache = cache  # model_dir/_jobs: the texts and checkpoints of jobs trained here
+        self.blobs = Blobs(client)
+        self.lease_ms = int(lease * 1000)
+        self._fenced_hset = client.register_script(FENCED_HSET)
+        self._fenced_rpush = client.register_script(FENCED_RPUSH)
+        self._renew = client.register_script(RENEW)
+        self._group_ready = False
+
+    def __str__(self) -> str:
+        return f"job store {self.url}"
+
+    def load(self) -> list[Job]:
+        with reaching(str(self)):
+            self._group()
+        return []  # a dead trainer's jobs come back through its lease, to any trainer
+
+    def _group(self) -> None:
+        """The consumer group, made on first use (with its stream); another process may have made it."""
+        if self._group_ready:
+            return
+        try:
+            self.redis.xgroup_create(QUEUE, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    # ------------------------------------------------------------ records
+
+    def add(self, job: Job, text: Path) -> None:
+        with reaching(str(self)):
+            self._group()
+            self.blobs.put(job_key(job.id, "text"), text)
+            pipe = self.redis.pipeline()
+            pipe.hset(job_key(job.id), mapping={"rec": json.dumps(job.record()), "owner": ""})
+            pipe.zadd(INDEX, {job.id: job.created})
+            pipe.xadd(QUEUE, {"job": job.id})
+            pipe.execute()
+        text.unlink(missing_ok=True)
+
+    def get(self, job_id: str) -> Job:
+        jobs = self._read([job_id])
+        if not jobs:
+            raise NotFound(f"job {shown(job_id)}: no such job", subject="job")
+        return jobs[0]
+
+    def all(self) -> list[Job]:
+        with reaching(str(self)):
+            ids = [i.decode() for i in cast(list[bytes], self.redis.zrange(INDEX, 0, -1))]
+        return self._read(ids)
+
+    def _read(self, ids: list[str]) -> list[Job]:
+        with reaching(str(self)):
+            pipe = self.redis.pipeline()
+            for job_id in ids:
+                pipe.hget(job_key(job_id), "rec")
+                pipe.lindex(job_key(job_id, "records"), -1)
+            replies = pipe.execute()
+        jobs = []
+        for rec, latest in zip(replies[::2], replies[1::2], strict=True):
+            if rec is None:
+                continue
+            job = Job.from_record(json.loads(rec))
+            job.latest = json.loads(latest) if latest else None
+            jobs.append(job)
+        return jobs
+
+    def records(self, job_id: str, start: int = 0) -> list[dict[str, Any]]:
+        with reaching(str(self)):
+            raw = cast(list[bytes], self.redis.lrange(job_key(job_id, "records"), start, -1))
+        return [json.loads(r) for r in raw]
+
+    def save(self, job: Job, claim: Claim | None = None) -> bool:
+        with reaching(str(self)):
+            fence = owner(claim) if claim else ""
+            return bool(self._fenced_hset([job_key(job.id)], [fence, "rec", json.dumps(job.record())]))
+
+    def requeue(self, job: Job) -> None:
+        with reaching(str(self)):
+            self._group()
+            self.save(job)
+            self.redis.xadd(QUEUE, {"job": job.id})
+
+    def request_cancel(self, job_id: str) -> None:
+        with reaching(str(self)):
+            self.redis.hset(job_key(job_id), "cancel", 1)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with reaching(str(self)):
+            return self.redis.hget(job_key(job_id), "cancel") is not None
+
+    # ------------------------------------------------------------ the queue
+
+    def take(self, trainer: str) -> Claim | None:
+        with reaching(str(self)):
+            try:
+                return self._take(trainer)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis lost the stream (a restart without persistence)
+                    self._group_ready = False
+                raise
+
+    def _take(self, trainer: str) -> Claim | None:
+        self._group()
+        # a lease run out first: that job's trainer died, and it waits for nobody else
+        cursor: Any = "0-0"
+        while True:  # each call looks at a few pending entries: go through all of them
+            cursor, entries, _ = self.redis.xautoclaim(QUEUE, GROUP, trainer, self.lease_ms, cursor, count=1)
+            if entries or cursor in (b"0-0", "0-0"):
+                break
+        if not entries:
+            read = cast(list[Any], self.redis.xreadgroup(GROUP, trainer, {QUEUE: ">"}, count=1))
+            entries = read[0][1] if read else []
+        if not entries:
+            return None
+        entry, fields = entries[0]
+        claim = Claim(fields[b"job"].decode(), entry.decode(), trainer)
+        self.redis.hset(job_key(claim.job_id), "owner", owner(claim))
+        return claim
+
+    def renew(self, claim: Claim) -> bool:
+        with reaching(str(self)):
+            return bool(
+                self._renew([QUEUE, job_key(claim.job_id)], [GROUP, claim.trainer, claim.entry, owner(claim)])
+            )
+
+    def release(self, claim: Claim, requeue: bool) -> None:
+        with reaching(str(self)):
+            pipe = self.redis.pipeline()
+            if requeue:
+                pipe.xadd(QUEUE, {"job": claim.job_id})
+            pipe.xack(QUEUE, GROUP, claim.entry)
+            pipe.xdel(QUEUE, claim.entry)
+            pipe.execute()
+            self._fenced_hset([job_key(claim.job_id)], [owner(claim), "owner", ""])
+
+    def append(self, claim: Claim, record: dict[str, Any]) -> bool:
+        keys = [job_key(claim.job_id), job_key(claim.job_id, "records")]
+        with reaching(str(self)):
+            return bool(self._fenced_rpush(keys, [owner(claim), json.dumps(record)]))
+
+    def trim(self, job_id: str, keep: int) -> None:
+        with reaching(str(self)):
+            if keep:
+                self.redis.ltrim(job_key(job_id, "records"), 0, keep - 1)
+            else:  # LTRIM 0 -1 would keep them all
+                self.redis.delete(job_key(job_id, "records"))
+
+    # ------------------------------------------------------------ files
+
+    def fetch(self, job: Job) -> Path:
+        directory = self.cache / job.id
+        directory.mkdir(parents=True, exist_ok=True)
+        text, checkpoint = directory / TEXT_FILE, directory / CHECKPOINT_FILE
+        with reaching(str(self)):
+            sha = self.blobs.sha256(job_key(job.id, "text"))
+            if sha is None:
+                raise FileNotFoundError(f"job {job.id}: its text is gone from {self.url}")
+            if not text.is_file() or file_sha256(text) != sha:  # a trainer that ran it before keeps it
+                self.blobs.get(job_key(job.id, "text"), text)
+            if self.blobs.get(job_key(job.id, "checkpoint"), checkpoint) is None:
+                checkpoint.unlink(missing_ok=True)  # none taken yet: the run starts afresh
+        return directory
+
+    def keep_checkpoint(self, claim: Claim, path: Path) -> bool:
+        with reaching(str(self)):
+            if self.redis.hget(job_key(claim.job_id), "owner") != owner(claim).encode():
+                return False
+            self.blobs.put(job_key(claim.job_id, "checkpoint"), path)
+            return True
+
+    def discard(self, job_id: str) -> None:
+        with reaching(str(self)):
+            for part in ("text", "checkpoint"):
+                self.blobs.delete(job_key(job_id, part))
+        shutil.rmtree(self.cache / job_id, ignore_errors=True)

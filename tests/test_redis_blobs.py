@@ -1,0 +1,90 @@
+"""Files in Redis (nextchar.server.blobs) and the shared model registry's guards, on a real redis-server.
+
+A blob larger than a chunk comes back byte for byte; a rewrite leaves no chunk of
+the old file behind; a damaged chunk is refused, never written out. Two processes
+publishing the same version of a model cannot both get it, and the default can
+neither be set to a deleted version nor be deleted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import redis
+from nextchar.server.blobs import CHUNK, BlobChanged, Blobs, connect
+from nextchar.server.shared_models import INDEX, RedisModelFiles
+from redis_harness import RedisServer
+
+DB = 4  # a database of its own
+
+
+def chunk(client: redis.Redis, key: str, i: int) -> str:
+    """The name of the i-th chunk of the blob's current generation."""
+    gen = client.hget(key, "gen")
+    assert isinstance(gen, bytes)
+    return f"{key}:{gen.decode()}:{i}"
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> redis.Redis:
+    client = connect(f"redis://127.0.0.1:{redis_server.port}/{DB}")
+    client.flushdb()
+    return client
+
+
+def test_a_blob_of_several_chunks_round_trips_and_a_rewrite_leaves_nothing_behind(
+    client: redis.Redis, tmp_path: Path
+) -> None:
+    blobs = Blobs(client)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(2 * CHUNK + 1234))  # three chunks
+    sha = blobs.put("k", big)
+    assert blobs.sha256("k") == sha and client.hget("k", "chunks") == b"3"
+    assert blobs.get("k", tmp_path / "back.bin") == sha
+    assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
+
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"hello")
+    blobs.put("k", small)
+    assert sorted(client.keys("k*")) == [b"k", chunk(client, "k", 0).encode()]
+    assert blobs.get("k", tmp_path / "back.bin") is not None
+    assert (tmp_path / "back.bin").read_bytes() == b"hello"
+
+    blobs.delete("k")
+    assert client.keys("k*") == [] and blobs.get("k", tmp_path / "gone.bin") is None
+
+
+def test_a_damaged_blob_is_refused_and_never_written_out(client: redis.Redis, tmp_path: Path) -> None:
+    blobs = Blobs(client)
+    source = tmp_path / "model.npz"
+    source.write_bytes(os.urandom(1000))
+    blobs.put("k", source)
+    client.set(chunk(client, "k", 0), b"x" * 1000)  # same size, other bytes
+    target = tmp_path / "target.npz"
+    with pytest.raises(BlobChanged):
+        blobs.get("k", target)
+    assert not target.exists() and list(tmp_path.glob(".*.tmp")) == []
+
+
+def test_shared_versions_cannot_be_taken_twice_and_the_default_stays_usable(
+    client: redis.Redis, tmp_path: Path
+) -> None:
+    a = RedisModelFiles(client, "redis://test", tmp_path / "a")
+    b = RedisModelFiles(client, "redis://test", tmp_path / "b")
+    first, second = tmp_path / "first.npz", tmp_path / "second.npz"
+    first.write_bytes(b"first model")
+    second.write_bytes(b"second model")
+    assert a.publish(("m", 1), first)
+    assert not b.publish(("m", 1), second)  # taken: b registers the next version instead
+    assert b.publish(("m", 2), second)
+    assert client.hlen(INDEX) == 2
+    assert (tmp_path / "b" / "m" / "1.npz").exists() is False
+    assert b.files()[("m", 1)].read_bytes() == b"first model"  # b's cache gets a's file
+
+    assert a.write_pointer(("m", 1)) and b.read_pointer() == ("m", 1)
+    assert not b.withdraw(("m", 1), tmp_path / "b" / "m" / "1.npz")  # the default: refused
+    assert b.withdraw(("m", 2), tmp_path / "b" / "m" / "2.npz")
+    assert not a.write_pointer(("m", 2))  # deleted: the default cannot name it
+    assert set(a.files()) == {("m", 1)} and a.read_pointer() == ("m", 1)
