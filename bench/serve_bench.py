@@ -49,7 +49,10 @@ from bench_env import blas_info, unpin_this_process
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-MODEL: dict[str, Any] = {"cell": "rnn", "hidden": 256}  # --cell / --hidden change it (e.g. the README recipe's gru 512)
+MODEL: dict[str, Any] = {
+    "cell": "rnn",
+    "hidden": 256,
+}  # --cell / --hidden change it (e.g. the README recipe's gru 512)
 TOP_K = 3
 CASES = [(1, 1), (100, 1), (1000, 1), (1, 64), (100, 64), (1000, 64)]  # (streams, chars per message)
 
