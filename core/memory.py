@@ -16,6 +16,7 @@ import os
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc refuses larger values on 64-bit
 _TRIM_THRESHOLD = 1024 * 1024 * 1024
 
@@ -42,6 +43,21 @@ def keep_freed_memory(trim_threshold: int = _TRIM_THRESHOLD) -> bool:
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
     return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1 and ok)
+
+
+def one_heap() -> bool:
+    """Serve every thread's allocations from glibc's main heap (one arena); call before threads start.
+
+    By default each thread that meets a locked arena gets one of its own (up to 8 per
+    core). In a server, gRPC's transport threads then hold request buffers in arenas of
+    their own, where memory one burst took is neither reused by the other threads nor
+    given back: 20 s of GetSession calls with 60,000-character ids beside one stream
+    that never reads took a server from 68 to 237 MB, and 30 s later it still held 218;
+    with one arena it was back at 76 MB, and serving was no slower (alternated runs of
+    the serve benchmark). Returns False (changing nothing) off glibc.
+    """
+    mallopt = getattr(_libc(), "mallopt", None)
+    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, 1) == 1)
 
 
 def resident_bytes() -> int:

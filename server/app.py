@@ -31,7 +31,7 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from nextchar.core.memory import keep_freed_memory, resident_bytes, return_freed_memory
+from nextchar.core.memory import keep_freed_memory, one_heap, resident_bytes, return_freed_memory
 from nextchar.proto import nextchar_pb2
 from nextchar.server.auth import add_port, interceptors
 from nextchar.server.batching.scheduler import Scheduler
@@ -310,6 +310,7 @@ def serve(config: ServerConfig | None = None) -> None:
     limit_blas_threads(1)
     # a batch's (T, N, H) temporaries page-faulted anew each time cost ~20%; the heap keeps them
     keep_freed_memory(SERVER_TRIM_THRESHOLD)
+    one_heap()  # before gRPC starts its threads (nextchar.core.memory.one_heap says why)
     # A batch thread (--compute-in-thread, or after the compute worker failed) releases
     # the GIL inside every BLAS call; with the default 5 ms switch interval the loop
     # thread then keeps it for up to 5 ms and the batch stalls.
