@@ -390,6 +390,40 @@ def test_a_one_character_writer_that_never_reads_stalls_without_growing_the_serv
         server.close()
 
 
+def test_memory_a_flood_of_big_requests_took_comes_back(tmp_path: Path) -> None:
+    """Long-id requests (60,000 characters, each refused) flooding beside a stream that never
+    reads: gRPC's threads take the buffers, and once the flood stops and the server is idle the
+    memory is back (it stayed ~150 MB up for good while each thread had a malloc arena of its own)."""
+    make_registry(tmp_path, versions=1)
+    server = ServerProcess(tmp_path)
+    sent, stop = [0], threading.Event()
+    stuck, flood = grpc.insecure_channel(server.address), grpc.insecure_channel(server.address)
+    try:
+        before = server.rss_kb()
+        call = pb_grpc.NextCharServiceStub(stuck).PredictStream(never_reading("a", False, sent, 0, stop))
+        stub, codes = pb_grpc.NextCharServiceStub(flood), set()
+        end = time.monotonic() + 10.0
+        while time.monotonic() < end:
+            try:
+                stub.GetSession(pb.GetSessionRequest(session_id="i" * 60_000), timeout=5)
+            except grpc.RpcError as err:
+                codes.add(err.code())
+        peak = server.rss_kb()
+        stop.set()
+        cancel(call)
+        deadline = time.monotonic() + 30.0  # the idle server trims within a few seconds
+        while (after := server.rss_kb()) - before > 24 * 1024 and time.monotonic() < deadline:
+            time.sleep(1.0)
+        print(f"long-id flood beside a stuck stream: RSS {before} -> {peak} -> {after} KiB")
+        assert codes == {grpc.StatusCode.INVALID_ARGUMENT}
+        assert after - before <= 24 * 1024, f"RSS stayed {after - before} KiB above where it started"
+    finally:
+        stop.set()
+        stuck.close()
+        flood.close()
+        server.close()
+
+
 def test_a_text_bigger_than_any_message_trains_through_an_upload(tmp_path: Path) -> None:
     """Every message stays under 4 MiB; the client library uploads a bigger text in pieces first."""
     make_registry(tmp_path, versions=1)
