@@ -159,6 +159,32 @@ def test_tombstones_and_expiry_reasons_cross_replicas(model_dir: Path, redis_ser
         b.close()
 
 
+def test_deleting_a_model_evicts_its_sessions_held_by_another_replica(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Replica A deletes a version whose session lives on replica B (never loaded on A): the
+    delete succeeds and the session is gone on both, saying why."""
+    make_registry(tmp_path, versions=2)
+    url = redis_server.url.removesuffix("/0") + "/2"  # a database of its own
+    a = start_server(tmp_path, store=url, shared_models=False)
+    b = start_server(tmp_path, store=url, shared_models=False)
+    try:
+        v2 = pb.ModelRef(name="default", version=2)
+        sid = b.stub.CreateSession(
+            pb.CreateSessionRequest(model=v2, prime_text="hel"), timeout=5
+        ).session.session_id
+        deleted = a.stub.DeleteModel(pb.DeleteModelRequest(model=v2), timeout=5)
+        assert (deleted.model.name, deleted.model.version) == ("default", 2)
+        for srv in (b, a):
+            with pytest.raises(grpc.RpcError) as err:
+                srv.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=5)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "evicted: model default v2 was deleted" in str(err.value.details())
+    finally:
+        a.close()
+        b.close()
+
+
 def test_write_every_n_writes_state_every_n_chars_and_flushes_on_stop(
     model_dir: Path, redis_server: RedisServer, pair: tuple[ServerThread, ServerThread]
 ) -> None:

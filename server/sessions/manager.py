@@ -96,7 +96,8 @@ class SessionManager:
 
     async def close(self, session_id: str) -> Session:
         session = await self.get(session_id)
-        return await self.store.remove(session.id, "closed by the client")
+        await self.store.remove(session.id, "closed by the client")
+        return session
 
     async def reset(self, session_id: str) -> Session:
         session = await self.get(session_id, fresh=True)

@@ -51,8 +51,10 @@ class InMemorySessionStore:
         self._gone.pop(session.id, None)
         self._sessions[session.id] = session
 
-    async def remove(self, session_id: str, reason: str) -> Session:
-        return self._remove(session_id, reason)
+    async def remove(self, session_id: str, reason: str) -> None:
+        if session_id not in self._sessions:
+            raise gone(session_id, self._gone.get(session_id))
+        self._remove(session_id, reason)
 
     async def put(self, back: WriteBack) -> None:
         back.session.restore(back)
@@ -70,15 +72,13 @@ class InMemorySessionStore:
     async def of_model(self, model: ModelVersion) -> list[str]:
         return [s.id for s in self._sessions.values() if s.model is model]
 
-    def _remove(self, session_id: str, reason: str) -> Session:
-        session = self._sessions.pop(session_id)
-        session.gen += 1
+    def _remove(self, session_id: str, reason: str) -> None:
+        self._sessions.pop(session_id).gen += 1  # results still computing for it are dropped
         self._gone[session_id] = reason
         if len(self._gone) > TOMBSTONES:
             self._gone.popitem(last=False)
         if self.on_remove is not None:
             self.on_remove(session_id, reason)
-        return session
 
     async def page(self, start: int, size: int) -> list[Session]:
         out: list[Session] = []

@@ -382,13 +382,13 @@ class RedisSessionStore:
         self._hot[session.id] = session
         self._stored[session] = Stored(int(v))
 
-    async def remove(self, session_id: str, reason: str) -> Session:
-        session = self._hot.get(session_id) or await self.get(session_id, fresh=True)
-        self._hot.pop(session_id, None)
-        session.gen += 1  # results still computing for it are dropped
+    async def remove(self, session_id: str, reason: str) -> None:
+        # not loaded first: a session of a model version just deleted could not be
+        session = self._hot.pop(session_id, None)
+        if session is not None:
+            session.gen += 1  # results still computing for it are dropped
         if not await self._remove(session_id, reason):
             raise await self._gone(session_id)
-        return session
 
     async def put(self, back: WriteBack) -> None:
         (outcome,) = await self._commit([back], full=True)
