@@ -396,7 +396,8 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         out[name] = {"value": value, "limit": limit, "met": met}
 
     for (streams, chunk), row in found.items():
-        goal(f"overhead_{streams}x{chunk}_us<=30", row["overhead_us_per_message"], 30.0, True)
+        if (streams, chunk) != (1, 64):  # the five cases; a lone 64-character stream is context
+            goal(f"overhead_{streams}x{chunk}_us<=30", row["overhead_us_per_message"], 30.0, True)
     if (1, 1) in found:
         goal("pingpong_p50_vs_echo<=1.3", found[1, 1]["p50_ratio"], 1.3, True)
         goal("pingpong_p99_vs_echo<=1.5", found[1, 1]["p99_ratio"], 1.5, True)
