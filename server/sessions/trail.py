@@ -19,6 +19,7 @@ share them with the states they record, and a forked session shares its trail.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,8 +27,10 @@ NO_TEXT = np.zeros(0, dtype=np.uint16)
 MARKS_PER_KEEP = 4  # marks are keep/4 apart: a rewind re-feeds at most a quarter of keep plus what it takes
 
 
-@dataclass(frozen=True, slots=True)
-class Mark:
+class Mark(NamedTuple):
+    """A point a rewind can restart from (a tuple: a chunk of 64 characters or more takes a mark
+    each, and a frozen dataclass costs three times as much to make)."""
+
     offset: int
     state: np.ndarray  # (S,) after `offset` characters
     probs: np.ndarray  # (V,) the prediction there
