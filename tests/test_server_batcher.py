@@ -101,6 +101,31 @@ def test_concurrent_sessions_are_stepped_together() -> None:
     assert stats.steps <= 10  # 5 positions, one or two batches: never one step per session
 
 
+def test_streams_on_a_slow_model_are_still_stepped_together() -> None:
+    """Streams that each wait for the previous reply, on a model whose inline step takes longer
+    than the lone-request window: the requests that waited for the loop meanwhile are batched,
+    not stepped one by one as if each were alone."""
+    mv = version(hidden=512, cell="gru")
+    chunk = VOCAB.encode("the quick brown fox jumps over the lazy dog, " * 2)[:64]
+
+    async def main() -> Scheduler:
+        scheduler = Scheduler()  # 64-character chunks of a few sessions run inline
+        scheduler.start()
+        sessions = [Session.fresh(str(i), mv) for i in range(12)]
+
+        async def stream(session: Session) -> None:
+            for _ in range(4):
+                await scheduler.predict(session, chunk, 3, False)
+
+        await asyncio.gather(*(stream(s) for s in sessions))
+        await scheduler.close()
+        return scheduler
+
+    stats = asyncio.run(main()).stats
+    assert stats.chars == 12 * 4 * 64
+    assert stats.batches <= 12, f"{stats.batches} batches for 12 streams x 4 chunks"
+
+
 def test_idle_session_costs_at_most_4_kb_beyond_its_state() -> None:
     mv = version(hidden=256)
     model = mv.net
