@@ -137,6 +137,7 @@ def rows(vectors: list[np.ndarray]) -> np.ndarray:
 
 
 def pack(works: Sequence[PredictWork]) -> Packed:
+    """One model's predictions side by side, as ``advance`` takes them (it never writes its inputs)."""
     if len(works) == 1:  # a lone stream (ping-pong): its own arrays, viewed as one column
         w = works[0]
         n = len(w.idx)
