@@ -103,11 +103,8 @@ def cancel(
     """Stop a queued or running job; it registers nothing."""
     with connect(server, timeout) as client:
         job = client.cancel_job(job_id)
-    if as_json:
-        print_json(job)
-    else:
-        said = {"cancelled": "cancelled", "running": "cancelling"}.get(job.state, f"already {job.state}")
-        typer.echo(f"job {job_id}: {said}")
+    said = {"cancelled": "cancelled", "running": "cancelling"}.get(job.state, f"already {job.state}")
+    _report(job, as_json, f"job {job_id}: {said}")
 
 
 @jobs_app.command("resume")
@@ -120,7 +117,14 @@ def resume(
     """Queue a failed job again: it goes on from its last checkpoint."""
     with connect(server, timeout) as client:
         job = client.resume_job(job_id)
+    _report(
+        job, as_json, f"job {job_id}: queued again, place {job.queue_position}; nextchar jobs watch {job_id}"
+    )
+
+
+def _report(job: Job, as_json: bool, line: str) -> None:
+    """What a job command answers: the job as JSON, or a line for a person."""
     if as_json:
         print_json(job)
     else:
-        typer.echo(f"job {job_id}: queued again, place {job.queue_position}; nextchar jobs watch {job_id}")
+        typer.echo(line)

@@ -120,14 +120,16 @@ def predictions(result: ChunkResult) -> bytes:
     return b"".join(parts)
 
 
-def head(session_id: str, model: ModelVersion, vocab: str = "") -> bytes:
-    """A reply's leading fields (session id, model, and the vocabulary on a stream's first reply):
-    the same for every reply of a stream, so a stream encodes them once."""
+def head(session_id: str, model: ModelVersion) -> bytes:
+    """A reply's leading fields, session id and model: the same for every reply of a stream, so a
+    stream encodes them once."""
     ref = pb.ModelRef(name=model.name, version=model.version).SerializeToString()
-    parts = [_field(_R_ID, session_id.encode()), _field(_R_MODEL, ref)]
-    if vocab:
-        parts.append(_field(_R_VOCAB, vocab.encode()))
-    return b"".join(parts)
+    return _field(_R_ID, session_id.encode()) + _field(_R_MODEL, ref)
+
+
+def with_vocab(head_bytes: bytes, vocab: str) -> bytes:
+    """head plus the vocabulary (a unary reply, a stream's first): its field follows the model's."""
+    return head_bytes + _field(_R_VOCAB, vocab.encode())
 
 
 def reply(head_bytes: bytes, result: ChunkResult, rewind_limit: int = 0) -> bytes:

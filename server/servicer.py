@@ -354,9 +354,10 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         )
         if held:  # the reply leaves after this returns; the budget is back when the call is over
             context.add_done_callback(lambda _: self.budget.release(held))  # type: ignore[arg-type]  # stubs: a callable works
-        return replies.reply(
-            replies.head(session.id, session.model, session.model.require().vocab.chars), result
+        head = replies.with_vocab(
+            replies.head(session.id, session.model), session.model.require().vocab.chars
         )
+        return replies.reply(head, result)
 
     @duplex
     async def PredictStream(self, context: Ctx) -> None:  # type: ignore[override]  # stubs: generator form only
@@ -382,7 +383,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             stream = Stream(
                 session, self.sessions.attach(session.id), replies.head(session.id, session.model)
             )
-            head = replies.head(session.id, session.model, session.model.require().vocab.chars)
+            head = replies.with_vocab(stream.head, session.model.require().vocab.chars)  # the first reply
         else:
             if request.session_id and request.session_id != stream.session.id:
                 raise InvalidArgument(
@@ -536,7 +537,8 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
         jobs = await self.jobs.all()
-        return pb.ListJobsResponse(jobs=[messages.job_info(j, self.jobs.place(j, jobs)) for j in jobs])
+        places = self.jobs.places(jobs)
+        return pb.ListJobsResponse(jobs=[messages.job_info(j, places.get(j.id, 0)) for j in jobs])
 
     @streaming
     async def WatchJob(self, request: pb.WatchJobRequest, context: Ctx) -> AsyncIterator[pb.WatchJobResponse]:

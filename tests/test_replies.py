@@ -75,11 +75,11 @@ def test_reply_bytes_are_protobufs_serialization(vocab_size: int, full: bool) ->
     mv = model_version(vocab_size)
     for r in results(mv, rng, full):
         for session_id, vocab, rewind_limit in (("", "", 0), ("s-1", mv.require().vocab.chars, 300)):
-            head = replies.head(session_id, mv, vocab)
+            head = replies.with_vocab(replies.head(session_id, mv), vocab)
             assert replies.reply(head, r, rewind_limit) == expected(session_id, mv, vocab, r, rewind_limit)
     # a PredictResponse shares the fields: it parses from the same bytes, rewind_limit left out
     r = results(mv, rng, full)[0]
-    parsed = pb.PredictResponse.FromString(replies.reply(replies.head("s", mv, "ab"), r))
+    parsed = pb.PredictResponse.FromString(replies.reply(replies.with_vocab(replies.head("s", mv), "ab"), r))
     assert (parsed.session_id, parsed.vocab, parsed.predictions.count) == ("s", "ab", r.n)
 
 

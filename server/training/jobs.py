@@ -97,13 +97,13 @@ class JobManager:
         return []
 
     @staticmethod
-    def place(job: Job, jobs: list[Job]) -> int:
-        """A queued job's place in the queue, 1 = next; 0 when it is not queued."""
-        queue = [j.id for j in jobs if j.state == QUEUED]
-        return queue.index(job.id) + 1 if job.id in queue else 0
+    def places(jobs: list[Job]) -> dict[str, int]:
+        """Each queued job's place in the queue (1 = next), by id; jobs not queued are absent."""
+        return {j.id: place for place, j in enumerate((j for j in jobs if j.state == QUEUED), 1)}
 
     async def place_of(self, job: Job) -> int:
-        return self.place(job, await self.all()) if job.state == QUEUED else 0
+        """A job's place in the queue, 1 = next; 0 when it is not queued."""
+        return self.places(await self.all()).get(job.id, 0) if job.state == QUEUED else 0
 
     async def start(
         self,
