@@ -127,7 +127,7 @@ class CharRNN:
         new_state = np.empty_like(state)
         x: np.ndarray | None = None  # (T, B, H) output of the layer below
         for layer in range(cfg.layers):
-            xp = self._input_projection(layer, inputs, x)
+            xp = self._chunk_projection(layer, inputs, x)
             s0 = state[:, layer * W : (layer + 1) * W]
             s_last, cache = self.cell.forward(xp, s0, p[f"l{layer}.Whh"], p.get(f"l{layer}.bhn"))
             new_state[:, layer * W : (layer + 1) * W] = s_last
@@ -183,19 +183,38 @@ class CharRNN:
         return loss, grads, new_state, nats
 
     def _input_projection(self, layer: int, inputs: np.ndarray, below: np.ndarray | None) -> np.ndarray:
-        """xp = x @ Wxh + bh for inputs of any leading shape ((T, B) or (N,)): a row gather at layer 0,
-        the bias added to whichever is smaller, the gathered rows or Wxh ((V, G*H): once per
-        character of the vocabulary, not per character of a long input). Both give the same bits."""
+        """xp = x @ Wxh + bh (N, G*H) for a step of N sessions: a row gather at layer 0, the bias
+        added to whichever is smaller, the gathered rows or Wxh ((V, G*H): once per character of
+        the vocabulary, not per character of a long input). Both give the same bits."""
         Wxh, bh = self.params[f"l{layer}.Wxh"], self.params[f"l{layer}.bh"]
         if below is None:
             if inputs.size < Wxh.shape[0]:  # a step of a few sessions (a ping-pong stream: one)
                 xp = Wxh[inputs]
                 xp += bh
                 return xp
-            return (Wxh + bh)[inputs]  # (..., G*H)
-        xp = (below.reshape(-1, below.shape[-1]) @ Wxh).reshape(*below.shape[:-1], -1)
+            return (Wxh + bh)[inputs]  # (N, G*H)
+        xp = below @ Wxh
         xp += bh
         return xp
+
+    def _chunk_projection(self, layer: int, inputs: np.ndarray, below: np.ndarray | None) -> np.ndarray:
+        """xp of a (T, B) chunk, gate-major as the cells' forward takes it: (T, G, B, H), a view of
+        a (G, T, B, H) array, so each step's gate block is contiguous (cells/base.py). Layer 0
+        gathers from a gate-major copy of Wxh + bh (same bits as the row gather); a layer above
+        takes one product per gate, below (T*B, H) @ Wxh's gate block (H, H)."""
+        Wxh, bh = self.params[f"l{layer}.Wxh"], self.params[f"l{layer}.bh"]
+        H = self.config.hidden
+        G = Wxh.shape[1] // H
+        if below is None:
+            table = np.ascontiguousarray((Wxh + bh).reshape(-1, G, H).transpose(1, 0, 2))  # (G, V, H)
+            xp = np.take(table, inputs, axis=1)  # (G, T, B, H)
+        else:
+            T, B = inputs.shape
+            Wg = np.ascontiguousarray(Wxh.reshape(H, G, H).transpose(1, 0, 2))  # (G, H, H)
+            xp = np.matmul(below.reshape(T * B, H), Wg)  # (G, T*B, H)
+            xp += bh.reshape(G, 1, H)
+            xp = xp.reshape(G, T, B, H)
+        return xp.transpose(1, 0, 2, 3)
 
     # ------------------------------------------------------------ inference
 

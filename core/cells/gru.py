@@ -31,12 +31,9 @@ class GRU(Cell):
         cache: the gates r, z (T, 2, B, H); k_rz (T, 2, B, H), which turns dn_pre (r) or dh (z)
         into the gate's pre-activation gradient; k_n (T, B, H), which turns dh into dn_pre."""
         assert bhn is not None
-        T, B, G = xp.shape
-        H = G // 3
-        # gate-major views: Whh as (3, H, H) (a copy, so one batched product writes each gate's
-        # block), xp as (T, 3, B, H) (a strided view)
+        T, _, B, H = xp.shape
+        # Whh gate-major, (3, H, H) (a copy, so one batched product writes each gate's block)
         Whh3 = np.ascontiguousarray(Whh.reshape(H, 3, H).transpose(1, 0, 2))
-        xp3 = xp.reshape(T, B, 3, H).transpose(0, 2, 1, 3)
         h = hidden_buffer(state, xp, H)  # (T+1, B, H)
         rz = np.empty((T, 2, B, H), dtype=xp.dtype)
         k_rz = np.empty((T, 2, B, H), dtype=xp.dtype)
@@ -47,7 +44,7 @@ class GRU(Cell):
         diff = np.empty((B, H), dtype=xp.dtype)
         for t in range(T):
             np.matmul(h[t], Whh3, out=gh)
-            a = np.add(xp3[t, :2], gh[:2], out=rz[t])  # (2, B, H)
+            a = np.add(xp[t, :2], gh[:2], out=rz[t])  # (2, B, H)
             a *= 0.5  # sigmoid(x) = 0.5 * tanh(0.5 * x) + 0.5, as base.sigmoid
             np.tanh(a, out=a)
             a *= 0.5
@@ -57,7 +54,7 @@ class GRU(Cell):
             r, z = a
             ghn += bhn
             np.multiply(r, ghn, out=n)  # n = tanh(xp_n + r * (h Whh_n + bhn))
-            n += xp3[t, 2]
+            n += xp[t, 2]
             np.tanh(n, out=n)
             np.subtract(h[t], n, out=diff)  # h' = n + z * (h - n)
             np.multiply(z, diff, out=h[t + 1])
@@ -77,18 +74,20 @@ class GRU(Cell):
         rz, k_rz, k_n = cache.gates["rz"], cache.gates["k_rz"], cache.gates["k_n"]
         dxp = np.empty((T, B, 3 * H), dtype=dhs.dtype)  # PyTorch's row layout, as xp
         dgh = np.empty((T, B, 3 * H), dtype=dhs.dtype)  # dL/d(h @ Whh): dxp, but dn_pre * r for n
-        d = np.empty((3, B, H), dtype=dhs.dtype)  # this step's dr_pre, dz_pre, dn_pre, gate-major
+        # gate-major views of both (written into): dxp's are dr_pre, dz_pre, dn_pre
+        dxp3 = dxp.reshape(T, B, 3, H).transpose(0, 2, 1, 3)
+        dgh3 = dgh.reshape(T, B, 3, H).transpose(0, 2, 1, 3)
         WhhT = np.ascontiguousarray(Whh.T)
         dh = np.zeros((B, H), dtype=dhs.dtype)
         back = np.empty((B, H), dtype=dhs.dtype)
         for t in range(T - 1, -1, -1):
             dh += dhs[t]
+            d = dxp3[t]
             np.multiply(dh, k_n[t], out=d[2])
             np.multiply(d[2], k_rz[t, 0], out=d[0])
             np.multiply(dh, k_rz[t, 1], out=d[1])
-            np.copyto(dxp[t].reshape(B, 3, H), d.transpose(1, 0, 2))
-            d[2] *= rz[t, 0]
-            np.copyto(dgh[t].reshape(B, 3, H), d.transpose(1, 0, 2))
+            np.copyto(dgh3[t, :2], d[:2])
+            np.multiply(d[2], rz[t, 0], out=dgh3[t, 2])
             np.matmul(dgh[t], WhhT, out=back)
             dh *= rz[t, 1]
             dh += back

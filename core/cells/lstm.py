@@ -69,17 +69,14 @@ class LSTM(Cell):
         here, per step, while it is in cache: k (T, 4, B, H) turns dc (i, f, g) or dh (o) into
         the gates' pre-activation gradients (each gate's derivative times what the gate
         multiplies), k_c (T, B, H) turns dh into dc, and f (T, B, H) carries dc back a step."""
-        T, B, G = xp.shape
-        H = G // 4
+        T, _, B, H = xp.shape
         scale, shift = _gate_constants(H, xp.dtype, (4, 1, 1))
         h = hidden_buffer(state, xp, H)  # (T+1, B, H)
         k = np.empty((T, 4, B, H), dtype=xp.dtype)
         k_c = np.empty((T, B, H), dtype=xp.dtype)
         fs = np.empty((T, B, H), dtype=xp.dtype)
-        # gate-major views: Whh as (4, H, H) (a copy, so one batched product writes each gate's
-        # block), xp as (T, 4, B, H) (a strided view)
+        # Whh gate-major, (4, H, H) (a copy, so one batched product writes each gate's block)
         Whh4 = np.ascontiguousarray(Whh.reshape(H, 4, H).transpose(1, 0, 2))
-        xp4 = xp.reshape(T, B, 4, H).transpose(0, 2, 1, 3)
         a = np.empty((4, B, H), dtype=xp.dtype)  # this step's gates
         i, f, g, o = a
         c, c_new = state[:, H:].copy(), np.empty((B, H), dtype=xp.dtype)
@@ -87,7 +84,7 @@ class LSTM(Cell):
         tc = np.empty((B, H), dtype=xp.dtype)
         for t in range(T):
             np.matmul(h[t], Whh4, out=a)  # (4, B, H)
-            a += xp4[t]
+            a += xp[t]
             kt = k[t]
             _activate(a, scale, shift, dact=kt)
             np.multiply(f, c, out=c_new)  # c' = f * c + i * g
@@ -113,7 +110,7 @@ class LSTM(Cell):
         T, B, H = cache.hs.shape
         k, k_c, f = cache.gates["k"], cache.gates["k_c"], cache.gates["f"]
         da = np.empty((T, B, 4 * H), dtype=dhs.dtype)  # dL/d(pre-activations), PyTorch's row layout
-        da4 = np.empty((4, B, H), dtype=dhs.dtype)  # this step's, gate-major
+        da4 = da.reshape(T, B, 4, H).transpose(0, 2, 1, 3)  # the same, gate-major views (written into)
         WhhT = np.ascontiguousarray(Whh.T)
         dh = np.zeros((B, H), dtype=dhs.dtype)
         dc = np.zeros((B, H), dtype=dhs.dtype)
@@ -122,9 +119,8 @@ class LSTM(Cell):
             dh += dhs[t]
             np.multiply(dh, k_c[t], out=tmp)
             dc += tmp
-            np.multiply(dc, k[t, :3], out=da4[:3])  # i, f, g
-            np.multiply(dh, k[t, 3], out=da4[3])  # o
+            np.multiply(dc, k[t, :3], out=da4[t, :3])  # i, f, g
+            np.multiply(dh, k[t, 3], out=da4[t, 3])  # o
             dc *= f[t]
-            np.copyto(da[t].reshape(B, 4, H), da4.transpose(1, 0, 2))
             np.matmul(da[t], WhhT, out=dh)
         return da, da

@@ -18,11 +18,11 @@ class RNN(Cell):
     def forward(
         self, xp: np.ndarray, state: np.ndarray, Whh: np.ndarray, bhn: np.ndarray | None
     ) -> tuple[np.ndarray, LayerCache]:
-        T, H = xp.shape[0], xp.shape[2]
+        T, H = xp.shape[0], xp.shape[3]
         h = hidden_buffer(state, xp, H)  # (T+1, B, H)
         for t in range(T):
             a = np.matmul(h[t], Whh, out=h[t + 1])  # (B, H)
-            a += xp[t]
+            a += xp[t, 0]
             np.tanh(a, out=a)
         return h[T].copy(), LayerCache(h0=state, h=h)
 
