@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from nextchar.client.texts import TextFiles
 from nextchar.server.config import ServerConfig
 
 if TYPE_CHECKING:  # imported where used: a command that only prints its help loads neither
@@ -113,16 +114,7 @@ def show_char(char: str) -> str:
 
 def read_text(path: Path) -> str:
     """A text file's contents, or a ValueError that names the file and says what is wrong."""
-    data = path.read_bytes()
-    if not data:
-        raise ValueError(f"{path} is empty")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at position {exc.start}); "
-            "give a text file, or convert it (iconv -t utf-8)"
-        ) from None
+    return TextFiles.of(path).read()
 
 
 def fmt_float(value: float | None, digits: int = 3) -> str:

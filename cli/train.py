@@ -22,10 +22,10 @@ from nextchar.cli.common import (
     connect,
     fmt_float,
     print_json,
-    read_text,
 )
 from nextchar.cli.options import config_options
 from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
+from nextchar.client.texts import TextFiles
 from nextchar.core.config import ModelConfig, TrainConfig
 
 if TYPE_CHECKING:
@@ -108,13 +108,18 @@ def train(
         raise typer.BadParameter("the text is empty", param_hint="--text")
     if text is None and not files:
         raise typer.BadParameter("give training FILES (or --text TEXT)", param_hint="FILES")
-    corpus = text if text is not None else "".join(read_text(path) for path in files or [])
+    source = text if text is not None else TextFiles.of(files or [])
     if local:
+        corpus = source if isinstance(source, str) else source.read()
         _train_here(corpus, name, model_config, train_config, promote, model_dir, as_json)
         return
     with connect(server, timeout) as client:
-        run = client.start_training(
-            corpus, name=name, model_config=model_config, train_config=train_config, promote=promote
+        run = client.start_training(  # files are read as they are uploaded, never whole
+            source if isinstance(source, str) else source.paths,
+            name=name,
+            model_config=model_config,
+            train_config=train_config,
+            promote=promote,
         )
         if detach:
             _report_detached(run, as_json)

@@ -15,8 +15,7 @@ progress) have no overall deadline: keepalive pings find a dead server instead.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 
 from nextchar.client.channel import Connection, Tls
@@ -36,6 +35,7 @@ from nextchar.client.results import (
     model_ref,
 )
 from nextchar.client.session import Session, completions, sample
+from nextchar.client.texts import TextFiles
 from nextchar.client.training import INLINE_TEXT_BYTES, TrainingRun, train_request, upload_pieces
 from nextchar.core.config import ModelConfig, TrainConfig
 from nextchar.proto import nextchar_pb2 as pb
@@ -160,7 +160,7 @@ class NextCharClient:
 
     def start_training(
         self,
-        text_or_path: str | os.PathLike[str],
+        text_or_files: str | os.PathLike[str] | Sequence[os.PathLike[str]],
         *,
         name: str = "",
         model_config: ModelConfig | None = None,
@@ -169,21 +169,32 @@ class NextCharClient:
     ) -> TrainingRun:
         """Start a training job and return at once; iterate the run for its events.
 
-        A ``str`` is the training text itself; a ``Path`` (any PathLike) is read as UTF-8.
+        A ``str`` is the training text itself; a path (any PathLike), or a list of them
+        concatenated in order, names UTF-8 files. Files are never held whole: one over
+        1 MiB is checked first (UTF-8, enough characters: a ValueError names what is
+        wrong before anything is sent), then read again as it is uploaded in pieces.
         """
-        text = text_or_path if isinstance(text_or_path, str) else Path(text_or_path).read_text()
-        text_id = ""
-        if len(text.encode()) > INLINE_TEXT_BYTES:  # a corpus of any size, in small messages
-            text_id = self._conn.call(
-                self._conn.stub.UploadText, upload_pieces(text), timeout=UPLOAD_TIMEOUT
-            ).text_id
-        request = train_request(text, name, model_config, train_config, promote, text_id)
+        parts: Iterable[str]
+        if isinstance(text_or_files, str):
+            text = text_or_files
+            chars, big, parts = len(text), len(text.encode()) > INLINE_TEXT_BYTES, [text]
+        else:
+            files = TextFiles.of(text_or_files)
+            big = files.size() > INLINE_TEXT_BYTES
+            text = "" if big else files.read()
+            chars, parts = files.count() if big else len(text), files.pieces()
+        job = (name, model_config, train_config, promote)
+        request = train_request(*job, chars=chars, text="" if big else text)  # checked before sending
+        if big:  # a corpus of any size, in small messages
+            pieces = upload_pieces(parts)
+            text_id = self._conn.call(self._conn.stub.UploadText, pieces, timeout=UPLOAD_TIMEOUT).text_id
+            request = train_request(*job, chars=chars, text_id=text_id)
         call = self._conn.stream(self._conn.stub.Train, request)
         return TrainingRun((r.event for r in call), call.cancel, self.cancel_job)
 
     def train(
         self,
-        text_or_path: str | os.PathLike[str],
+        text_or_files: str | os.PathLike[str] | Sequence[os.PathLike[str]],
         *,
         name: str = "",
         model_config: ModelConfig | None = None,
@@ -196,7 +207,7 @@ class NextCharClient:
         Raises TrainingFailed when the job fails, diverges or is cancelled.
         """
         run = self.start_training(
-            text_or_path, name=name, model_config=model_config, train_config=train_config, promote=promote
+            text_or_files, name=name, model_config=model_config, train_config=train_config, promote=promote
         )
         job = run.wait(on_progress)
         if job.state != "succeeded" or job.result is None:

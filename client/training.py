@@ -7,37 +7,42 @@ server to stop it (``cancel``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from nextchar.client.errors import ServerError
 from nextchar.client.results import Job, JobEvent, Progress
-from nextchar.core.config import ModelConfig, TrainConfig, check_text
+from nextchar.core.config import ModelConfig, TrainConfig, check_length
 from nextchar.proto import nextchar_pb2 as pb
 
 INLINE_TEXT_BYTES = 1024 * 1024  # a bigger training text is uploaded in pieces first (UploadText)
 PIECE_CHARS = 64 * 1024  # characters per uploaded piece: at most 256 KiB of UTF-8
 
 
-def upload_pieces(text: str) -> Iterator[pb.UploadTextRequest]:
-    for start in range(0, len(text), PIECE_CHARS):
-        yield pb.UploadTextRequest(piece=text[start : start + PIECE_CHARS])
+def upload_pieces(text: Iterable[str]) -> Iterator[pb.UploadTextRequest]:
+    """UploadText requests for a text given in parts of any size (a str is one part)."""
+    for part in [text] if isinstance(text, str) else text:
+        for start in range(0, len(part), PIECE_CHARS):
+            yield pb.UploadTextRequest(piece=part[start : start + PIECE_CHARS])
 
 
 def train_request(
-    text: str,
     name: str,
     model_config: ModelConfig | None,
     train_config: TrainConfig | None,
     promote: bool,
+    *,
+    chars: int,
+    text: str = "",
     text_id: str = "",
 ) -> pb.TrainRequest:
-    """A TrainRequest, checked locally by core's own rules first: a ValueError names the problem.
-    text_id: the text was uploaded (UploadText) under this id and does not travel again."""
+    """A TrainRequest for a text of ``chars`` characters, checked locally by core's own rules
+    first (a ValueError names the problem): the text itself, or the id it was uploaded under
+    (UploadText), so that it does not travel again."""
     mc, tc = model_config or ModelConfig(), train_config or TrainConfig()
-    check_text(text, tc)
+    check_length(chars, tc)
     return pb.TrainRequest(
         model_name=name,
-        text="" if text_id else text,
+        text=text,
         text_id=text_id,
         model_config=pb.ModelConfigSpec(
             cell=mc.cell, hidden=mc.hidden, layers=mc.layers, loss=mc.loss, dtype=mc.dtype
