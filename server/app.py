@@ -39,7 +39,7 @@ from nextchar.server.blas import limit_blas_threads
 from nextchar.server.blobs import Blobs, connect
 from nextchar.server.config import ServerConfig, TrainerConfig
 from nextchar.server.errors import ServiceError
-from nextchar.server.logs import configure_logging
+from nextchar.server.logs import CALLS_GATE, configure_logging
 from nextchar.server.metrics import Metrics
 from nextchar.server.registry import DEFAULT_NAME, Registry
 from nextchar.server.servicer import NextCharServicer
@@ -211,6 +211,7 @@ class NextCharServer:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.config.sweep_interval)
+            CALLS_GATE.flush(log)  # how many lines a flood of bad calls left untold
             try:
                 await self.store.sweep(time.time())
                 await asyncio.to_thread(self.texts.sweep, time.time())

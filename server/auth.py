@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from nextchar.server.config import ServerConfig
+from nextchar.server.logs import CALLS_LOGGER
 
-log = logging.getLogger("nextchar.server.auth")
+log = logging.getLogger(CALLS_LOGGER + ".auth")  # behind the flood gate (nextchar.server.logs)
 
 # Services every caller may use: probes and API discovery. Reflection lists method
 # names that docs/api.md publishes anyway.

@@ -7,13 +7,21 @@ passing the id down through every function. A record given
 call). JSON lines are for log shippers (Loki, Elasticsearch, CloudWatch): one
 object per line, keys ``time``, ``level``, ``logger``, ``message`` and, where there
 is one, ``session_id``.
+
+What clients cause (refused calls, wrong tokens, internal errors) is logged through a
+``FloodGate``: a client that sends thousands of bad requests a second must not turn
+each into a log line, filling the disk and taking the loop's time from everyone else.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -65,9 +73,70 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float  # when tokens was last refilled
+    dropped: int = 0
+    since: float = 0.0  # when the first record not logged was dropped
+
+
+class FloodGate(logging.Filter):
+    """Passes at most ``burst`` records of one kind at once, then ``rate`` a second; counts the rest.
+
+    It gates the records of one logger (and its children: ``logging.Filter``'s name rule).
+    A kind is a record's message template (``record.msg``), so a flood of one refusal
+    does not silence another. The next record of a kind that passes says how many like
+    it were not logged, and ``flush`` (the server's sweep calls it) reports the kinds
+    whose floods ended with records still untold.
+    """
+
+    def __init__(
+        self, logger: str, rate: float = 2.0, burst: int = 50, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(logger)  # passes any other logger's records untouched
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._buckets: dict[str, _Bucket] = {}
+        self._lock = threading.Lock()  # records may come from any thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not super().filter(record):
+            return True
+        now = self.clock()
+        with self._lock:
+            bucket = self._buckets.setdefault(str(record.msg), _Bucket(float(self.burst), now))
+            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.at) * self.rate)
+            bucket.at = now
+            if bucket.tokens < 1.0:
+                if not bucket.dropped:
+                    bucket.since = now
+                bucket.dropped += 1
+                return False
+            bucket.tokens -= 1.0
+            dropped, bucket.dropped = bucket.dropped, 0
+        if dropped:
+            record.msg = f"{record.msg} (and {dropped} more like it not logged)"
+        return True
+
+    def flush(self, logger: logging.Logger) -> None:
+        """Log, for every kind with records not logged since its last line, how many and since when."""
+        now = self.clock()
+        with self._lock:
+            untold = [(msg, b.dropped, now - b.since) for msg, b in self._buckets.items() if b.dropped]
+            for msg, _, _ in untold:
+                self._buckets[msg].dropped = 0
+        for msg, dropped, seconds in untold:
+            logger.warning("%d log lines like %r were not logged in the last %.0f s", dropped, msg, seconds)
+
+
+CALLS_LOGGER = "nextchar.server.calls"  # what clients cause: refusals, wrong tokens, internal errors
+CALLS_GATE = FloodGate(CALLS_LOGGER)  # in the handler of a process that configure_logging set up
+
+
 def log_handler(fmt: str, stream: TextIO | None = None) -> logging.Handler:
     """A handler writing to stream (stderr) in fmt ("text" or "json"), tagging records with their session id."""
     handler = logging.StreamHandler(stream)
+    handler.addFilter(CALLS_GATE)
     handler.addFilter(SessionIdFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     return handler

@@ -39,6 +39,7 @@ from nextchar.server.errors import (
     ServiceError,
     shown,
 )
+from nextchar.server.logs import CALLS_LOGGER
 from nextchar.server.registry import DEFAULT_NAME, ModelVersion, Registry
 from nextchar.server.sessions.manager import Attachment, SessionManager
 from nextchar.server.sessions.session import Session
@@ -56,6 +57,7 @@ DEFAULT_TOP_K = 3
 GENERATE_PIECE = 64  # characters per Generate response
 DEFAULT_CONTINUATIONS, DEFAULT_COMPLETION_CHARS = 3, 12  # what Complete's 0s mean
 log = logging.getLogger("nextchar.server")
+calls_log = logging.getLogger(CALLS_LOGGER)  # behind the flood gate (nextchar.server.logs)
 
 
 def accepted(request: Req | Refused) -> Req:
@@ -121,7 +123,7 @@ def duplex(
 
 async def refuse(method: str, exc: ServiceError, context: Ctx) -> None:
     """Answer a refused call with its status code and message (raises AbortError)."""
-    log.info("%s refused: %s: %s", method, exc.code.name, exc)
+    calls_log.info("%s refused: %s: %s", method, exc.code.name, exc)
     await context.abort(exc.code, str(exc), trailing_metadata=exc.trailing_metadata())
 
 
@@ -134,10 +136,10 @@ async def fail(method: str, exc: Exception, context: Ctx) -> None:
     if isinstance(exc, ExecuteBatchError) or context.done():
         # a read or write on a call whose client went away: nobody to answer, and no bug
         # (gRPC itself passes this error over quietly)
-        log.debug("%s ended: the client went away (%s)", method, type(exc).__name__)
+        calls_log.debug("%s ended: the client went away (%s)", method, type(exc).__name__)
         return
     error_id = secrets.token_hex(6)
-    log.error("%s failed: internal error %s", method, error_id, exc_info=exc)
+    calls_log.error("%s failed: internal error %s", method, error_id, exc_info=exc)
     await context.abort(
         grpc.StatusCode.INTERNAL,
         f"internal error {error_id}: the server's log has the details under this id",

@@ -130,7 +130,7 @@ def test_log_records_of_a_call_carry_its_session_id(server: ServerThread) -> Non
     records = [json.loads(line) for line in out.getvalue().splitlines()]
     refused = [r for r in records if "GetSession refused" in r["message"]]
     assert refused and refused[0]["session_id"] == "ghost-session"
-    assert refused[0]["level"] == "info" and refused[0]["logger"] == "nextchar.server"
+    assert refused[0]["level"] == "info" and refused[0]["logger"] == "nextchar.server.calls"
 
 
 def test_json_lines_are_one_object_per_record_with_the_traceback() -> None:
