@@ -161,6 +161,7 @@ class NextCharServer:
         self.texts = TextStore(config.model_dir / "_texts", config.max_upload_bytes, shared_texts)
         self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs, self.texts)
         self.servicer.on_message = self.metrics.message_latency.observe
+        self.servicer.on_refused = self.metrics.refused
         self.metrics.watch(lambda: len(store), self.jobs.states)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs predate health.aio
         self.grpc = grpc.aio.server(

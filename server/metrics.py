@@ -125,6 +125,12 @@ class Metrics:
         self.auth_failures = Counter(
             "nextchar_auth_failures", "Calls refused for a missing or wrong token.", ["reason"], registry=r
         )
+        self.calls_refused = Counter(
+            "nextchar_calls_refused",
+            "Calls answered with an error status for what they asked, by method and status code.",
+            ["method", "code"],
+            registry=r,
+        )
         self._http: WSGIServer | None = None
 
     def watch(self, active_sessions: Callable[[], int], job_states: Callable[[], Iterable[str]]) -> None:
@@ -142,6 +148,9 @@ class Metrics:
         self.batch_sessions.observe(sessions)
         self.batch_chars.observe(chars)
         self.characters.inc(chars)
+
+    def refused(self, method: str, code: str) -> None:
+        self.calls_refused.labels(method, code).inc()
 
     def auth_failed(self, reason: str) -> None:
         self.auth_failures.labels(reason).inc()

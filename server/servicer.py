@@ -75,7 +75,7 @@ def unary(
         try:
             return await fn(self, accepted(request), context)
         except ServiceError as exc:
-            await refuse(fn.__name__, exc, context)
+            await refuse(self, fn.__name__, exc, context)
         except Exception as exc:
             await fail(fn.__name__, exc, context)
         raise AssertionError("unreachable: abort raises")
@@ -93,7 +93,7 @@ def streaming(
                 async for item in fn(self, accepted(request), context):
                     yield item
             except ServiceError as exc:
-                await refuse(fn.__name__, exc, context)
+                await refuse(self, fn.__name__, exc, context)
             except Exception as exc:
                 await fail(fn.__name__, exc, context)
 
@@ -114,15 +114,17 @@ def duplex(
             try:
                 await fn(self, context)
             except ServiceError as exc:
-                await refuse(fn.__name__, exc, context)
+                await refuse(self, fn.__name__, exc, context)
             except Exception as exc:
                 await fail(fn.__name__, exc, context)
 
     return wrapper
 
 
-async def refuse(method: str, exc: ServiceError, context: Ctx) -> None:
-    """Answer a refused call with its status code and message (raises AbortError)."""
+async def refuse(servicer: NextCharServicer, method: str, exc: ServiceError, context: Ctx) -> None:
+    """Answer a refused call with its status code and message (raises AbortError); counted every
+    time, logged as the flood gate lets it."""
+    servicer.on_refused(method, exc.code.name)
     calls_log.info("%s refused: %s: %s", method, exc.code.name, exc)
     await context.abort(exc.code, str(exc), trailing_metadata=exc.trailing_metadata())
 
@@ -174,6 +176,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         self.live_streams = 0
         self.streams_idle = asyncio.Event()
         self.on_message: Callable[[float], None] = lambda seconds: None  # latency hook (metrics)
+        self.on_refused: Callable[[str, str], None] = lambda method, code: None  # (metrics)
 
     @contextlib.contextmanager
     def live_stream(self) -> Iterator[None]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -62,10 +63,12 @@ class ListHandler(logging.Handler):
 def test_a_flood_of_bad_requests_writes_a_bounded_log_and_counts_the_rest(tmp_path: Path) -> None:
     """A real server process: 2,000 requests that are not protobuf, as fast as one client sends
     them. Each is refused INVALID_ARGUMENT, as always; the log gets the gate's burst and rate,
-    and its next sweep tells how many lines it left out, so the numbers add up."""
+    and its next sweep tells how many lines it left out, so the numbers add up; the metric counts
+    every one."""
     make_registry(tmp_path, versions=1)
-    srv = ServerProcess(tmp_path, "--sweep-interval", "1")
+    srv = ServerProcess(tmp_path, "--sweep-interval", "1", "--metrics-port", "0")
     try:
+        metrics = next(m for line in srv.log if (m := re.search(r"metrics on (http://\S+)", line)))
         path = "/nextchar.v1.NextCharService/GetSession"
         call = srv.channel.unary_unary(path, None, None)
         start = time.monotonic()
@@ -83,6 +86,8 @@ def test_a_flood_of_bad_requests_writes_a_bounded_log_and_counts_the_rest(tmp_pa
         assert len(logged) <= bound, (len(logged), bound)
         told = sum(int(m.group(1)) for line in logged if (m := re.search(r"and (\d+) more", line)))
         assert len(logged) + told + untold == 2000
+        scraped = urllib.request.urlopen(metrics.group(1), timeout=5).read().decode()
+        assert 'nextchar_calls_refused_total{code="INVALID_ARGUMENT",method="GetSession"} 2000.0' in scraped
         # the server still answers, and a later refusal is logged once the flood is over
         assert srv.stub.ListModels(pb.ListModelsRequest(), timeout=5).models
     finally:
