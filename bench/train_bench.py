@@ -6,8 +6,10 @@ Run: ``make bench-train`` (installs torch 2.13.0 first), or directly::
     .venv/bin/python bench/train_bench.py --cells gru --chars 1000000 --dropout 0.25
     .venv/bin/python bench/train_bench.py --quick              # 100k chars per cell: a smoke test
 
-Throughput on a shared machine drifts by ±15% between runs, so the figure that counts is
-the ratio nextchar/torch measured in the same run. Quality at a fixed character budget
+Throughput on a shared machine drifts by ±15% between runs (and this one has had spells
+50% slower), so the figure that counts is the ratio nextchar/torch measured in the same
+run; ``--rounds N`` alternates N runs of each side and takes the median of the rounds'
+ratios, each round's two runs being neighbours in time. Quality at a fixed character budget
 and seed is deterministic, so bits/char can be compared with a reference run too
 (PyTorch nn.RNN H=256 B=64 T=64: 2.654 bits/char after 5M characters, ANCHOR_BPC).
 
@@ -234,15 +236,25 @@ def compare(
     """Train both implementations of one configuration and put their figures side by side."""
     entry: dict[str, Any] = {"cell": cell, **shape, "budget_chars": chars, "dropout": args.dropout}
     runners = {"torch": run_torch, "nextchar": run_nextchar}
-    for impl in args.impls:
-        print(
-            f"== {impl} {cell} H={shape['hidden']} B={shape['batch']} T={shape['seq_len']}, {chars:,} chars",
-            file=sys.stderr,
-            flush=True,
-        )
-        entry[impl] = in_fresh_process(
-            runners[impl], str(data), cell, shape, chars, args.log_every, args.dropout
-        )
+    runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl in args.impls}
+    for round_ in range(args.rounds):
+        # alternate who goes first, so a slow spell of the machine falls on both sides alike
+        for impl in args.impls if round_ % 2 == 0 else args.impls[::-1]:
+            print(
+                f"== {impl} {cell} H={shape['hidden']} B={shape['batch']} T={shape['seq_len']}, "
+                f"{chars:,} chars (round {round_ + 1} of {args.rounds})",
+                file=sys.stderr,
+                flush=True,
+            )
+            runs[impl].append(
+                in_fresh_process(runners[impl], str(data), cell, shape, chars, args.log_every, args.dropout)
+            )
+    for impl, done in runs.items():
+        speeds = [run["chars_per_sec"] for run in done]
+        entry[impl] = {
+            **sorted(done, key=lambda run: run["chars_per_sec"])[len(done) // 2],
+            "rounds_chars_per_sec": speeds,
+        }
     entry.update(verdict(cell, shape, chars, entry))
     return entry
 
@@ -255,10 +267,13 @@ def verdict(cell: str, shape: dict[str, int], chars: int, entry: dict[str, Any])
     if "torch" not in entry or "nextchar" not in entry:
         return out
     nc, ref = entry["nextchar"], entry["torch"]
-    ratio = nc["chars_per_sec"] / ref["chars_per_sec"]
+    # each round's own ratio (its two runs were neighbours in time), then their median
+    rounds = [a / b for a, b in zip(nc["rounds_chars_per_sec"], ref["rounds_chars_per_sec"], strict=True)]
+    ratio = float(np.median(rounds))
     gap = 100.0 * (nc["val_bpc"] - ref["val_bpc"]) / ref["val_bpc"]
     out.update(
         ratio=ratio,
+        ratio_rounds=rounds,
         ratio_goal=RATIO_GOAL.get(cell),
         ratio_met=ratio >= RATIO_GOAL.get(cell, 1.0),
         bpc_gap_pct=gap,
@@ -353,6 +368,10 @@ def table(results: list[dict[str, Any]], blas: dict[str, Any]) -> str:
             f" {_fmt(r.get('bpc_gap_pct'), '+.1f', r.get('bpc_met'), '%'):>7}"
             f" {_fmt(r.get('nextchar_limit_fraction'), '.0%', r.get('limit_met')):>6}"
         )
+        if len(r.get("ratio_rounds") or []) > 1:
+            lines.append(
+                f"{'':<22} (ratio of each round: {', '.join(f'{x:.2f}' for x in r['ratio_rounds'])})"
+            )
         if r.get("anchor_torch_val_bpc") is not None:
             lines.append(f"{'':<22} (reference run: torch {r['anchor_torch_val_bpc']} bpc at this budget)")
     busiest = max(
@@ -405,6 +424,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(IMPLS),
         help="which sides to run (both for a ratio)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternating runs of each side per cell; the ratio is the median of the rounds' ratios",
+    )
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     p.add_argument("--dropout", type=float, default=0.0, help="the same dropout on both sides (0: none)")
     p.add_argument(
@@ -417,6 +442,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.chars is not None and args.chars < 1:
         p.error("--chars must be positive")
+    if args.rounds < 1:
+        p.error("--rounds must be positive")
     if not 0.0 <= args.dropout < 1.0:
         p.error("--dropout must be in [0, 1)")
     return args
