@@ -13,11 +13,9 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, is_dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from nextchar.client.texts import TextFiles
 from nextchar.server.config import ServerConfig
 
 if TYPE_CHECKING:  # imported where used: a command that only prints its help loads neither
@@ -110,11 +108,6 @@ def show_char(char: str) -> str:
         return "␠"
     shown = json.dumps(char, ensure_ascii=False)[1:-1]
     return shown if char.isprintable() or shown != char else repr(char)[1:-1]
-
-
-def read_text(path: Path) -> str:
-    """A text file's contents, or a ValueError that names the file and says what is wrong."""
-    return TextFiles.of(path).read()
 
 
 def fmt_float(value: float | None, digits: int = 3) -> str:

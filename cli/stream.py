@@ -33,10 +33,10 @@ from nextchar.cli.common import (
     fmt_float,
     print_json,
     print_table,
-    read_text,
     show_char,
 )
 from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
+from nextchar.client.texts import TextFiles
 
 READ_BYTES = 4096  # one read of a pipe or the terminal: a paste of this size arrives at once
 TAIL = 40  # characters of the typed text shown before the guesses
@@ -335,9 +335,10 @@ def evaluate(
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
 ) -> None:
     """Score a model on a text: bits/char and top-1 accuracy, one hidden state carried through it."""
-    text = read_text(file)
+    text = TextFiles.of(file)
+    text.count()  # the whole file checked before anything is scored; then read as it is sent
     with connect(server, timeout) as client, client.session(model) as session:
         stats = StreamStats()
-        for p in session.stream((text[i : i + chunk] for i in range(0, len(text), chunk)), top_k=1):
+        for p in session.stream(text.chunks(chunk), top_k=1):
             stats.add(p)
         _print_summary({"file": str(file), **stats.summary(session)}, as_json)

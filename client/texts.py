@@ -42,6 +42,17 @@ class TextFiles:
         """The whole text (for a small one: pieces() holds at most BLOCK_BYTES characters at a time)."""
         return "".join(self.pieces())
 
+    def chunks(self, size: int) -> Iterator[str]:
+        """The text in chunks of exactly ``size`` characters (the last one shorter), across files."""
+        rest = ""
+        for piece in self.pieces():
+            piece = rest + piece  # rest is shorter than size
+            end = len(piece) - len(piece) % size
+            yield from (piece[i : i + size] for i in range(0, end, size))
+            rest = piece[end:]
+        if rest:
+            yield rest
+
     def pieces(self) -> Iterator[str]:
         """The text in pieces of at most BLOCK_BYTES characters, files in order, checked as they are read."""
         for path in self.paths:

@@ -40,6 +40,10 @@ def test_pieces_are_the_files_in_order_however_the_blocks_cut_them(
         assert files.count() == sum(len(p) for p in parts)
         assert files.size() == sum(len(p.encode()) for p in parts)
         assert all(0 < len(p) <= block for p in pieces)
+        for size in (1, 4, 100):
+            chunks = list(files.chunks(size))
+            assert "".join(chunks) == "".join(parts)
+            assert all(len(c) == size for c in chunks[:-1]) and 0 < len(chunks[-1]) <= size
 
 
 def test_a_bad_byte_is_named_where_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
