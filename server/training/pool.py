@@ -41,7 +41,7 @@ from nextchar.core.config import ModelConfig
 from nextchar.core.model import CharRNN
 from nextchar.core.vocab import Vocab
 from nextchar.server.errors import ServiceError
-from nextchar.server.registry import Registry
+from nextchar.server.registry import ModelVersion, Registry
 from nextchar.server.training.store import (
     CANCELLED,
     CHECKPOINT_FILE,
@@ -76,6 +76,13 @@ class Running:
     stop: Event  # cancel
     pause: Event  # checkpoint and stop
     thread: threading.Thread
+
+
+JOB_KEY = "job_id"  # in a registered model's summary: the job that trained it
+
+
+def registered_by(mv: ModelVersion, job: Job) -> bool:
+    return mv.name == job.model_name and mv.summary.get(JOB_KEY) == job.id
 
 
 class TrainerPool:
@@ -278,19 +285,35 @@ class TrainerPool:
         return (FAILED, f"trainer died {job.attempts} times (last exit code {code})", None)
 
     def _register(self, job: Job, body: dict[str, Any]) -> Final:
+        """Register the job's model, once: its summary names the job, so a trainer that died after
+        registering and before the job's end was recorded finds that version when the job
+        resumes and finishes again (the same weights: training is deterministic), instead of
+        adding a second one."""
         params = {k: np.asarray(v) for k, v in body["params"].items()}
         model = CharRNN(ModelConfig(**body["config"]), Vocab(body["vocab"]), params)
         try:
             self.registry.refresh(force=True)  # the versions other replicas registered meanwhile
-            mv = self.registry.register(
-                job.model_name, model, history=body["history"], summary=body["summary"], promote=job.promote
-            )
+            mv = next((v for v in self.registry.versions() if registered_by(v, job)), None)
+            if mv is None:
+                summary = {**body["summary"], JOB_KEY: job.id}
+                mv = self.registry.register(
+                    job.model_name, model, history=body["history"], summary=summary, promote=job.promote
+                )
+                how = "registered"
+            else:
+                default = self.registry.default
+                if job.promote and (
+                    default is None or (default.name, default.version) != (mv.name, mv.version)
+                ):
+                    self.registry.set_default(mv.name, mv.version)
+                how = "found registered already"
         except Exception as exc:  # a failed save registers nothing
             return (FAILED, f"could not register the model: {type(exc).__name__}: {exc}", None)
         log.info(
-            "model %s v%d registered by job %s%s",
+            "model %s v%d %s by job %s%s",
             mv.name,
             mv.version,
+            how,
             job.id,
             " (default)" if job.promote else "",
         )
