@@ -76,9 +76,11 @@ def install_default_model(registry: Registry) -> None:
     from nextchar.core.default_model import load_default_model
 
     shipped = load_default_model()
-    registry.register(
-        DEFAULT_NAME, shipped.model, history=shipped.history, summary=shipped.summary, promote=True
-    )
+    if (
+        registry.install(DEFAULT_NAME, shipped.model, history=shipped.history, summary=shipped.summary)
+        is None
+    ):
+        registry.refresh(force=True)  # another replica installed it first: take up its version
 
 
 def check_port_free(host: str, port: int) -> None:

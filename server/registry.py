@@ -296,11 +296,34 @@ class Registry:
         promote: bool = False,
     ) -> ModelVersion:
         """Save as the next version of name (atomic rename) and publish it; blocking file I/O."""
+        mv = self._save(name, model, history, summary, promote, first_only=False)
+        assert mv is not None
+        return mv
+
+    def install(
+        self, name: str, model: CharRNN, *, history: list[dict[str, Any]], summary: dict[str, Any]
+    ) -> ModelVersion | None:
+        """Register as version 1 of name and make it the default, unless a version 1 exists: None
+        then. Two replicas that start at once on one empty shared registry both install the
+        shipped model; with register() the second would add it again as v2."""
+        return self._save(name, model, history, summary, True, first_only=True)
+
+    def _save(
+        self,
+        name: str,
+        model: CharRNN,
+        history: list[dict[str, Any]],
+        summary: dict[str, Any],
+        promote: bool,
+        first_only: bool,
+    ) -> ModelVersion | None:
         check_name(name)
         with self._lock:
             taken = [v for (n, v) in self._versions if n == name]
             on_disk = [int(p.stem) for p in (self.model_dir / name).glob("*.npz") if p.stem.isdigit()]
-            version = max([0, *taken, *on_disk]) + 1
+            version = 1 if first_only else max([0, *taken, *on_disk]) + 1
+            if first_only and (taken or on_disk):
+                return None
             while True:
                 path = self.model_dir / name / f"{version}.npz"
                 save_model(path, model, history=history, summary=summary)
@@ -315,6 +338,8 @@ class Registry:
                 if published:
                     break
                 path.unlink(missing_ok=True)  # another replica registered this version meanwhile
+                if first_only:
+                    return None
                 version += 1
             mv = ModelVersion.from_model(name, version, path, model, history, summary, meta)
             self._versions[(name, version)] = mv

@@ -88,3 +88,23 @@ def test_shared_versions_cannot_be_taken_twice_and_the_default_stays_usable(
     assert b.withdraw(("m", 2), tmp_path / "b" / "m" / "2.npz")
     assert not a.write_pointer(("m", 2))  # deleted: the default cannot name it
     assert set(a.files()) == {("m", 1)} and a.read_pointer() == ("m", 1)
+
+
+def test_replicas_starting_at_once_on_an_empty_store_install_the_shipped_model_once(
+    client: redis.Redis, tmp_path: Path
+) -> None:
+    """Both find the shared registry empty at start (load_all before either installs); the one that
+    installs second takes up the first one's version 1 instead of adding a v2."""
+    from nextchar.server.app import install_default_model
+    from nextchar.server.registry import Registry
+
+    a, b = (Registry(tmp_path / d, RedisModelFiles(client, "redis://test", tmp_path / d)) for d in "ab")
+    a.load_all()
+    b.load_all()
+    assert a.is_empty and b.is_empty
+    install_default_model(a)
+    install_default_model(b)
+    for replica in (a, b):
+        assert [(v.name, v.version) for v in replica.versions()] == [("default", 1)]
+        assert replica.default is not None and replica.default.version == 1
+    assert client.hlen(INDEX) == 1
