@@ -303,8 +303,8 @@ class Registry:
     def install(
         self, name: str, model: CharRNN, *, history: list[dict[str, Any]], summary: dict[str, Any]
     ) -> ModelVersion | None:
-        """Register as version 1 of name and make it the default, unless a version 1 exists: None
-        then. Two replicas that start at once on one empty shared registry both install the
+        """Register as version 1 of name and make it the default, unless this registry holds a
+        version of name or a shared store's version 1 is taken: None then. Two replicas that start at once on one empty shared registry both install the
         shipped model; with register() the second would add it again as v2."""
         return self._save(name, model, history, summary, True, first_only=True)
 
@@ -322,7 +322,7 @@ class Registry:
             taken = [v for (n, v) in self._versions if n == name]
             on_disk = [int(p.stem) for p in (self.model_dir / name).glob("*.npz") if p.stem.isdigit()]
             version = 1 if first_only else max([0, *taken, *on_disk]) + 1
-            if first_only and (taken or on_disk):
+            if first_only and taken:  # (a file on disk may be a stale cache of a shared registry)
                 return None
             while True:
                 path = self.model_dir / name / f"{version}.npz"
