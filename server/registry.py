@@ -304,8 +304,9 @@ class Registry:
         self, name: str, model: CharRNN, *, history: list[dict[str, Any]], summary: dict[str, Any]
     ) -> ModelVersion | None:
         """Register as version 1 of name and make it the default, unless this registry holds a
-        version of name or a shared store's version 1 is taken: None then. Two replicas that start at once on one empty shared registry both install the
-        shipped model; with register() the second would add it again as v2."""
+        version of name or a shared store's version 1 is taken: None then. Two replicas that
+        start at once on one empty shared registry both install the shipped model; with
+        register() the second would add it again as v2."""
         return self._save(name, model, history, summary, True, first_only=True)
 
     def _save(
