@@ -108,3 +108,39 @@ def test_replicas_starting_at_once_on_an_empty_store_install_the_shipped_model_o
         assert [(v.name, v.version) for v in replica.versions()] == [("default", 1)]
         assert replica.default is not None and replica.default.version == 1
     assert client.hlen(INDEX) == 1
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_queue_places_are_the_order_trainers_take_jobs_in(
+    client: redis.Redis, tmp_path: Path, shared: bool
+) -> None:
+    """Three jobs queued in turn; the first is taken, then paused (back in the queue): the places
+    ListJobs shows are the order the next takes follow, in Redis (the paused job's turn is at the
+    stream's end) as in the local journal (it keeps its place)."""
+    from nextchar.server.training.journal import LocalJobStore
+    from nextchar.server.training.redis_jobs import RedisJobStore
+    from nextchar.server.training.store import Job
+
+    store = (
+        RedisJobStore(client, "redis://test", 15.0, tmp_path / "cache")
+        if shared
+        else LocalJobStore(tmp_path / "_jobs")
+    )
+    text = tmp_path / "text.txt"
+    ids = [c * 32 for c in "abc"]
+    for i, job_id in enumerate(ids):
+        text.write_text("some text")
+        store.add(
+            Job(id=job_id, model_name="m", promote=False, model_config={}, train_config={}, created=i), text
+        )
+    assert store.queue() == ids
+    first = store.take("t1")
+    assert first is not None and first.job_id == ids[0]
+    assert store.queue() == ids[1:]
+    store.release(first, requeue=True)
+    order = store.queue()
+    assert order == ([*ids[1:], ids[0]] if shared else ids)
+    taken = []
+    while (claim := store.take("t2")) is not None:
+        taken.append(claim.job_id)
+    assert taken == order and store.queue() == []

@@ -96,14 +96,14 @@ class JobManager:
             return [j.state for j in self.store.all()]
         return []
 
-    @staticmethod
-    def places(jobs: list[Job]) -> dict[str, int]:
-        """Each queued job's place in the queue (1 = next), by id; jobs not queued are absent."""
-        return {j.id: place for place, j in enumerate((j for j in jobs if j.state == QUEUED), 1)}
+    async def places(self) -> dict[str, int]:
+        """Each queued job's place in the queue (1 = next), by id, in the order trainers take
+        them; jobs not queued are absent."""
+        return {job_id: place for place, job_id in enumerate(await asyncio.to_thread(self.store.queue), 1)}
 
     async def place_of(self, job: Job) -> int:
         """A job's place in the queue, 1 = next; 0 when it is not queued."""
-        return self.places(await self.all()).get(job.id, 0) if job.state == QUEUED else 0
+        return (await self.places()).get(job.id, 0) if job.state == QUEUED else 0
 
     async def start(
         self,

@@ -132,6 +132,10 @@ class LocalJobStore:
                     return Claim(job.id, "", trainer)
         return None
 
+    def queue(self) -> list[str]:
+        with self._lock:  # take's order: the jobs as they were added (a requeued one keeps its place)
+            return [j.id for j in self._jobs.values() if j.state == QUEUED and j.id not in self._held]
+
     def renew(self, claim: Claim) -> bool:
         return True  # this server's own trainers: its pool sees a dead one at once
 

@@ -198,6 +198,20 @@ class RedisJobStore:
         self.redis.hset(job_key(claim.job_id), "owner", owner(claim))
         return claim
 
+    def queue(self) -> list[str]:
+        """The stream's entries no trainer has read yet, in stream order (what XREADGROUP hands
+        out next; a requeued job's new entry is at the end). A job whose trainer died is not
+        among them: its entry is pending, and the next take resumes it first."""
+        with reaching(str(self)):
+            self._group()
+            groups = self.redis.xinfo_groups(QUEUE)
+            last = next(
+                (g["last-delivered-id"] for g in groups if g["name"] in (GROUP, GROUP.encode())), b"0-0"
+            )
+            last = last.decode() if isinstance(last, bytes) else str(last)
+            entries = cast(list[Any], self.redis.xrange(QUEUE, min=f"({last}", max="+"))
+        return [fields[b"job"].decode() for _, fields in entries]
+
     def renew(self, claim: Claim) -> bool:
         with reaching(str(self)):
             return bool(

@@ -107,6 +107,9 @@ class JobStore(Protocol):
         """The next job for this trainer: one whose trainer's lease ran out first, else the oldest
         queued; None when there is none."""
 
+    def queue(self) -> list[str]:
+        """The ids of the jobs waiting in the queue, in the order trainers will take them."""
+
     def renew(self, claim: Claim) -> bool:
         """Keep the claim's lease; False when another trainer has taken the job over."""
 
