@@ -542,7 +542,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
         jobs = await self.jobs.all()
-        places = await self.jobs.places()
+        places = await self.jobs.places(jobs)
         return pb.ListJobsResponse(jobs=[messages.job_info(j, places.get(j.id, 0)) for j in jobs])
 
     @streaming

@@ -144,3 +144,30 @@ def test_queue_places_are_the_order_trainers_take_jobs_in(
     while (claim := store.take("t2")) is not None:
         taken.append(claim.job_id)
     assert taken == order and store.queue() == []
+
+
+def test_a_job_cancelled_while_it_waits_takes_no_place(client: redis.Redis, tmp_path: Path) -> None:
+    """Its turn stays in the Redis stream until a trainer drops it; the places skip it meanwhile."""
+    import asyncio
+
+    from nextchar.server.training.jobs import JobManager
+    from nextchar.server.training.redis_jobs import RedisJobStore
+    from nextchar.server.training.store import Job
+
+    store = RedisJobStore(client, "redis://test", 15.0, tmp_path / "cache")
+    text = tmp_path / "text.txt"
+    ids = [c * 32 for c in "abc"]
+    for i, job_id in enumerate(ids):
+        text.write_text("some text")
+        store.add(
+            Job(id=job_id, model_name="m", promote=False, model_config={}, train_config={}, created=i), text
+        )
+    jobs = JobManager(store, max_vocab=100)
+
+    async def places() -> dict[str, int]:
+        return await jobs.places(await jobs.all())
+
+    assert asyncio.run(places()) == {ids[0]: 1, ids[1]: 2, ids[2]: 3}
+    asyncio.run(jobs.cancel(ids[0]))
+    assert store.queue() == ids  # the cancelled job's turn is still in the stream
+    assert asyncio.run(places()) == {ids[1]: 1, ids[2]: 2}

@@ -96,14 +96,19 @@ class JobManager:
             return [j.state for j in self.store.all()]
         return []
 
-    async def places(self) -> dict[str, int]:
-        """Each queued job's place in the queue (1 = next), by id, in the order trainers take
-        them; jobs not queued are absent."""
-        return {job_id: place for place, job_id in enumerate(await asyncio.to_thread(self.store.queue), 1)}
+    async def places(self, jobs: list[Job]) -> dict[str, int]:
+        """Each queued job's place in the queue (1 = next), by id, in the order trainers take them;
+        jobs not queued are absent. The store's queue may still hold a job cancelled while it
+        waited (a trainer drops its turn when it comes), so only the QUEUED jobs are counted."""
+        queued = {j.id for j in jobs if j.state == QUEUED}
+        order = [i for i in dict.fromkeys(await asyncio.to_thread(self.store.queue)) if i in queued]
+        placed = set(order)
+        order += [j.id for j in jobs if j.id in queued and j.id not in placed]  # (none, unless racing)
+        return {job_id: place for place, job_id in enumerate(order, 1)}
 
     async def place_of(self, job: Job) -> int:
         """A job's place in the queue, 1 = next; 0 when it is not queued."""
-        return (await self.places()).get(job.id, 0) if job.state == QUEUED else 0
+        return (await self.places(await self.all())).get(job.id, 0) if job.state == QUEUED else 0
 
     async def start(
         self,
