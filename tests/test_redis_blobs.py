@@ -171,3 +171,17 @@ def test_a_job_cancelled_while_it_waits_takes_no_place(client: redis.Redis, tmp_
     asyncio.run(jobs.cancel(ids[0]))
     assert store.queue() == ids  # the cancelled job's turn is still in the stream
     assert asyncio.run(places()) == {ids[1]: 1, ids[2]: 2}
+
+
+def test_the_queue_comes_back_after_redis_lost_it(client: redis.Redis, tmp_path: Path) -> None:
+    """A restart without persistence empties Redis: the next read says UNAVAILABLE, the one after
+    finds an empty queue made again (not the same error for ever)."""
+    from nextchar.server.errors import Unavailable
+    from nextchar.server.training.redis_jobs import RedisJobStore
+
+    store = RedisJobStore(client, "redis://test", 15.0, tmp_path / "cache")
+    assert store.queue() == []
+    client.flushdb()
+    with pytest.raises(Unavailable):
+        store.queue()
+    assert store.queue() == []

@@ -204,7 +204,11 @@ class RedisJobStore:
         among them: its entry is pending, and the next take resumes it first."""
         with reaching(str(self)):
             self._group()
-            groups = self.redis.xinfo_groups(QUEUE)
+            try:
+                groups = self.redis.xinfo_groups(QUEUE)
+            except ResponseError:  # Redis lost the stream (a restart without persistence): make it again
+                self._group_ready = False
+                raise
             last = next(
                 (g["last-delivered-id"] for g in groups if g["name"] in (GROUP, GROUP.encode())), b"0-0"
             )
