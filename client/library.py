@@ -37,7 +37,7 @@ from nextchar.client.results import (
 from nextchar.client.session import Session, completions, sample
 from nextchar.client.texts import TextFiles
 from nextchar.client.training import INLINE_TEXT_BYTES, TrainingRun, train_request, upload_pieces
-from nextchar.core.config import ModelConfig, TrainConfig
+from nextchar.core.config import ModelConfig, TrainConfig, check_length
 from nextchar.proto import nextchar_pb2 as pb
 
 UPLOAD_TIMEOUT = 600.0  # seconds an upload of a training text may take (100 MB on a slow link)
@@ -176,19 +176,22 @@ class NextCharClient:
         """
         parts: Iterable[str]
         if isinstance(text_or_files, str):
-            text = text_or_files
-            chars, big, parts = len(text), len(text.encode()) > INLINE_TEXT_BYTES, [text]
+            text = text_or_files  # more characters than the limit has more bytes: no need to encode
+            big = len(text) > INLINE_TEXT_BYTES or len(text.encode()) > INLINE_TEXT_BYTES
+            chars, parts = len(text), [text]
         else:
             files = TextFiles.of(text_or_files)
             big = files.size() > INLINE_TEXT_BYTES
             text = "" if big else files.read()
             chars, parts = files.count() if big else len(text), files.pieces()
         job = (name, model_config, train_config, promote)
-        request = train_request(*job, chars=chars, text="" if big else text)  # checked before sending
-        if big:  # a corpus of any size, in small messages
+        if big:  # a corpus of any size, in small messages, checked before anything is sent
+            check_length(chars, train_config or TrainConfig())
             pieces = upload_pieces(parts)
             text_id = self._conn.call(self._conn.stub.UploadText, pieces, timeout=UPLOAD_TIMEOUT).text_id
             request = train_request(*job, chars=chars, text_id=text_id)
+        else:
+            request = train_request(*job, chars=chars, text=text)
         call = self._conn.stream(self._conn.stub.Train, request)
         return TrainingRun((r.event for r in call), call.cancel, self.cancel_job)
 

@@ -18,9 +18,9 @@ INLINE_TEXT_BYTES = 1024 * 1024  # a bigger training text is uploaded in pieces 
 PIECE_CHARS = 64 * 1024  # characters per uploaded piece: at most 256 KiB of UTF-8
 
 
-def upload_pieces(text: Iterable[str]) -> Iterator[pb.UploadTextRequest]:
-    """UploadText requests for a text given in parts of any size (a str is one part)."""
-    for part in [text] if isinstance(text, str) else text:
+def upload_pieces(parts: Iterable[str]) -> Iterator[pb.UploadTextRequest]:
+    """UploadText requests for a text given in parts of any size."""
+    for part in parts:
         for start in range(0, len(part), PIECE_CHARS):
             yield pb.UploadTextRequest(piece=part[start : start + PIECE_CHARS])
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from nextchar.core import losses
-from nextchar.core.cells import CELLS, LayerCache
+from nextchar.core.cells import CELLS, LayerCache, gate_blocks
 from nextchar.core.config import ModelConfig
 from nextchar.core.vocab import Vocab
 
@@ -203,15 +203,12 @@ class CharRNN:
         gathers from a gate-major copy of Wxh + bh (same bits as the row gather); a layer above
         takes one product per gate, below (T*B, H) @ Wxh's gate block (H, H)."""
         Wxh, bh = self.params[f"l{layer}.Wxh"], self.params[f"l{layer}.bh"]
-        H = self.config.hidden
-        G = Wxh.shape[1] // H
+        G, H = self.cell.gates, self.config.hidden
         if below is None:
-            table = np.ascontiguousarray((Wxh + bh).reshape(-1, G, H).transpose(1, 0, 2))  # (G, V, H)
-            xp = np.take(table, inputs, axis=1)  # (G, T, B, H)
+            xp = np.take(gate_blocks(Wxh + bh, G), inputs, axis=1)  # (G, V, H) gathered: (G, T, B, H)
         else:
             T, B = inputs.shape
-            Wg = np.ascontiguousarray(Wxh.reshape(H, G, H).transpose(1, 0, 2))  # (G, H, H)
-            xp = np.matmul(below.reshape(T * B, H), Wg)  # (G, T*B, H)
+            xp = np.matmul(below.reshape(T * B, H), gate_blocks(Wxh, G))  # (G, T*B, H)
             xp += bh.reshape(G, 1, H)
             xp = xp.reshape(G, T, B, H)
         return xp.transpose(1, 0, 2, 3)

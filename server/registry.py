@@ -21,11 +21,13 @@ replacing the default never disturbs a live session: it finishes on its version.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -296,8 +298,13 @@ class Registry:
         promote: bool = False,
     ) -> ModelVersion:
         """Save as the next version of name (atomic rename) and publish it; blocking file I/O."""
-        mv = self._save(name, model, history, summary, promote, first_only=False)
-        assert mv is not None
+        check_name(name)
+        with self._lock:
+            taken = [v for (n, v) in self._versions if n == name]
+            on_disk = [int(p.stem) for p in (self.model_dir / name).glob("*.npz") if p.stem.isdigit()]
+            versions = itertools.count(max([0, *taken, *on_disk]) + 1)
+            mv = self._save(name, versions, model, history, summary, promote)
+        assert mv is not None  # count() never runs out
         return mv
 
     def install(
@@ -306,47 +313,44 @@ class Registry:
         """Register as version 1 of name and make it the default, unless this registry holds a
         version of name or a shared store's version 1 is taken: None then. Two replicas that
         start at once on one empty shared registry both install the shipped model; with
-        register() the second would add it again as v2."""
-        return self._save(name, model, history, summary, True, first_only=True)
+        register() the second would add it again as v2. (A file on disk is no reason to
+        refuse: with shared models it may be a stale cache.)"""
+        check_name(name)
+        with self._lock:
+            if any(n == name for (n, _) in self._versions):
+                return None
+            return self._save(name, iter((1,)), model, history, summary, True)
 
     def _save(
         self,
         name: str,
+        versions: Iterator[int],
         model: CharRNN,
         history: list[dict[str, Any]],
         summary: dict[str, Any],
         promote: bool,
-        first_only: bool,
     ) -> ModelVersion | None:
-        check_name(name)
-        with self._lock:
-            taken = [v for (n, v) in self._versions if n == name]
-            on_disk = [int(p.stem) for p in (self.model_dir / name).glob("*.npz") if p.stem.isdigit()]
-            version = 1 if first_only else max([0, *taken, *on_disk]) + 1
-            if first_only and taken:  # (a file on disk may be a stale cache of a shared registry)
-                return None
-            while True:
-                path = self.model_dir / name / f"{version}.npz"
-                save_model(path, model, history=history, summary=summary)
-                try:
-                    meta = load_model(path).meta  # read back: what sessions use is what is on disk
-                    published = self.files.publish((name, version), path)
-                    if published and (promote or self._default is None):
-                        self.files.write_pointer((name, version))
-                except BaseException:  # a version is registered whole or not at all
-                    path.unlink(missing_ok=True)
-                    raise
-                if published:
-                    break
-                path.unlink(missing_ok=True)  # another replica registered this version meanwhile
-                if first_only:
-                    return None
-                version += 1
-            mv = ModelVersion.from_model(name, version, path, model, history, summary, meta)
-            self._versions[(name, version)] = mv
-            if promote or self._default is None:
-                self._default = (name, version)
-        return mv
+        """Save and publish as the first of versions no other process took meanwhile (None when
+        each was), under the registry's lock."""
+        for version in versions:
+            path = self.model_dir / name / f"{version}.npz"
+            save_model(path, model, history=history, summary=summary)
+            try:
+                meta = load_model(path).meta  # read back: what sessions use is what is on disk
+                published = self.files.publish((name, version), path)
+                if published and (promote or self._default is None):
+                    self.files.write_pointer((name, version))
+            except BaseException:  # a version is registered whole or not at all
+                path.unlink(missing_ok=True)
+                raise
+            if published:
+                mv = ModelVersion.from_model(name, version, path, model, history, summary, meta)
+                self._versions[(name, version)] = mv
+                if promote or self._default is None:
+                    self._default = (name, version)
+                return mv
+            path.unlink(missing_ok=True)  # another replica registered this version meanwhile
+        return None
 
     def set_default(self, name: str, version: int) -> tuple[ModelVersion, ModelVersion | None]:
         mv = self.resolve(name or DEFAULT_NAME, version)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
 from nextchar.server.blobs import CHUNK, BlobChanged, Blobs, connect
 from nextchar.server.shared_models import INDEX, RedisModelFiles
 from redis_harness import RedisServer
+
+if TYPE_CHECKING:
+    from nextchar.server.training.store import JobStore
 
 DB = 4  # a database of its own
 
@@ -119,20 +123,13 @@ def test_queue_places_are_the_order_trainers_take_jobs_in(
     stream's end) as in the local journal (it keeps its place)."""
     from nextchar.server.training.journal import LocalJobStore
     from nextchar.server.training.redis_jobs import RedisJobStore
-    from nextchar.server.training.store import Job
 
     store = (
         RedisJobStore(client, "redis://test", 15.0, tmp_path / "cache")
         if shared
         else LocalJobStore(tmp_path / "_jobs")
     )
-    text = tmp_path / "text.txt"
-    ids = [c * 32 for c in "abc"]
-    for i, job_id in enumerate(ids):
-        text.write_text("some text")
-        store.add(
-            Job(id=job_id, model_name="m", promote=False, model_config={}, train_config={}, created=i), text
-        )
+    ids = queue_three_jobs(store, tmp_path)
     assert store.queue() == ids
     first = store.take("t1")
     assert first is not None and first.job_id == ids[0]
@@ -152,16 +149,9 @@ def test_a_job_cancelled_while_it_waits_takes_no_place(client: redis.Redis, tmp_
 
     from nextchar.server.training.jobs import JobManager
     from nextchar.server.training.redis_jobs import RedisJobStore
-    from nextchar.server.training.store import Job
 
     store = RedisJobStore(client, "redis://test", 15.0, tmp_path / "cache")
-    text = tmp_path / "text.txt"
-    ids = [c * 32 for c in "abc"]
-    for i, job_id in enumerate(ids):
-        text.write_text("some text")
-        store.add(
-            Job(id=job_id, model_name="m", promote=False, model_config={}, train_config={}, created=i), text
-        )
+    ids = queue_three_jobs(store, tmp_path)
     jobs = JobManager(store, max_vocab=100)
 
     async def places() -> dict[str, int]:
@@ -185,3 +175,17 @@ def test_the_queue_comes_back_after_redis_lost_it(client: redis.Redis, tmp_path:
     with pytest.raises(Unavailable):
         store.queue()
     assert store.queue() == []
+
+
+def queue_three_jobs(store: JobStore, tmp_path: Path) -> list[str]:
+    """Three jobs added in turn (created 0, 1, 2); their ids, oldest first."""
+    from nextchar.server.training.store import Job
+
+    text = tmp_path / "text.txt"
+    ids = [c * 32 for c in "abc"]
+    for i, job_id in enumerate(ids):
+        text.write_text("some text")  # add() takes the file into the job's own store
+        store.add(
+            Job(id=job_id, model_name="m", promote=False, model_config={}, train_config={}, created=i), text
+        )
+    return ids

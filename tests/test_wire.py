@@ -25,6 +25,7 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message_factory import GetMessageClass
 from nextchar.proto import nextchar_pb2 as pb
+from nextchar.server.replies import varint
 from server_harness import ServerThread, cancel, make_registry, start_server
 
 SERVICE = pb.DESCRIPTOR.services_by_name["NextCharService"]
@@ -128,15 +129,6 @@ def send(srv: ServerThread, rpc: str, data: bytes, first: bytes | None = None) -
     except grpc.RpcError as err:
         return err.code(), str(err.details())
     return grpc.StatusCode.OK, ""
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def length_delimited(number: int, payload: bytes) -> bytes:

@@ -6,8 +6,9 @@ one-hot inputs, one matrix product otherwise), so only the recurrent product
 h @ Whh stays inside the time loop. A chunk's xp comes gate-major, (T, G, B, H), with
 every (B, H) gate block contiguous: the time loops work gate by gate, and adding a step's
 gates from a strided view of the (T, B, G*H) row layout cost an LSTM-256 step of 64
-2.6x as much (31 vs 12 us). A step's xp (``step``) is in the row layout, (N, G*H). Gates are fused along the last axis in
-PyTorch's order, so weights and results compare directly with torch.nn.
+2.6x as much (31 vs 12 us). A step's xp (``step``) is in the row layout, (N, G*H).
+Gates are fused along the last axis in PyTorch's order, so weights and results compare
+directly with torch.nn.
 
 A cell's state is one array per sample, ``state_width`` * H wide: h for rnn and
 gru, [h, c] for lstm.
@@ -62,6 +63,13 @@ class LayerCache:
     def previous_h(self) -> np.ndarray:
         """h entering each step, (T, B, H): the input of every recurrent product (a view, no copy)."""
         return self.h[:-1]
+
+
+def gate_blocks(W: np.ndarray, gates: int) -> np.ndarray:
+    """A (K, G*H) weight (gates fused along its last axis) as G contiguous (K, H) blocks,
+    (G, K, H): one batched product then writes each gate's block of a gate-major result."""
+    K, GH = W.shape
+    return np.ascontiguousarray(W.reshape(K, gates, GH // gates).transpose(1, 0, 2))
 
 
 def hidden_buffer(state: np.ndarray, xp: np.ndarray, H: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from nextchar.core.cells.base import Cell, LayerCache, hidden_buffer, sigmoid
+from nextchar.core.cells.base import Cell, LayerCache, gate_blocks, hidden_buffer, sigmoid
 
 
 class GRU(Cell):
@@ -32,8 +32,7 @@ class GRU(Cell):
         into the gate's pre-activation gradient; k_n (T, B, H), which turns dh into dn_pre."""
         assert bhn is not None
         T, _, B, H = xp.shape
-        # Whh gate-major, (3, H, H) (a copy, so one batched product writes each gate's block)
-        Whh3 = np.ascontiguousarray(Whh.reshape(H, 3, H).transpose(1, 0, 2))
+        Whh3 = gate_blocks(Whh, 3)  # (3, H, H)
         h = hidden_buffer(state, xp, H)  # (T+1, B, H)
         rz = np.empty((T, 2, B, H), dtype=xp.dtype)
         k_rz = np.empty((T, 2, B, H), dtype=xp.dtype)

@@ -13,7 +13,7 @@ import functools
 from typing import Any
 
 import numpy as np
-from nextchar.core.cells.base import Cell, LayerCache, hidden_buffer
+from nextchar.core.cells.base import Cell, LayerCache, gate_blocks, hidden_buffer
 
 GATE_SCALE = (0.5, 0.5, 1.0, 0.5)  # i, f, g, o: sigmoid, sigmoid, tanh, sigmoid
 GATE_SHIFT = (0.5, 0.5, 0.0, 0.5)
@@ -75,8 +75,7 @@ class LSTM(Cell):
         k = np.empty((T, 4, B, H), dtype=xp.dtype)
         k_c = np.empty((T, B, H), dtype=xp.dtype)
         fs = np.empty((T, B, H), dtype=xp.dtype)
-        # Whh gate-major, (4, H, H) (a copy, so one batched product writes each gate's block)
-        Whh4 = np.ascontiguousarray(Whh.reshape(H, 4, H).transpose(1, 0, 2))
+        Whh4 = gate_blocks(Whh, 4)  # (4, H, H)
         a = np.empty((4, B, H), dtype=xp.dtype)  # this step's gates
         i, f, g, o = a
         c, c_new = state[:, H:].copy(), np.empty((B, H), dtype=xp.dtype)

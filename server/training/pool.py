@@ -301,10 +301,7 @@ class TrainerPool:
                 )
                 how = "registered"
             else:
-                default = self.registry.default
-                if job.promote and (
-                    default is None or (default.name, default.version) != (mv.name, mv.version)
-                ):
+                if job.promote and self.registry.default is not mv:  # (versions are kept as loaded)
                     self.registry.set_default(mv.name, mv.version)
                 how = "found registered already"
         except Exception as exc:  # a failed save registers nothing

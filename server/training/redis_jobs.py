@@ -25,8 +25,10 @@ overwriting the job.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -171,17 +173,24 @@ class RedisJobStore:
 
     # ------------------------------------------------------------ the queue
 
-    def take(self, trainer: str) -> Claim | None:
+    @contextlib.contextmanager
+    def _queue_call(self) -> Iterator[None]:
+        """A call on the queue's stream: UNAVAILABLE when Redis fails; when Redis lost the stream
+        (a restart without persistence), the next call makes it and its group again."""
         with reaching(str(self)):
+            self._group()
             try:
-                return self._take(trainer)
+                yield
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):  # Redis lost the stream (a restart without persistence)
+                if "NOGROUP" in str(exc) or "no such key" in str(exc):
                     self._group_ready = False
                 raise
 
+    def take(self, trainer: str) -> Claim | None:
+        with self._queue_call():
+            return self._take(trainer)
+
     def _take(self, trainer: str) -> Claim | None:
-        self._group()
         # a lease run out first: that job's trainer died, and it waits for nobody else
         cursor: Any = "0-0"
         while True:  # each call looks at a few pending entries: go through all of them
@@ -202,13 +211,8 @@ class RedisJobStore:
         """The stream's entries no trainer has read yet, in stream order (what XREADGROUP hands
         out next; a requeued job's new entry is at the end). A job whose trainer died is not
         among them: its entry is pending, and the next take resumes it first."""
-        with reaching(str(self)):
-            self._group()
-            try:
-                groups = self.redis.xinfo_groups(QUEUE)
-            except ResponseError:  # Redis lost the stream (a restart without persistence): make it again
-                self._group_ready = False
-                raise
+        with self._queue_call():
+            groups = self.redis.xinfo_groups(QUEUE)
             last = next(
                 (g["last-delivered-id"] for g in groups if g["name"] in (GROUP, GROUP.encode())), b"0-0"
             )
