@@ -164,7 +164,7 @@ class NextCharServer:
         self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs, self.texts)
         self.servicer.on_message = self.metrics.message_latency.observe
         self.servicer.on_refused = self.metrics.refused
-        self.metrics.watch(lambda: len(store), self.jobs.states)
+        self.metrics.watch(lambda: len(store), lambda: self.servicer.live_streams, self.jobs.states)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs predate health.aio
         self.grpc = grpc.aio.server(
             options=config.grpc_options(), interceptors=interceptors(config, self.metrics.auth_failed)

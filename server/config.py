@@ -119,6 +119,15 @@ class ServerConfig:
     max_sessions: int = field(
         default=100_000, metadata=_opt("Cap on live sessions; new ones are refused beyond it.")
     )
+    # an open call holds ~14 KB of the server's memory: 20,000 PredictStreams that never sent a
+    # message took a server from 66 to 349 MB; the cap bounds what clients can hold open
+    max_streams: int = field(
+        default=10_000,
+        metadata=_opt(
+            "Cap on calls open at once that their clients hold open (streams, uploads); "
+            "new ones are refused beyond it."
+        ),
+    )
     # long enough to reconnect after a network blip
     idle_timeout: float = field(default=30 * 60.0, metadata=_opt("Seconds an unused session lives."))
     session_lifetime: float = field(default=0.0, metadata=_opt("Seconds any session lives; 0 = unlimited."))

@@ -4,11 +4,12 @@ Every server owns a ``Metrics`` with its own ``CollectorRegistry`` (never the
 global one): tests run several servers in one process, and each must count only
 its own traffic. The hot path pays per message or per batch, never per character:
 one histogram observation per prediction message, two per batch, one counter per
-ended session. What can be read when Prometheus scrapes (live sessions, training
-jobs by state) is read then, from the server's own structures, at no cost between
+ended session. What can be read when Prometheus scrapes (live sessions, open streams,
+training jobs by state) is read then, from the server's own structures, at no cost between
 scrapes.
 
     nextchar_sessions_active                      gauge
+    nextchar_streams_open                         gauge: calls their clients hold open (streams, uploads)
     nextchar_sessions_ended_total{reason}         idle | lifetime | closed | evicted | other
     nextchar_characters_total                     characters stepped (predicted, primed, generated)
     nextchar_message_latency_seconds              histogram, one prediction message on the server
@@ -16,6 +17,7 @@ scrapes.
     nextchar_training_jobs{state}                 gauge: running | succeeded | failed | cancelled
     nextchar_store_rtt_seconds                    histogram, one session-store round trip
     nextchar_auth_failures_total{reason}          missing | wrong token
+    nextchar_calls_refused_total{method,code}     calls answered with an error status for what they asked
 
 The session store times its round trips with ``metrics.store_rtt.observe(seconds)``.
 The histograms are LoopHistograms: observed on the event loop's thread only, so they
@@ -102,6 +104,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.sessions_active = Gauge("nextchar_sessions_active", "Live sessions.", registry=r)
+        self.streams_open = Gauge(
+            "nextchar_streams_open",
+            "Calls their clients hold open (streams, uploads); refused beyond max_streams.",
+            registry=r,
+        )
         self.sessions_ended = Counter(
             "nextchar_sessions_ended", "Sessions removed, by reason.", ["reason"], registry=r
         )
@@ -133,9 +140,15 @@ class Metrics:
         )
         self._http: WSGIServer | None = None
 
-    def watch(self, active_sessions: Callable[[], int], job_states: Callable[[], Iterable[str]]) -> None:
-        """Read these when scraped: the live session count and every training job's state."""
+    def watch(
+        self,
+        active_sessions: Callable[[], int],
+        open_streams: Callable[[], int],
+        job_states: Callable[[], Iterable[str]],
+    ) -> None:
+        """Read these when scraped: the live session count, the open streams and every training job's state."""
         self.sessions_active.set_function(lambda: float(active_sessions()))
+        self.streams_open.set_function(lambda: float(open_streams()))
         self.registry.register(JobStates(job_states))
 
     # ------------------------------------------------------------ hooks (hot path: keep them cheap)

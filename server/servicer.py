@@ -36,6 +36,7 @@ from nextchar.server.errors import (
     Aborted,
     FailedPrecondition,
     InvalidArgument,
+    ResourceExhausted,
     ServiceError,
     shown,
 )
@@ -90,6 +91,7 @@ def streaming(
     async def wrapper(self: NextCharServicer, request: Req | Refused, context: Ctx) -> AsyncIterator[Resp]:
         with self.live_stream():
             try:
+                self.admit_stream()
                 async for item in fn(self, accepted(request), context):
                     yield item
             except ServiceError as exc:
@@ -112,6 +114,7 @@ def duplex(
     async def wrapper(self: NextCharServicer, request_iterator: Any, context: Ctx) -> None:
         with self.live_stream():
             try:
+                self.admit_stream()
                 await fn(self, context)
             except ServiceError as exc:
                 await refuse(self, fn.__name__, exc, context)
@@ -180,7 +183,8 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
 
     @contextlib.contextmanager
     def live_stream(self) -> Iterator[None]:
-        """Count a streaming call while it runs: the drain waits for the count to reach 0."""
+        """Count a call its client holds open (a stream, an upload) while it runs: the drain waits
+        for the count to reach 0, and admit_stream refuses calls past max_streams."""
         self.live_streams += 1
         try:
             yield
@@ -188,6 +192,16 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             self.live_streams -= 1
             if self.live_streams == 0:
                 self.streams_idle.set()
+
+    def admit_stream(self) -> None:
+        """Refuse a call (counted by live_stream already) past max_streams: a client opening streams
+        by the thousand and never sending must not grow the server without bound."""
+        if self.live_streams > self.config.max_streams:
+            raise ResourceExhausted(
+                f"{self.config.max_streams} calls are open on this server (max_streams); "
+                "close streams you no longer use, or retry later",
+                limit="max_streams",
+            )
 
     # ------------------------------------------------------------ helpers
 
@@ -535,8 +549,10 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     async def UploadText(
         self, request_iterator: AsyncIterator[pb.UploadTextRequest | Refused], context: Ctx
     ) -> pb.UploadTextResponse:
-        pieces = (accepted(raw).piece async for raw in request_iterator)
-        text_id, chars, size = await self.texts.receive(pieces)
+        with self.live_stream():
+            self.admit_stream()
+            pieces = (accepted(raw).piece async for raw in request_iterator)
+            text_id, chars, size = await self.texts.receive(pieces)
         return pb.UploadTextResponse(text_id=text_id, chars=chars, bytes=size)
 
     @unary

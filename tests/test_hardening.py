@@ -9,14 +9,18 @@ messages. Real servers on real ports (a subprocess where a signal is involved).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -446,3 +450,53 @@ def test_a_text_bigger_than_any_message_trains_through_an_upload(tmp_path: Path)
         assert code == grpc.StatusCode.NOT_FOUND and details == {"subject": "text"}
     finally:
         srv.close()
+
+
+def test_calls_held_open_past_max_streams_are_refused_and_free_their_slot(tmp_path: Path) -> None:
+    """A client opening streams (or uploads) by the thousand and never sending grew the server
+    ~14 KB each, without bound (20,000: 66 -> 349 MB). Past max_streams each is refused with
+    RESOURCE_EXHAUSTED at once and counted; unary calls still answer, and a closed stream's slot
+    serves the next one."""
+    make_registry(tmp_path, versions=1)
+    server = ServerProcess(tmp_path, "--max-streams", "100", "--metrics-port", "0")
+    metrics = next(m for line in server.log if (m := re.search(r"metrics on (http://\S+)", line)))
+
+    def scraped(name: str) -> str:
+        text = urllib.request.urlopen(metrics.group(1), timeout=5).read().decode()
+        return next(line.split()[-1] for line in text.splitlines() if line.startswith(name))
+
+    async def attack() -> None:
+        channel: Any = grpc.aio.insecure_channel(server.address)
+        stub: Any = pb_grpc.NextCharServiceStub(channel)  # grpc-stubs predate aio streams
+        try:
+            held = [stub.PredictStream() for _ in range(100)]
+            await asyncio.sleep(1.0)  # every one reached its handler
+            extra = [stub.PredictStream() for _ in range(500)]  # each refused as it arrives
+            answers = [asyncio.gather(call.code(), call.details()) for call in extra]
+            codes = {tuple(a) for a in await asyncio.wait_for(asyncio.gather(*answers), 30)}
+            assert {code for code, _ in codes} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert all("max_streams" in str(details) for _, details in codes)
+            upload = stub.UploadText()  # an upload is held open by its client too
+            assert await upload.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert scraped("nextchar_streams_open") == "100.0"
+            refused = 'nextchar_calls_refused_total{code="RESOURCE_EXHAUSTED",method="PredictStream"}'
+            assert scraped(refused) == "500.0"
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # unary calls are not held: answered
+                await stub.GetSession(pb.GetSessionRequest(session_id="absent"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            held.pop().cancel()
+            await asyncio.sleep(0.5)
+            fresh = stub.PredictStream()
+            await fresh.write(pb.PredictStreamRequest(text="h"))
+            reply = await fresh.read()
+            assert reply.predictions.count == 1  # the freed slot serves a new stream
+            fresh.cancel()
+            for call in held:
+                call.cancel()
+        finally:
+            await channel.close()
+
+    try:
+        asyncio.run(attack())
+    finally:
+        server.close()
