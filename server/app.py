@@ -159,8 +159,13 @@ class NextCharServer:
         self.trainers = TrainerPool(
             job_store, self.registry, config.max_jobs, config.checkpoint_seconds, config.job_lease
         )
-        self.jobs = JobManager(job_store, config.max_vocab, on_queued=self.trainers.fill)
-        self.texts = TextStore(config.model_dir / "_texts", config.max_upload_bytes, shared_texts)
+        self.jobs = JobManager(job_store, config.max_vocab, config.max_queued_jobs, self.trainers.fill)
+        self.texts = TextStore(
+            config.model_dir / "_texts",
+            config.max_upload_bytes,
+            config.max_pending_upload_bytes,
+            shared_texts,
+        )
         self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs, self.texts)
         self.servicer.on_message = self.metrics.message_latency.observe
         self.servicer.on_refused = self.metrics.refused

@@ -154,6 +154,14 @@ class ServerConfig:
     max_upload_bytes: int = field(
         default=1024 * MIB, metadata=_opt("Largest training text UploadText takes.")
     )
+    # uploaded texts wait on disk (an hour) for a Train to name them: without a total, a client
+    # uploading again and again fills the disk the models and checkpoints are written to
+    max_pending_upload_bytes: int = field(
+        default=4096 * MIB,
+        metadata=_opt(
+            "Bytes of uploaded texts kept at once until a Train takes them; uploads beyond are refused."
+        ),
+    )
     # big replies (full distributions of long chunks) held at once, across all clients: a client
     # that never reads keeps its reply in this server's memory (nextchar.server.budget)
     max_reply_bytes: int = field(
@@ -166,6 +174,10 @@ class ServerConfig:
             "Trainers this server runs (jobs at once; more wait in the queue); 0 = none.",
             flags=("--trainers", "--max-jobs"),
         ),
+    )
+    # a queued job keeps its text (up to max_upload_bytes) in the job store until a trainer runs it
+    max_queued_jobs: int = field(
+        default=100, metadata=_opt("Jobs waiting for a trainer at once; a Train beyond it is refused.")
     )
     checkpoint_seconds: float = _checkpoint_seconds()
     job_lease: float = _job_lease()
@@ -226,6 +238,7 @@ class ServerConfig:
         checks = {
             "port": 0 <= self.port <= 65535,
             "max_sessions": self.max_sessions >= 1,
+            "max_streams": self.max_streams >= 1,
             "idle_timeout": self.idle_timeout > 0,
             "session_lifetime": self.session_lifetime >= 0,
             "max_chunk_chars": self.max_chunk_chars >= 1,
@@ -236,6 +249,8 @@ class ServerConfig:
             "max_vocab": self.max_vocab >= 1,
             "max_message_bytes": self.max_message_bytes >= 4096,
             "max_upload_bytes": self.max_upload_bytes >= 1,
+            "max_pending_upload_bytes": self.max_pending_upload_bytes >= 1,
+            "max_queued_jobs": self.max_queued_jobs >= 1,
             "max_reply_bytes": self.max_reply_bytes >= 1,
             "max_jobs": self.max_jobs >= 0,
             "grace": self.grace >= 0,

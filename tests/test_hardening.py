@@ -500,3 +500,43 @@ def test_calls_held_open_past_max_streams_are_refused_and_free_their_slot(tmp_pa
         asyncio.run(attack())
     finally:
         server.close()
+
+
+def test_uploads_and_queued_jobs_have_a_total_and_a_job_taking_its_text_frees_its_share(
+    tmp_path: Path,
+) -> None:
+    """Uploaded texts wait an hour on disk and queued jobs keep their texts: without totals a
+    client uploading (or queueing) again and again filled the disk the models are written to.
+    Past max_pending_upload_bytes an upload is refused and leaves nothing; past max_queued_jobs a
+    Train is refused and its inline text is removed; a job that takes an upload frees its share."""
+    make_registry(tmp_path, versions=1)
+    srv = start_server(tmp_path, max_pending_upload_bytes=200_000, max_queued_jobs=1)
+    texts = tmp_path / "_texts"
+
+    def upload(chars: int) -> str:
+        pieces = (pb.UploadTextRequest(piece=NOTEBOOK_TEXT[:25] * 4) for _ in range(chars // 100))
+        return srv.stub.UploadText(pieces, timeout=30).text_id
+
+    def train(**fields: Any) -> pb.JobInfo:
+        config = pb.TrainConfigSpec(epochs=100_000, seq_len=8, batch=1, val_fraction=0.0)
+        call = srv.stub.Train(pb.TrainRequest(model_name="capped", train_config=config, **fields), timeout=30)
+        return take(call).event.job
+
+    try:
+        first = upload(150_000)
+        code, message, details = refused(lambda: upload(100_000))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and details == {"limit": "max_pending_upload_bytes"}
+        assert "max_pending_upload_bytes (200000)" in message
+        assert not list(texts.glob(".*.tmp")) and len(list(texts.glob("*.txt"))) == 1
+        running = train(text_id=first)  # the trainer takes it: the upload's text moves to the job
+        assert not list(texts.glob("*.txt"))
+        upload(100_000)  # its share is free again
+        waiting = train(text=NOTEBOOK_TEXT * 10)
+        assert waiting.state == pb.JOB_STATE_QUEUED and waiting.queue_position == 1
+        code, message, details = refused(lambda: train(text=NOTEBOOK_TEXT * 10))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and details == {"limit": "max_queued_jobs"}
+        assert len(list(texts.glob("*.txt"))) == 1  # the refused job's inline text is gone
+        for job in (waiting, running):
+            srv.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), timeout=10)
+    finally:
+        srv.close()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nextchar.core.config import ModelConfig, TrainConfig, check_length
-from nextchar.server.errors import FailedPrecondition, InvalidArgument, ServiceError, shown
+from nextchar.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError, shown
 from nextchar.server.registry import check_name
 from nextchar.server.training.store import CANCELLED, FAILED, QUEUED, Job, JobStore
 
@@ -74,9 +74,16 @@ class JobManager:
     """on_queued: called (in a thread) when a job was queued here: this server's trainers take it
     at once when one is free, so the first status a client sees is RUNNING."""
 
-    def __init__(self, store: JobStore, max_vocab: int, on_queued: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        max_vocab: int,
+        max_queued: int = 100,
+        on_queued: Callable[[], None] = lambda: None,
+    ) -> None:
         self.store = store
         self.max_vocab = max_vocab
+        self.max_queued = max_queued  # each keeps its text in the store until a trainer runs it
         self.on_queued = on_queued
 
     async def load(self) -> None:
@@ -119,8 +126,17 @@ class JobManager:
         promote: bool,
     ) -> Job:
         """Queue a job training on the text in text_path (nextchar.server.training.texts); the
-        text moves into the store, so whichever trainer runs or resumes the job has its data."""
+        text moves into the store, so whichever trainer runs or resumes the job has its data.
+        Refused (RESOURCE_EXHAUSTED) while max_queued jobs wait: each holds its text in the store.
+        (Two Trains at once can both take the last place: a soft cap, by one per replica.)"""
         check_name(model_name)
+        waiting = sum(1 for j in await self.all() if j.state == QUEUED)
+        if waiting >= self.max_queued:
+            raise ResourceExhausted(
+                f"{waiting} jobs are waiting for a trainer (max_queued_jobs {self.max_queued}); "
+                "retry once the queue is shorter",
+                limit="max_queued_jobs",
+            )
         # off the loop: a training text can be a hundred MB
         await asyncio.to_thread(validate, text_path, model_config, train_config, self.max_vocab)
         job_id = f"job-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
