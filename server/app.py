@@ -223,8 +223,9 @@ class NextCharServer:
             try:
                 await self.store.sweep(time.time())
                 await asyncio.to_thread(self.texts.sweep, time.time())
+                await self.jobs.prune(self.config.max_finished_jobs)
             except ServiceError as exc:  # a shared store down: sweep again next time
-                log.warning("session sweep failed: %s", exc)
+                log.warning("sweep failed: %s", exc)
 
     async def _trim(self) -> None:
         """Give freed memory back: a burst of big requests or replies (refused or served) must not

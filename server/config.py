@@ -179,6 +179,10 @@ class ServerConfig:
     max_queued_jobs: int = field(
         default=100, metadata=_opt("Jobs waiting for a trainer at once; a Train beyond it is refused.")
     )
+    max_finished_jobs: int = field(
+        default=1000,
+        metadata=_opt("Ended jobs kept (listed, watchable, resumable when failed); older ones are removed."),
+    )
     checkpoint_seconds: float = _checkpoint_seconds()
     job_lease: float = _job_lease()
     grace: float = field(default=10.0, metadata=_opt("Seconds live streams get to finish on SIGTERM."))
@@ -251,6 +255,7 @@ class ServerConfig:
             "max_upload_bytes": self.max_upload_bytes >= 1,
             "max_pending_upload_bytes": self.max_pending_upload_bytes >= 1,
             "max_queued_jobs": self.max_queued_jobs >= 1,
+            "max_finished_jobs": self.max_finished_jobs >= 0,
             "max_reply_bytes": self.max_reply_bytes >= 1,
             "max_jobs": self.max_jobs >= 0,
             "grace": self.grace >= 0,

@@ -540,3 +540,34 @@ def test_uploads_and_queued_jobs_have_a_total_and_a_job_taking_its_text_frees_it
             srv.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), timeout=10)
     finally:
         srv.close()
+
+
+def test_a_server_keeps_only_the_newest_ended_jobs(tmp_path: Path) -> None:
+    """Every ended job used to stay listed, loaded and held for good: ListJobs' one reply would pass
+    max_message_bytes after ~30,000 jobs. The sweep keeps the newest max_finished_jobs."""
+    make_registry(tmp_path, versions=1)
+    srv = start_server(tmp_path, max_finished_jobs=1, sweep_interval=0.2)
+    try:
+        config = pb.TrainConfigSpec(epochs=1, seq_len=8, batch=1, val_fraction=0.0)
+        finished = []
+        for name in ("older", "newer"):
+            events = list(
+                srv.stub.Train(
+                    pb.TrainRequest(model_name=name, text=NOTEBOOK_TEXT, train_config=config), timeout=60
+                )
+            )
+            assert events[-1].event.job.state == pb.JOB_STATE_SUCCEEDED
+            finished.append(events[-1].event.job.job_id)
+        deadline = time.monotonic() + 10
+        while (
+            len(listed := srv.stub.ListJobs(pb.ListJobsRequest(), timeout=5).jobs) > 1
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        assert [j.job_id for j in listed] == finished[1:]
+        assert not (tmp_path / "_jobs" / finished[0]).exists()
+        assert srv.stub.DescribeModel(
+            pb.DescribeModelRequest(model=pb.ModelRef(name="older")), timeout=5
+        )  # its model stays
+    finally:
+        srv.close()

@@ -189,3 +189,46 @@ def queue_three_jobs(store: JobStore, tmp_path: Path) -> list[str]:
             Job(id=job_id, model_name="m", promote=False, model_config={}, train_config={}, created=i), text
         )
     return ids
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["redis", "journal"])
+def test_only_the_newest_ended_jobs_are_kept_and_a_resumed_one_never_goes(
+    client: redis.Redis, tmp_path: Path, shared: bool
+) -> None:
+    """Retention (max_finished_jobs): of three ended jobs and one still queued, prune(1) removes the
+    two that ended first, with their files; a job queued again (ResumeJob) after it was read as
+    ended is not removed."""
+    import asyncio
+
+    from nextchar.server.training.jobs import JobManager
+    from nextchar.server.training.journal import LocalJobStore
+    from nextchar.server.training.redis_jobs import RedisJobStore
+    from nextchar.server.training.store import FAILED, QUEUED, SUCCEEDED, Job
+
+    store = (
+        RedisJobStore(client, "redis://test", 15.0, tmp_path / "cache")
+        if shared
+        else LocalJobStore(tmp_path / "_jobs")
+    )
+    ids = [*queue_three_jobs(store, tmp_path)]
+    text = tmp_path / "text.txt"
+    text.write_text("some text")
+    store.add(Job(id="d" * 32, model_name="m", promote=False, model_config={}, train_config={}), text)
+    ended = {ids[0]: (SUCCEEDED, 30.0), ids[1]: (FAILED, 10.0), ids[2]: (SUCCEEDED, 20.0)}
+    for job in store.all():
+        if job.id in ended:
+            job.state, job.finished = ended[job.id]
+            store.save(job)
+    jobs = JobManager(store, max_vocab=100)
+    if shared:
+        assert client.exists(f"nextchar:job:{ids[1]}", f"nextchar:job:{ids[1]}:text") == 2
+    assert asyncio.run(jobs.prune(1)) == 2  # ended at 10 and 20 go; the newest, at 30, stays
+    assert [j.id for j in store.all()] == [ids[0], "d" * 32]
+    assert store.records(ids[1]) == [] and not (tmp_path / "_jobs" / ids[1]).exists()
+    if shared:
+        assert not client.exists(f"nextchar:job:{ids[1]}", f"nextchar:job:{ids[1]}:text")
+    resumed = store.get(ids[0])
+    resumed.state = QUEUED  # ResumeJob queued it after prune read it as ended
+    store.save(resumed)
+    assert not store.remove(ids[0]) and store.get(ids[0]).state == QUEUED
+    assert asyncio.run(jobs.prune(0)) == 0

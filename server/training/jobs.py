@@ -146,6 +146,21 @@ class JobManager:
         await asyncio.to_thread(self.on_queued)
         return await self.get(job.id)  # RUNNING already when a trainer here was free
 
+    async def prune(self, keep: int) -> int:
+        """Remove the ended jobs beyond the newest keep (by end time); returns how many went. Until
+        then an ended job stays listed, watchable and (failed) resumable; but a server that runs
+        jobs for months must not list, load and hold every one it ever ran (ListJobs' reply alone
+        passes max_message_bytes at ~30,000 jobs)."""
+        ended = sorted((j for j in await self.all() if j.done), key=lambda j: j.finished)
+        removed = 0
+        for job in ended[: max(0, len(ended) - keep)]:
+            removed += await asyncio.to_thread(self.store.remove, job.id)
+        if removed:
+            log.info(
+                "%d ended job(s) removed: only the newest %d are kept (max_finished_jobs)", removed, keep
+            )
+        return removed
+
     async def follow(self, job_id: str) -> AsyncIterator[Event]:
         """A status first and whenever the state changes, every record so far and as they come,
         and the final status once the job has ended."""

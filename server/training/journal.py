@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -173,3 +174,14 @@ class LocalJobStore:
         for name in (TEXT_FILE, CHECKPOINT_FILE):
             with contextlib.suppress(OSError):
                 (self.directory / job_id / name).unlink()
+
+    def remove(self, job_id: str) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or not job.done:
+                return False
+            del self._jobs[job_id], self._records[job_id]
+            # the record first: a removal a crash cuts short leaves no job, only files
+            (self.directory / job_id / JOB_FILE).unlink(missing_ok=True)
+        shutil.rmtree(self.directory / job_id, ignore_errors=True)
+        return True

@@ -10,6 +10,8 @@
     job:{id}:checkpoint   blob    the latest checkpoint its trainer took
     jobs:queue            stream  one entry {job: id} per turn in the queue; consumer group "trainers"
 
+An ended job beyond the newest ``max_finished_jobs`` goes with all its keys (``remove``).
+
 The queue is a Redis Stream read by a consumer group: a trainer takes an entry
 with XREADGROUP (each entry goes to one trainer), and the entry stays in the
 group's pending list, owned by that trainer, until the trainer releases it
@@ -66,6 +68,18 @@ return 1
 """
 
 
+# KEYS: job:{id}, job:{id}:records, jobs; ARGV: id. Removes the job only while it is ended: 1, else 0.
+REMOVE = """
+local rec = redis.call('HGET', KEYS[1], 'rec')
+if not rec then return 0 end
+local state = cjson.decode(rec)['state']
+if state ~= 'succeeded' and state ~= 'failed' and state ~= 'cancelled' then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+
 def job_key(job_id: str, part: str = "") -> str:
     """The job's hash, or its part: "records", "text" or "checkpoint"."""
     return f"{PREFIX}job:{job_id}" + (f":{part}" if part else "")
@@ -86,6 +100,7 @@ class RedisJobStore:
         self._fenced_hset = client.register_script(FENCED_HSET)
         self._fenced_rpush = client.register_script(FENCED_RPUSH)
         self._renew = client.register_script(RENEW)
+        self._remove = client.register_script(REMOVE)
         self._group_ready = False
 
     def __str__(self) -> str:
@@ -276,3 +291,11 @@ class RedisJobStore:
             for part in ("text", "checkpoint"):
                 self.blobs.delete(job_key(job_id, part))
         shutil.rmtree(self.cache / job_id, ignore_errors=True)
+
+    def remove(self, job_id: str) -> bool:
+        with reaching(str(self)):
+            keys = [job_key(job_id), job_key(job_id, "records"), INDEX]
+            if not self._remove(keys, [job_id]):
+                return False
+        self.discard(job_id)  # a failed job's text and checkpoint, kept for its resume
+        return True

@@ -135,3 +135,7 @@ class JobStore(Protocol):
 
     def discard(self, job_id: str) -> None:
         """The job ended with nothing to resume: drop its text and checkpoint."""
+
+    def remove(self, job_id: str) -> bool:
+        """Forget an ended job entirely (record, progress records, files); False, changing nothing,
+        when it is not ended (any more: a ResumeJob may have queued it since it was read)."""
