@@ -179,6 +179,15 @@ class ServerConfig:
     max_queued_jobs: int = field(
         default=100, metadata=_opt("Jobs waiting for a trainer at once; a Train beyond it is refused.")
     )
+    # every version is loaded and held in memory by each replica and trainer (50 versions of the
+    # shipped GRU-256: +92 MB), so versions piling up job after job end in an out-of-memory kill
+    max_model_bytes: int = field(
+        default=1024 * MIB,
+        metadata=_opt(
+            "Model files the registry holds, together (each version is held in memory); "
+            "a Train is refused beyond it."
+        ),
+    )
     max_finished_jobs: int = field(
         default=1000,
         metadata=_opt("Ended jobs kept (listed, watchable, resumable when failed); older ones are removed."),
@@ -256,6 +265,7 @@ class ServerConfig:
             "max_pending_upload_bytes": self.max_pending_upload_bytes >= 1,
             "max_queued_jobs": self.max_queued_jobs >= 1,
             "max_finished_jobs": self.max_finished_jobs >= 0,
+            "max_model_bytes": self.max_model_bytes >= 1,
             "max_reply_bytes": self.max_reply_bytes >= 1,
             "max_jobs": self.max_jobs >= 0,
             "grace": self.grace >= 0,

@@ -571,3 +571,27 @@ def test_a_server_keeps_only_the_newest_ended_jobs(tmp_path: Path) -> None:
         )  # its model stays
     finally:
         srv.close()
+
+
+def test_a_train_is_refused_while_the_registry_holds_max_model_bytes(tmp_path: Path) -> None:
+    """Every version is held in memory by each replica and trainer, and each job adds one: past
+    max_model_bytes a Train is refused (deleting a version makes room), not queued to grow the
+    server towards an out-of-memory kill."""
+    make_registry(tmp_path, versions=1)
+    size = (tmp_path / "default" / "1.npz").stat().st_size
+    srv = start_server(tmp_path, max_model_bytes=size + 1)  # room for what is there, not one more
+    config = pb.TrainConfigSpec(epochs=1, seq_len=8, batch=1, val_fraction=0.0)
+
+    def train() -> list[pb.TrainResponse]:
+        request = pb.TrainRequest(model_name="more", text=NOTEBOOK_TEXT, train_config=config)
+        return list(srv.stub.Train(request, timeout=60))
+
+    try:
+        assert train()[-1].event.job.state == pb.JOB_STATE_SUCCEEDED  # below the cap: trains
+        code, message, details = refused(train)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and details == {"limit": "max_model_bytes"}
+        assert "DeleteModel" in message and not list((tmp_path / "_texts").glob("*.txt"))
+        srv.stub.DeleteModel(pb.DeleteModelRequest(model=pb.ModelRef(name="more", version=1)), timeout=10)
+        assert train()[-1].event.job.state == pb.JOB_STATE_SUCCEEDED  # the room is back
+    finally:
+        srv.close()
