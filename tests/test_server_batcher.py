@@ -319,3 +319,39 @@ def test_a_hung_compute_process_is_given_up_after_its_deadline() -> None:
             os.kill(pid, signal.SIGCONT)
 
     asyncio.run(main())
+
+
+def test_the_compute_process_lets_go_of_a_model_the_server_dropped() -> None:
+    """Every model sent to the compute process stayed alive in the server for good (a deleted
+    version too, and its copy in the child): now the server holds them weakly, and the child
+    forgets one the server dropped; the models still in use go on answering right."""
+    import gc
+    import weakref
+
+    async def main() -> None:
+        scheduler = Scheduler(inline_chars=0, compute_process=True)
+        scheduler.start()
+        first = version()
+        sessions = [Session.fresh(str(i), first) for i in range(4)]
+        await asyncio.gather(*(scheduler.predict(s, VOCAB.encode("hello "), 2, False) for s in sessions))
+        assert scheduler.stats.remote_batches >= 1
+        dropped = weakref.ref(first.require())
+        del first, sessions  # the version deleted, its sessions closed
+        second = version(cell="gru")
+        model = second.require()
+        sessions = [Session.fresh(str(i), second) for i in range(4)]
+        for text in ("hello", " world"):  # the second batch also tells the child to forget
+            results = await asyncio.gather(
+                *(scheduler.predict(s, VOCAB.encode(text), 2, True) for s in sessions)
+            )
+            gc.collect()
+            assert dropped() is None  # the executor kept it alive before
+        for r in results:
+            assert r.distribution is not None
+            np.testing.assert_allclose(
+                r.distribution, solo(model, "hello world")[1][5:], rtol=1e-5, atol=1e-6
+            )
+        assert scheduler.compute_pid is not None and scheduler.stats.remote_batches >= 3  # the child answered
+        await scheduler.close()
+
+    asyncio.run(main())

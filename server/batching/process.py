@@ -11,7 +11,9 @@ a non-blocking write and the answer arrives as the loop reads the socket, so
 nothing waits for the GIL, and the batcher can queue the next batch behind the one
 computing (answers come back in the order asked). Frames are an 8-byte length and
 a pickle (protocol 5: arrays travel as raw bytes). Models are sent once per model
-object. If the process fails, or hangs past a batch's deadline, every waiting batch
+object, and the child forgets a model once the server has none of it left (a deleted
+version, one no session is on any more): the server holds its models weakly here. If
+the process fails, or hangs past a batch's deadline, every waiting batch
 gets RuntimeError; the process executor then computes in a thread from then on:
 slower, never wrong. This module is what the child imports: NumPy and nextchar.core only.
 """
@@ -21,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import multiprocessing as mp
 import os
 import pickle
 import socket
 import struct
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from nextchar.core.inference import Advanced
@@ -57,7 +61,8 @@ def _read_exact(sock: socket.socket, n: int) -> bytearray | None:
 
 
 def child_main(sock: socket.socket, parent_pid: int) -> None:
-    """The child's loop: ("model", key, ...) registers a model; ("advance", key, ...) answers."""
+    """The child's loop: ("model", key, ...) registers a model, ("forget", key) drops it;
+    ("advance", key, ...) answers."""
     from nextchar.server.lifeline import die_with_parent
 
     die_with_parent(parent_pid)
@@ -79,6 +84,9 @@ def child_main(sock: socket.socket, parent_pid: int) -> None:
                 _, key, config, chars, params = msg
                 models[key] = CharRNN(ModelConfig(**config), Vocab(chars), params)
                 continue
+            if msg[0] == "forget":
+                models.pop(msg[1], None)
+                continue
             _, key, idx, lens, states, probs0, k, full = msg
             try:
                 answer: tuple[str, Any] = ("ok", advance(models[key], idx, lens, states, probs0, k, full))
@@ -99,7 +107,12 @@ class ComputeProcess:
         self._proc = ctx.Process(
             target=child_main, args=(child_sock, os.getpid()), name="nextchar-compute", daemon=True
         )
-        self._models: dict[int, CharRNN] = {}  # keeps every sent model alive, so its id stays its key
+        # the key each model sent has in the child, held weakly: a model the server drops is
+        # forgotten there too (its key goes to _gone, and the child hears at the next batch);
+        # before, every model ever sent stayed alive in both processes, deleted versions too
+        self._keys: weakref.WeakKeyDictionary[CharRNN, int] = weakref.WeakKeyDictionary()
+        self._serial = itertools.count()  # keys are never reused
+        self._gone: list[int] = []
         self._waiting: collections.deque[asyncio.Future[Advanced]] = collections.deque()
         self._connected: asyncio.Task[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -125,10 +138,13 @@ class ComputeProcess:
             self._reader = asyncio.get_running_loop().create_task(self._read(reader))
         if self._failure is not None:
             raise RuntimeError(self._failure)
-        key = id(model)
-        if key not in self._models:
+        while self._gone:
+            writer.writelines(_frame(("forget", self._gone.pop())))
+        key = self._keys.get(model)
+        if key is None:
+            key = self._keys[model] = next(self._serial)
+            weakref.finalize(model, self._gone.append, key)
             writer.writelines(_frame(("model", key, model.config.to_dict(), model.vocab.chars, model.params)))
-            self._models[key] = model
         writer.writelines(
             _frame(
                 ("advance", key, packed.idx, packed.lens, packed.states, packed.probs0, packed.k, packed.full)
