@@ -224,6 +224,7 @@ class NextCharServer:
                 await self.store.sweep(time.time())
                 await asyncio.to_thread(self.texts.sweep, time.time())
                 await self.jobs.prune(self.config.max_finished_jobs)
+                self.registry.release_idle()  # networks of versions nobody asked for lately
             except ServiceError as exc:  # a shared store down: sweep again next time
                 log.warning("sweep failed: %s", exc)
 

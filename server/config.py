@@ -179,14 +179,11 @@ class ServerConfig:
     max_queued_jobs: int = field(
         default=100, metadata=_opt("Jobs waiting for a trainer at once; a Train beyond it is refused.")
     )
-    # every version is loaded and held in memory by each replica and trainer (50 versions of the
-    # shipped GRU-256: +92 MB), so versions piling up job after job end in an out-of-memory kill
+    # every job adds a version, on the registry's disk (and in every replica's cache with a shared
+    # store): without a total, training again and again fills the disk the checkpoints go to
     max_model_bytes: int = field(
-        default=1024 * MIB,
-        metadata=_opt(
-            "Model files the registry holds, together (each version is held in memory); "
-            "a Train is refused beyond it."
-        ),
+        default=4096 * MIB,
+        metadata=_opt("Model files the registry keeps, together; a Train is refused beyond it."),
     )
     max_finished_jobs: int = field(
         default=1000,

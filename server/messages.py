@@ -119,10 +119,10 @@ def model_info(mv: ModelVersion, default: ModelVersion | None) -> pb.ModelInfo:
     )
     with contextlib.suppress(OSError):
         msg.file_bytes = mv.path.stat().st_size
-    if mv.net is not None:
-        cfg = mv.net.config
-        msg.cell, msg.hidden, msg.layers = cfg.cell, cfg.hidden, cfg.layers
-        msg.vocab_size = mv.net.vocab.size
+    config = mv.config  # the file's: no network needed
+    if config is not None:
+        msg.cell, msg.hidden, msg.layers = config.cell, config.hidden, config.layers
+        msg.vocab_size = len(mv.vocab_chars) + 1  # the unknown slot
     bpc = bits_per_char(mv)
     if bpc is not None:
         msg.bits_per_char = bpc

@@ -16,6 +16,12 @@ start. A file that fails to load marks its version unavailable with the reason
 server starts anyway; a default that is unavailable gives way to the newest
 available version. Sessions hold a ModelVersion by reference, so deleting or
 replacing the default never disturbs a live session: it finishes on its version.
+
+Every file is loaded and checked at start, but only the default and the versions
+asked for within MODEL_IDLE hold their network (``release_idle``); ``require`` loads
+a released one again, checked the same way. A registry lists every version ever
+trained, and held networks took 1.8 MB each for the shipped GRU-256 (50 versions:
++92 MB in every replica and trainer).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from nextchar.core.atomic import atomic_write
+from nextchar.core.config import ModelConfig
 from nextchar.core.inference import initial_probs
 from nextchar.core.model import CharRNN
 from nextchar.core.modelfile import ModelFileError, load_model, save_model
@@ -45,6 +52,7 @@ POINTER = "_default.json"
 LEGACY_POINTER = "default.json"  # where the pointer lived before: a model name could collide with it
 STALE_TMP = 60.0  # seconds: a temporary file older than this belongs to a save that died
 REFRESH_INTERVAL = 1.0  # seconds between directory scans for models written by other processes
+MODEL_IDLE = 300.0  # seconds a version's network is held after it was last asked for (not the default's)
 log = logging.getLogger("nextchar.server")
 Ref = tuple[str, int]  # (name, version)
 
@@ -57,33 +65,61 @@ def check_name(name: str) -> str:
 
 @dataclass(eq=False)
 class ModelVersion:
-    """One version: its model when the file loaded, else the reason it did not."""
+    """One version: what its file holds (metadata, history) when it loaded, else the reason it did
+    not; and its network while it is held (see the module's docstring: require, release)."""
 
     name: str
     version: int
     path: Path
-    net: CharRNN | None = None  # the network, when its file loaded
-    reason: str = ""
+    net: CharRNN | None = None  # the network while held; None when released or unavailable
+    reason: str = ""  # why the file does not load; "" when it does
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     initial_probs: np.ndarray | None = None  # (V,) the prediction before any character
+    used: float = field(default_factory=time.monotonic)  # when require() last gave the network
+    _loading: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def available(self) -> bool:
-        return self.net is not None
+        return not self.reason
 
     @property
     def checksum(self) -> str:
         return str(self.meta.get("checksum", ""))
 
     def require(self) -> CharRNN:
-        if self.net is None:
-            raise FailedPrecondition(f"model {self.name} v{self.version} is unavailable: {self.reason}")
-        return self.net
+        net = self.net
+        if net is None:
+            net = self._reload()
+        self.used = time.monotonic()
+        return net
+
+    def release(self) -> None:
+        """Let go of the network (sessions and batches that took it keep theirs); require() loads it again."""
+        self.net = None
+
+    def _reload(self) -> CharRNN:
+        """The network from the file again, checked as at start; a file that no longer loads (or
+        holds other weights) makes the version unavailable."""
+        with self._loading:
+            if self.net is None and not self.reason:
+                loaded = ModelVersion.load(self.name, self.version, self.path)
+                if loaded.reason or loaded.checksum != self.checksum:
+                    self.reason = (
+                        loaded.reason or f"{self.name}/{self.path.name}: changed since it was loaded"
+                    )
+                    log.warning("model %s v%d unavailable: %s", self.name, self.version, self.reason)
+                else:
+                    self.net = loaded.net
+            if self.net is None:
+                raise FailedPrecondition(f"model {self.name} v{self.version} is unavailable: {self.reason}")
+            return self.net
 
     @classmethod
-    def load(cls, name: str, version: int, path: Path) -> ModelVersion:
+    def load(cls, name: str, version: int, path: Path, hold: bool = True) -> ModelVersion:
+        """The version in path, checked; hold=False releases its network at once (only its
+        metadata and first prediction stay)."""
         shown_path = f"{name}/{path.name}"  # relative to model_dir: reasons reach clients
         try:
             mf = load_model(path)
@@ -92,7 +128,10 @@ class ModelVersion:
         except Exception as exc:  # any damage must mark the version, not stop the server
             reason = f"{shown_path}: {type(exc).__name__}: {exc}".replace(str(path), shown_path)
             return cls(name, version, path, reason=reason)
-        return cls.from_model(name, version, path, mf.model, mf.history, mf.summary, mf.meta)
+        mv = cls.from_model(name, version, path, mf.model, mf.history, mf.summary, mf.meta)
+        if not hold:
+            mv.release()
+        return mv
 
     @classmethod
     def from_model(
@@ -106,6 +145,16 @@ class ModelVersion:
         meta: dict[str, Any],
     ) -> ModelVersion:
         return cls(name, version, path, net, "", history, summary, meta, initial_probs(net))
+
+    @property
+    def vocab_chars(self) -> str:
+        """The vocabulary, from the metadata (no network needed); "" when the file did not load."""
+        return str(self.meta.get("vocab", "")) if self.available else ""
+
+    @property
+    def config(self) -> ModelConfig | None:
+        """The model's configuration, from the metadata (checked at load); None when the file did not load."""
+        return ModelConfig(**self.meta["config"]) if self.available and "config" in self.meta else None
 
     def encode(self, text: str) -> tuple[np.ndarray, bool]:
         """(indices (n,) int64, whether any character is unknown: index 0)."""
@@ -188,7 +237,9 @@ class Registry:
         """Scan model_dir; every version loads or is marked unavailable."""
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self._tidy()
-        versions = {key: ModelVersion.load(*key, path) for key, path in self.files.files().items()}
+        pointer = self.files.read_pointer()  # its version keeps its network; the rest only metadata
+        files = self.files.files()
+        versions = {key: ModelVersion.load(*key, path, hold=key == pointer) for key, path in files.items()}
         with self._lock:
             self._versions = versions
             self._default = self._read_pointer()
@@ -218,7 +269,12 @@ class Registry:
             return 0
         self._refreshed = time.monotonic()
         files = self.files.files()
-        new = {key: ModelVersion.load(*key, path) for key, path in files.items() if key not in self._versions}
+        pointer = self.files.read_pointer()
+        new = {
+            key: ModelVersion.load(*key, path, hold=key == pointer)
+            for key, path in files.items()
+            if key not in self._versions
+        }
         with self._lock:
             for key in [k for k in self._versions if k not in files]:
                 del self._versions[key]
@@ -252,9 +308,20 @@ class Registry:
         with self._lock:
             return [self._versions[k] for k in sorted(self._versions)]
 
+    def release_idle(self, idle: float = MODEL_IDLE) -> int:
+        """Release the networks of the versions not asked for within idle seconds, except the
+        default's; returns how many."""
+        now, default = time.monotonic(), self.default
+        idle_versions = [
+            mv for mv in self.versions() if mv is not default and mv.net is not None and now - mv.used > idle
+        ]
+        for mv in idle_versions:
+            mv.release()
+        return len(idle_versions)
+
     def held_bytes(self) -> int:
-        """The model files of every version, together (blocking: a stat each). Every version is
-        loaded and held in memory, by each replica and trainer: ~1.8 MB per GRU-256 version."""
+        """The model files of every version, together (blocking: a stat each): what the registry
+        keeps on disk (and in the cache of every replica)."""
         total = 0
         for mv in self.versions():
             with contextlib.suppress(OSError):  # deleted meanwhile

@@ -529,9 +529,9 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         held = await asyncio.to_thread(self.registry.held_bytes)
         if held >= self.config.max_model_bytes:
             raise ResourceExhausted(
-                f"the registry holds {held >> 20} MiB of models (max_model_bytes "
-                f"{self.config.max_model_bytes >> 20} MiB, every version held in memory); delete "
-                "versions you no longer need (DeleteModel) and retry",
+                f"the registry holds {held >> 20} MiB of model files (max_model_bytes "
+                f"{self.config.max_model_bytes >> 20} MiB); delete versions you no longer need "
+                "(DeleteModel) and retry",
                 limit="max_model_bytes",
             )
         inline = not request.text_id
@@ -597,11 +597,11 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     @unary
     async def DescribeModel(self, request: pb.DescribeModelRequest, context: Ctx) -> pb.DescribeModelResponse:
         mv = self.registry.resolve(request.model.name, request.model.version, need_available=False)
-        net = mv.net
+        config = mv.config
         return pb.DescribeModelResponse(
             info=messages.model_info(mv, self.registry.default),
-            vocab=net.vocab.chars if net else "",
-            config_json=json.dumps(net.config.to_dict()) if net else "",
+            vocab=mv.vocab_chars,
+            config_json=json.dumps(config.to_dict()) if config is not None else "",
             summary_json=json.dumps(mv.summary, default=str),
             meta_json=json.dumps({k: v for k, v in mv.meta.items() if k != "history"}, default=str),
         )

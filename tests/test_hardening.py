@@ -574,9 +574,9 @@ def test_a_server_keeps_only_the_newest_ended_jobs(tmp_path: Path) -> None:
 
 
 def test_a_train_is_refused_while_the_registry_holds_max_model_bytes(tmp_path: Path) -> None:
-    """Every version is held in memory by each replica and trainer, and each job adds one: past
-    max_model_bytes a Train is refused (deleting a version makes room), not queued to grow the
-    server towards an out-of-memory kill."""
+    """Every job adds a version to the registry's disk (and to every replica's cache): past
+    max_model_bytes a Train is refused (deleting a version makes room), not queued to fill the
+    disk the checkpoints and models go to."""
     make_registry(tmp_path, versions=1)
     size = (tmp_path / "default" / "1.npz").stat().st_size
     srv = start_server(tmp_path, max_model_bytes=size + 1)  # room for what is there, not one more

@@ -297,3 +297,38 @@ def test_empty_registry_serves_the_shipped_default_at_once(tmp_path: Path) -> No
         assert not r.predictions.unknown_positions
     finally:
         srv.close()
+
+
+def test_only_versions_in_use_hold_their_network_and_a_released_one_loads_again(tmp_path: Path) -> None:
+    """A registry lists every version ever trained and held every network (50 versions of the
+    shipped GRU-256: +92 MB in each replica and trainer). Now every file is checked at start, the
+    default holds its network, another loads it when asked (the same weights), the idle ones let
+    go, and a file damaged meanwhile makes its version unavailable instead of serving it."""
+    from nextchar.server import messages
+    from nextchar.server.errors import FailedPrecondition
+    from nextchar.server.registry import Registry
+
+    make_registry(tmp_path, versions=2)  # default v1 (the default), default v2
+    written = Registry(tmp_path)
+    written.load_all()
+    third = written.register("other", written.resolve("default", 2).require(), history=[], summary={})
+    registry = Registry(tmp_path)
+    registry.load_all()
+    held = {(mv.name, mv.version): mv.net is not None for mv in registry.versions()}
+    assert held == {("default", 1): True, ("default", 2): False, ("other", 1): False}
+    assert all(mv.available for mv in registry.versions())
+    v2 = registry.resolve("default", 2, need_available=False)
+    info = messages.model_info(v2, registry.default)  # listing needs no network
+    assert (
+        v2.net is None and info.available and info.hidden > 0 and info.vocab_size == len(v2.vocab_chars) + 1
+    )
+    net = v2.require()
+    for name, array in third.require().params.items():  # the same file's weights, loaded again
+        np.testing.assert_array_equal(net.params[name], array)
+    assert registry.release_idle(idle=0.0) == 1 and v2.net is None  # the default keeps its own
+    assert registry.default is not None and registry.default.net is not None
+    (tmp_path / "other" / "1.npz").write_bytes(b"not a model any more")
+    other = registry.resolve("other", 1, need_available=False)
+    with pytest.raises(FailedPrecondition, match="unavailable"):
+        other.require()
+    assert not other.available and "other/1.npz" in other.reason
