@@ -114,13 +114,21 @@ def train(
         _train_here(corpus, name, model_config, train_config, promote, model_dir, as_json)
         return
     with connect(server, timeout) as client:
-        run = client.start_training(  # files are read as they are uploaded, never whole
-            source if isinstance(source, str) else source.paths,
-            name=name,
-            model_config=model_config,
-            train_config=train_config,
-            promote=promote,
-        )
+        try:
+            run = client.start_training(  # files are read as they are uploaded, never whole
+                source if isinstance(source, str) else source.paths,
+                name=name,
+                model_config=model_config,
+                train_config=train_config,
+                promote=promote,
+            )
+        except KeyboardInterrupt:  # before the server's first event: it may have queued the job
+            typer.echo(
+                "interrupted before the server named the training job: if it queued it, the job "
+                "keeps running on the server (nextchar jobs lists it)",
+                err=True,
+            )
+            raise typer.Exit(130) from None
         if detach:
             _report_detached(run, as_json)
             return

@@ -167,7 +167,9 @@ class NextCharClient:
         train_config: TrainConfig | None = None,
         promote: bool = False,
     ) -> TrainingRun:
-        """Start a training job and return at once; iterate the run for its events.
+        """Start a training job; returns once the server named it (its first event: the job is
+        queued or running, or the request was refused and this raises); iterate the run for
+        the rest of its events.
 
         A ``str`` is the training text itself; a path (any PathLike), or a list of them
         concatenated in order, names UTF-8 files. Files are never held whole: one over
@@ -193,7 +195,8 @@ class NextCharClient:
         else:
             request = train_request(*job, chars=chars, text=text)
         call = self._conn.stream(self._conn.stub.Train, request)
-        return TrainingRun((r.event for r in call), call.cancel, self.cancel_job)
+        # the first event read here: a Ctrl-C after start_training returned always knows the job
+        return TrainingRun((r.event for r in call), call.cancel, self.cancel_job).started()
 
     def train(
         self,

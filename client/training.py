@@ -71,13 +71,20 @@ class TrainingRun(Iterator[JobEvent]):
         self.job = event.job
         return event
 
+    def started(self) -> TrainingRun:
+        """Wait for the server's first event (it names the job: queued or running); returns self."""
+        if self.job is None:
+            next(self, None)
+        if self.job is None:
+            raise ServerError("the training stream ended before the server named the job")
+        return self
+
     @property
     def job_id(self) -> str:
         """The job's id; waits for the server's first event if none arrived yet."""
-        if self.job is None:
-            next(self)
-        assert self.job is not None
-        return self.job.job_id
+        job = self.started().job
+        assert job is not None
+        return job.job_id
 
     def wait(self, on_progress: Callable[[Progress], None] | None = None) -> Job:
         """Follow the job to its end, calling on_progress for every progress record."""
