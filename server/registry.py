@@ -44,7 +44,7 @@ from nextchar.core.config import ModelConfig
 from nextchar.core.inference import initial_probs
 from nextchar.core.model import CharRNN
 from nextchar.core.modelfile import ModelFileError, load_model, save_model
-from nextchar.server.errors import FailedPrecondition, InvalidArgument, NotFound, shown
+from nextchar.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 DEFAULT_NAME = "default"
@@ -319,14 +319,20 @@ class Registry:
             mv.release()
         return len(idle_versions)
 
-    def held_bytes(self) -> int:
-        """The model files of every version, together (blocking: a stat each): what the registry
-        keeps on disk (and in the cache of every replica)."""
-        total = 0
+    def check_room(self, limit: int) -> None:
+        """Refuse (RESOURCE_EXHAUSTED) while the model files of every version, together, hold limit
+        bytes or more: every job adds a version to the disk (and to every replica's cache).
+        Blocking: a stat per version."""
+        held = 0
         for mv in self.versions():
             with contextlib.suppress(OSError):  # deleted meanwhile
-                total += mv.path.stat().st_size
-        return total
+                held += mv.path.stat().st_size
+        if held >= limit:
+            raise ResourceExhausted(
+                f"the registry holds {held >> 20} MiB of model files (max_model_bytes {limit >> 20} MiB); "
+                "delete versions you no longer need (DeleteModel) and retry",
+                limit="max_model_bytes",
+            )
 
     def resolve(self, name: str, version: int, *, need_available: bool = True) -> ModelVersion:
         """name "" = the default model; version 0 = the newest available version of name.

@@ -526,14 +526,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
                 raise InvalidArgument(f"train_config.{name}: must be finite, got {value}")
         if request.text and request.text_id:
             raise InvalidArgument("text, text_id: give the text inline or an uploaded text's id, not both")
-        held = await asyncio.to_thread(self.registry.held_bytes)
-        if held >= self.config.max_model_bytes:
-            raise ResourceExhausted(
-                f"the registry holds {held >> 20} MiB of model files (max_model_bytes "
-                f"{self.config.max_model_bytes >> 20} MiB); delete versions you no longer need "
-                "(DeleteModel) and retry",
-                limit="max_model_bytes",
-            )
+        await asyncio.to_thread(self.registry.check_room, self.config.max_model_bytes)
         inline = not request.text_id
         path = (
             await asyncio.to_thread(self.texts.store, request.text)

@@ -8,8 +8,8 @@ to a temporary file, which becomes ``<id>.txt`` only when the upload is complete
 included (``max_pending_upload_bytes``): a client uploading again and again must not
 fill the disk the models and checkpoints go to. A job's trainer reads its text from
 the file, so a 100 MB corpus is never copied through the server's memory or a
-process pipe. Texts are removed after ``TEXT_TTL`` seconds, or when a job takes them. With a shared store (``shared``: the Redis
-every replica uses) a finished upload is also kept there as a blob for as long, so a
+process pipe. Texts are removed after ``TEXT_TTL`` seconds, or when a job takes
+them. With a shared store (``shared``: the Redis every replica uses) a finished upload is also kept there as a blob for as long, so a
 ``Train`` that names it may reach any replica: one that lacks the file fetches it.
 """
 
