@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 import re
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -413,25 +414,31 @@ class Registry:
         promote: bool,
     ) -> ModelVersion | None:
         """Save and publish as the first of versions no other process took meanwhile (None when
-        each was), under the registry's lock."""
+        each was), under the registry's lock. The file is written beside its place and renamed
+        into it once published: a replica sharing this directory that lost the race wrote over
+        the winner's file, then unlinked it."""
         for version in versions:
             path = self.model_dir / name / f"{version}.npz"
-            save_model(path, model, history=history, summary=summary)
+            staged = path.with_name(f".{version}.{secrets.token_hex(4)}.npz.tmp")  # strays: _tidy's
+            save_model(staged, model, history=history, summary=summary)
             try:
-                meta = load_model(path).meta  # read back: what sessions use is what is on disk
-                published = self.files.publish((name, version), path)
-                if published and (promote or self._default is None):
-                    self.files.write_pointer((name, version))
-            except BaseException:  # a version is registered whole or not at all
-                path.unlink(missing_ok=True)
-                raise
-            if published:
-                mv = ModelVersion.from_model(name, version, path, model, history, summary, meta)
-                self._versions[(name, version)] = mv
-                if promote or self._default is None:
-                    self._default = (name, version)
-                return mv
-            path.unlink(missing_ok=True)  # another replica registered this version meanwhile
+                meta = load_model(staged).meta  # read back: what sessions use is what is on disk
+                if not self.files.publish((name, version), staged):
+                    continue  # another replica registered this version meanwhile: its file stays
+                staged.replace(path)
+                try:
+                    if promote or self._default is None:
+                        self.files.write_pointer((name, version))
+                except BaseException:  # a version is registered whole or not at all
+                    path.unlink(missing_ok=True)
+                    raise
+            finally:
+                staged.unlink(missing_ok=True)
+            mv = ModelVersion.from_model(name, version, path, model, history, summary, meta)
+            self._versions[(name, version)] = mv
+            if promote or self._default is None:
+                self._default = (name, version)
+            return mv
         return None
 
     def set_default(self, name: str, version: int) -> tuple[ModelVersion, ModelVersion | None]:

@@ -82,7 +82,7 @@ class RedisModelFiles:
                     continue
                 ref, sha = (name, int(version)), sha_raw.decode()
                 path = self.model_dir / name / f"{version}.npz"
-                fresh = self._cached.get(ref) == sha or (path.is_file() and file_sha256(path) == sha)
+                fresh = path.is_file() and (self._cached.get(ref) == sha or file_sha256(path) == sha)
                 if not fresh and self.blobs.get(blob_key(ref, sha), path) is None:
                     continue  # deleted while we listed
                 self._cached[ref] = sha

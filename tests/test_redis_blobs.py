@@ -232,3 +232,33 @@ def test_only_the_newest_ended_jobs_are_kept_and_a_resumed_one_never_goes(
     store.save(resumed)
     assert not store.remove(ids[0]) and store.get(ids[0]).state == QUEUED
     assert asyncio.run(jobs.prune(0)) == 0
+
+
+def test_a_replica_that_loses_a_version_race_leaves_the_winners_file_alone(
+    client: redis.Redis, tmp_path: Path
+) -> None:
+    """Two replicas with shared models on one common model directory: the one that loses the race
+    for version 1 wrote its model over the winner's file and then unlinked it, so the winner,
+    once its network was released, could not load its own version again."""
+    import numpy as np
+    from nextchar.core.config import ModelConfig
+    from nextchar.core.demo import NOTEBOOK_TEXT
+    from nextchar.core.model import CharRNN
+    from nextchar.core.modelfile import load_model
+    from nextchar.core.vocab import Vocab
+    from nextchar.server.registry import Registry
+
+    vocab = Vocab.from_text(NOTEBOOK_TEXT)
+    first, second = (CharRNN.create(ModelConfig(hidden=8), vocab, seed=s) for s in (0, 1))
+    a, b = (Registry(tmp_path, RedisModelFiles(client, "redis://test", tmp_path)) for _ in "ab")
+    a.load_all()
+    b.load_all()
+    won = a.register("m", first, history=[], summary={})
+    # b chose its versions before a's file appeared (the race, as register() runs it): 1 first
+    with b._lock:
+        lost = b._save("m", iter((1, 2)), second, [], {}, False)
+    assert lost is not None and (won.version, lost.version) == (1, 2)
+    assert load_model(tmp_path / "m" / "1.npz").meta["checksum"] == won.checksum
+    won.release()
+    np.testing.assert_array_equal(won.require().params["Why"], first.params["Why"])
+    assert not list((tmp_path / "m").glob(".*"))  # no staging file left behind
