@@ -1,4 +1,4 @@
-"""The model registry: versions of named models on disk, loaded once and shared by sessions.
+"""The model registry: versions of named models on disk, checked at start and shared by sessions.
 
 Layout under ``model_dir``::
 
