@@ -13,7 +13,9 @@ seconds beside hostile clients in other processes:
 - oversized requests (10 MB Predicts), refused;
 - malformed bytes to every RPC;
 - long session ids (60,000 characters);
-- session churn (create, predict, close).
+- session churn (create, predict, close);
+- 20,000 streams opened and never sent a message (the server holds at most
+  ``max_streams`` of them and refuses the rest).
 
 Goals: the well-behaved sessions see 0 errors and a p99 at most 2x their p99
 alone (same run); the server's RSS stays at most 500 MB throughout and is back
@@ -29,6 +31,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
+import asyncio
 import json
 import random
 import subprocess
@@ -47,6 +50,7 @@ import serve_bench as sb  # the server command, its start-up and the load client
 RESULTS = sb.RESULTS
 WELL_BEHAVED = 100
 NEVER_READ_STREAMS = 300
+IDLE_STREAMS = 20_000  # twice the server's default max_streams
 BIG_CHUNK = 4096
 RSS_LIMIT_MB = 500
 RECOVERY_SECONDS = 30.0
@@ -148,6 +152,9 @@ def hostile(port: int, duration: float, kinds: str = "all") -> None:
         ]
     if wanted is None or "never_read_one_char" in wanted:
         calls.append(stubs[4].PredictStream(never_reading("a", False, "never_read_one_char")))
+    holder = threading.Thread(target=idle_streams, args=(address, stop, counts), daemon=True)
+    if wanted is None or "idle_streams" in wanted:
+        holder.start()
 
     def loop(name: str, act: Any) -> None:
         while not stop.is_set():
@@ -202,7 +209,32 @@ def hostile(port: int, duration: float, kinds: str = "all") -> None:
         call.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
     for channel in channels:
         channel.close()
+    if holder.is_alive():
+        holder.join(30)
     print(json.dumps(counts))
+
+
+def idle_streams(address: str, stop: threading.Event, counts: dict[str, int]) -> None:
+    """IDLE_STREAMS PredictStreams opened (grpc.aio: no thread each) that never send, held until
+    stop; the ones the server refuses (past max_streams) end at once and are counted apart."""
+    import grpc
+
+    async def hold() -> None:
+        channels: list[Any] = [grpc.aio.insecure_channel(address) for _ in range(4)]
+        stubs: list[Any] = [pb_grpc.NextCharServiceStub(c) for c in channels]  # grpc-stubs predate aio
+        calls = [stubs[i % 4].PredictStream() for i in range(IDLE_STREAMS)]
+        counts["idle_streams"] = len(calls)
+        while not stop.is_set():
+            await asyncio.sleep(0.5)
+        counts["idle_streams_refused"] = sum(1 for c in calls if c.done())
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close()
+
+    from nextchar.proto import nextchar_pb2_grpc as pb_grpc
+
+    asyncio.run(hold())
 
 
 # ---------------------------------------------------------------- orchestration

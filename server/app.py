@@ -169,6 +169,7 @@ class NextCharServer:
         self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs, self.texts)
         self.servicer.on_message = self.metrics.message_latency.observe
         self.servicer.on_refused = self.metrics.refused
+        self.servicer.on_evicted = self.metrics.streams_evicted.inc
         self.metrics.watch(lambda: len(store), lambda: self.servicer.live_streams, self.jobs.states)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs predate health.aio
         self.grpc = grpc.aio.server(

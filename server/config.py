@@ -120,12 +120,13 @@ class ServerConfig:
         default=100_000, metadata=_opt("Cap on live sessions; new ones are refused beyond it.")
     )
     # an open call holds ~14 KB of the server's memory: 20,000 PredictStreams that never sent a
-    # message took a server from 66 to 349 MB; the cap bounds what clients can hold open
+    # message took a server from 66 to 349 MB; the cap bounds what clients can hold open (the
+    # longest idle is closed for a new one: refusing new ones let idle holders lock others out)
     max_streams: int = field(
         default=10_000,
         metadata=_opt(
-            "Cap on calls open at once that their clients hold open (streams, uploads); "
-            "new ones are refused beyond it."
+            "Calls their clients hold open at once (streams, uploads); beyond it the one idle "
+            "the longest is closed to make room."
         ),
     )
     # long enough to reconnect after a network blip

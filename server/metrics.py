@@ -10,6 +10,7 @@ scrapes.
 
     nextchar_sessions_active                      gauge
     nextchar_streams_open                         gauge: calls their clients hold open (streams, uploads)
+    nextchar_streams_evicted_total                open calls closed to make room past max_streams
     nextchar_sessions_ended_total{reason}         idle | lifetime | closed | evicted | other
     nextchar_characters_total                     characters stepped (predicted, primed, generated)
     nextchar_message_latency_seconds              histogram, one prediction message on the server
@@ -106,7 +107,7 @@ class Metrics:
         self.sessions_active = Gauge("nextchar_sessions_active", "Live sessions.", registry=r)
         self.streams_open = Gauge(
             "nextchar_streams_open",
-            "Calls their clients hold open (streams, uploads); refused beyond max_streams.",
+            "Calls their clients hold open (streams, uploads): at most max_streams.",
             registry=r,
         )
         self.sessions_ended = Counter(
@@ -136,6 +137,11 @@ class Metrics:
             "nextchar_calls_refused",
             "Calls answered with an error status for what they asked, by method and status code.",
             ["method", "code"],
+            registry=r,
+        )
+        self.streams_evicted = Counter(
+            "nextchar_streams_evicted",
+            "Open calls closed (the longest idle first) to make room past max_streams.",
             registry=r,
         )
         self._http: WSGIServer | None = None

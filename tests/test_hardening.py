@@ -452,11 +452,12 @@ def test_a_text_bigger_than_any_message_trains_through_an_upload(tmp_path: Path)
         srv.close()
 
 
-def test_calls_held_open_past_max_streams_are_refused_and_free_their_slot(tmp_path: Path) -> None:
+def test_past_max_streams_the_longest_idle_call_makes_room_and_active_streams_stay(tmp_path: Path) -> None:
     """A client opening streams (or uploads) by the thousand and never sending grew the server
-    ~14 KB each, without bound (20,000: 66 -> 349 MB). Past max_streams each is refused with
-    RESOURCE_EXHAUSTED at once and counted; unary calls still answer, and a closed stream's slot
-    serves the next one."""
+    ~14 KB each, without bound (20,000: 66 -> 349 MB). Past max_streams the call idle the longest
+    is closed (RESOURCE_EXHAUSTED) for each new one, so the open ones stay at the cap; one that keeps
+    sending is never the one closed, and a new well-behaved stream always gets in (refusing new
+    calls instead let the idle holder lock everyone out)."""
     make_registry(tmp_path, versions=1)
     server = ServerProcess(tmp_path, "--max-streams", "100", "--metrics-port", "0")
     metrics = next(m for line in server.log if (m := re.search(r"metrics on (http://\S+)", line)))
@@ -469,29 +470,30 @@ def test_calls_held_open_past_max_streams_are_refused_and_free_their_slot(tmp_pa
         channel: Any = grpc.aio.insecure_channel(server.address)
         stub: Any = pb_grpc.NextCharServiceStub(channel)  # grpc-stubs predate aio streams
         try:
-            held = [stub.PredictStream() for _ in range(100)]
-            await asyncio.sleep(1.0)  # every one reached its handler
-            extra = [stub.PredictStream() for _ in range(500)]  # each refused as it arrives
-            answers = [asyncio.gather(call.code(), call.details()) for call in extra]
-            codes = {tuple(a) for a in await asyncio.wait_for(asyncio.gather(*answers), 30)}
-            assert {code for code, _ in codes} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-            assert all("max_streams" in str(details) for _, details in codes)
-            upload = stub.UploadText()  # an upload is held open by its client too
-            assert await upload.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            active = stub.PredictStream()
+            await active.write(pb.PredictStreamRequest(text="h"))
+            await active.read()
+            idle = [stub.PredictStream() for _ in range(99)]  # the cap reached, never a message
+            await asyncio.sleep(1.0)
+            await active.write(pb.PredictStreamRequest(text="e"))  # now the most recently active
+            await active.read()
+            extra = [stub.PredictStream() for _ in range(60)]  # each closes the longest idle one
+            await asyncio.sleep(2.0)
             assert scraped("nextchar_streams_open") == "100.0"
-            refused = 'nextchar_calls_refused_total{code="RESOURCE_EXHAUSTED",method="PredictStream"}'
-            assert scraped(refused) == "500.0"
+            assert scraped("nextchar_streams_evicted_total") == "60.0"
+            closed = await asyncio.wait_for(asyncio.gather(*(c.code() for c in idle[:60])), 30)
+            assert set(closed) == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # the oldest idle ones went
+            assert "max_streams" in str(await idle[0].details())
+            assert not any(c.done() for c in idle[60:])  # the younger idle ones are still open
+            fresh = extra[-1]  # a new stream is open and serves
+            await fresh.write(pb.PredictStreamRequest(text="h"))
+            assert (await fresh.read()).predictions.count == 1
+            await active.write(pb.PredictStreamRequest(text="l"))  # the active one never went
+            assert (await active.read()).predictions.count == 1
             with pytest.raises(grpc.aio.AioRpcError) as err:  # unary calls are not held: answered
                 await stub.GetSession(pb.GetSessionRequest(session_id="absent"), timeout=5)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
-            held.pop().cancel()
-            await asyncio.sleep(0.5)
-            fresh = stub.PredictStream()
-            await fresh.write(pb.PredictStreamRequest(text="h"))
-            reply = await fresh.read()
-            assert reply.predictions.count == 1  # the freed slot serves a new stream
-            fresh.cancel()
-            for call in held:
+            for call in (active, *idle[60:], *extra):
                 call.cancel()
         finally:
             await channel.close()
