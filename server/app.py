@@ -169,8 +169,8 @@ class NextCharServer:
         self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs, self.texts)
         self.servicer.on_message = self.metrics.message_latency.observe
         self.servicer.on_refused = self.metrics.refused
-        self.servicer.on_evicted = self.metrics.streams_evicted.inc
-        self.metrics.watch(lambda: len(store), lambda: self.servicer.live_streams, self.jobs.states)
+        self.servicer.open_calls.on_evicted = self.metrics.streams_evicted.inc
+        self.metrics.watch(lambda: len(store), lambda: len(self.servicer.open_calls), self.jobs.states)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs predate health.aio
         self.grpc = grpc.aio.server(
             options=config.grpc_options(), interceptors=interceptors(config, self.metrics.auth_failed)
@@ -277,11 +277,12 @@ class NextCharServer:
             return
         self.sessions.draining = True
         await self.health.enter_graceful_shutdown()
-        log.info("draining: %d live stream(s), grace %.1f s", self.servicer.live_streams, grace)
-        if self.servicer.live_streams:
-            self.servicer.streams_idle.clear()
+        open_calls = self.servicer.open_calls
+        log.info("draining: %d live stream(s), grace %.1f s", len(open_calls), grace)
+        if open_calls:
+            open_calls.idle.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.servicer.streams_idle.wait(), grace)
+                await asyncio.wait_for(open_calls.idle.wait(), grace)
         await self.stop(0.5)
 
     async def stop(self, grace: float | None = 0.0) -> None:

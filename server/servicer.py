@@ -9,8 +9,6 @@ the status-code table of docs/api.md. No model math and no session rules here.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import functools
 import json
 import logging
@@ -37,11 +35,11 @@ from nextchar.server.errors import (
     Aborted,
     FailedPrecondition,
     InvalidArgument,
-    ResourceExhausted,
     ServiceError,
     shown,
 )
 from nextchar.server.logs import CALLS_LOGGER
+from nextchar.server.open_calls import OpenCalls
 from nextchar.server.registry import DEFAULT_NAME, ModelVersion, Registry
 from nextchar.server.sessions.manager import Attachment, SessionManager
 from nextchar.server.sessions.session import Session
@@ -90,14 +88,14 @@ def streaming(
 ) -> Callable[[NextCharServicer, Req | Refused, Ctx], AsyncIterator[Resp]]:
     @functools.wraps(fn)
     async def wrapper(self: NextCharServicer, request: Req | Refused, context: Ctx) -> AsyncIterator[Resp]:
-        async with self.live_stream(fn.__name__, context):
-            try:
+        try:
+            async with self.open_calls.hold():
                 async for item in fn(self, accepted(request), context):
                     yield item
-            except ServiceError as exc:
-                await refuse(self, fn.__name__, exc, context)
-            except Exception as exc:
-                await fail(fn.__name__, exc, context)
+        except ServiceError as exc:
+            await refuse(self, fn.__name__, exc, context)
+        except Exception as exc:
+            await fail(fn.__name__, exc, context)
 
     return wrapper
 
@@ -112,13 +110,13 @@ def duplex(
 
     @functools.wraps(fn)
     async def wrapper(self: NextCharServicer, request_iterator: Any, context: Ctx) -> None:
-        async with self.live_stream(fn.__name__, context):
-            try:
+        try:
+            async with self.open_calls.hold():
                 await fn(self, context)
-            except ServiceError as exc:
-                await refuse(self, fn.__name__, exc, context)
-            except Exception as exc:
-                await fail(fn.__name__, exc, context)
+        except ServiceError as exc:
+            await refuse(self, fn.__name__, exc, context)
+        except Exception as exc:
+            await fail(fn.__name__, exc, context)
 
     return wrapper
 
@@ -175,60 +173,9 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         self.jobs = jobs
         self.texts = texts
         self.budget = ReplyBudget(config.max_reply_bytes)
-        # the calls clients hold open, the longest idle first (PredictStream messages move theirs
-        # to the end): past max_streams the first is closed to make room (live_stream)
-        self._open: collections.OrderedDict[asyncio.Task[Any], None] = collections.OrderedDict()
-        self._evicted: set[asyncio.Task[Any]] = set()  # closed for room: answered, not just cancelled
-        self.streams_idle = asyncio.Event()
+        self.open_calls = OpenCalls(config.max_streams)  # streams and uploads: the drain waits for them
         self.on_message: Callable[[float], None] = lambda seconds: None  # latency hook (metrics)
         self.on_refused: Callable[[str, str], None] = lambda method, code: None  # (metrics)
-        self.on_evicted: Callable[[], None] = lambda: None  # an idle call closed for room (metrics)
-
-    @property
-    def live_streams(self) -> int:
-        """Calls clients hold open now: the drain waits for none."""
-        return len(self._open)
-
-    @contextlib.asynccontextmanager
-    async def live_stream(self, method: str, context: Ctx) -> AsyncIterator[None]:
-        """Hold a call its client keeps open (a stream, an upload) among the open ones while it runs.
-
-        Past max_streams the open call idle the longest is closed to make room for this one: its
-        handler is cancelled and the call answered RESOURCE_EXHAUSTED. Each open call holds
-        ~14 KB (20,000 streams that never sent took a server from 66 to 349 MB); refusing the new
-        calls instead bounded the memory but let a client holding idle streams lock every other
-        client out (bench-abuse: the 100 well-behaved streams refused). Now an idle holder loses
-        its oldest stream; a stream that keeps sending is never the one closed."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._open[task] = None
-        while len(self._open) > self.config.max_streams:
-            idlest = next(iter(self._open))
-            del self._open[idlest]  # no longer counted; it ends as the cancel lands
-            self._evicted.add(idlest)
-            idlest.cancel()
-            self.on_evicted()
-        try:
-            yield
-        except asyncio.CancelledError:
-            if task not in self._evicted:
-                raise
-            closed = ResourceExhausted(
-                f"{self.config.max_streams} calls were open on this server (max_streams): this one, "
-                "idle the longest, was closed to make room; open a new one to go on",
-                limit="max_streams",
-            )
-            await refuse(self, method, closed, context)
-        finally:
-            self._open.pop(task, None)
-            self._evicted.discard(task)
-            if not self._open:
-                self.streams_idle.set()
-
-    def touch_stream(self, task: asyncio.Task[Any]) -> None:
-        """The call just had a message: the last to be closed for room."""
-        if task in self._open:
-            self._open.move_to_end(task)
 
     # ------------------------------------------------------------ helpers
 
@@ -412,7 +359,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         assert task is not None
         try:
             while (raw := await context.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
-                self.touch_stream(task)
+                self.open_calls.touch(task)
                 stream = await self._stream_message(context, accepted(raw), stream)
         finally:
             if stream is not None:
@@ -580,7 +527,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     async def UploadText(
         self, request_iterator: AsyncIterator[pb.UploadTextRequest | Refused], context: Ctx
     ) -> pb.UploadTextResponse:
-        async with self.live_stream("UploadText", context):
+        async with self.open_calls.hold():
             pieces = (accepted(raw).piece async for raw in request_iterator)
             text_id, chars, size = await self.texts.receive(pieces)
         return pb.UploadTextResponse(text_id=text_id, chars=chars, bytes=size)
