@@ -236,6 +236,17 @@ class CharRNN:
         new_state = layers[0] if len(layers) == 1 else np.concatenate(layers, axis=1)
         return new_state, self.probabilities(x)
 
+    def reachable(self, state: np.ndarray, offset: int) -> bool:
+        """Whether state (S,) is one a run of this network can be in after offset characters:
+        finite, every h within [-1, 1] (tanh's range, for every cell), and an LSTM's c within
+        +-offset (|c| grows by less than 1 a step: f, i in (0, 1), g in [-1, 1])."""
+        if not np.all(np.isfinite(state)):
+            return False
+        layers = state.reshape(self.config.layers, self.cell.state_width, self.config.hidden)
+        if np.abs(layers[:, 0]).max(initial=0.0) > 1.0:
+            return False
+        return self.cell.state_width == 1 or np.abs(layers[:, 1:]).max(initial=0.0) <= offset
+
     def predict_from(self, state: np.ndarray) -> np.ndarray:
         """The next-character distribution (N, V) that states (N, S) imply: the top layer's h, read out."""
         start = (self.config.layers - 1) * self.layer_width

@@ -509,6 +509,7 @@ class SessionSnapshot(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     PROBS_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    TRAIL_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     """Blob format; this server writes 1 and reads 1."""
     model_checksum: _builtins.str
@@ -523,6 +524,11 @@ class SessionSnapshot(_message.Message):
     """Next-character distribution after the last consumed character, V values, raw bytes."""
     session_id: _builtins.str
     """The id the session had when exported (informational)."""
+    trail: _builtins.bytes
+    """The rewind trail (server-internal encoding): written by the server's shared session store;
+    ExportSession leaves it empty and ImportSession ignores it (an imported session's rewinds
+    reach back to the import).
+    """
     @_builtins.property
     def model(self) -> Global___ModelRef:
         """The model version the state belongs to."""
@@ -538,10 +544,11 @@ class SessionSnapshot(_message.Message):
         state: _builtins.bytes = ...,
         probs: _builtins.bytes = ...,
         session_id: _builtins.str = ...,
+        trail: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "format_version", b"format_version", "model", b"model", "model_checksum", b"model_checksum", "offset", b"offset", "probs", b"probs", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "format_version", b"format_version", "model", b"model", "model_checksum", b"model_checksum", "offset", b"offset", "probs", b"probs", "session_id", b"session_id", "state", b"state", "trail", b"trail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -37,12 +37,15 @@ from nextchar.server.auth import add_port, interceptors
 from nextchar.server.batching.scheduler import Scheduler
 from nextchar.server.blas import limit_blas_threads
 from nextchar.server.blobs import Blobs, connect
+from nextchar.server.budget import ReplyBudget
+from nextchar.server.catalog import Catalog
 from nextchar.server.config import ServerConfig, TrainerConfig
 from nextchar.server.errors import ServiceError
 from nextchar.server.logs import CALLS_GATE, configure_logging
 from nextchar.server.metrics import Metrics
 from nextchar.server.registry import DEFAULT_NAME, Registry
 from nextchar.server.servicer import NextCharServicer
+from nextchar.server.sessions.limits import Limits
 from nextchar.server.sessions.manager import SessionManager
 from nextchar.server.sessions.memory import InMemorySessionStore
 from nextchar.server.sessions.redis_store import RedisSessionStore, display_url
@@ -103,7 +106,7 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def make_store(
-    config: ServerConfig, registry: Registry, metrics: Metrics, replica: Callable[[], str]
+    config: ServerConfig, catalog: Catalog, metrics: Metrics, replica: Callable[[], str]
 ) -> SessionStore:
     """In this process's memory, or in the Redis that config.store names (shared by replicas).
 
@@ -111,7 +114,7 @@ def make_store(
     if config.store:
         return RedisSessionStore(
             config.store,
-            registry,
+            catalog,
             config.idle_timeout,
             config.session_lifetime,
             config.store_write_every,
@@ -144,17 +147,23 @@ class NextCharServer:
         self.metrics = Metrics()
         self.registry, job_store, shared_texts = shared_parts(config)
         self.port = 0
+        catalog = Catalog(self.registry)
         if store is None:  # (not `or`: an empty store has len 0)
-            store = make_store(config, self.registry, self.metrics, lambda: f"{config.host}:{self.port}")
+            store = make_store(config, catalog, self.metrics, lambda: f"{config.host}:{self.port}")
         self.store = store
         self.scheduler = Scheduler(
-            config.batch_inline_chars,
-            config.compute_process,
-            on_batch=self.metrics.batch,
-            commit=store.commit,
+            config.batch_inline_chars, config.compute_process, on_batch=self.metrics.batch
+        )
+        limits = Limits(
+            config.max_sessions,
+            config.max_chunk_chars,
+            config.max_top_k,
+            config.max_prime_chars,
+            config.max_generate_chars,
+            config.rewind_chars,
         )
         self.sessions = SessionManager(
-            store, self.scheduler, config.max_sessions, config.max_chunk_chars, config.rewind_chars
+            store, self.scheduler, catalog, limits, ReplyBudget(config.max_reply_bytes)
         )
         self.trainers = TrainerPool(
             job_store, self.registry, config.max_jobs, config.checkpoint_seconds, config.job_lease

@@ -41,7 +41,7 @@ def session_info(session: Session, idle_timeout: float, lifetime: float) -> pb.S
         last_used_at=session.last_used,
         idle_expires_at=session.last_used + idle_timeout,
         lifetime_expires_at=session.created + lifetime if lifetime else 0.0,
-        rewind_limit=session.trail.reach(session.offset),
+        rewind_limit=session.value.rewind_limit,
     )
 
 

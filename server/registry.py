@@ -90,11 +90,17 @@ class ModelVersion:
         return str(self.meta.get("checksum", ""))
 
     def require(self) -> CharRNN:
+        """The network, loaded again if it was released (blocking: on the event loop, ask
+        nextchar.server.catalog instead)."""
         net = self.net
         if net is None:
             net = self._reload()
-        self.used = time.monotonic()
+        self.touch()
         return net
+
+    def touch(self) -> None:
+        """Asked for now: the idle sweep (Registry.release_idle) keeps the network."""
+        self.used = time.monotonic()
 
     def release(self) -> None:
         """Let go of the network (sessions and batches that took it keep theirs); require() loads it again."""
@@ -145,6 +151,7 @@ class ModelVersion:
         summary: dict[str, Any],
         meta: dict[str, Any],
     ) -> ModelVersion:
+        meta = {"vocab": net.vocab.chars, **meta}  # what clients are told, with no network needed
         return cls(name, version, path, net, "", history, summary, meta, initial_probs(net))
 
     @property
@@ -156,11 +163,6 @@ class ModelVersion:
     def config(self) -> ModelConfig | None:
         """The model's configuration, from the metadata (checked at load); None when the file did not load."""
         return ModelConfig(**self.meta["config"]) if self.available and "config" in self.meta else None
-
-    def encode(self, text: str) -> tuple[np.ndarray, bool]:
-        """(indices (n,) int64, whether any character is unknown: index 0)."""
-        vocab = self.require().vocab
-        return vocab.encode(text), not vocab.knows(text)
 
 
 class ModelFiles(Protocol):
@@ -346,6 +348,11 @@ class Registry:
             if not self.refresh():
                 raise
             return self._resolve(name, version, need_available)
+
+    def lookup(self, name: str, version: int) -> ModelVersion:
+        """What resolve answers from memory alone: no rescan, no load (NOT_FOUND for a version
+        not seen yet)."""
+        return self._resolve(name, version, need_available=False)
 
     def _resolve(self, name: str, version: int, need_available: bool) -> ModelVersion:
         with self._lock:

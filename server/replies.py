@@ -23,8 +23,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from nextchar.core.vocab import UNK
 from nextchar.proto import nextchar_pb2 as pb
-from nextchar.server.batching.work import ChunkResult
 from nextchar.server.registry import ModelVersion
+from nextchar.server.sessions.manager import Predicted
 
 VARINT, LEN = 0, 2  # the wire types used here
 _LEN_TYPES = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE)
@@ -103,20 +103,21 @@ def _frame(n: int, k: int, index_bytes: int) -> tuple[bytes, bytes, bytes]:
     )
 
 
-def predictions(result: ChunkResult) -> bytes:
-    """The Predictions message of a chunk's result, serialized (defaults left out, as protobuf does)."""
-    top_index = result.top_index
-    vocab_size = result.batch.last_probs.shape[1]  # every index is below it
+def predictions(predicted: Predicted) -> bytes:
+    """The Predictions message of a chunk, serialized (defaults left out, as protobuf does)."""
+    rows, start = predicted.rows, predicted.start_offset
+    top_index = rows.top_index
+    vocab_size = rows.batch.last_probs.shape[1]  # every index is below it
     index = top_index.astype(np.uint8).tobytes() if vocab_size <= 0x80 else varints(top_index)
-    counts, prob_key, surprisal_key = _frame(result.n, result.k, len(index))
-    parts = [_P_START + varint(result.start_offset) if result.start_offset else b"", counts, index]
-    parts += (prob_key, _floats(result.top_prob), surprisal_key, _floats(result.surprisal_bits))
-    distribution = result.distribution
+    counts, prob_key, surprisal_key = _frame(rows.n, rows.k, len(index))
+    parts = [_P_START + varint(start) if start else b"", counts, index]
+    parts += (prob_key, _floats(rows.top_prob), surprisal_key, _floats(rows.surprisal_bits))
+    distribution = rows.distribution
     if distribution is not None:
         parts.append(_field(_P_DIST, _floats(distribution)))
-    if result.unknown_chars:
-        parts.append(_field(_P_UNK_POS, varints(np.flatnonzero(result.idx == UNK))))
-        parts.append(_field(_P_UNK_CHARS, result.unknown_chars.encode()))
+    if predicted.unknown_chars:
+        parts.append(_field(_P_UNK_POS, varints(np.flatnonzero(rows.idx == UNK))))
+        parts.append(_field(_P_UNK_CHARS, predicted.unknown_chars.encode()))
     return b"".join(parts)
 
 
@@ -132,8 +133,8 @@ def with_vocab(head_bytes: bytes, vocab: str) -> bytes:
     return head_bytes + _field(_R_VOCAB, vocab.encode())
 
 
-def reply(head_bytes: bytes, result: ChunkResult, rewind_limit: int = 0) -> bytes:
+def reply(head_bytes: bytes, predicted: Predicted, rewind_limit: int = 0) -> bytes:
     """A PredictResponse (rewind_limit 0) or PredictStreamResponse, serialized."""
-    body = predictions(result)  # never empty: count is at least 1
+    body = predictions(predicted)  # never empty: count is at least 1
     tail = (_R_REWIND, varint(rewind_limit)) if rewind_limit else ()
     return b"".join((head_bytes, _R_PREDICTIONS, varint(len(body)), body, *tail))

@@ -1,9 +1,11 @@
 """NextCharService: the thin adapter between nextchar.v1 messages and the server's parts.
 
-Each method validates its request, calls the session manager / registry / jobs,
-and maps the answer to a message. Every ServiceError becomes ``context.abort(code,
-message, details)`` in one place (``refuse``, under the decorators below), which is
-the status-code table of docs/api.md. No model math and no session rules here.
+Each method reads its request, calls the session core (nextchar.server.sessions:
+the manager, and SessionStream for PredictStream) or the registry / jobs, and maps
+the answer to a message. The rules (limits, attach and take-over, rewind, the
+reply budget) live in the session core, where every protocol shares them; errors
+become gRPC statuses at one boundary (nextchar.server.grpc_errors). No model math
+and no session rules here.
 """
 
 from __future__ import annotations
@@ -11,151 +13,37 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import logging
 import math
-import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 import numpy as np
-from grpc._cython.cygrpc import ExecuteBatchError  # what a call whose client is gone raises
-from nextchar.core.completion import MAX_COMPLETION_CHARS, MAX_CONTINUATIONS
-from nextchar.core.config import Sampling
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.proto import nextchar_pb2_grpc as pb_grpc
 from nextchar.server import messages, replies
-from nextchar.server.batching.work import ChunkResult
-from nextchar.server.budget import ReplyBudget, reply_bytes
+from nextchar.server.catalog import Catalog
 from nextchar.server.config import ServerConfig
-from nextchar.server.errors import (
-    METADATA_PREFIX,
-    Aborted,
-    FailedPrecondition,
-    InvalidArgument,
-    ServiceError,
-    shown,
-)
-from nextchar.server.logs import CALLS_LOGGER
+from nextchar.server.errors import InvalidArgument
+from nextchar.server.grpc_errors import Ctx, accepted, duplex, streaming, unary
 from nextchar.server.open_calls import OpenCalls
 from nextchar.server.registry import DEFAULT_NAME, ModelVersion, Registry
-from nextchar.server.sessions.manager import Attachment, SessionManager
+from nextchar.server.sessions.limits import sampling
+from nextchar.server.sessions.manager import Draft, SessionManager
 from nextchar.server.sessions.session import Session
-from nextchar.server.sessions.snapshot import SnapshotMismatch, decode_state, encode_array, same_model
+from nextchar.server.sessions.stream import Rewound, SessionStream, StreamMessage
 from nextchar.server.training.jobs import JobManager
 from nextchar.server.training.texts import TextStore
 from nextchar.server.wire import Refused
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Ctx = grpc.aio.ServicerContext[Any, Any]
-SNAPSHOT_FORMAT = 1
-MAX_OFFSET = 2**63 - 1  # an imported offset leaves room for ~9e18 more characters
-DEFAULT_TOP_K = 3
 GENERATE_PIECE = 64  # characters per Generate response
-DEFAULT_CONTINUATIONS, DEFAULT_COMPLETION_CHARS = 3, 12  # what Complete's 0s mean
-log = logging.getLogger("nextchar.server")
-calls_log = logging.getLogger(CALLS_LOGGER)  # behind the flood gate (nextchar.server.logs)
 
 
-def accepted(request: Req | Refused) -> Req:
-    """The request, or the refusal its bytes earned at the decoding boundary (nextchar.server.wire)."""
-    if isinstance(request, Refused):
-        raise request.error
-    return request
-
-
-def unary(
-    fn: Callable[[NextCharServicer, Req, Ctx], Awaitable[Resp]],
-) -> Callable[[NextCharServicer, Req | Refused, Ctx], Awaitable[Resp]]:
-    @functools.wraps(fn)
-    async def wrapper(self: NextCharServicer, request: Req | Refused, context: Ctx) -> Resp:
-        try:
-            return await fn(self, accepted(request), context)
-        except ServiceError as exc:
-            await refuse(self, fn.__name__, exc, context)
-        except Exception as exc:
-            await fail(fn.__name__, exc, context)
-        raise AssertionError("unreachable: abort raises")
-
-    return wrapper
-
-
-def streaming(
-    fn: Callable[[NextCharServicer, Req, Ctx], AsyncIterator[Resp]],
-) -> Callable[[NextCharServicer, Req | Refused, Ctx], AsyncIterator[Resp]]:
-    @functools.wraps(fn)
-    async def wrapper(self: NextCharServicer, request: Req | Refused, context: Ctx) -> AsyncIterator[Resp]:
-        try:
-            async with self.open_calls.hold():
-                async for item in fn(self, accepted(request), context):
-                    yield item
-        except ServiceError as exc:
-            await refuse(self, fn.__name__, exc, context)
-        except Exception as exc:
-            await fail(fn.__name__, exc, context)
-
-    return wrapper
-
-
-def duplex(
-    fn: Callable[[NextCharServicer, Ctx], Awaitable[None]],
-) -> Callable[[NextCharServicer, Any, Ctx], Awaitable[None]]:
-    """A bidirectional stream written with context.read() / context.write(): unlike an
-    async generator under ``streaming``, no wrapper generator relays each message
-    (~5% more one-character messages per second). The method reads its requests
-    through ``accepted``, so a malformed one mid-stream is refused like a first one."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: NextCharServicer, request_iterator: Any, context: Ctx) -> None:
-        try:
-            async with self.open_calls.hold():
-                await fn(self, context)
-        except ServiceError as exc:
-            await refuse(self, fn.__name__, exc, context)
-        except Exception as exc:
-            await fail(fn.__name__, exc, context)
-
-    return wrapper
-
-
-async def refuse(servicer: NextCharServicer, method: str, exc: ServiceError, context: Ctx) -> None:
-    """Answer a refused call with its status code and message (raises AbortError); counted every
-    time, logged as the flood gate lets it."""
-    servicer.on_refused(method, exc.code.name)
-    calls_log.info("%s refused: %s: %s", method, exc.code.name, exc)
-    await context.abort(exc.code, str(exc), trailing_metadata=exc.trailing_metadata())
-
-
-async def fail(method: str, exc: Exception, context: Ctx) -> None:
-    """Answer a call that broke on a bug with INTERNAL and an error id the log line carries
-    (raises AbortError). An AbortError from inside the call is passed on as it is, and a
-    call whose client is gone ends quietly."""
-    if isinstance(exc, grpc.aio.AbortError):
-        raise exc
-    if isinstance(exc, ExecuteBatchError) or context.done():
-        # a read or write on a call whose client went away: nobody to answer, and no bug
-        # (gRPC itself passes this error over quietly)
-        calls_log.debug("%s ended: the client went away (%s)", method, type(exc).__name__)
-        return
-    error_id = secrets.token_hex(6)
-    calls_log.error("%s failed: internal error %s", method, error_id, exc_info=exc)
-    await context.abort(
-        grpc.StatusCode.INTERNAL,
-        f"internal error {error_id}: the server's log has the details under this id",
-        trailing_metadata=((METADATA_PREFIX + "error-id", error_id),),
-    )
-
-
-@dataclass(slots=True)
-class Stream:
-    """A PredictStream's own state between its messages."""
-
-    session: Session
-    attachment: Attachment
-    head: bytes  # its replies' leading fields (nextchar.server.replies.head), encoded once
+def expected_offset(
+    request: pb.PredictRequest | pb.PredictStreamRequest | pb.RewindSessionRequest,
+) -> int | None:
+    return request.expect_offset if request.HasField("expect_offset") else None
 
 
 class NextCharServicer(pb_grpc.NextCharServiceServicer):
@@ -169,10 +57,10 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     ) -> None:
         self.config = config
         self.registry = registry
+        self.catalog: Catalog = sessions.catalog
         self.sessions = sessions
         self.jobs = jobs
         self.texts = texts
-        self.budget = ReplyBudget(config.max_reply_bytes)
         self.open_calls = OpenCalls(config.max_streams)  # streams and uploads: the drain waits for them
         self.on_message: Callable[[float], None] = lambda seconds: None  # latency hook (metrics)
         self.on_refused: Callable[[str, str], None] = lambda method, code: None  # (metrics)
@@ -182,61 +70,17 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     def _info(self, session: Session) -> pb.SessionInfo:
         return messages.session_info(session, self.config.idle_timeout, self.config.session_lifetime)
 
-    def _model(self, ref: pb.ModelRef) -> ModelVersion:
-        return self.registry.resolve(ref.name, ref.version)
-
-    def _check_text(self, text: str, field: str = "text") -> None:
-        if not text:
-            raise InvalidArgument(f"{field}: empty; send at least one character")
-        if len(text) > self.config.max_chunk_chars:
-            raise InvalidArgument(
-                f"{field}: {len(text)} characters exceed max_chunk_chars ({self.config.max_chunk_chars}); "
-                "split it into chunks"
-            )
-
-    def _top_k(self, top_k: int, vocab_size: int) -> int:
-        """The k a prediction or a generation may use: at most the vocabulary and max_top_k."""
-        k = top_k or DEFAULT_TOP_K
-        allowed = min(vocab_size, self.config.max_top_k)
-        if k > allowed:
-            raise InvalidArgument(f"top_k: {k} is more than the {allowed} allowed")
-        return k
-
-    def _check_prime(self, prime_text: str) -> None:
-        if len(prime_text) > self.config.max_prime_chars:
-            raise InvalidArgument(
-                f"prime_text: {len(prime_text)} characters exceed max_prime_chars ({self.config.max_prime_chars})"
-            )
-
-    async def _predict(
-        self, session: Session, text: str, top_k: int, full: bool, expect_offset: int | None
-    ) -> tuple[ChunkResult, int]:
-        """Advance session through text: (the chunk's result, the reply budget it holds; the
-        caller releases it once the reply is written)."""
-        start = time.perf_counter()
-        self._check_text(text)
-        vocab_size = session.model.require().vocab.size
-        k = self._top_k(top_k, vocab_size)
-        held = self.budget.reserve(reply_bytes(len(text), k, vocab_size, full))
-        try:
-            result = await self.sessions.predict(session, text, k, full, expect_offset)
-        except BaseException:
-            self.budget.release(held)
-            raise
-        self.on_message(time.perf_counter() - start)
-        return result, held
+    async def _model(self, ref: pb.ModelRef) -> ModelVersion:
+        return await self.sessions.model(ref.name, ref.version)
 
     # ------------------------------------------------------------ sessions
 
     @unary
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Ctx) -> pb.CreateSessionResponse:
-        self._check_prime(request.prime_text)
-        session = await self.sessions.create(
-            request.session_id, self._model(request.model), request.prime_text
-        )
-        return pb.CreateSessionResponse(
-            session=self._info(session), vocab=session.model.require().vocab.chars
-        )
+        self.sessions.limits.prime(request.prime_text)
+        model = await self._model(request.model)
+        session = await self.sessions.create(request.session_id, model, request.prime_text)
+        return pb.CreateSessionResponse(session=self._info(session), vocab=model.vocab_chars)
 
     @unary
     async def GetSession(self, request: pb.GetSessionRequest, context: Ctx) -> pb.GetSessionResponse:
@@ -265,9 +109,8 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
 
     @unary
     async def ForkSession(self, request: pb.ForkSessionRequest, context: Ctx) -> pb.ForkSessionResponse:
-        source = await self.sessions.get(request.source_session_id, fresh=True)
-        twin = source.copy(self.sessions.admit(request.session_id))
-        return pb.ForkSessionResponse(session=self._info(await self.sessions.add(twin)))
+        twin = await self.sessions.fork(request.source_session_id, request.session_id)
+        return pb.ForkSessionResponse(session=self._info(twin))
 
     @unary
     async def CloseSession(self, request: pb.CloseSessionRequest, context: Ctx) -> pb.CloseSessionResponse:
@@ -275,208 +118,120 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
 
     @unary
     async def ExportSession(self, request: pb.ExportSessionRequest, context: Ctx) -> pb.ExportSessionResponse:
-        session = await self.sessions.get(request.session_id, fresh=True)
-        snapshot = pb.SessionSnapshot(
-            format_version=SNAPSHOT_FORMAT,
-            model=messages.model_ref(session.model),
-            model_checksum=session.model.checksum,
-            offset=session.offset,
-            dtype=str(session.state.dtype),
-            state=encode_array(session.state),
-            probs=encode_array(session.probs),
-            session_id=session.id,
-        )
-        return pb.ExportSessionResponse(blob=snapshot.SerializeToString(), session=self._info(session))
+        session, blob = await self.sessions.export(request.session_id)
+        return pb.ExportSessionResponse(blob=blob, session=self._info(session))
 
     @unary
     async def ImportSession(self, request: pb.ImportSessionRequest, context: Ctx) -> pb.ImportSessionResponse:
-        snapshot = pb.SessionSnapshot()
-        try:
-            snapshot.ParseFromString(request.blob)
-        except Exception:  # any parse failure is the client's blob
-            raise InvalidArgument("blob: not a SessionSnapshot from ExportSession") from None
-        if snapshot.format_version != SNAPSHOT_FORMAT:
-            raise InvalidArgument(
-                f"blob: format version {snapshot.format_version} is not supported (this server reads 1)"
-            )
-        if not snapshot.model.name or not snapshot.model.version:
-            raise InvalidArgument("blob: names no model version")
-        mv = self.registry.resolve(snapshot.model.name, snapshot.model.version)
-        if not same_model(mv, snapshot.model_checksum):
-            raise FailedPrecondition(
-                f"blob: model {mv.name} v{mv.version} on this server differs from the one the state came from"
-            )
-        net = mv.require()
-        try:
-            state, _ = decode_state(net, snapshot.dtype, snapshot.state, snapshot.probs)
-        except SnapshotMismatch as exc:
-            raise InvalidArgument(f"blob: {exc}") from None
-        # the prediction is the state's, computed here: a blob's own copy could say anything
-        probs = net.predict_from(state[None, :])[0]
-        if snapshot.offset > MAX_OFFSET:  # else the next chunk overflows uint64 offsets in every reply
-            raise InvalidArgument(f"blob: offset {snapshot.offset} is above {MAX_OFFSET}")
-        session = self.sessions.imported(request.session_id, mv, state, probs)
-        session.offset = snapshot.offset
-        return pb.ImportSessionResponse(session=self._info(await self.sessions.add(session)))
+        session = await self.sessions.import_blob(request.session_id, request.blob)
+        return pb.ImportSessionResponse(session=self._info(session))
 
     @unary
     async def RewindSession(self, request: pb.RewindSessionRequest, context: Ctx) -> pb.RewindSessionResponse:
         if not request.chars:
             raise InvalidArgument("chars: must be at least 1")
         session = await self.sessions.get(request.session_id, fresh=True)
-        k = self._top_k(request.top_k, session.model.require().vocab.size)
-        expect = request.expect_offset if request.HasField("expect_offset") else None
-        await self.sessions.rewind(session, request.chars, expect)
-        reply = pb.RewindSessionResponse(
-            session=self._info(session), vocab=session.model.require().vocab.chars
-        )
-        messages.fill_next(reply.next, session.probs, k)
+        net = await self.catalog.network(session.model)
+        k = self.sessions.limits.top_k(request.top_k, net.vocab.size)
+        value = await self.sessions.rewind(session, request.chars, expected_offset(request))
+        reply = pb.RewindSessionResponse(session=self._info(session), vocab=session.model.vocab_chars)
+        messages.fill_next(reply.next, value.probs, k)
         return reply
 
     # ------------------------------------------------------------ predictions
 
     @unary
     async def Predict(self, request: pb.PredictRequest, context: Ctx) -> bytes:  # type: ignore[override]  # a serialized PredictResponse
+        start = time.perf_counter()
+        text, k, full = request.text, request.top_k, request.full_distribution
         if request.session_id:
             session = await self.sessions.get(request.session_id)
+            model = session.model
+            predicted = await self.sessions.predict(session, text, k, full, expected_offset(request))
         else:
-            session = Session.fresh("", self._model(request.model))
-        expect = request.expect_offset if request.HasField("expect_offset") else None
-        result, held = await self._predict(
-            session, request.text, request.top_k, request.full_distribution, expect
+            model = await self._model(request.model)
+            predicted = await self.sessions.predict_once(model, text, k, full)
+        self.on_message(time.perf_counter() - start)
+        if predicted.held:  # the reply leaves after this returns; the budget is back when the call is over
+            context.add_done_callback(lambda _: self.sessions.written(predicted))  # type: ignore[arg-type]  # stubs: a callable works
+        return replies.reply(
+            replies.with_vocab(replies.head(request.session_id, model), model.vocab_chars), predicted
         )
-        if held:  # the reply leaves after this returns; the budget is back when the call is over
-            context.add_done_callback(lambda _: self.budget.release(held))  # type: ignore[arg-type]  # stubs: a callable works
-        head = replies.with_vocab(
-            replies.head(session.id, session.model), session.model.require().vocab.chars
-        )
-        return replies.reply(head, result)
 
     @duplex
     async def PredictStream(self, context: Ctx) -> None:  # type: ignore[override]  # stubs: generator form only
-        stream: Stream | None = None
+        stream = SessionStream(self.sessions)
+        head = b""  # the replies' leading fields (nextchar.server.replies.head), encoded once
         task = asyncio.current_task()
         assert task is not None
         try:
             while (raw := await context.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
                 self.open_calls.touch(task)
-                stream = await self._stream_message(context, accepted(raw), stream)
-        finally:
-            if stream is not None:
-                self.sessions.detach(stream.session.id, stream.attachment)
-
-    async def _stream_message(
-        self, context: Ctx, request: pb.PredictStreamRequest, stream: Stream | None
-    ) -> Stream:
-        """One request of a PredictStream: the first attaches the stream to its session (taking it
-        over from a stream attached before, which ends ABORTED at its next message)."""
-        if stream is None:
-            if request.session_id:
-                session = await self.sessions.get(request.session_id)
-            else:
-                self._check_text(request.text)  # a bad first chunk must not leave a session behind
-                session = await self.sessions.create("", self._model(request.model))
-            stream = Stream(
-                session, self.sessions.attach(session.id), replies.head(session.id, session.model)
-            )
-            head = replies.with_vocab(stream.head, session.model.require().vocab.chars)  # the first reply
-        else:
-            if request.session_id and request.session_id != stream.session.id:
-                raise InvalidArgument(
-                    f"session_id: this stream is attached to {shown(stream.session.id)}, "
-                    f"not {shown(request.session_id)}"
+                request: pb.PredictStreamRequest = accepted(raw)
+                start = time.perf_counter()
+                first = stream.session is None
+                answer = await stream.message(
+                    StreamMessage(
+                        request.text,
+                        request.rewind,
+                        request.top_k,
+                        request.full_distribution,
+                        expected_offset(request),
+                        request.session_id,
+                        request.model.name,
+                        request.model.version,
+                    )
                 )
-            if stream.attachment.revoked:
-                raise Aborted(
-                    f"session {shown(stream.session.id)}: another stream attached to it; this one ends"
-                )
-            stream.session = await self.sessions.again(stream.session)
-            head = stream.head
-        session = stream.session
-        expect = request.expect_offset if request.HasField("expect_offset") else None
-        if request.rewind:  # a Backspace: take characters back, then consume the text, if any
-            await self.sessions.rewind(session, request.rewind, expect)
-            expect = None
-            if not request.text:
-                await context.write(self._rewound(head, session, request.top_k))
-                return stream
-        result, held = await self._predict(
-            session, request.text, request.top_k, request.full_distribution, expect
-        )
-        try:
-            # returns once the transport took it: the client is reading
-            await context.write(replies.reply(head, result, session.trail.reach(session.offset)))
+                session = stream.session
+                assert session is not None
+                if first:
+                    head = replies.head(session.id, session.model)
+                lead = replies.with_vocab(head, session.model.vocab_chars) if first else head
+                if isinstance(answer, Rewound):
+                    await context.write(rewound(lead, answer))
+                    continue
+                self.on_message(time.perf_counter() - start)
+                try:
+                    # returns once the transport took it: the client is reading
+                    await context.write(replies.reply(lead, answer, answer.rewind_limit))
+                finally:
+                    self.sessions.written(answer)
         finally:
-            self.budget.release(held)
-        return stream
-
-    def _rewound(self, head: bytes, session: Session, top_k: int) -> pb.PredictStreamResponse:
-        """The reply to a message that only rewound: no predictions, the next characters where it is."""
-        reply = pb.PredictStreamResponse.FromString(head)
-        k = self._top_k(top_k, session.model.require().vocab.size)
-        reply.predictions.start_offset, reply.predictions.top_k = session.offset, k
-        messages.fill_next(reply.next, session.probs, k)
-        reply.rewind_limit = session.trail.reach(session.offset)
-        return reply
+            stream.close()
 
     @streaming
     async def Generate(self, request: pb.GenerateRequest, context: Ctx) -> AsyncIterator[pb.GenerateResponse]:
-        if not 1 <= request.length <= self.config.max_generate_chars:
-            raise InvalidArgument(
-                f"length: must be in 1..{self.config.max_generate_chars}, got {request.length}"
-            )
-        try:
-            sampling = Sampling(
-                request.temperature if request.HasField("temperature") else 1.0,
-                request.top_k,
-                request.top_p if request.HasField("top_p") else 1.0,
-            )
-        except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
-        self._check_prime(request.prime_text)
+        how = sampling(
+            request.temperature if request.HasField("temperature") else 1.0,
+            request.top_k,
+            request.top_p if request.HasField("top_p") else 1.0,
+        )
+        source: Session | Draft
         if request.session_id:
             # fresh: a generation cannot be re-run after a lost race (its random draws are spent),
             # so start from the shared copy; a race lost anyway answers ABORTED (StaleSession)
-            source = await self.sessions.get(request.session_id, fresh=True)
-            session = source.copy("") if request.fork else source
+            session = await self.sessions.get(request.session_id, fresh=True)
+            source = Draft(session.model, session.value) if request.fork else session
         else:
-            session = Session.fresh("", self._model(request.model))
-        if request.top_k:  # 0 = no cut-off
-            self._top_k(request.top_k, session.model.require().vocab.size)
-        reported_id = "" if request.fork or not request.session_id else session.id
+            source = Draft(await self._model(request.model))
+        reported_id = "" if request.fork or not request.session_id else request.session_id
         rng = np.random.default_rng(request.seed if request.HasField("seed") else None)
-        if request.prime_text:
-            await self.sessions.prime(session, request.prime_text)
-        left = request.length
-        while left > 0:
-            n = min(left, GENERATE_PIECE)
-            result = await self.sessions.generate(session, n, rng, sampling)
-            left -= n
-            yield pb.GenerateResponse(
-                text=result.text,
-                offset=session.offset,
-                session_id=reported_id,
-                model=messages.model_ref(session.model),
-            )
+        ref = messages.model_ref(source.model)
+        pieces = self.sessions.generate(source, request.prime_text, request.length, rng, how, GENERATE_PIECE)
+        async for piece in pieces:
+            yield pb.GenerateResponse(text=piece.text, offset=piece.offset, session_id=reported_id, model=ref)
 
     @unary
     async def Complete(self, request: pb.CompleteRequest, context: Ctx) -> pb.CompleteResponse:
-        n, max_chars = request.n or DEFAULT_CONTINUATIONS, request.max_chars or DEFAULT_COMPLETION_CHARS
-        if not 1 <= n <= MAX_CONTINUATIONS:
-            raise InvalidArgument(f"n: must be in 1..{MAX_CONTINUATIONS}, got {n}")
-        if not 1 <= max_chars <= MAX_COMPLETION_CHARS:
-            raise InvalidArgument(f"max_chars: must be in 1..{MAX_COMPLETION_CHARS}, got {max_chars}")
+        self.sessions.limits.completion(request.n, request.max_chars)
+        source: Session | Draft
         if request.session_id:
-            if request.prime_text:
-                raise InvalidArgument("prime_text: a session completes from where it is; send no prime_text")
-            session = await self.sessions.get(request.session_id, fresh=True)
+            source = await self.sessions.get(request.session_id, fresh=True)
         else:
-            self._check_prime(request.prime_text)
-            session = Session.fresh("", self._model(request.model))
-            if request.prime_text:
-                await self.sessions.prime(session, request.prime_text)
-        reply = pb.CompleteResponse(model=messages.model_ref(session.model), offset=session.offset)
-        for c in self.sessions.complete(session, n, max_chars):
+            source = Draft(await self._model(request.model))
+        offset, found = await self.sessions.complete(source, request.prime_text, request.n, request.max_chars)
+        reply = pb.CompleteResponse(model=messages.model_ref(source.model), offset=offset)
+        for c in found:
             reply.completions.add(text=c.text, prob=c.prob, complete=c.complete)
         return reply
 
@@ -565,7 +320,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
 
     @unary
     async def DescribeModel(self, request: pb.DescribeModelRequest, context: Ctx) -> pb.DescribeModelResponse:
-        mv = self.registry.resolve(request.model.name, request.model.version, need_available=False)
+        mv = await self.catalog.resolve(request.model.name, request.model.version, need_available=False)
         config = mv.config
         return pb.DescribeModelResponse(
             info=messages.model_info(mv, self.registry.default),
@@ -579,7 +334,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     async def GetModelHistory(
         self, request: pb.GetModelHistoryRequest, context: Ctx
     ) -> pb.GetModelHistoryResponse:
-        mv = self.registry.resolve(request.model.name, request.model.version)
+        mv = await self.catalog.resolve(request.model.name, request.model.version)
         return pb.GetModelHistoryResponse(
             model=messages.model_ref(mv), records=[messages.progress(r) for r in mv.history]
         )
@@ -602,3 +357,12 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
         mv = await asyncio.to_thread(self.registry.delete, request.model.name, request.model.version)
         await self.sessions.evict_model(mv)
         return pb.DeleteModelResponse(model=messages.model_ref(mv))
+
+
+def rewound(lead: bytes, answer: Rewound) -> pb.PredictStreamResponse:
+    """The reply to a message that only rewound: no predictions, the next characters where it is."""
+    reply = pb.PredictStreamResponse.FromString(lead)
+    reply.predictions.start_offset, reply.predictions.top_k = answer.offset, answer.k
+    messages.fill_next(reply.next, answer.probs, answer.k)
+    reply.rewind_limit = answer.rewind_limit
+    return reply

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from nextchar.proto import nextchar_pb2 as pb
 
 
 def free_port() -> int:
@@ -67,3 +68,8 @@ class RedisServer:
         value = self.client.hget(key, field)
         assert value is None or isinstance(value, bytes)
         return value
+
+    def stored_offset(self, session_id: str) -> int | None:
+        """The offset of the value the store last wrote for a session (its snapshot's), if any."""
+        snap = self.hget(f"nextchar:s:{session_id}", "snap")
+        return None if snap is None else int(pb.SessionSnapshot.FromString(snap).offset)

@@ -56,7 +56,7 @@ def test_a_stream_whose_replica_is_killed_continues_identically_on_the_other(
             for i, chunk in enumerate(chunks):
                 if i == KILL_AT:  # kill the replica that advanced the session last: the stream's
                     deadline = time.monotonic() + 10  # (gRPC pulls requests ahead of the replies)
-                    while redis_server.hget(key(session.id), "off") != str(i * CHUNK).encode():
+                    while redis_server.stored_offset(session.id) != i * CHUNK:
                         assert time.monotonic() < deadline, "the stream never reached the kill point"
                         time.sleep(0.001)
                     owner = redis_server.hget(key(session.id), "by")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from nextchar.core.demo import NOTEBOOK_TEXT
 from nextchar.proto import nextchar_pb2 as pb
@@ -142,6 +143,25 @@ def test_an_imported_snapshot_with_zero_probabilities_still_generates(srv: Serve
     same = srv.stub.Predict(pb.PredictRequest(session_id=sid, text=" "), timeout=5).predictions
     twin = srv.stub.Predict(pb.PredictRequest(session_id=new_id, text=" "), timeout=5).predictions
     assert list(twin.surprisal_bits) == pytest.approx(list(same.surprisal_bits), rel=1e-6)
+
+
+@pytest.mark.parametrize("value", [3e38, -3e38, 1.5])
+def test_an_imported_state_no_model_run_reaches_is_refused(srv: ServerThread, value: float) -> None:
+    """A finite state beyond tanh's range (one step later its probabilities were NaN, and a
+    Generate on it failed the whole batch it was in, well-behaved callers too) is refused at the
+    door, INVALID_ARGUMENT; the session it came from goes on as before."""
+    sid = srv.stub.CreateSession(pb.CreateSessionRequest(prime_text="hello"), timeout=5).session.session_id
+    snapshot = pb.SessionSnapshot.FromString(
+        srv.stub.ExportSession(pb.ExportSessionRequest(session_id=sid), timeout=5).blob
+    )
+    state = np.frombuffer(snapshot.state, dtype=np.dtype(snapshot.dtype).newbyteorder("<")).copy()
+    state[len(state) // 2] = value
+    snapshot.state = state.astype(state.dtype.newbyteorder("<")).tobytes()
+    code, message, _ = refused(
+        lambda: srv.stub.ImportSession(pb.ImportSessionRequest(blob=snapshot.SerializeToString()), timeout=5)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "outside what model runs reach" in message
+    assert srv.stub.Predict(pb.PredictRequest(session_id=sid, text=" "), timeout=5).predictions.count == 1
 
 
 @pytest.mark.parametrize("bad_id", ["a b/c", "x" * 129, "é", "a\nb"])

@@ -123,7 +123,7 @@ def test_racing_replicas_never_both_advance_a_session(
     vocab = model.vocab.chars
     assert "".join(("\ufffd" + vocab)[i] for _, _, i, _ in answered) == want_top1
     np.testing.assert_allclose([s for *_, s in answered], want_surprisal, rtol=1e-4, atol=1e-5)
-    assert redis_server.hget(key(sid), "off") == str(len(answered)).encode()
+    assert redis_server.stored_offset(sid) == len(answered)
 
 
 def test_tombstones_and_expiry_reasons_cross_replicas(model_dir: Path, redis_server: RedisServer) -> None:
@@ -192,12 +192,12 @@ def test_write_every_n_writes_state_every_n_chars_and_flushes_on_stop(
     try:
         sid = create(lazy)
         stream_chars(lazy.stub, "hello ", session_id=sid)
-        assert redis_server.hget(key(sid), "off") == b"4"  # the state written at 4 characters, not 5 or 6
+        assert redis_server.stored_offset(sid) == 4  # the state written at 4 characters, not 5 or 6
         assert offset(lazy, sid) == 6  # its own copy is ahead of the store's
         assert redis_server.hget(key(sid), "by") == f"127.0.0.1:{lazy.port}".encode()
     finally:
         lazy.close()  # stopping writes back what was not written yet
-    assert redis_server.hget(key(sid), "off") == b"6"
+    assert redis_server.stored_offset(sid) == 6
     assert offset(pair[1], sid) == 6
 
 

@@ -12,8 +12,9 @@ from nextchar.core.model import CharRNN
 from nextchar.core.vocab import UNK, Vocab
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.server import replies
-from nextchar.server.batching.work import ChunkResult
+from nextchar.server.batching.work import Rows
 from nextchar.server.registry import ModelVersion
+from nextchar.server.sessions.manager import Predicted
 
 
 def model_version(vocab_size: int) -> ModelVersion:
@@ -22,7 +23,7 @@ def model_version(vocab_size: int) -> ModelVersion:
     return ModelVersion.from_model("m.v2", 7, Path("m.npz"), net, [], {}, {})
 
 
-def results(mv: ModelVersion, rng: np.random.Generator, full: bool) -> list[ChunkResult]:
+def results(mv: ModelVersion, rng: np.random.Generator, full: bool) -> list[Predicted]:
     """A batch's results as the scheduler makes them: chunks of mixed lengths, unknown characters included."""
     net = mv.require()
     V = net.vocab.size
@@ -35,35 +36,32 @@ def results(mv: ModelVersion, rng: np.random.Generator, full: bool) -> list[Chun
     out = advance(net, idx, lens, states, probs0, k, full)
     offsets = [0, 1, 127, 128, 2**40]
     return [
-        ChunkResult(
+        Predicted(
             offsets[col],
-            chunks[i],
-            k,
-            col,
-            out,
-            out.states[col],
-            out.last_probs[col],
+            Rows(chunks[i], k, col, out, out.states[col], out.last_probs[col]),
             "" if col % 2 else "\u2603",
+            0,
+            0,
         )
         for col, i in enumerate(order)
     ]
 
 
-def expected(session_id: str, mv: ModelVersion, vocab: str, r: ChunkResult, rewind_limit: int) -> bytes:
+def expected(session_id: str, mv: ModelVersion, vocab: str, p: Predicted, rewind_limit: int) -> bytes:
     """The same reply built the ordinary way, through protobuf's own message classes."""
     reply = pb.PredictStreamResponse(
         session_id=session_id, model=pb.ModelRef(name=mv.name, version=mv.version), vocab=vocab
     )
-    m = reply.predictions
-    m.start_offset, m.count, m.top_k = r.start_offset, r.n, r.k
+    m, r = reply.predictions, p.rows
+    m.start_offset, m.count, m.top_k = p.start_offset, r.n, r.k
     m.top_index.extend(r.top_index.ravel().tolist())
     m.top_prob.extend(r.top_prob.ravel().tolist())
     m.surprisal_bits.extend(r.surprisal_bits.tolist())
     if r.distribution is not None:
         m.distribution.extend(r.distribution.astype(np.float32).ravel().tolist())
-    if r.unknown_chars:
+    if p.unknown_chars:
         m.unknown_positions.extend(np.flatnonzero(r.idx == UNK).tolist())
-        m.unknown_chars = r.unknown_chars
+        m.unknown_chars = p.unknown_chars
     reply.rewind_limit = rewind_limit
     return reply.SerializeToString()
 
@@ -80,7 +78,7 @@ def test_reply_bytes_are_protobufs_serialization(vocab_size: int, full: bool) ->
     # a PredictResponse shares the fields: it parses from the same bytes, rewind_limit left out
     r = results(mv, rng, full)[0]
     parsed = pb.PredictResponse.FromString(replies.reply(replies.with_vocab(replies.head("s", mv), "ab"), r))
-    assert (parsed.session_id, parsed.vocab, parsed.predictions.count) == ("s", "ab", r.n)
+    assert (parsed.session_id, parsed.vocab, parsed.predictions.count) == ("s", "ab", r.rows.n)
 
 
 def test_varints_match_protobuf_for_every_size() -> None:

@@ -1,4 +1,5 @@
-"""The scheduler, its executors and the batch arithmetic, and the per-session memory budget, in-process (no network needed)."""
+"""The scheduler, its executors and the batch arithmetic, the session manager's turns and commits,
+and the per-session memory budget, in-process (no network needed)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,17 @@ from nextchar.core.model import CharRNN
 from nextchar.core.vocab import Vocab
 from nextchar.server.batching.executors import ProcessExecutor
 from nextchar.server.batching.scheduler import Scheduler
-from nextchar.server.batching.work import BatchStats, ChunkResult, PredictWork, compute
+from nextchar.server.batching.work import BatchStats, PredictWork, Rows, compute
+from nextchar.server.budget import ReplyBudget
+from nextchar.server.catalog import Catalog
 from nextchar.server.errors import Aborted
-from nextchar.server.registry import ModelVersion
+from nextchar.server.registry import ModelVersion, Registry
+from nextchar.server.sessions.limits import Limits
 from nextchar.server.sessions.manager import SessionManager
 from nextchar.server.sessions.memory import InMemorySessionStore
-from nextchar.server.sessions.session import Session
+from nextchar.server.sessions.session import Session, start_value
+from nextchar.server.sessions.trail import Trail
+from nextchar.server.sessions.value import SessionValue
 
 VOCAB = Vocab.from_text("abcdefghijklmnopqrstuvwxyz ,.")
 
@@ -31,6 +37,26 @@ VOCAB = Vocab.from_text("abcdefghijklmnopqrstuvwxyz ,.")
 def version(hidden: int = 64, cell: str = "rnn") -> ModelVersion:
     model = CharRNN.create(ModelConfig(cell=cell, hidden=hidden), VOCAB, seed=1)
     return ModelVersion.from_model("m", 1, Path("m/1.npz"), model, [], {}, {})
+
+
+def manager(scheduler: Scheduler, tmp: Path = Path("unused-model-dir")) -> SessionManager:
+    """A session manager on scheduler, sessions in memory (its models are given, never looked up)."""
+    return SessionManager(
+        InMemorySessionStore(idle_timeout=600),
+        scheduler,
+        Catalog(Registry(tmp)),
+        Limits(),
+        ReplyBudget(1 << 30),
+    )
+
+
+def work(
+    loop: asyncio.AbstractEventLoop, mv: ModelVersion, value: SessionValue, text: str, k: int
+) -> PredictWork:
+    net = mv.require()
+    return PredictWork(
+        object(), net, VOCAB.encode(text), value.state, value.probs, k, True, loop.create_future()
+    )
 
 
 def solo(model: CharRNN, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -47,19 +73,17 @@ def test_mixed_length_batch_matches_each_session_alone() -> None:
     assert model is not None
     texts = ["hello world", "a", "the quick brown fox", "zz top", "xyz"]
     loop = asyncio.new_event_loop()
-    works = [
-        PredictWork(Session.fresh(str(i), mv), VOCAB.encode(t), 3, True, 0, loop.create_future())
-        for i, t in enumerate(texts)
-    ]
+    start = start_value(mv, model)
+    works = [work(loop, mv, start, t, 3) for t in texts]
     results = compute(works, BatchStats())
-    for work, result, text in zip(works, results, texts, strict=True):
+    for result, text in zip(results, texts, strict=True):
         want_top1, want_probs = solo(model, text)
-        assert isinstance(result, ChunkResult)
+        assert isinstance(result, Rows)
         np.testing.assert_array_equal(result.top_index[:, 0], want_top1)
         assert result.distribution is not None
         np.testing.assert_allclose(result.distribution, want_probs, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(result.probs, want_probs[-1], rtol=1e-5, atol=1e-6)
-        assert result.top_index.shape == (len(text), 3) and work.session.offset == 0
+        assert result.top_index.shape == (len(text), 3)
     loop.close()
 
 
@@ -90,10 +114,11 @@ def test_concurrent_sessions_are_stepped_together() -> None:
     async def main() -> Scheduler:
         scheduler = Scheduler(inline_chars=0)
         scheduler.start()
-        sessions = [Session.fresh(str(i), mv) for i in range(50)]
-        await asyncio.gather(*(scheduler.predict(s, VOCAB.encode("hello"), 3, False) for s in sessions))
+        sessions = manager(scheduler)
+        created = [await sessions.create("", mv) for _ in range(50)]
+        await asyncio.gather(*(sessions.predict(s, "hello", 3, False) for s in created))
         await scheduler.close()
-        assert all(s.offset == 5 for s in sessions)
+        assert all(s.offset == 5 for s in created)
         return scheduler
 
     stats = asyncio.run(main()).stats
@@ -106,18 +131,19 @@ def test_streams_on_a_slow_model_are_still_stepped_together() -> None:
     than the lone-request window: the requests that waited for the loop meanwhile are batched,
     not stepped one by one as if each were alone."""
     mv = version(hidden=512, cell="gru")
-    chunk = VOCAB.encode("the quick brown fox jumps over the lazy dog, " * 2)[:64]
+    chunk = ("the quick brown fox jumps over the lazy dog, " * 2)[:64]
 
     async def main() -> Scheduler:
         scheduler = Scheduler()  # 64-character chunks of a few sessions run inline
         scheduler.start()
-        sessions = [Session.fresh(str(i), mv) for i in range(12)]
+        sessions = manager(scheduler)
+        created = [await sessions.create("", mv) for _ in range(12)]
 
         async def stream(session: Session) -> None:
             for _ in range(4):
-                await scheduler.predict(session, chunk, 3, False)
+                await sessions.predict(session, chunk, 3, False)
 
-        await asyncio.gather(*(stream(s) for s in sessions))
+        await asyncio.gather(*(stream(s) for s in created))
         await scheduler.close()
         return scheduler
 
@@ -130,16 +156,14 @@ def test_idle_session_costs_at_most_4_kb_beyond_its_state() -> None:
     mv = version(hidden=256)
     model = mv.net
     assert model is not None
-    sessions = SessionManager(InMemorySessionStore(idle_timeout=600), Scheduler(), 100_000, 4096)
+    sessions = manager(Scheduler())
     n = 5000
 
     async def add_all() -> None:
         for _ in range(n):
-            session = Session.fresh(sessions.admit(""), mv)
-            session.state = session.state.copy()
-            session.probs = model.initial_state(1)[0][: VOCAB.size].copy()
-            session.offset = 123
-            await sessions.add(session)
+            state, probs = model.initial_state(1)[0], model.initial_state(1)[0][: VOCAB.size].copy()
+            value = SessionValue(state, probs, 123, Trail(0))
+            await sessions.store.add(Session(sessions.admit(""), mv, value), 100_000)
 
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
@@ -153,20 +177,73 @@ def test_idle_session_costs_at_most_4_kb_beyond_its_state() -> None:
     assert per_session <= 4096, f"{per_session:.0f} bytes per idle session beyond its state"
 
 
-def test_result_for_a_session_reset_in_flight_is_dropped() -> None:
+def test_a_change_for_a_session_closed_in_flight_is_not_applied() -> None:
     mv = version()
 
     async def main() -> None:
-        scheduler = Scheduler(inline_chars=0)  # everything queues: the reset lands before the batch runs
-        session = Session.fresh("s", mv)
-        pending = asyncio.ensure_future(scheduler.predict(session, VOCAB.encode("hello"), 3, False))
+        scheduler = Scheduler(inline_chars=0)  # everything queues: the close lands before the batch runs
+        sessions = manager(scheduler)
+        session = await sessions.create("s", mv)
+        before = session.value
+        pending = asyncio.ensure_future(sessions.predict(session, "hello", 3, False))
         await asyncio.sleep(0)
-        session.reset()
+        await sessions.close("s")
         scheduler.start()
         with pytest.raises(Aborted, match="reset or closed"):
             await pending
-        assert session.offset == 0
+        assert session.value is before and sessions.budget.used == 0
         await scheduler.close()
+
+    asyncio.run(main())
+
+
+def test_changes_of_one_session_asked_at_once_take_turns_in_order() -> None:
+    """Three chunks of one session sent on three calls at once: each waits its turn and is
+    computed from the value the one before left, as one run over the whole text."""
+    mv = version()
+    model = mv.require()
+
+    async def main() -> None:
+        scheduler = Scheduler(inline_chars=0)
+        scheduler.start()
+        sessions = manager(scheduler)
+        session = await sessions.create("s", mv)
+        parts = ("the cat ", "sat on ", "the mat")
+        results = await asyncio.gather(*(sessions.predict(session, p, 2, True) for p in parts))
+        await scheduler.close()
+        assert [r.start_offset for r in results] == [0, 8, 15] and session.offset == 22
+        want = solo(model, "".join(parts))[1]
+        for r, start in zip(results, (0, 8, 15), strict=True):
+            assert r.rows.distribution is not None
+            np.testing.assert_allclose(
+                r.rows.distribution, want[start : start + r.rows.n], rtol=1e-5, atol=1e-6
+            )
+        assert len(sessions.turns) == 0  # nothing held once the changes are done
+
+    asyncio.run(main())
+
+
+def test_a_failing_work_fails_alone_not_the_batch_beside_it() -> None:
+    """One work whose arithmetic raises (a state of the wrong size stands in for any bug or
+    poison) is batched with well-behaved ones: only it fails; the others get their rows."""
+    mv = version()
+    model = mv.require()
+
+    async def main() -> None:
+        scheduler = Scheduler(inline_chars=0)
+        scheduler.start()
+        start = start_value(mv, model)
+        good = [
+            scheduler.predict(object(), model, VOCAB.encode("hello"), start.state, start.probs, 2, True)
+            for _ in range(5)
+        ]
+        bad = scheduler.predict(object(), model, VOCAB.encode("hello"), start.state[:3], start.probs, 2, True)
+        results = await asyncio.gather(*good, bad, return_exceptions=True)
+        await scheduler.close()
+        assert all(isinstance(r, Rows) for r in results[:5]) and isinstance(results[5], Exception)
+        for r in results[:5]:
+            assert isinstance(r, Rows) and r.distribution is not None
+            np.testing.assert_allclose(r.distribution, solo(model, "hello")[1], rtol=1e-5, atol=1e-6)
 
     asyncio.run(main())
 
@@ -178,12 +255,11 @@ def test_a_lone_character_matches_the_same_character_in_a_mixed_batch() -> None:
     model = mv.net
     assert model is not None
     loop = asyncio.new_event_loop()
-    session = Session.fresh("s", mv)
-    warm = feed(model, session.state, session.probs, VOCAB.encode("the cat"))
-    session.state, session.probs = warm.states[0], warm.last_probs[0]  # mid-text: non-trivial surprisal
-    work = PredictWork(session, VOCAB.encode("a"), 4, True, 0, loop.create_future())
-    other = PredictWork(Session.fresh("t", mv), VOCAB.encode("dog"), 4, True, 0, loop.create_future())
-    lone, mixed = compute([work], BatchStats())[0], compute([other, work], BatchStats())[1]
+    start = start_value(mv, model)
+    warm = feed(model, start.state, start.probs, VOCAB.encode("the cat"))
+    mid = SessionValue(warm.states[0], warm.last_probs[0], 7, Trail(0))  # mid-text: non-trivial surprisal
+    one, other = work(loop, mv, mid, "a", 4), work(loop, mv, start, "dog", 4)
+    lone, mixed = compute([one], BatchStats())[0], compute([other, one], BatchStats())[1]
     for name in ("top_index", "top_prob", "surprisal_bits", "distribution", "state", "probs"):
         np.testing.assert_allclose(
             getattr(lone, name), getattr(mixed, name), rtol=1e-6, atol=1e-7, err_msg=name
@@ -200,26 +276,21 @@ def test_big_batches_in_the_compute_process_match_each_session_alone() -> None:
     async def main() -> Scheduler:
         scheduler = Scheduler(inline_chars=0, compute_process=True)
         scheduler.start()
-        sessions = [Session.fresh(str(i), mv) for i in range(len(texts))]
+        manager_ = manager(scheduler)
+        sessions = [await manager_.create("", mv) for _ in range(len(texts))]
         results = await asyncio.gather(
-            *(
-                scheduler.predict(s, VOCAB.encode(t[:-3]), 2, True)
-                for s, t in zip(sessions, texts, strict=True)
-            )
+            *(manager_.predict(s, t[:-3], 2, True) for s, t in zip(sessions, texts, strict=True))
         )
         for s, t, r in zip(sessions, texts, results, strict=True):
             assert s.offset == len(t) - 3
-            assert r.distribution is not None
-            np.testing.assert_allclose(r.distribution, solo(model, t[:-3])[1], rtol=1e-5, atol=1e-6)
+            assert r.rows.distribution is not None
+            np.testing.assert_allclose(r.rows.distribution, solo(model, t[:-3])[1], rtol=1e-5, atol=1e-6)
         again = await asyncio.gather(
-            *(
-                scheduler.predict(s, VOCAB.encode(t[-3:]), 2, True)
-                for s, t in zip(sessions, texts, strict=True)
-            )
+            *(manager_.predict(s, t[-3:], 2, True) for s, t in zip(sessions, texts, strict=True))
         )
         for t, r in zip(texts, again, strict=True):
-            assert r.distribution is not None
-            np.testing.assert_allclose(r.distribution, solo(model, t)[1][-3:], rtol=1e-5, atol=1e-6)
+            assert r.rows.distribution is not None
+            np.testing.assert_allclose(r.rows.distribution, solo(model, t)[1][-3:], rtol=1e-5, atol=1e-6)
         await scheduler.close()
         return scheduler
 
@@ -238,11 +309,12 @@ def test_chunks_queued_for_one_session_run_in_order_across_pipelined_batches() -
     async def main() -> Scheduler:
         scheduler = Scheduler(inline_chars=0, compute_process=True)
         scheduler.start()
-        sessions = [Session.fresh(str(i), mv) for i in range(len(texts))]
+        manager_ = manager(scheduler)
+        sessions = [await manager_.create("", mv) for _ in range(len(texts))]
         thirds = [(t[:10], t[10:20], t[20:]) for t in texts]
         results = await asyncio.gather(
             *(
-                scheduler.predict(s, VOCAB.encode(part), 1, True)
+                manager_.predict(s, part, 1, True)
                 for s, parts in zip(sessions, thirds, strict=True)
                 for part in parts
             )
@@ -250,7 +322,7 @@ def test_chunks_queued_for_one_session_run_in_order_across_pipelined_batches() -
         await scheduler.close()
         for i, (s, t) in enumerate(zip(sessions, texts, strict=True)):
             assert s.offset == len(t)
-            last = results[3 * i + 2].distribution
+            last = results[3 * i + 2].rows.distribution
             assert last is not None
             np.testing.assert_allclose(last, solo(model, t)[1][20:], rtol=1e-5, atol=1e-6)
         return scheduler
@@ -267,21 +339,20 @@ def test_a_killed_compute_process_falls_back_to_the_batch_thread() -> None:
     async def main() -> None:
         scheduler = Scheduler(inline_chars=0, compute_process=True)
         scheduler.start()
-        sessions = [Session.fresh(str(i), mv) for i in range(20)]
-        await asyncio.gather(*(scheduler.predict(s, VOCAB.encode("hello "), 2, False) for s in sessions))
+        manager_ = manager(scheduler)
+        sessions = [await manager_.create("", mv) for _ in range(20)]
+        await asyncio.gather(*(manager_.predict(s, "hello ", 2, False) for s in sessions))
         assert scheduler.stats.remote_batches >= 1
         pid = scheduler.compute_pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        results = await asyncio.gather(
-            *(scheduler.predict(s, VOCAB.encode("world"), 2, True) for s in sessions)
-        )
+        results = await asyncio.gather(*(manager_.predict(s, "world", 2, True) for s in sessions))
         assert scheduler.compute_pid is None  # computing in the thread from now on
         for s, r in zip(sessions, results, strict=True):
             assert s.offset == len("hello world")
-            assert r.distribution is not None
+            assert r.rows.distribution is not None
             np.testing.assert_allclose(
-                r.distribution, solo(model, "hello world")[1][6:], rtol=1e-5, atol=1e-6
+                r.rows.distribution, solo(model, "hello world")[1][6:], rtol=1e-5, atol=1e-6
             )
         await scheduler.close()
 
@@ -299,20 +370,19 @@ def test_a_hung_compute_process_is_given_up_after_its_deadline() -> None:
         assert isinstance(scheduler.offload, ProcessExecutor) and scheduler.offload.process is not None
         scheduler.offload.process.deadline = 0.5  # a short deadline for the test
         scheduler.start()
-        sessions = [Session.fresh(str(i), mv) for i in range(10)]
-        await asyncio.gather(*(scheduler.predict(s, VOCAB.encode("hello "), 2, False) for s in sessions))
+        manager_ = manager(scheduler)
+        sessions = [await manager_.create("", mv) for _ in range(10)]
+        await asyncio.gather(*(manager_.predict(s, "hello ", 2, False) for s in sessions))
         pid = scheduler.compute_pid
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)
         start = time.monotonic()
-        results = await asyncio.gather(
-            *(scheduler.predict(s, VOCAB.encode("world"), 2, True) for s in sessions)
-        )
+        results = await asyncio.gather(*(manager_.predict(s, "world", 2, True) for s in sessions))
         assert 0.5 <= time.monotonic() - start < 10 and scheduler.compute_pid is None
         for r in results:
-            assert r.distribution is not None
+            assert r.rows.distribution is not None
             np.testing.assert_allclose(
-                r.distribution, solo(model, "hello world")[1][6:], rtol=1e-5, atol=1e-6
+                r.rows.distribution, solo(model, "hello world")[1][6:], rtol=1e-5, atol=1e-6
             )
         await scheduler.close()
         with contextlib.suppress(ProcessLookupError):  # killed by close(); never left stopped
@@ -331,25 +401,26 @@ def test_the_compute_process_lets_go_of_a_model_the_server_dropped() -> None:
     async def main() -> None:
         scheduler = Scheduler(inline_chars=0, compute_process=True)
         scheduler.start()
+        manager_ = manager(scheduler)
         first = version()
-        sessions = [Session.fresh(str(i), first) for i in range(4)]
-        await asyncio.gather(*(scheduler.predict(s, VOCAB.encode("hello "), 2, False) for s in sessions))
+        sessions = [await manager_.create("", first) for _ in range(4)]
+        await asyncio.gather(*(manager_.predict(s, "hello ", 2, False) for s in sessions))
         assert scheduler.stats.remote_batches >= 1
         dropped = weakref.ref(first.require())
-        del first, sessions  # the version deleted, its sessions closed
+        for s in sessions:
+            await manager_.close(s.id)
+        del first, sessions, s  # the version deleted, its sessions closed
         second = version(cell="gru")
         model = second.require()
-        sessions = [Session.fresh(str(i), second) for i in range(4)]
+        sessions = [await manager_.create("", second) for _ in range(4)]
         for text in ("hello", " world"):  # the second batch also tells the child to forget
-            results = await asyncio.gather(
-                *(scheduler.predict(s, VOCAB.encode(text), 2, True) for s in sessions)
-            )
+            results = await asyncio.gather(*(manager_.predict(s, text, 2, True) for s in sessions))
             gc.collect()
             assert dropped() is None  # the executor kept it alive before
         for r in results:
-            assert r.distribution is not None
+            assert r.rows.distribution is not None
             np.testing.assert_allclose(
-                r.distribution, solo(model, "hello world")[1][5:], rtol=1e-5, atol=1e-6
+                r.rows.distribution, solo(model, "hello world")[1][5:], rtol=1e-5, atol=1e-6
             )
         assert scheduler.compute_pid is not None and scheduler.stats.remote_batches >= 3  # the child answered
         await scheduler.close()

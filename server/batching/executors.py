@@ -112,7 +112,7 @@ class ProcessExecutor:
         out: list[Result | None] = [None] * len(batch)
         for members, works in prediction_groups(batch):
             packed = pack(works)
-            answer = await process.advance(works[0].session.model.require(), packed)
+            answer = await process.advance(works[0].net, packed)
             for i, result in zip(members, unpack(works, packed, answer), strict=True):
                 out[i] = result
             self.stats.count(works)

@@ -1,10 +1,14 @@
 """The units of work the scheduler batches, their results, and how a batch of them is computed.
 
-A batch is a list of works; ``compute`` groups its predictions by model version and
-advances each group with ONE ``nextchar.core.inference.advance`` call (the
-sessions' chunks packed side by side), and samples each generation. It runs
-wherever an executor puts it (the loop, a thread); the compute process runs the
-same ``advance`` on the packed arrays (``pack``), so every path gives the same answer.
+A work is pure arithmetic on arrays its caller gave (a network, a state, a
+prediction): the compute path knows nothing of sessions, and its results are
+values the caller decides what to do with (nextchar.server.sessions.manager
+commits them). A batch is a list of works; ``compute`` groups its predictions by
+network and advances each group with ONE ``nextchar.core.inference.advance`` call
+(the chunks packed side by side), samples each generation and searches each
+completion. It runs wherever an executor puts it (the loop, a thread); the compute
+process runs the same ``advance`` on the packed arrays (``pack``), so every path
+gives the same answer.
 """
 
 from __future__ import annotations
@@ -15,28 +19,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from nextchar.core.completion import Continuation, complete
 from nextchar.core.config import Sampling
 from nextchar.core.inference import Advanced, advance, generate, pack_chunks
 from nextchar.core.model import CharRNN
-from nextchar.server.sessions.session import Session
 
 
 @dataclass(slots=True)
-class ChunkResult:
+class Rows:
     """Predictions for one chunk of n characters: views into its batch's arrays, sliced on demand.
 
-    Slicing lazily keeps per-session work in the batch to two row copies (state,
-    probs); the handler turns the views into reply fields.
+    Slicing lazily keeps per-chunk work in the batch to two row copies (state,
+    probs); the reply is written from the views.
     """
 
-    start_offset: int
     idx: np.ndarray  # (n,) the chunk's character indices (0: unknown)
     k: int
     col: int  # this chunk's column in the batch arrays
     batch: Advanced
     state: np.ndarray  # (S,) after the chunk, a copy
     probs: np.ndarray  # (V,) prediction after the chunk, a copy
-    unknown_chars: str = ""  # the chunk's characters the model does not know (set by the session manager)
 
     @property
     def n(self) -> int:
@@ -61,21 +63,27 @@ class ChunkResult:
 
 
 @dataclass(slots=True)
-class GenerateResult:
-    start_offset: int
+class Generated:
     text: str
-    state: np.ndarray
-    probs: np.ndarray
+    idx: np.ndarray  # (n,) the drawn characters' indices
+    state: np.ndarray  # (S,) after them
+    probs: np.ndarray  # (V,)
+
+
+# Every work names its caller's key (a session, or any object standing for one): the
+# scheduler puts at most one work per key in a batch, and tells a lone caller by it.
 
 
 @dataclass(slots=True)
 class PredictWork:
-    session: Session
+    key: object
+    net: CharRNN
     idx: np.ndarray  # (n,) int64
+    state: np.ndarray  # (S,) before the chunk
+    probs: np.ndarray  # (V,) the prediction before it
     top_k: int
     full: bool
-    gen: int  # the session's gen when asked: a result for an older gen is dropped
-    future: asyncio.Future[ChunkResult]
+    future: asyncio.Future[Rows]
     size: int = field(init=False)  # characters: read several times per work by the scheduler
 
     def __post_init__(self) -> None:
@@ -84,20 +92,40 @@ class PredictWork:
 
 @dataclass(slots=True)
 class GenerateWork:
-    session: Session
+    key: object
+    net: CharRNN
+    state: np.ndarray
+    probs: np.ndarray
     length: int
     rng: np.random.Generator
     sampling: Sampling
-    gen: int
-    future: asyncio.Future[GenerateResult]
+    future: asyncio.Future[Generated]
 
     @property
     def size(self) -> int:  # characters
         return self.length
 
 
-Work = PredictWork | GenerateWork
-Result = ChunkResult | GenerateResult
+@dataclass(slots=True)
+class CompleteWork:
+    """A beam search for the likeliest continuations (nextchar.core.completion): a few small
+    products, batched with the rest so no model arithmetic runs outside the compute path."""
+
+    key: object
+    net: CharRNN
+    state: np.ndarray
+    probs: np.ndarray
+    n: int
+    max_chars: int
+    future: asyncio.Future[list[Continuation]]
+
+    @property
+    def size(self) -> int:  # characters it may step, at most
+        return self.n * self.max_chars
+
+
+Work = PredictWork | GenerateWork | CompleteWork
+Result = Rows | Generated | list[Continuation]
 
 
 @dataclass
@@ -141,13 +169,11 @@ def pack(works: Sequence[PredictWork]) -> Packed:
     if len(works) == 1:  # a lone stream (ping-pong): its own arrays, viewed as one column
         w = works[0]
         n = len(w.idx)
-        return Packed(
-            [0], [n], w.idx.reshape(n, 1), w.session.state[None], w.session.probs[None], w.top_k, w.full
-        )
+        return Packed([0], [n], w.idx.reshape(n, 1), w.state[None], w.probs[None], w.top_k, w.full)
     order, lens, idx = pack_chunks([w.idx for w in works])
     ws = [works[i] for i in order]
-    states = rows([w.session.state for w in ws])  # (N, S)
-    probs0 = rows([w.session.probs for w in ws])  # (N, V)
+    states = rows([w.state for w in ws])  # (N, S)
+    probs0 = rows([w.probs for w in ws])  # (N, V)
     return Packed(order, lens, idx, states, probs0, max(w.top_k for w in ws), any(w.full for w in ws))
 
 
@@ -155,47 +181,48 @@ def advance_packed(model: CharRNN, packed: Packed) -> Advanced:
     return advance(model, packed.idx, packed.lens, packed.states, packed.probs0, packed.k, packed.full)
 
 
-def unpack(works: Sequence[PredictWork], packed: Packed, out: Advanced) -> list[ChunkResult]:
-    """One ChunkResult per work, in the works' order; per session only two row copies."""
-    results: list[ChunkResult | None] = [None] * len(works)
+def unpack(works: Sequence[PredictWork], packed: Packed, out: Advanced) -> list[Rows]:
+    """One Rows per work, in the works' order; per chunk only two row copies."""
+    results: list[Rows | None] = [None] * len(works)
     one = len(works) == 1  # a lone session's rows are its own arrays: nothing else keeps them alive
     for col, j in enumerate(packed.order):
         w = works[j]
         state = out.states[col] if one else out.states[col].copy()
         probs = out.last_probs[col] if one else out.last_probs[col].copy()
-        results[j] = ChunkResult(w.session.offset, w.idx, w.top_k, col, out, state, probs)
+        results[j] = Rows(w.idx, w.top_k, col, out, state, probs)
     return [r for r in results if r is not None]
 
 
 def prediction_groups(batch: Sequence[Work]) -> list[tuple[list[int], list[PredictWork]]]:
-    """The batch's predictions grouped by the model version they run on: (positions, works) per
+    """The batch's predictions grouped by the network they run on: (positions, works) per
     group. The usual batch, predictions on one model, is one group."""
-    model = batch[0].session.model
-    if all(isinstance(w, PredictWork) and w.session.model is model for w in batch):
+    net = batch[0].net
+    if all(isinstance(w, PredictWork) and w.net is net for w in batch):
         return [(list(range(len(batch))), list(batch))]  # type: ignore[arg-type]  # all PredictWork, checked
     groups: dict[int, tuple[list[int], list[PredictWork]]] = {}
     for i, work in enumerate(batch):
         if isinstance(work, PredictWork):
-            members, works = groups.setdefault(id(work.session.model), ([], []))
+            members, works = groups.setdefault(id(work.net), ([], []))
             members.append(i)
             works.append(work)
     return list(groups.values())
 
 
 def compute(batch: Sequence[Work], stats: BatchStats) -> list[Result]:
-    """Run one batch here: predictions one advance per model version, generations one by one."""
+    """Run one batch here: predictions one advance per network, the other works one by one."""
     start = time.perf_counter()
     out: list[Result | None] = [None] * len(batch)
     for i, work in enumerate(batch):
         if isinstance(work, GenerateWork):
-            s = work.session
             text, state, probs = generate(
-                s.model.require(), s.state, s.probs, work.length, work.rng, work.sampling
+                work.net, work.state, work.probs, work.length, work.rng, work.sampling
             )
-            out[i] = GenerateResult(s.offset, text, state, probs)
+            out[i] = Generated(text, work.net.vocab.encode(text), state, probs)
+        elif isinstance(work, CompleteWork):
+            out[i] = complete(work.net, work.state, work.probs, work.n, work.max_chars)
     for members, works in prediction_groups(batch):
         packed = pack(works)
-        answer = advance_packed(works[0].session.model.require(), packed)
+        answer = advance_packed(works[0].net, packed)
         for i, result in zip(members, unpack(works, packed, answer), strict=True):
             out[i] = result
         stats.count(works)

@@ -1,32 +1,79 @@
-"""SessionManager: the session rules around a store (the cap, draining, ids) and advancing sessions.
+"""SessionManager: the session core every protocol calls; the rules of sessions, and how they change.
 
-The servicer asks this for sessions and predictions; it never reaches into the
-store. Advancing a session goes through the scheduler; when a shared store
-refuses the advance because another replica moved the session on, the chunk is
-re-run here from the stored copy (at most STALE_RETRIES times), so no reply is
-ever computed from an outdated state.
+Protocol adapters (the gRPC servicer, and any other) ask this for sessions,
+predictions, rewinds and generations; they never reach into a store or the
+compute path. Every change of a stored session is one path (``_change``): wait
+for the session's turn (nextchar.server.sessions.turns), read its value, compute
+the new value (nextchar.server.batching: arrays in, rows out), and have the store
+swap it in if the value is still the one it was computed from. When a shared
+store refuses because another replica moved the session on, the change is
+computed again from the stored copy (at most STALE_RETRIES times), so no reply is
+ever computed from an outdated value.
+
+Work on values no store holds (priming a new session, a stateless Predict, a
+forked generation) computes the same way and keeps its values to itself.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
-from nextchar.core.completion import Continuation, complete
+from nextchar.core.completion import Continuation
 from nextchar.core.config import Sampling
+from nextchar.core.model import CharRNN
 from nextchar.server.batching.scheduler import Scheduler
-from nextchar.server.batching.work import ChunkResult, GenerateResult
-from nextchar.server.errors import FailedPrecondition, Unavailable, shown
+from nextchar.server.batching.work import Rows
+from nextchar.server.budget import ReplyBudget, reply_bytes
+from nextchar.server.catalog import Catalog
+from nextchar.server.errors import FailedPrecondition, InvalidArgument, Unavailable, shown
 from nextchar.server.logs import bind_session
 from nextchar.server.registry import ModelVersion
-from nextchar.server.sessions.session import Session, WriteBack
+from nextchar.server.sessions import snapshot
+from nextchar.server.sessions.limits import Limits
+from nextchar.server.sessions.session import Session, start_value
 from nextchar.server.sessions.store import SessionStore, StaleSession, check_id, new_id
+from nextchar.server.sessions.turns import Turns
+from nextchar.server.sessions.value import SessionValue
 
-STALE_RETRIES = 3  # re-runs of a chunk (or a reset, a rewind) whose session another replica advanced
+STALE_RETRIES = 3  # re-runs of a change whose session another replica advanced
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Predicted:
+    """A chunk's predictions as every protocol writes them. held: reply-budget bytes the reply
+    holds until it is written (``SessionManager.written``)."""
+
+    start_offset: int
+    rows: Rows
+    unknown_chars: str  # the chunk's characters the model does not know
+    rewind_limit: int  # characters a rewind can take back after the chunk
+    held: int
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Part of a generation: its text, and the session's offset after it."""
+
+    text: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A starting point no store holds: a model's start (value None), or a copy of a session's
+    value (a forked generation). Work from it moves nothing stored."""
+
+    model: ModelVersion
+    value: SessionValue | None = None
 
 
 class Attachment:
-    """A PredictStream's hold on its session; revoked when another stream attaches to it."""
+    """A stream's hold on its session; revoked when another stream attaches to it."""
 
     __slots__ = ("revoked",)
 
@@ -39,16 +86,17 @@ class SessionManager:
         self,
         store: SessionStore,
         scheduler: Scheduler,
-        max_sessions: int,
-        max_chunk_chars: int,
-        rewind_chars: int = 0,
+        catalog: Catalog,
+        limits: Limits,
+        budget: ReplyBudget,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
-        self.max_sessions = max_sessions
-        self.max_chunk_chars = max_chunk_chars  # priming text is fed in chunks of this size
-        self.rewind_chars = rewind_chars  # what each session's trail keeps (nextchar.server.sessions.trail)
+        self.catalog = catalog
+        self.limits = limits
+        self.budget = budget  # the bytes of big replies not yet written (nextchar.server.budget)
         self.draining = False
+        self.turns = Turns()
         self._attached: dict[str, Attachment] = {}  # session id -> the stream that holds it here
 
     # ------------------------------------------------------------ lifecycle
@@ -60,39 +108,66 @@ class SessionManager:
             raise Unavailable("server is draining: no new sessions; reconnect to another server")
         return new_id(requested_id)
 
+    async def model(self, name: str, version: int) -> ModelVersion:
+        """A model version to start from: name "" the default, version 0 the newest."""
+        return await self.catalog.resolve(name, version)
+
     async def create(self, requested_id: str, model: ModelVersion, prime_text: str = "") -> Session:
         """A new session on model, fed prime_text before anyone else can see it."""
-        session = Session.fresh(self.admit(requested_id), model, self.rewind_chars)
-        if prime_text:
-            await self.prime(session, prime_text)
-        return await self.add(session)
+        self.limits.prime(prime_text)
+        session_id = self.admit(requested_id)
+        net = await self.catalog.network(model)
+        value = await self.prime(net, start_value(model, net, self.limits.rewind_chars), prime_text)
+        return await self._add(Session(session_id, model, value))
 
-    def imported(
-        self, requested_id: str, model: ModelVersion, state: np.ndarray, probs: np.ndarray
-    ) -> Session:
-        """A new session from an exported state (not yet added): its rewinds reach back to here."""
-        return Session(self.admit(requested_id), model, state, probs, self.rewind_chars)
+    async def fork(self, source_id: str, requested_id: str) -> Session:
+        """A new session with source's value (values are immutable: shared, not copied)."""
+        source = await self.get(source_id, fresh=True)
+        return await self._add(Session(self.admit(requested_id), source.model, source.value))
 
-    async def add(self, session: Session) -> Session:
+    async def export(self, session_id: str) -> tuple[Session, bytes]:
+        """The session and its value as a SessionSnapshot blob (without the rewind trail)."""
+        session = await self.get(session_id, fresh=True)
+        return session, snapshot.encode(session.model, session.value, session.id, trail=False)
+
+    async def import_blob(self, requested_id: str, blob: bytes) -> Session:
+        """A new session from an ExportSession blob, checked against this server's model."""
+        try:
+            snap = snapshot.parse(blob)
+        except snapshot.SnapshotMismatch as exc:
+            raise InvalidArgument(f"blob: {exc}") from None
+        mv = await self.catalog.resolve(snap.model.name, snap.model.version)
+        if not snapshot.same_model(mv, snap.model_checksum):
+            raise FailedPrecondition(
+                f"blob: model {mv.name} v{mv.version} on this server differs from the one the state came from"
+            )
+        net = await self.catalog.network(mv)
+        try:
+            value = snapshot.imported(net, snap, self.limits.rewind_chars)
+        except snapshot.SnapshotMismatch as exc:
+            raise InvalidArgument(f"blob: {exc}") from None
+        return await self._add(Session(self.admit(requested_id), mv, value))
+
+    async def _add(self, session: Session) -> Session:
         self.admit(session.id)  # re-check: the server may have started draining while priming
-        await self.store.add(session, self.max_sessions)
+        await self.store.add(session, self.limits.max_sessions)
         bind_session(session.id)
         return session
 
     async def get(self, session_id: str, *, fresh: bool = False) -> Session:
-        """The session, touched. fresh: re-read a shared store's copy (RPCs that report or copy
+        """The session, touched. fresh: re-read a shared store's copy (calls that report or copy
         a session must not answer from a replica's stale memory)."""
         bind_session(check_id(session_id))  # this call's log records name the session
         session = await self.store.get(session_id, fresh=fresh)
         session.last_used = time.time()
         return session
 
-    async def again(self, session: Session) -> Session:
-        """A stream's session before its next chunk: still alive (not closed or expired), touched.
-        Its id was checked and bound to the call's logs when the stream attached."""
-        current = await self.store.get(session.id)
-        current.last_used = time.time()
-        return current
+    async def current(self, session: Session) -> Session:
+        """A stream's session before its next message: still alive (not closed or expired),
+        touched. Its id was checked and bound to the call's logs when the stream attached."""
+        now = await self.store.get(session.id)
+        now.last_used = time.time()
+        return now
 
     async def close(self, session_id: str) -> Session:
         session = await self.get(session_id)
@@ -101,15 +176,13 @@ class SessionManager:
 
     async def reset(self, session_id: str) -> Session:
         session = await self.get(session_id, fresh=True)
-        for attempt in range(STALE_RETRIES + 1):
-            try:
-                await self.store.put(session.start())
-                return session
-            except StaleSession:
-                if attempt == STALE_RETRIES:
-                    raise
-                await self.store.refresh(session)
-        raise AssertionError("unreachable")
+        net = await self.catalog.network(session.model)
+
+        async def restart(value: SessionValue) -> tuple[SessionValue, None]:
+            return start_value(session.model, net, self.limits.rewind_chars), None
+
+        await self._change(session, restart, full=True)
+        return session
 
     def attach(self, session_id: str) -> Attachment:
         """Attach a stream to a session: the last stream attached is the one that advances it
@@ -137,87 +210,200 @@ class SessionManager:
         """Sessions start..start+size in creation order, and how many there are in all."""
         return await self.store.page(start, size), await self.store.count()
 
-    # ------------------------------------------------------------ advancing
+    # ------------------------------------------------------------ changing a session
+
+    async def _change(
+        self,
+        session: Session,
+        compute: Callable[[SessionValue], Awaitable[tuple[SessionValue, T]]],
+        *,
+        full: bool = False,
+        retries: int = STALE_RETRIES,
+    ) -> tuple[SessionValue, SessionValue, T]:
+        """The one way a stored session changes: in its turn, compute from its value, and have the
+        store swap the new value in. Returns (the value computed from, the new one, compute's
+        answer). full: the store writes the whole value (a reset, a rewind), not only what it
+        must. retries: how often a change refused as stale is computed again."""
+        async with self.turns(session.id):
+            for attempt in range(retries + 1):
+                before = session.value
+                after, answer = await compute(before)
+                try:
+                    await self.store.commit(session, before, after, full=full)
+                    return before, after, answer
+                except StaleSession:  # another replica moved it on: never answer from the old value
+                    if attempt == retries:
+                        raise
+                    await self.store.refresh(session)
+        raise AssertionError("unreachable")
+
+    def _expect(self, session: Session, value: SessionValue, expect_offset: int | None) -> None:
+        if expect_offset is not None and expect_offset != value.offset:
+            raise FailedPrecondition(
+                f"expect_offset: session {shown(session.id)} is at offset {value.offset}, not {expect_offset}; "
+                "resume from the session's offset",
+                field="expect_offset",
+                offset=str(value.offset),
+            )
+
+    def _reserve(self, net: CharRNN, text: str, top_k: int, full: bool) -> tuple[int, int]:
+        """Check a prediction request against the limits: (its k, the reply budget it holds)."""
+        self.limits.text(text)
+        k = self.limits.top_k(top_k, net.vocab.size)
+        return k, self.budget.reserve(reply_bytes(len(text), k, net.vocab.size, full))
+
+    def written(self, predicted: Predicted) -> None:
+        """The reply of predicted left (or never will): its reply budget is free again."""
+        self.budget.release(predicted.held)
 
     async def predict(
         self, session: Session, text: str, top_k: int, full: bool, expect_offset: int | None = None
-    ) -> ChunkResult:
+    ) -> Predicted:
         """Advance session through text; expect_offset: refuse unless the session is there."""
-        if expect_offset is not None and expect_offset != session.offset:
-            await self.store.refresh(session)  # a replica's copy may be behind the shared store
-        idx, has_unknown = session.model.encode(text)
-        for attempt in range(STALE_RETRIES + 1):
-            self._expect(session, expect_offset)
-            try:
-                result = await self.scheduler.predict(session, idx, top_k, full)
-                break
-            except StaleSession:  # another replica advanced it: never answer from the old state
-                if attempt == STALE_RETRIES:
-                    raise
-                await self.store.refresh(session)
-        if has_unknown:
-            result.unknown_chars = session.model.require().vocab.unknown(text)
-        return result
+        net = await self.catalog.network(session.model)
+        k, held = self._reserve(net, text, top_k, full)
+        try:
+            if expect_offset is not None and expect_offset != session.offset:
+                await self.store.refresh(session)  # a replica's copy may be behind the shared store
+            idx = net.vocab.encode(text)
 
-    async def rewind(self, session: Session, chars: int, expect_offset: int | None = None) -> None:
+            async def advance(value: SessionValue) -> tuple[SessionValue, Rows]:
+                self._expect(session, value, expect_offset)
+                rows = await self.scheduler.predict(session, net, idx, value.state, value.probs, k, full)
+                return value.advanced(idx, rows.state, rows.probs), rows
+
+            before, after, rows = await self._change(session, advance)
+        except BaseException:
+            self.budget.release(held)
+            raise
+        return Predicted(before.offset, rows, self._unknown(net, text), after.rewind_limit, held)
+
+    async def predict_once(self, model: ModelVersion, text: str, top_k: int, full: bool) -> Predicted:
+        """Predictions for text from the model's start, in no session."""
+        net = await self.catalog.network(model)
+        k, held = self._reserve(net, text, top_k, full)
+        try:
+            idx = net.vocab.encode(text)
+            start = start_value(model, net)
+            rows = await self.scheduler.predict(object(), net, idx, start.state, start.probs, k, full)
+        except BaseException:
+            self.budget.release(held)
+            raise
+        return Predicted(0, rows, self._unknown(net, text), 0, held)
+
+    @staticmethod
+    def _unknown(net: CharRNN, text: str) -> str:
+        return "" if net.vocab.knows(text) else net.vocab.unknown(text)
+
+    async def rewind(self, session: Session, chars: int, expect_offset: int | None = None) -> SessionValue:
         """Take back session's last chars characters: restore the trail's mark before them and
-        re-feed what lies between (nextchar.server.sessions.trail)."""
+        re-feed what lies between (nextchar.server.sessions.trail). Returns the value after."""
+        if chars < 1:
+            raise InvalidArgument("chars: must be at least 1")
         if expect_offset is not None and expect_offset != session.offset:
             await self.store.refresh(session)
-        for attempt in range(STALE_RETRIES + 1):
-            self._expect(session, expect_offset)
-            reach = session.trail.reach(session.offset)
+        net = await self.catalog.network(session.model)
+
+        async def take_back(value: SessionValue) -> tuple[SessionValue, None]:
+            self._expect(session, value, expect_offset)
+            reach = value.rewind_limit
             if chars > reach:
                 raise FailedPrecondition(
                     f"rewind: session {shown(session.id)} can take back at most {reach} characters now, "
-                    f"not {chars} (the server keeps {self.rewind_chars}; rewind_limit in SessionInfo)",
+                    f"not {chars} (the server keeps {self.limits.rewind_chars}; rewind_limit in SessionInfo)",
                     field="rewind",
                     rewind_limit=str(reach),
                 )
-            trail, target = session.trail, session.offset - chars
-            replay = trail.replay(session.offset, chars)
-            back = Session(session.id, session.model, replay.mark.state, replay.mark.probs)
-            back.offset = replay.mark.offset
-            if len(replay.text):
-                await self.prime_indices(back, replay.text)
-            try:
-                if session.trail is not trail:  # the session moved while the text was re-fed
-                    raise StaleSession(f"session {shown(session.id)} advanced during the rewind")
-                await self.store.put(
-                    WriteBack(session, back.state, back.probs, target, 0, trail.rewound(target))
-                )
-                return
-            except StaleSession:
-                if attempt == STALE_RETRIES:
-                    raise
-                await self.store.refresh(session)
+            target = value.offset - chars
+            replay = value.trail.replay(value.offset, chars)
+            mark = SessionValue(replay.mark.state, replay.mark.probs, replay.mark.offset, value.trail)
+            fed = await self._feed(session, net, mark, replay.text)
+            return SessionValue(fed.state, fed.probs, target, value.trail.rewound(target)), None
 
-    def _expect(self, session: Session, expect_offset: int | None) -> None:
-        if expect_offset is not None and expect_offset != session.offset:
-            raise FailedPrecondition(
-                f"expect_offset: session {shown(session.id)} is at offset {session.offset}, not {expect_offset}; "
-                "resume from the session's offset",
-                field="expect_offset",
-                offset=str(session.offset),
-            )
+        return (await self._change(session, take_back, full=True))[1]
 
-    def complete(self, session: Session, n: int, max_chars: int) -> list[Continuation]:
-        """The session's likeliest continuations; the session does not move. A few small
-        products (make bench-complete): computed here, on the loop, like a small batch."""
-        return complete(session.model.require(), session.state, session.probs, n, max_chars)
+    async def prime(self, net: CharRNN, value: SessionValue, text: str) -> SessionValue:
+        """value fed text, for a session no store holds yet (nobody else can see it)."""
+        if not text:
+            return value
+        return await self._feed(object(), net, value, net.vocab.encode(text))
 
-    async def prime(self, session: Session, text: str) -> None:
-        """Feed text to a session not yet in the store (nobody else can advance it)."""
-        await self.prime_indices(session, session.model.encode(text)[0])
-
-    async def prime_indices(self, session: Session, idx: np.ndarray) -> None:
-        step = self.max_chunk_chars
+    async def _feed(self, key: object, net: CharRNN, value: SessionValue, idx: np.ndarray) -> SessionValue:
+        """value advanced through idx, in chunks of max_chunk_chars."""
+        step = self.limits.max_chunk_chars
         for start in range(0, len(idx), step):
-            await self.scheduler.predict(session, idx[start : start + step], 1, False)
+            chunk = idx[start : start + step]
+            rows = await self.scheduler.predict(key, net, chunk, value.state, value.probs, 1, False)
+            value = value.advanced(chunk, rows.state, rows.probs)
+        return value
 
     async def generate(
-        self, session: Session, length: int, rng: np.random.Generator, sampling: Sampling
-    ) -> GenerateResult:
-        """Sample length characters from session, advancing it. A generation is not re-run after a
-        lost race (its random draws are spent): that answers ABORTED (StaleSession)."""
-        return await self.scheduler.generate(session, length, rng, sampling)
+        self,
+        source: Session | Draft,
+        prime_text: str,
+        length: int,
+        rng: np.random.Generator,
+        sampling: Sampling,
+        piece: int,
+    ) -> AsyncIterator[Piece]:
+        """Feed prime_text, then sample length characters, piece at a time. A stored session
+        advances with each piece; a draft's value moves here alone. A piece is not re-run
+        after a lost race (its random draws are spent): that answers ABORTED."""
+        net = await self.catalog.network(source.model)
+        self.limits.generation(length, sampling, net.vocab.size)
+        self.limits.prime(prime_text)
+        idx = net.vocab.encode(prime_text)
+        if isinstance(source, Session):
+            session = source
+
+            async def prime(value: SessionValue) -> tuple[SessionValue, None]:
+                return await self._feed(session, net, value, idx), None
+
+            if prime_text:
+                await self._change(session, prime, retries=0)
+        else:
+            value = await self._feed(object(), net, self._draft_value(source, net), idx)
+            key = object()
+        left = length
+        while left > 0:
+            n = min(left, piece)
+            left -= n
+
+            async def draw(value: SessionValue, n: int = n) -> tuple[SessionValue, str]:
+                out = await self.scheduler.generate(
+                    source if isinstance(source, Session) else key,
+                    net,
+                    value.state,
+                    value.probs,
+                    n,
+                    rng,
+                    sampling,
+                )
+                return value.advanced(out.idx, out.state, out.probs), out.text
+
+            if isinstance(source, Session):
+                _, value, text = await self._change(source, draw, retries=0)
+            else:
+                value, text = await draw(value)
+            yield Piece(text, value.offset)
+
+    async def complete(
+        self, source: Session | Draft, prime_text: str, n: int, max_chars: int
+    ) -> tuple[int, list[Continuation]]:
+        """The likeliest continuations from where source is, after prime_text (a draft's only):
+        (the offset they continue from, the continuations). Nothing stored moves."""
+        n, max_chars = self.limits.completion(n, max_chars)
+        net = await self.catalog.network(source.model)
+        if isinstance(source, Session):
+            if prime_text:
+                raise InvalidArgument("prime_text: a session completes from where it is; send no prime_text")
+            value = source.value
+        else:
+            self.limits.prime(prime_text)
+            value = await self.prime(net, self._draft_value(source, net), prime_text)
+        found = await self.scheduler.complete(source, net, value.state, value.probs, n, max_chars)
+        return value.offset, found
+
+    @staticmethod
+    def _draft_value(draft: Draft, net: CharRNN) -> SessionValue:
+        return draft.value if draft.value is not None else start_value(draft.model, net)

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from nextchar.server.errors import ServiceError
 from nextchar.server.registry import ModelVersion
-from nextchar.server.sessions.session import Session, WriteBack
-from nextchar.server.sessions.store import check_new, gone, idle_reason, lifetime_reason
+from nextchar.server.sessions.session import Session
+from nextchar.server.sessions.store import (
+    StaleSession,
+    check_new,
+    gone,
+    idle_reason,
+    lifetime_reason,
+    replaced,
+)
+from nextchar.server.sessions.value import SessionValue
 
 TOMBSTONES = 100_000  # remembered reasons for gone sessions; the oldest are forgotten first
 
@@ -56,15 +63,17 @@ class InMemorySessionStore:
             raise gone(session_id, self._gone.get(session_id))
         self._remove(session_id, reason)
 
-    async def put(self, back: WriteBack) -> None:
-        back.session.restore(back)
+    async def commit(
+        self, session: Session, expected: SessionValue, new: SessionValue, *, full: bool = False
+    ) -> None:
+        if self._sessions.get(session.id) is not session:
+            raise replaced(session.id)
+        if session.value is not expected:
+            raise StaleSession(f"session {session.id!r} changed while the request computed")
+        session.value = new
 
     async def refresh(self, session: Session) -> None:
         """Nothing to do: this process holds the only copy."""
-
-    async def commit(self, backs: Sequence[WriteBack]) -> list[ServiceError | None]:
-        """Every advance is accepted: nothing else can have moved a session held only here."""
-        return [None] * len(backs)
 
     async def count(self) -> int:
         return len(self._sessions)
@@ -73,7 +82,7 @@ class InMemorySessionStore:
         return [s.id for s in self._sessions.values() if s.model is model]
 
     def _remove(self, session_id: str, reason: str) -> None:
-        self._sessions.pop(session_id).gen += 1  # results still computing for it are dropped
+        del self._sessions[session_id]  # changes computing for it are refused at their commit
         self._gone[session_id] = reason
         if len(self._gone) > TOMBSTONES:
             self._gone.popitem(last=False)

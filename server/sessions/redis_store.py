@@ -3,9 +3,9 @@
 ``nextchar serve --store redis://HOST:PORT/DB`` on every replica (docs/deploy.md).
 Layout, all keys under ``nextchar:``::
 
-    s:{id}     hash    v (version), model, mv, ck (model checksum), dtype, off, created, used (ms),
-                       state, probs (raw little-endian), trail (the rewind trail, snapshot.py's
-                       encoding), by (the replica that last advanced it);
+    s:{id}     hash    v (version), model, mv (its model version), created, used (ms),
+                       snap (the session's value: a SessionSnapshot, snapshot.py's codec, the
+                       rewind trail included), by (the replica that last advanced it);
                        PEXPIRE = idle timeout, capped by what is left of the lifetime, renewed on use
     created    zset    id -> created ms: ListSessions pages, the cap (ZCARD)
     deadline   zset    id -> expiry ms: the sweeper finds expired ids here and tells idle from lifetime
@@ -13,12 +13,13 @@ Layout, all keys under ``nextchar:``::
     clock      counter every version is drawn from it, so a re-created id never reuses one
 
 Ordering: a replica keeps its hot sessions in memory and computes from them, but
-a reply leaves only after the COMMIT script (EVALSHA) accepted the write-back: it
+a reply leaves only after the COMMIT script (EVALSHA) accepted the change: it
 compares the hash's version with the one the replica computed from, and bumps it.
 A mismatch means another replica advanced the session: this replica reloads and
-re-runs the chunk (StaleSession), so two replicas never both advance one session
-and no prediction is computed from an outdated state. One batch's write-backs are
-one pipelined round trip. The version is bumped on every message; the state
+computes the change again (StaleSession), so two replicas never both advance one
+session and no prediction is computed from an outdated state. The commits asked
+for in one turn of the event loop (a batch's sessions, answered together) go in
+one pipelined round trip. The version is bumped on every message; the value
 itself is written when ``write_every`` characters have accumulated (1 = every
 message; docs/deploy.md says what a crash loses in each mode).
 
@@ -29,6 +30,7 @@ reconnects on the next call, so nothing needs a restart.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import time
@@ -38,21 +40,21 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-import numpy as np
 import redis.asyncio as aioredis
+from nextchar.server.catalog import Catalog
 from nextchar.server.errors import FailedPrecondition, ServiceError, Unavailable, shown
-from nextchar.server.registry import ModelVersion, Registry
-from nextchar.server.sessions.session import Session, WriteBack
-from nextchar.server.sessions.snapshot import (
-    SnapshotMismatch,
-    decode_state,
-    decode_trail,
-    encode_array,
-    encode_trail,
-    same_model,
+from nextchar.server.registry import ModelVersion
+from nextchar.server.sessions import snapshot
+from nextchar.server.sessions.session import Session
+from nextchar.server.sessions.store import (
+    StaleSession,
+    check_new,
+    gone,
+    idle_reason,
+    lifetime_reason,
+    replaced,
 )
-from nextchar.server.sessions.store import StaleSession, check_new, gone, idle_reason, lifetime_reason
-from nextchar.server.sessions.trail import Trail
+from nextchar.server.sessions.value import SessionValue
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
@@ -163,8 +165,8 @@ def tombstone(session_id: str) -> str:
 class Stored:
     """Where one session object this replica handed out stands against the stored copy."""
 
-    version: int  # the stored copy's version this object was computed from; -1 = unknown (re-read first)
-    dirty: int = 0  # characters consumed since the state was last written
+    version: int  # the stored copy's version this object's value is; -1 = unknown (re-read first)
+    dirty: int = 0  # characters consumed since the value was last written
 
 
 class RedisSessionStore:
@@ -173,7 +175,7 @@ class RedisSessionStore:
     def __init__(
         self,
         url: str,
-        registry: Registry,
+        catalog: Catalog,
         idle_timeout: float,
         lifetime: float = 0.0,
         write_every: int = 1,
@@ -186,7 +188,7 @@ class RedisSessionStore:
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, retry=Retry(NoBackoff(), 0)
         )
-        self.registry = registry
+        self.catalog = catalog
         self.idle_timeout, self.lifetime = idle_timeout, lifetime
         self.idle_ms, self.life_ms = int(idle_timeout * 1000), int(lifetime * 1000)
         self.write_every = write_every  # characters between state writes; the version moves every message
@@ -197,11 +199,12 @@ class RedisSessionStore:
         )
         self.rewind_chars = rewind_chars  # the trail each session keeps (nextchar.server.sessions.trail)
         self._hot: dict[str, Session] = {}  # this replica's sessions in memory, by id
-        # every session object read from or added to the store, for as long as it lives: a
-        # write-back from an object the store never handed out (a stateless Predict, a session
-        # still priming) has nothing to compare, one from any other is checked against its version
+        # every session object read from or added to the store, for as long as it lives, with
+        # the stored version its value is
         self._stored: weakref.WeakKeyDictionary[Session, Stored] = weakref.WeakKeyDictionary()
-        self.conflicts = 0  # write-backs refused because another replica had advanced the session
+        self.conflicts = 0  # changes refused because another replica had advanced the session
+        self._commits: list[tuple[list[Any], asyncio.Future[Any]]] = []  # for the next round trip
+        self._sending: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ Redis calls
 
@@ -250,53 +253,44 @@ class RedisSessionStore:
         """Write back the sessions not written yet (write_every > 1), then disconnect."""
         with contextlib.suppress(ServiceError):
             await self._flush(list(self._hot.values()))
+        await asyncio.gather(*self._sending, return_exceptions=True)
         await self.redis.aclose()
 
     # ------------------------------------------------------------ sessions from and to hashes
 
-    def _fields(self, state: np.ndarray, probs: np.ndarray, offset: int, trail: Trail) -> list[Any]:
-        return [
-            *("off", offset, "state", encode_array(state), "probs", encode_array(probs)),
-            *("trail", encode_trail(trail), "by", self.replica()),
-        ]
+    def _fields(self, session: Session, value: SessionValue) -> list[Any]:
+        return ["snap", snapshot.encode(session.model, value), "by", self.replica()]
 
-    def _decode(
-        self, session_id: str, h: dict[bytes, bytes]
-    ) -> tuple[ModelVersion, np.ndarray, np.ndarray, Trail]:
-        mv = self.registry.resolve(h[b"model"].decode(), int(h[b"mv"]))
-        if not same_model(mv, h.get(b"ck", b"").decode()):
+    async def _decode(self, session_id: str, h: dict[bytes, bytes]) -> tuple[ModelVersion, SessionValue]:
+        try:
+            snap = snapshot.parse(h[b"snap"])
+        except (KeyError, snapshot.SnapshotMismatch) as exc:
+            raise FailedPrecondition(
+                f"session {shown(session_id)}: the stored copy is not one this server reads ({exc}); "
+                "give every replica the same nextchar version"
+            ) from None
+        mv = await self.catalog.resolve(snap.model.name, snap.model.version)
+        if not snapshot.same_model(mv, snap.model_checksum):
             raise FailedPrecondition(
                 f"session {shown(session_id)}: model {mv.name} v{mv.version} on this replica differs from the one "
                 "the session was created with; give every replica the same model files"
             )
-        net = mv.require()
+        net = await self.catalog.network(mv)
         try:
-            state, probs = decode_state(net, h[b"dtype"].decode(), h[b"state"], h[b"probs"])
-        except SnapshotMismatch as exc:
+            return mv, snapshot.stored(net, snap, self.rewind_chars)
+        except snapshot.SnapshotMismatch as exc:
             raise FailedPrecondition(
                 f"session {shown(session_id)}: the stored state does not fit its model: {exc}"
             ) from None
-        trail = Trail(self.rewind_chars)
-        if self.rewind_chars and h.get(b"trail"):
-            with contextlib.suppress(
-                SnapshotMismatch
-            ):  # an unusable trail costs the rewinds, not the session
-                trail = decode_trail(net, self.rewind_chars, h[b"trail"], int(h[b"off"]))
-        return mv, state, probs, trail
 
-    def _adopt(self, session: Session, stored: Stored, h: dict[bytes, bytes]) -> None:
-        """Take the stored copy: state, probs, offset and version change together, never apart."""
-        mv, state, probs, trail = self._decode(session.id, h)
-        if mv is not session.model:  # the id was closed and re-created on another model
-            session.model, session.gen = mv, session.gen + 1
-        session.state, session.probs, session.trail = state, probs, trail
-        session.offset, session.created = int(h[b"off"]), int(h[b"created"]) / 1000
+    async def _adopt(self, session: Session, stored: Stored, h: dict[bytes, bytes]) -> None:
+        """Take the stored copy: the model, value and version change together, never apart."""
+        session.model, session.value = await self._decode(session.id, h)
+        session.created = int(h[b"created"]) / 1000
         stored.version, stored.dirty = int(h[b"v"]), 0
 
-    def _session(self, session_id: str, h: dict[bytes, bytes]) -> Session:
-        mv, state, probs, trail = self._decode(session_id, h)
-        session = Session(session_id, mv, state, probs)
-        session.offset, session.trail = int(h[b"off"]), trail
+    async def _session(self, session_id: str, h: dict[bytes, bytes]) -> Session:
+        session = Session(session_id, *await self._decode(session_id, h))
         session.created = int(h[b"created"]) / 1000
         return session
 
@@ -350,25 +344,27 @@ class RedisSessionStore:
                 await self.remove(session_id, lifetime_reason(self.lifetime))
                 raise gone(session_id, lifetime_reason(self.lifetime))
             if now - session.last_used <= self.idle_timeout:
-                return session  # the write-back after the chunk checks it is still current
+                return session  # the commit after the next change checks it is still current
         if session is None:
             h = await self._load(session_id)
             if h is None:
                 raise await self._gone(session_id)
+            loaded = await self._session(session_id, h)
             session = self._hot.get(session_id)  # a concurrent call may have loaded it meanwhile
             if session is None:
-                session = self._hot[session_id] = self._session(session_id, h)
+                session = self._hot[session_id] = loaded
                 self._stored[session] = Stored(int(h[b"v"]))
             return session
         await self.refresh(session)
         return session
 
     async def add(self, session: Session, cap: int) -> None:
-        net = session.model.require()
         fields = [
-            *("model", session.model.name, "mv", session.model.version, "ck", session.model.checksum),
-            *("dtype", str(net.dtype)),
-            *self._fields(session.state, session.probs, session.offset, session.trail),
+            "model",
+            session.model.name,
+            "mv",
+            session.model.version,
+            *self._fields(session, session.value),
         ]
         now = now_ms()
         v = await self._eval(
@@ -384,28 +380,20 @@ class RedisSessionStore:
 
     async def remove(self, session_id: str, reason: str) -> None:
         # not loaded first: a session of a model version just deleted could not be
-        session = self._hot.pop(session_id, None)
-        if session is not None:
-            session.gen += 1  # results still computing for it are dropped
+        self._hot.pop(session_id, None)  # changes computing for it are refused at their commit
         if not await self._remove(session_id, reason):
             raise await self._gone(session_id)
-
-    async def put(self, back: WriteBack) -> None:
-        (outcome,) = await self._commit([back], full=True)
-        if outcome is not None:
-            raise outcome
-        back.session.restore(back)
 
     async def refresh(self, session: Session) -> None:
         """Adopt the stored copy into session if another replica moved it on."""
         stored = self._stored.get(session)
-        if stored is None:  # not stored: a stateless Predict, a session still priming
+        if stored is None:  # a copy made for a listing: nothing to adopt into
             return
         h = await self._load(session.id)
         if h is None:
             raise await self._gone(session.id)
         if int(h[b"v"]) != stored.version:  # equal: this copy is current, maybe ahead (dirty)
-            self._adopt(session, stored, h)
+            await self._adopt(session, stored, h)
 
     async def page(self, start: int, size: int) -> list[Session]:
         async with self._reaching():
@@ -417,7 +405,7 @@ class RedisSessionStore:
                 continue  # expired since the index was read
             h = dict(zip(flat[::2], flat[1::2], strict=True))
             with contextlib.suppress(ServiceError):  # a model this replica lacks: list the rest
-                session = self._session(session_id, h)
+                session = await self._session(session_id, h)
                 session.last_used = int(h[b"used"]) / 1000
                 out.append(session)
         return out
@@ -472,59 +460,79 @@ class RedisSessionStore:
     def __len__(self) -> int:
         return len(self._hot)
 
-    # ------------------------------------------------------------ write-backs
+    # ------------------------------------------------------------ changes
 
-    async def commit(self, backs: Sequence[WriteBack]) -> list[ServiceError | None]:
-        return await self._commit(backs, full=False)
-
-    async def _commit(self, backs: Sequence[WriteBack], *, full: bool) -> list[ServiceError | None]:
-        """Write a batch back in one round trip: accepted (None) per session, or why not.
-
-        The state goes along when write_every characters have accumulated (or full);
-        otherwise only the version moves, which is what orders the replicas. A session
-        object the store never handed out (a stateless Predict, one still priming) is
-        accepted without a write.
-        """
-        out: list[ServiceError | None] = [None] * len(backs)
-        held = [(i, b, rec) for i, b in enumerate(backs) if (rec := self._stored.get(b.session)) is not None]
-        if not held:
-            return out
-        now = now_ms()
-        writes = [full or rec.dirty + b.chars >= self.write_every for _, b, rec in held]
-        calls = []
-        for (_, b, rec), write in zip(held, writes, strict=True):
-            args = [b.session.id, rec.version, self.idle_ms, self.life_ms, now, "by", self.replica()]
-            if write:
-                args += self._fields(b.state, b.probs, b.offset, b.trail)
-            calls.append(("EVALSHA", [COMMIT_S.sha, 3, key(b.session.id), DEADLINE, CLOCK, *args]))
+    async def commit(
+        self, session: Session, expected: SessionValue, new: SessionValue, *, full: bool = False
+    ) -> None:
+        """Swap new in if the stored copy is still at the version expected is: written with the
+        version when full or write_every characters have accumulated, else only the version
+        moves (which is what orders the replicas)."""
+        stored = self._stored.get(session)
+        if stored is None or self._hot.get(session.id) is not session:
+            raise replaced(session.id)
+        if session.value is not expected:
+            raise StaleSession(f"session {shown(session.id)} changed while the request computed")
+        chars = max(0, new.offset - expected.offset)
+        write = full or stored.dirty + chars >= self.write_every
+        args = [session.id, stored.version, self.idle_ms, self.life_ms, now_ms(), "by", self.replica()]
+        if write:
+            args += self._fields(session, new)
         try:
-            results = await self._pipeline(calls)
+            r = await self._commit_call([key(session.id), DEADLINE, CLOCK], args)
+        except Unavailable:
+            stored.version = -1  # the write may have landed: re-read before the next change
+            raise
+        if isinstance(r, Exception):
+            stored.version = -1
+            raise Unavailable(f"session store {self.url}: {r}")
+        if r == 0:
+            self.conflicts += 1
+            raise StaleSession(f"session {shown(session.id)} was advanced by another replica")
+        if r < 0:
+            raise await self._gone(session.id)
+        stored.version, stored.dirty = int(r), 0 if write else stored.dirty + chars
+        session.value = new
+
+    async def _commit_call(self, keys: list[str], args: list[Any]) -> Any:
+        """The COMMIT script's answer for one change; the changes asked for in the same turn of
+        the event loop share one pipelined round trip. A Redis error comes back as the value."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._commits.append((["EVALSHA", COMMIT_S.sha, len(keys), *keys, *args], future))
+        if len(self._commits) == 1:
+            loop.call_soon(self._send_commits)
+        return await future
+
+    def _send_commits(self) -> None:
+        calls, self._commits = self._commits, []
+        task = asyncio.get_running_loop().create_task(self._run_commits(calls))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _run_commits(self, calls: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
+        pipeline = [(command[0], command[1:]) for command, _ in calls]
+        try:
+            results = await self._pipeline(pipeline)
             if any(isinstance(r, NoScriptError) for r in results):  # Redis restarted: nothing ran
                 await self._load_script(COMMIT_S)
-                results = await self._pipeline(calls)
-        except Unavailable:
-            for _, _, rec in held:
-                rec.version = -1  # the write may have landed: re-read before the next chunk
-            raise
-        for (i, b, rec), write, r in zip(held, writes, results, strict=True):
-            if isinstance(r, Exception):
-                rec.version = -1
-                out[i] = Unavailable(f"session store {self.url}: {r}")
-            elif r > 0:
-                rec.version, rec.dirty = int(r), 0 if write else rec.dirty + b.chars
-            elif r == 0:
-                self.conflicts += 1
-                out[i] = StaleSession(f"session {shown(b.session.id)} was advanced by another replica")
-            else:
-                out[i] = await self._gone(b.session.id)
-        return out
+                results = await self._pipeline(pipeline)
+        except Exception as exc:  # Unavailable: every change of this round trip hears it
+            for _, future in calls:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), r in zip(calls, results, strict=True):
+            if not future.done():
+                future.set_result(r)
 
     async def _flush(self, sessions: Sequence[Session]) -> None:
-        """Write the state of sessions that advanced since their last write (write_every > 1)."""
-        backs = [
-            WriteBack(s, s.state, s.probs, s.offset, 0, s.trail)
-            for s in sessions
-            if (rec := self._stored.get(s)) is not None and rec.dirty
-        ]
-        if backs:
-            await self._commit(backs, full=True)
+        """Write the values of sessions that advanced since their last write (write_every > 1), in
+        one round trip; a session another replica moved on meanwhile keeps that replica's."""
+        dirty = [s for s in sessions if (stored := self._stored.get(s)) is not None and stored.dirty]
+        outcomes = await asyncio.gather(
+            *(self.commit(s, s.value, s.value, full=True) for s in dirty), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, Unavailable):
+                raise outcome

@@ -1,22 +1,34 @@
-"""A session's state as bytes and back: one codec for ExportSession/ImportSession and the Redis store.
+"""A session's value as bytes and back: one codec for ExportSession/ImportSession and the Redis store.
 
-Arrays travel as raw little-endian bytes of the model's dtype. Decoding checks
-everything a foreign copy can get wrong (the dtype, both sizes, finiteness) and
-raises SnapshotMismatch saying which; each caller maps that to its own status.
-A rewind trail (nextchar.server.sessions.trail) travels as one blob: a header
-(marks, characters), the marks' offsets (uint64), each mark's state and probs,
-then the characters (uint16 indices).
+The bytes are a ``nextchar.v1.SessionSnapshot`` (the API's documented blob): the
+model version and its checksum, the offset, and the arrays as raw little-endian
+bytes of the model's dtype; the rewind trail travels in ``trail`` as one blob: a
+header (marks, characters), the marks' offsets (uint64), each mark's state and
+probs, then the characters (uint16 indices).
+
+Decoding checks everything a foreign copy can get wrong (the dtype, both sizes,
+finiteness, a state no model run could reach) and raises SnapshotMismatch saying
+which; each caller maps that to its own status. A blob from a client is not
+trusted (``imported``): its prediction is computed again from its state and its
+trail is not taken. The store's own copies are (``stored``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from nextchar.core.model import CharRNN
+from nextchar.proto import nextchar_pb2 as pb
 from nextchar.server.errors import shown
 from nextchar.server.registry import ModelVersion
 from nextchar.server.sessions.trail import Mark, Trail
+from nextchar.server.sessions.value import SessionValue
+
+FORMAT = 1  # SessionSnapshot.format_version this server writes and reads
+MAX_OFFSET = 2**63 - 1  # an imported offset leaves room for ~9e18 more characters
 
 
 class SnapshotMismatch(ValueError):
@@ -30,6 +42,63 @@ def encode_array(a: np.ndarray) -> bytes:
 def same_model(mv: ModelVersion, checksum: str) -> bool:
     """False when both sides know the parameters' checksum and they differ (an empty one matches)."""
     return not (checksum and mv.checksum and checksum != mv.checksum)
+
+
+def encode(model: ModelVersion, value: SessionValue, session_id: str = "", *, trail: bool = True) -> bytes:
+    """value as a SessionSnapshot's bytes (trail=False: without the rewind trail, as Export gives it)."""
+    return pb.SessionSnapshot(
+        format_version=FORMAT,
+        model=pb.ModelRef(name=model.name, version=model.version),
+        model_checksum=model.checksum,
+        offset=value.offset,
+        dtype=str(value.state.dtype),
+        state=encode_array(value.state),
+        probs=encode_array(value.probs),
+        session_id=session_id,
+        trail=encode_trail(value.trail) if trail and value.trail.marks else b"",
+    ).SerializeToString()
+
+
+def parse(blob: bytes) -> pb.SessionSnapshot:
+    """The snapshot in blob, before anything is checked against a model."""
+    snapshot = pb.SessionSnapshot()
+    try:
+        snapshot.ParseFromString(blob)
+    except DecodeError:
+        raise SnapshotMismatch("not a SessionSnapshot from ExportSession") from None
+    if snapshot.format_version != FORMAT:
+        raise SnapshotMismatch(
+            f"format version {snapshot.format_version} is not supported (this server reads {FORMAT})"
+        )
+    if not snapshot.model.name or not snapshot.model.version:
+        raise SnapshotMismatch("names no model version")
+    return snapshot
+
+
+def stored(net: CharRNN, snapshot: pb.SessionSnapshot, keep: int) -> SessionValue:
+    """The value a store wrote: its prediction and trail as written (an unusable trail costs the
+    rewinds, not the session)."""
+    state, probs = decode_state(net, snapshot.dtype, snapshot.state, snapshot.probs)
+    trail = Trail(keep)
+    if keep and snapshot.trail:
+        with contextlib.suppress(SnapshotMismatch):
+            trail = decode_trail(net, keep, snapshot.trail, snapshot.offset)
+    return SessionValue(state, probs, snapshot.offset, trail)
+
+
+def imported(net: CharRNN, snapshot: pb.SessionSnapshot, keep: int) -> SessionValue:
+    """The value of a client's blob: a state the model could have reached, its prediction computed
+    here (a blob's own could say anything), rewinds reaching back to the import."""
+    state, _ = decode_state(net, snapshot.dtype, snapshot.state, snapshot.probs)
+    if snapshot.offset > MAX_OFFSET:  # else the next chunk overflows uint64 offsets in every reply
+        raise SnapshotMismatch(f"offset {snapshot.offset} is above {MAX_OFFSET}")
+    if not net.reachable(state, snapshot.offset):
+        raise SnapshotMismatch(
+            f"state is outside what model runs reach after {snapshot.offset} characters "
+            "(a hidden unit beyond [-1, 1], or an LSTM cell beyond the offset)"
+        )
+    probs = net.predict_from(state[None, :])[0]
+    return SessionValue(state, probs, snapshot.offset, Trail(keep))
 
 
 def decode_state(net: CharRNN, dtype: str, state: bytes, probs: bytes) -> tuple[np.ndarray, np.ndarray]:

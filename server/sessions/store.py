@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
 from typing import Protocol
 
 from nextchar.server.errors import (
@@ -23,19 +22,25 @@ from nextchar.server.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    ServiceError,
     shown,
 )
 from nextchar.server.registry import ModelVersion
-from nextchar.server.sessions.session import Session, WriteBack
+from nextchar.server.sessions.session import Session
+from nextchar.server.sessions.value import SessionValue
 
 ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 GONE_REASONS = ("idle", "lifetime", "closed", "evicted")
 
 
 class StaleSession(Aborted):
-    """A shared store refused a write-back: another replica advanced the session since this
-    replica read it. The chunk is re-run from the stored copy (SessionManager), or ABORTED."""
+    """A store refused a change: the session's value is no longer the one the change was
+    computed from (another replica advanced it). The change is computed again from the
+    stored copy (SessionManager), or ABORTED."""
+
+
+def replaced(session_id: str) -> Aborted:
+    """The refusal of a change whose session was closed (or expired) while it computed."""
+    return Aborted(f"session {shown(session_id)} was reset or closed during the request")
 
 
 def idle_reason(idle_timeout: float) -> str:
@@ -93,15 +98,15 @@ class SessionStore(Protocol):
     # raises NotFound naming the reason; fresh: re-read a shared copy another replica may have advanced
     async def get(self, session_id: str, *, fresh: bool = False) -> Session: ...
     async def add(self, session: Session, cap: int) -> None: ...  # AlreadyExists, ResourceExhausted
-    # NotFound naming the reason; the copy this replica holds (if any) drops results computing for it
+    # NotFound naming the reason; changes computing for it are refused when they commit
     async def remove(self, session_id: str, reason: str) -> None: ...
-    # make back the session's whole state (a reset, a rewind), written through; StaleSession when
-    # another replica moved the session on since this copy was read
-    async def put(self, back: WriteBack) -> None: ...
+    # compare-and-swap: make new the session's value if expected still is (a shared store writes
+    # it through, the whole value when full, else as write_every says); StaleSession when the value
+    # moved on, Aborted when the session was removed, Unavailable when the store cannot be reached
+    async def commit(
+        self, session: Session, expected: SessionValue, new: SessionValue, *, full: bool = False
+    ) -> None: ...
     async def refresh(self, session: Session) -> None: ...  # adopt the shared copy if it moved on
-    # accept each advance before it is applied: None, or why not (StaleSession, NotFound, Unavailable);
-    # a session the store does not hold (a stateless Predict, one still priming) is accepted as is
-    async def commit(self, backs: Sequence[WriteBack]) -> list[ServiceError | None]: ...
     async def page(self, start: int, size: int) -> list[Session]: ...
     async def count(self) -> int: ...  # sessions in the store (all replicas')
     async def of_model(self, model: ModelVersion) -> list[str]: ...  # ids of the sessions on model

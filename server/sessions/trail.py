@@ -60,7 +60,7 @@ class Trail:
         """The offset the trail leads up to (its session's offset); -1 when empty."""
         return self.marks[0].offset + len(self.text) if self.marks else -1
 
-    def reach(self, offset: int) -> int:
+    def rewind_limit(self, offset: int) -> int:
         """How many characters a session at offset can take back."""
         return offset - self.marks[0].offset if self.marks and self.end == offset else 0
 
@@ -84,7 +84,7 @@ class Trail:
         return Trail(keep, marks, text)
 
     def replay(self, offset: int, chars: int) -> Replay:
-        """How to take chars back from a session at offset; the caller checked reach()."""
+        """How to take chars back from a session at offset; the caller checked rewind_limit()."""
         target = offset - chars
         mark = next(m for m in reversed(self.marks) if m.offset <= target)
         start = mark.offset - self.marks[0].offset
