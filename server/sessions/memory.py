@@ -11,9 +11,8 @@ from nextchar.server.sessions.session import Session
 from nextchar.server.sessions.store import (
     StaleSession,
     check_new,
+    expiry_reason,
     gone,
-    idle_reason,
-    lifetime_reason,
     replaced,
 )
 from nextchar.server.sessions.value import SessionValue
@@ -34,11 +33,7 @@ class InMemorySessionStore:
         self._gone: OrderedDict[str, str] = OrderedDict()
 
     def _expiry_reason(self, session: Session, now: float) -> str | None:
-        if now - session.last_used > self.idle_timeout:
-            return idle_reason(self.idle_timeout)
-        if self.lifetime and now - session.created > self.lifetime:
-            return lifetime_reason(self.lifetime)
-        return None
+        return expiry_reason(session, now, self.idle_timeout, self.lifetime)
 
     async def get(self, session_id: str, *, fresh: bool = False) -> Session:
         session = self._sessions.get(session_id)

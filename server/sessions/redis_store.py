@@ -49,6 +49,7 @@ from nextchar.server.sessions.session import Session
 from nextchar.server.sessions.store import (
     StaleSession,
     check_new,
+    expiry_reason,
     gone,
     idle_reason,
     lifetime_reason,
@@ -339,12 +340,12 @@ class RedisSessionStore:
     async def get(self, session_id: str, *, fresh: bool = False) -> Session:
         session = self._hot.get(session_id)
         if session is not None and not fresh:
-            now = time.time()
-            if self.lifetime and now - session.created > self.lifetime:
-                await self.remove(session_id, lifetime_reason(self.lifetime))
-                raise gone(session_id, lifetime_reason(self.lifetime))
-            if now - session.last_used <= self.idle_timeout:
+            why = expiry_reason(session, time.time(), self.idle_timeout, self.lifetime)
+            if why is None:
                 return session  # the commit after the next change checks it is still current
+            if why == lifetime_reason(self.lifetime):  # idle here: other replicas may have used it
+                await self.remove(session_id, why)
+                raise gone(session_id, why)
         if session is None:
             h = await self._load(session_id)
             if h is None:

@@ -51,6 +51,15 @@ def lifetime_reason(lifetime: float) -> str:
     return f"lifetime of {lifetime:g} s ended"
 
 
+def expiry_reason(session: Session, now: float, idle_timeout: float, lifetime: float) -> str | None:
+    """Why session has expired by now (idle too long, or past its lifetime), or None."""
+    if lifetime and now - session.created > lifetime:
+        return lifetime_reason(lifetime)
+    if now - session.last_used > idle_timeout:
+        return idle_reason(idle_timeout)
+    return None
+
+
 def reason_label(reason: str) -> str:
     """The one-word kind of a removal reason ("idle for more than 60 s" -> "idle")."""
     word = reason.split(maxsplit=1)[0].rstrip(":") if reason else ""
