@@ -28,7 +28,7 @@ def test_a_model_fetched_from_redis_does_not_block_the_event_loop(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     redis_server.client.flushall()
-    big = CharRNN.create(ModelConfig(cell="rnn", hidden=3500), Vocab.from_text("abcdefgh "), seed=3)
+    big = CharRNN.create(ModelConfig(cell="rnn", hidden=2500), Vocab.from_text("abcdefgh "), seed=3)
     writer = Registry(
         tmp_path / "writer", RedisModelFiles(redis.Redis.from_url(redis_server.url), "w", tmp_path / "writer")
     )
