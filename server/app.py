@@ -122,8 +122,11 @@ def make_store(
             metrics.store_rtt.observe,
             replica,
             config.rewind_chars,
+            config.session_evict_idle,
         )
-    return InMemorySessionStore(config.idle_timeout, config.session_lifetime, on_remove=metrics.session_ended)
+    return InMemorySessionStore(
+        config.idle_timeout, config.session_lifetime, metrics.session_ended, config.session_evict_idle
+    )
 
 
 def shared_parts(config: ServerConfig | TrainerConfig) -> tuple[Registry, JobStore, Blobs | None]:

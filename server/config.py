@@ -117,7 +117,17 @@ class ServerConfig:
     model_dir: Path = _model_dir()  # noqa: RUF009 (a field(), as the others)
     # ~1 KB each beyond the state: well under 1 GB at H=256
     max_sessions: int = field(
-        default=100_000, metadata=_opt("Cap on live sessions; new ones are refused beyond it.")
+        default=100_000,
+        metadata=_opt(
+            "Cap on live sessions; at it, the session idle the longest makes room for a new one "
+            "(if idle --session-evict-idle seconds), else the new one is refused."
+        ),
+    )
+    # a floor, so a flood of new sessions cannot evict sessions in use; filling the cap with
+    # sessions nobody uses locks others out for at most this long (they are the idle ones)
+    session_evict_idle: float = field(
+        default=60.0,
+        metadata=_opt("Seconds a session must have been idle before it may be evicted at the cap."),
     )
     # an open call holds ~14 KB of the server's memory: 20,000 PredictStreams that never sent a
     # message took a server from 66 to 349 MB; the cap bounds what clients can hold open (the
@@ -249,6 +259,7 @@ class ServerConfig:
         checks = {
             "port": 0 <= self.port <= 65535,
             "max_sessions": self.max_sessions >= 1,
+            "session_evict_idle": self.session_evict_idle >= 0,
             "max_streams": self.max_streams >= 1,
             "idle_timeout": self.idle_timeout > 0,
             "session_lifetime": self.session_lifetime >= 0,

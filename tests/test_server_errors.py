@@ -239,6 +239,37 @@ def test_session_cap_refuses_new_sessions_and_never_starves_live_ones(model_dir:
         srv.close()
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_full_server_evicts_the_session_idle_the_longest_not_one_in_use(
+    model_dir: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    """Sessions created and never used filled the cap and locked every new client out until they
+    idled out (30 minutes): now, once the idlest has been idle session_evict_idle seconds, it makes
+    room for a new one (its client is told why: NOT_FOUND, reason evicted); a session in use stays."""
+    url = request.getfixturevalue("redis_server").url if store == "redis" else ""
+    if url:
+        request.getfixturevalue("redis_server").client.flushall()
+    srv = start_server(model_dir, max_sessions=3, session_evict_idle=0.5, store=url, shared_models=False)
+    try:
+        hoarded = [session(srv), session(srv)]
+        used = session(srv)
+        code, details = status_of(lambda: session(srv))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "cap" in details  # none idle long enough yet
+        time.sleep(0.6)
+        srv.stub.Predict(pb.PredictRequest(session_id=used, text="h"), timeout=5)  # in use: stays
+        newcomer = session(srv)
+        code, _, details = refusal(
+            lambda: srv.stub.GetSession(pb.GetSessionRequest(session_id=hoarded[0]), timeout=5)
+        )
+        assert code == grpc.StatusCode.NOT_FOUND and details["reason"] == "evicted"
+        for sid in (hoarded[1], used, newcomer):
+            assert (
+                srv.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=5).session.session_id == sid
+            )
+    finally:
+        srv.close()
+
+
 def test_draining_refuses_new_sessions_with_unavailable(model_dir: Path) -> None:
     srv = start_server(model_dir, grace=5.0)
     try:

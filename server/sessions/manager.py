@@ -16,7 +16,6 @@ forked generation) computes the same way and keeps its values to itself.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -159,14 +158,14 @@ class SessionManager:
         a session must not answer from a replica's stale memory)."""
         bind_session(check_id(session_id))  # this call's log records name the session
         session = await self.store.get(session_id, fresh=fresh)
-        session.last_used = time.time()
+        self.store.touch(session)
         return session
 
     async def current(self, session: Session) -> Session:
         """A stream's session before its next message: still alive (not closed or expired),
         touched. Its id was checked and bound to the call's logs when the stream attached."""
         now = await self.store.get(session.id)
-        now.last_used = time.time()
+        self.store.touch(now)
         return now
 
     async def close(self, session_id: str) -> Session:

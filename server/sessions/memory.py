@@ -10,10 +10,12 @@ from nextchar.server.registry import ModelVersion
 from nextchar.server.sessions.session import Session
 from nextchar.server.sessions.store import (
     StaleSession,
-    check_new,
+    evicted_reason,
     expiry_reason,
+    full,
     gone,
     replaced,
+    taken,
 )
 from nextchar.server.sessions.value import SessionValue
 
@@ -21,15 +23,22 @@ TOMBSTONES = 100_000  # remembered reasons for gone sessions; the oldest are for
 
 
 class InMemorySessionStore:
-    """A dict in insertion (= creation) order; this process holds the only copy of each session."""
+    """A dict in insertion (= creation) order, and the ids least recently used first; this process
+    holds the only copy of each session."""
 
     def __init__(
-        self, idle_timeout: float, lifetime: float = 0.0, on_remove: Callable[[str, str], None] | None = None
+        self,
+        idle_timeout: float,
+        lifetime: float = 0.0,
+        on_remove: Callable[[str, str], None] | None = None,
+        evict_idle: float = 60.0,
     ) -> None:
         self.idle_timeout = idle_timeout
         self.lifetime = lifetime
         self.on_remove = on_remove  # (session id, reason): the metrics' counter of ended sessions
+        self.evict_idle = evict_idle  # seconds idle before a session may make room at the cap
         self._sessions: dict[str, Session] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict()  # ids, least recently used first
         self._gone: OrderedDict[str, str] = OrderedDict()
 
     def _expiry_reason(self, session: Session, now: float) -> str | None:
@@ -45,13 +54,30 @@ class InMemorySessionStore:
             raise gone(session_id, reason)
         return session
 
+    def touch(self, session: Session) -> None:
+        session.last_used = time.time()
+        if session.id in self._recent:
+            self._recent.move_to_end(session.id)
+
     def contains(self, session_id: str) -> bool:
         return session_id in self._sessions
 
     async def add(self, session: Session, cap: int) -> None:
-        check_new(session.id, self.contains(session.id), len(self._sessions), cap)
+        if self.contains(session.id):
+            raise taken(session.id)
+        if len(self._sessions) >= cap:
+            self._make_room(cap)
         self._gone.pop(session.id, None)
         self._sessions[session.id] = session
+        self._recent[session.id] = None
+
+    def _make_room(self, cap: int) -> None:
+        """Evict the session idle the longest, if it has been idle evict_idle seconds."""
+        idlest = self._sessions[next(iter(self._recent))]
+        idle = time.time() - idlest.last_used
+        if idle < self.evict_idle:
+            raise full(cap, self.evict_idle)
+        self._remove(idlest.id, evicted_reason(cap))
 
     async def remove(self, session_id: str, reason: str) -> None:
         if session_id not in self._sessions:
@@ -78,6 +104,7 @@ class InMemorySessionStore:
 
     def _remove(self, session_id: str, reason: str) -> None:
         del self._sessions[session_id]  # changes computing for it are refused at their commit
+        del self._recent[session_id]
         self._gone[session_id] = reason
         if len(self._gone) > TOMBSTONES:
             self._gone.popitem(last=False)

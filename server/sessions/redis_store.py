@@ -48,12 +48,14 @@ from nextchar.server.sessions import snapshot
 from nextchar.server.sessions.session import Session
 from nextchar.server.sessions.store import (
     StaleSession,
-    check_new,
+    evicted_reason,
     expiry_reason,
+    full,
     gone,
     idle_reason,
     lifetime_reason,
     replaced,
+    taken,
 )
 from nextchar.server.sessions.value import SessionValue
 from redis.backoff import NoBackoff
@@ -76,19 +78,35 @@ local function touch(key, id, created, now, idle, life)
 end
 """
 
-# KEYS: s:{id}, deadline, created, gone:{id}, clock; ARGV: id, cap, idle, life, now, field, value, ...
+# KEYS: s:{id}, deadline, created, gone:{id}, clock; ARGV: id, cap, idle, life, now, evict idle (ms),
+# eviction reason, tombstone ms, key prefix, field, value, ... Returns {version} ({0}: the id is taken,
+# {-2}: the cap is reached and no session has been idle long enough), or {version, the id evicted
+# to make room}. The session idle the longest is the one whose deadline comes first.
 CREATE = (
     _TOUCH
     + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[2]) then return -2 end
-local v = redis.call('INCR', KEYS[5])
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
 local now = tonumber(ARGV[5])
-redis.call('HSET', KEYS[1], 'v', v, 'created', now, 'used', now, unpack(ARGV, 6))
+local evicted = nil
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[2]) then
+  local idlest = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  if not idlest then return {-2} end
+  local ikey = ARGV[9] .. 's:' .. idlest
+  local used = tonumber(redis.call('HGET', ikey, 'used') or '0')
+  if now - used < tonumber(ARGV[6]) then return {-2} end
+  redis.call('DEL', ikey)
+  redis.call('ZREM', KEYS[2], idlest)
+  redis.call('ZREM', KEYS[3], idlest)
+  redis.call('SET', ARGV[9] .. 'gone:' .. idlest, ARGV[7], 'PX', ARGV[8])
+  evicted = idlest
+end
+local v = redis.call('INCR', KEYS[5])
+redis.call('HSET', KEYS[1], 'v', v, 'created', now, 'used', now, unpack(ARGV, 10))
 touch(KEYS[1], ARGV[1], now, now, tonumber(ARGV[3]), tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[3], now, ARGV[1])
 redis.call('DEL', KEYS[4])
-return v
+if evicted then return {v, evicted} end
+return {v}
 """
 )
 
@@ -184,6 +202,7 @@ class RedisSessionStore:
         on_round_trip: Callable[[float], None] | None = None,
         replica: Callable[[], str] = lambda: "",
         rewind_chars: int = 0,
+        evict_idle: float = 60.0,
     ) -> None:
         self.url = display_url(url)
         self.redis = aioredis.Redis.from_url(
@@ -199,6 +218,8 @@ class RedisSessionStore:
             replica  # host:port, recorded in "by" with each write (which replica advanced a session)
         )
         self.rewind_chars = rewind_chars  # the trail each session keeps (nextchar.server.sessions.trail)
+        self.evict_idle = evict_idle  # seconds idle before a session may make room at the cap
+        self.evict_ms = int(evict_idle * 1000)
         self._hot: dict[str, Session] = {}  # this replica's sessions in memory, by id
         # every session object read from or added to the store, for as long as it lives, with
         # the stored version its value is
@@ -367,14 +388,33 @@ class RedisSessionStore:
             session.model.version,
             *self._fields(session, session.value),
         ]
-        now = now_ms()
-        v = await self._eval(
+        now, reason = now_ms(), evicted_reason(cap)
+        created = await self._eval(
             CREATE_S,
             [key(session.id), DEADLINE, CREATED, tombstone(session.id), CLOCK],
-            [session.id, cap, self.idle_ms, self.life_ms, now, *fields],
+            [
+                session.id,
+                cap,
+                self.idle_ms,
+                self.life_ms,
+                now,
+                self.evict_ms,
+                reason,
+                TOMBSTONE_MS,
+                PREFIX,
+                *fields,
+            ],
         )
-        if v <= 0:
-            check_new(session.id, v == 0, cap, cap)
+        v = int(created[0])
+        if v == 0:
+            raise taken(session.id)
+        if v < 0:
+            raise full(cap, self.evict_idle)
+        if len(created) > 1:  # made room: the idlest session is gone, here too
+            evicted = created[1].decode()
+            self._hot.pop(evicted, None)
+            if self.on_remove is not None:
+                self.on_remove(evicted, reason)
         session.created = session.last_used = now / 1000
         self._hot[session.id] = session
         self._stored[session] = Stored(int(v))
@@ -454,6 +494,10 @@ class RedisSessionStore:
                 await self._remove(session_id.decode(), self._expiry_reason(created_ms, deadline), force=True)
                 swept += 1
         return swept
+
+    def touch(self, session: Session) -> None:
+        """Used now (in this replica's memory; Redis hears it with the next change)."""
+        session.last_used = time.time()
 
     def contains(self, session_id: str) -> bool:
         return session_id in self._hot

@@ -92,20 +92,34 @@ def new_id(requested: str = "") -> str:
     return check_id(requested) if requested else secrets.token_hex(16)
 
 
-def check_new(session_id: str, exists: bool, count: int, cap: int) -> None:
-    """The two reasons a store refuses a new session: its id is taken, or the cap is reached."""
-    if exists:
-        raise AlreadyExists(f"session_id: {shown(session_id)} is already in use")
-    if count >= cap:
-        raise ResourceExhausted(f"session cap of {cap} reached; close idle sessions or retry later")
+def taken(session_id: str) -> AlreadyExists:
+    return AlreadyExists(f"session_id: {shown(session_id)} is already in use")
+
+
+def full(cap: int, evict_idle: float) -> ResourceExhausted:
+    """At the cap with no session idle long enough to make room for a new one."""
+    return ResourceExhausted(
+        f"session cap of {cap} reached and no session has been idle {evict_idle:g} s to make room; "
+        "close idle sessions or retry later",
+        limit="max_sessions",
+    )
+
+
+def evicted_reason(cap: int) -> str:
+    """Why a session was removed to make room for a new one at the cap."""
+    return f"evicted: the server was at its session cap ({cap}) and this session was idle the longest"
 
 
 class SessionStore(Protocol):
     """Where sessions live. Implementations enforce expiry, and the cap in ``add`` (atomically,
-    when several replicas share the store)."""
+    when several replicas share the store): at the cap, the session idle the longest makes room
+    for the new one if it has been idle ``evict_idle`` seconds, else the new one is refused. So a
+    client that fills the cap with sessions it never uses locks nobody out for longer than
+    that: its sessions are the idle ones."""
 
     # raises NotFound naming the reason; fresh: re-read a shared copy another replica may have advanced
     async def get(self, session_id: str, *, fresh: bool = False) -> Session: ...
+    def touch(self, session: Session) -> None: ...  # used now: the last a new session at the cap evicts
     async def add(self, session: Session, cap: int) -> None: ...  # AlreadyExists, ResourceExhausted
     # NotFound naming the reason; changes computing for it are refused when they commit
     async def remove(self, session_id: str, reason: str) -> None: ...
