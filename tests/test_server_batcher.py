@@ -426,3 +426,38 @@ def test_the_compute_process_lets_go_of_a_model_the_server_dropped() -> None:
         await scheduler.close()
 
     asyncio.run(main())
+
+
+def test_one_character_work_is_not_held_behind_a_long_chunk() -> None:
+    """A 4,096-character chunk (a prime) computes off the loop; one-character messages of other
+    streams asked meanwhile are answered without waiting for it (they waited for all of it when
+    batched with it, or queued behind it)."""
+    mv = version(hidden=512, cell="gru")
+    model = mv.require()
+    start = start_value(mv, model)
+    long_text = VOCAB.encode(("the quick brown fox jumps over the lazy dog " * 100)[:4096])
+
+    async def main() -> tuple[int, bool]:
+        scheduler = Scheduler()
+        scheduler.start()
+        long = asyncio.ensure_future(
+            scheduler.predict(object(), model, long_text, start.state, start.probs, 1, False)
+        )
+        await asyncio.sleep(0.005)
+        rounds = 0
+        keys = [object() for _ in range(5)]
+        while not long.done() and rounds < 50:
+            one = VOCAB.encode("a")
+            await asyncio.gather(
+                *(scheduler.predict(k, model, one, start.state, start.probs, 3, False) for k in keys)
+            )
+            rounds += 1
+        answered_first = not long.done()
+        await long
+        await scheduler.close()
+        return rounds, answered_first
+
+    rounds, answered_first = asyncio.run(main())
+    assert answered_first and rounds >= 3, (
+        f"{rounds} rounds of one-character messages while the long chunk computed"
+    )

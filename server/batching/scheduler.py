@@ -17,6 +17,10 @@ The policy, all of it here:
   answered, it is sent to queue behind the one computing (MAX_IN_FLIGHT), so
   the compute process does not wait for the event loop between two batches.
 - A key is in one batch at a time; its next work waits its turn, in order.
+- Long work (LONG_CHARS and more: a prime, a rewind's re-feed, a big chunk) never
+  shares a batch with shorter work, and while it computes off the loop, short work
+  goes on being batched and answered: a batch costs its longest chunk's steps, so
+  one-character messages batched with a 4,096-character chunk waited for all of it.
 - A batch that fails is computed again work by work, so an error stays with the
   work that caused it and never fails the callers batched beside it.
 """
@@ -44,7 +48,8 @@ from nextchar.server.batching.work import (
 
 LONE_WINDOW = 0.002  # seconds: another caller asking within this means streams overlap
 GATHER_LIMIT = 4096  # chunks per batch cut
-MAX_IN_FLIGHT = 2  # big batches at once: one computing, the next queued behind it
+MAX_IN_FLIGHT = 2  # big batches at once: one computing, the next queued behind it (each for long work)
+LONG_CHARS = 256  # characters that make a work long (see the module's docstring)
 
 
 class Scheduler:
@@ -67,6 +72,7 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._offloaded: set[asyncio.Task[None]] = set()  # batches computing off the loop (or queued to)
         self._offloaded_keys: set[int] = set()  # ids of the keys in those batches
+        self._long: set[asyncio.Task[None]] = set()  # the offloaded batches of long work
         self._returning = GATHER_LIMIT  # keys the last finished offloaded batch answered (see _worth_sending)
         self._busy = 0  # offloaded batches under way: a lone request must queue
         self._last_key: object = None
@@ -163,18 +169,23 @@ class Scheduler:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._offloaded and sum(w.size for w in self._pending) <= self.inline_chars:
+            short_offloaded = len(self._offloaded) - len(self._long)
+            if not short_offloaded and sum(w.size for w in self._pending) <= self.inline_chars:
                 await self._gather()  # small work: wait for more to share the step
             if not self._worth_sending():
                 continue  # a finishing batch wakes this loop again
             batch = self._take()
             if self._pending:
                 self._wake.set()
+            long = [w for w in batch if w.size >= LONG_CHARS]
+            if long:
+                self._offload(long, sum(w.size for w in long), long=True)
+                batch = [w for w in batch if w.size < LONG_CHARS]
             if not batch:
                 continue
             self._last_batch = len(batch)
             size = sum(w.size for w in batch)
-            if size > self.inline_chars or self._offloaded:
+            if size > self.inline_chars or short_offloaded:
                 self._offload(batch, size)
             else:
                 await self._run_inline(batch)
@@ -194,25 +205,28 @@ class Scheduler:
         """With a batch computing, queue the next behind it once every session of the last
         finished batch has come back: the groups of streams that alternate on the compute
         process then stay whole (a smaller piece would step fewer sessions per product).
-        Anything else waits until nothing computes."""
-        if not self._offloaded:
+        Anything else waits until nothing computes. Long work computing holds nothing back."""
+        short_offloaded = len(self._offloaded) - len(self._long)
+        if not short_offloaded:
             return True
-        if len(self._offloaded) >= MAX_IN_FLIGHT or len(self._pending) < self._returning:
+        if short_offloaded >= MAX_IN_FLIGHT or len(self._pending) < self._returning:
             return False  # (the second test spares building the set on most of the loop's wake-ups)
         waiting = {id(w.key) for w in self._pending} - self._offloaded_keys
         return len(waiting) >= self._returning
 
     def _take(self) -> list[Work]:
         """Everything queued, at most one work per key and none whose key is in a batch
-        already (the rest waits its turn, in order)."""
+        already, nor long work while MAX_IN_FLIGHT batches of it compute (the rest waits
+        its turn, in order)."""
         batch: list[Work] = []
         later: list[Work] = []
         seen: set[int] = set(self._offloaded_keys)
+        long_room = len(self._long) < MAX_IN_FLIGHT
         for work in self._pending:
             if work.future.done():  # the caller went away (cancelled) before its turn
                 continue
             key = id(work.key)
-            if key in seen:
+            if key in seen or (work.size >= LONG_CHARS and not long_room):
                 later.append(work)
             else:
                 seen.add(key)
@@ -244,8 +258,9 @@ class Scheduler:
             if not work.future.done():
                 work.future.set_result(result)  # type: ignore[arg-type]  # a work's future takes its own result kind
 
-    def _offload(self, batch: list[Work], size: int) -> None:
-        """Compute a big batch off the loop; its keys stay out of other batches meanwhile."""
+    def _offload(self, batch: list[Work], size: int, *, long: bool = False) -> None:
+        """Compute a big batch (or one of long work) off the loop; its keys stay out of other
+        batches meanwhile."""
         keys = [id(w.key) for w in batch]
         self._offloaded_keys.update(keys)
         self._busy += 1
@@ -256,9 +271,11 @@ class Scheduler:
                     await self._compute(self.offload, batch)
                 finally:  # the executor is free for the next batch: let the loop send it first
                     self._offloaded.discard(task)
+                    self._long.discard(task)
                     self._wake.set()
                 self.on_batch(len(batch), size)
-                self._returning = len(batch)
+                if not long:
+                    self._returning = len(batch)
             except asyncio.CancelledError:
                 self._fail(batch, None)
                 raise
@@ -268,6 +285,8 @@ class Scheduler:
 
         task = asyncio.get_running_loop().create_task(offloaded())
         self._offloaded.add(task)
+        if long:
+            self._long.add(task)
 
     @staticmethod
     def _fail(batch: Sequence[Work], exc: BaseException | None) -> None:
