@@ -17,8 +17,10 @@ the same ``XDG_DATA_HOME``, as on a user's machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +49,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def run_shell(script: str, cwd: Path, env: dict[str, str], timeout: float = 300) -> tuple[str, str, int]:
+    """bash -c script in a process group of its own, which is killed whole afterwards: a
+    walkthrough that fails before its `kill %1` must not leave its server running."""
+    proc = subprocess.Popen(
+        ["bash", "-c", script],
+        cwd=cwd,
+        env=env,
+        text=True,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return stdout, stderr, proc.returncode
 
 
 def stream_summary(address: str, line: str) -> dict[str, object]:
@@ -87,16 +110,11 @@ def test_the_readme_walkthrough_leaves_the_make_run_server_on_the_shipped_model(
         clone = tmp_path / "clone"  # what the walkthrough reads of a clone, and nothing it could write to
         clone.mkdir()
         (clone / "core").symlink_to(ROOT / "core")
-        run = subprocess.run(
-            ["bash", "-c", f"set -e\n{script}\nwait\n"],
-            cwd=clone,
-            env=env,
-            text=True,
-            capture_output=True,
-            timeout=300,
-        )
-        assert run.returncode == 0, f"the walkthrough failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-        assert "* code:v1" in run.stdout, f"its own server's default is not its model:\n{run.stdout}"
+        # stop at the first failing command, and stop the walkthrough's server then too
+        stopping = "set -e\ntrap 'status=$?; set +e; kill $(jobs -p) 2>/dev/null; wait; exit $status' EXIT\n"
+        stdout, stderr, returncode = run_shell(f"{stopping}{script}\nwait\n", clone, env)
+        assert returncode == 0, f"the walkthrough failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+        assert "* code:v1" in stdout, f"its own server's default is not its model:\n{stdout}"
 
         python, line = section(README, "The Python library")
         ran = run_python(blocks(python, first_line=line), "README.md", {MAKE_RUN_ADDRESS: make_run.address})
