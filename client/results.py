@@ -84,6 +84,10 @@ class Candidate:
     char: str
     prob: float
 
+    def __repr__(self) -> str:
+        # three digits, not float32's seventeen: a list of them has to be read at a glance
+        return f"Candidate({self.char!r}, {self.prob:.3f})"
+
 
 @dataclass(frozen=True)
 class CharPrediction:
@@ -100,6 +104,12 @@ class CharPrediction:
     def next_char(self) -> str:
         return self.top[0].char if self.top else ""
 
+    def __repr__(self) -> str:
+        shown = f"<CharPrediction at {self.offset} {self.char!r} {self.surprisal_bits:.2f} bits"
+        unknown = " (unknown)" if self.unknown else ""
+        distribution = f", distribution of {len(self.distribution)}" if self.distribution else ""
+        return f"{shown}{unknown}: next {_listed(self.top)}{distribution}>"
+
 
 @dataclass(frozen=True)
 class Rewind:
@@ -115,6 +125,19 @@ class Completion:
     text: str
     prob: float
     complete: bool
+
+    def __repr__(self) -> str:
+        return f"Completion({self.text!r}, {self.prob:.3f}, complete={self.complete})"
+
+
+def _listed(top: Sequence[Candidate]) -> str:
+    """Candidates as a reader scans them: ``'e' 0.412, 'a' 0.103``."""
+    return ", ".join(f"{c.char!r} {c.prob:.3f}" for c in top) or "nothing"
+
+
+def _tail(text: str, keep: int = 40) -> str:
+    """The end of a long text (where the next character follows), marked as cut."""
+    return repr(text) if len(text) <= keep else "..." + repr(text[-keep:])
 
 
 def candidates(msg: pb.NextChars, vocab: str) -> tuple[Candidate, ...]:
@@ -214,7 +237,14 @@ class Predictions(Sequence[CharPrediction]):
         return (self[i] for i in range(len(self)))
 
     def __repr__(self) -> str:
-        return f"Predictions(start_offset={self.start_offset}, count={len(self)}, next_chars={self.next_chars!r})"
+        """The chunk and what comes after it; not ``next_chars``, which reads as noise (the top
+        guess after every character, each one aligned with a character of the text)."""
+        where = f"{self.start_offset}..{self.end_offset}" if self._msg.count else f"at {self.start_offset}"
+        if self.text:
+            where += f" of {_tail(self.text)}"
+        elif not self._msg.count:
+            where += " after a rewind"
+        return f"<Predictions {where}: next {_listed(self.next)}>"
 
 
 @dataclass(frozen=True)
@@ -367,6 +397,17 @@ class ModelDetails:
             parse(msg.config_json),
             parse(msg.summary_json),
             parse(msg.meta_json),
+        )
+
+    def __repr__(self) -> str:
+        """The facts that tell versions apart; the whole of config, summary and meta (which
+        repeats both) would fill a screen."""
+        i = self.info
+        bits = f", {i.bits_per_char:.3f} bits/char" if i.bits_per_char is not None else ""
+        default = " (default)" if i.is_default else ""
+        return (
+            f"<ModelDetails {i.model}{default}: {i.cell}, hidden {i.hidden}, {i.layers} layer(s), "
+            f"{len(self.vocab)} characters{bits}>"
         )
 
 
