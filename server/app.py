@@ -44,6 +44,7 @@ from nextchar.server.errors import ServiceError
 from nextchar.server.logs import CALLS_GATE, configure_logging
 from nextchar.server.metrics import Metrics
 from nextchar.server.registry import DEFAULT_NAME, Registry
+from nextchar.server.service import Service
 from nextchar.server.servicer import NextCharServicer
 from nextchar.server.sessions.limits import Limits
 from nextchar.server.sessions.manager import SessionManager
@@ -178,7 +179,8 @@ class NextCharServer:
             config.max_pending_upload_bytes,
             shared_texts,
         )
-        self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs, self.texts)
+        self.service = Service(config, self.registry, self.sessions, self.jobs, self.texts)
+        self.servicer = NextCharServicer(self.service, config.max_streams)
         self.servicer.on_message = self.metrics.message_latency.observe
         self.servicer.on_refused = self.metrics.refused
         self.servicer.open_calls.on_evicted = self.metrics.streams_evicted.inc
