@@ -19,7 +19,7 @@ $(BENCH_STAMP): $(STAMP)
 	touch $@
 
 run: $(STAMP)
-	$(VENV)/bin/nextchar serve
+	$(VENV)/bin/nextchar serve --http-port 8080
 
 demo: $(STAMP)
 	$(PY) -m nextchar.core.demo --out demo-out

@@ -54,10 +54,10 @@ class NextCharServicer:
     """Registered method by method from the service descriptor (nextchar.server.wire.add_service),
     so it need not subclass the generated base."""
 
-    def __init__(self, service: Service, max_streams: int) -> None:
+    def __init__(self, service: Service, open_calls: OpenCalls) -> None:
         self.service = service
         self.sessions = service.sessions
-        self.open_calls = OpenCalls(max_streams)  # streams and uploads: the drain waits for them
+        self.open_calls = open_calls  # streams and uploads (every protocol's): the drain waits for them
         self.on_message: Callable[[float], None] = lambda seconds: None  # latency hook (metrics)
         self.on_refused: Callable[[str, str], None] = lambda method, code: None  # (metrics)
 
