@@ -43,7 +43,7 @@ bench-train: $(BENCH_STAMP)
 	$(PY) bench/train_bench.py
 
 bench-serve: $(STAMP)
-	$(PY) bench/serve_bench.py
+	$(PY) bench/serve_bench.py --web
 
 # 1,000 streaming sessions held for 60 s: zero errors, p50/p99, server memory slope
 bench-load: $(STAMP)
