@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from nextchar.cli.keys import Key, KeyReader
 from server_harness import ServerProcess, make_registry
 from terminal_screen import TerminalScreen
 
@@ -129,6 +130,7 @@ def test_backspace_rewinds_and_never_goes_further_than_the_session_can(
     view = open_view(server.address)
     view.send("hello wor")
     view.wait_for(r"^next +l \d+%")
+    view.send("\x1b[D\x1b[A\x1bOP")  # arrows, F1: ignored, nothing sent, nothing ends
     view.send("\x7f\x7f")  # Backspace twice: the session takes "or" back
     view.wait_for(r"^hello w▌")
     view.wait_for(r"offset 7 .*Backspace: 7 back")
@@ -159,6 +161,26 @@ def test_a_paste_keeps_its_context_and_its_tabs(
     view.send("\x04")
     assert view.finish() == 0
     assert summary_value(view, "chars") == str(len("hello wor") + len(paste))
+
+
+def test_keys_split_between_reads_are_still_keys() -> None:
+    reader = KeyReader()
+    keys = [
+        *reader.feed(b"a\x1b["),
+        *reader.feed(b"Db\xc3"),
+        *reader.feed(b"\xa9\x1bO"),
+        *reader.feed(b"P\t"),
+    ]
+    assert keys == ["a", "b", "é", Key.TAB]  # the arrow (ESC [ D) and F1 (ESC O P) dropped, whole
+    pasted = [*reader.feed(b"\x1b[200~x\ty\x04\x7f\x1b[20"), *reader.feed(b"1~\t\x7f\x04")]
+    assert pasted == [
+        "x",
+        "\t",
+        "y",
+        Key.TAB,
+        Key.BACKSPACE,
+        Key.END,
+    ]  # inside a paste, controls edit nothing
 
 
 @pytest.mark.parametrize("end", ["ctrl-d", "ctrl-c"])
