@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 import queue
+import signal
 import sys
 import termios
 import threading
@@ -77,6 +78,10 @@ class TypingView:
         self.words: list[Completion] = []  # completions of the text on screen ([] while keys wait)
         self.unknown = ""  # characters of the last edit the model does not know
         self.console = Console(highlight=False)
+        # Between replies nothing above changes: a resized terminal is redrawn at once then.
+        # (Signal handlers run in the main thread, which may be half way through a reply.)
+        self.waiting = False
+        self.resized = False  # since the last drawing began
 
     def run(self) -> None:
         fd = sys.stdin.fileno()
@@ -94,22 +99,41 @@ class TypingView:
                 redirect_stderr=False,
             ) as live:
                 self._write(BRACKETED_PASTE_ON)
+                resized = signal.signal(signal.SIGWINCH, lambda *_: self._redraw(live))
                 try:
                     self.words = self._completions()  # a word to start with, before any key
                     live.refresh()
+                    self.waiting = True
                     self.ready.set()
                     for p in self.session.stream(self._edits(), top_k=self.top_k):
+                        self.waiting = False
                         self._take(p)
-                        live.refresh()
+                        self._draw(live)
+                        self.waiting = True
+                        if self.resized:  # during the drawing, which may have had the old size
+                            self._draw(live)
                         self.ready.set()
                 except KeyboardInterrupt:
                     pass  # Ctrl-C ends the view like Ctrl-D
                 finally:
+                    signal.signal(signal.SIGWINCH, resized)
                     self._write(BRACKETED_PASTE_OFF)
         finally:  # the summary on every way out, a lost server's error after it
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
             self._print_text()
             print_summary({**self.stats.summary(self.session), "rewinds": self.rewinds}, False)
+
+    def _draw(self, live: Live) -> None:
+        self.resized = False
+        live.refresh()
+
+    def _redraw(self, live: Live) -> None:
+        """SIGWINCH: the new size drawn now, or once the reply being taken in is drawn."""
+        self.resized = True
+        if self.waiting:
+            self.waiting = False  # a second signal in the middle of this drawing waits for its end
+            self._draw(live)
+            self.waiting = True
 
     # ------------------------------------------------------------ keys to edits (the stream's thread)
 
@@ -247,7 +271,7 @@ class TypingView:
         for step in range(5):
             legend.append("■", style=_shade(HOT_BITS * step / 4))
         legend.append(f" 0 → {HOT_BITS:.0f}+ bits", style="dim")
-        return Text.assemble(help_line, legend)
+        return Text.assemble(help_line, legend, no_wrap=True, overflow="ellipsis")
 
     def _print_text(self) -> None:
         """The text typed, shaded, left on the terminal after the view has gone."""

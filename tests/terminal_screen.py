@@ -30,8 +30,9 @@ import pyte
 
 class TerminalScreen:
     def __init__(self, argv: Sequence[str], rows: int = 30, cols: int = 100) -> None:
-        env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(cols), "LINES": str(rows)}
-        env.pop("NO_COLOR", None)
+        env = {**os.environ, "TERM": "xterm-256color"}
+        for fixed in ("COLUMNS", "LINES", "NO_COLOR"):  # the size is the terminal's, and it has colours
+            env.pop(fixed, None)
         self._master, tty = pty.openpty()
         fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         self.proc = subprocess.Popen(
@@ -62,6 +63,11 @@ class TerminalScreen:
 
     def send(self, keys: str) -> None:
         os.write(self._master, keys.encode())
+
+    def resize(self, rows: int, cols: int) -> None:
+        """As a window is resized: the terminal's size changes and the command gets SIGWINCH."""
+        self.screen.resize(rows, cols)
+        fcntl.ioctl(self._master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
     def interrupt(self) -> None:
         """Ctrl-C: the terminal turns the byte into SIGINT for the command."""

@@ -163,6 +163,21 @@ def test_a_paste_keeps_its_context_and_its_tabs(
     assert summary_value(view, "chars") == str(len("hello wor") + len(paste))
 
 
+def test_a_resized_terminal_is_redrawn_at_once(
+    server: ServerProcess, open_view: Callable[..., TerminalScreen]
+) -> None:
+    view = open_view(server.address)
+    view.send("hello world " * 8)  # 96 characters: one line of 100, two of 60
+    view.wait_for(r"offset 96 ")
+    view.resize(20, 60)  # no key pressed after it
+    view.wait_for(
+        r"\A nextchar stream · default:v1 · offset 96 .*\nhello world( hello world){4}\n(hello world ){3}▌"
+        r"(?s:.*)\nTab: [^\n]*Ctrl-D ends[^\n]*\Z"  # the footer on the new last row
+    )
+    view.send("\x04")
+    assert view.finish() == 0
+
+
 def test_keys_split_between_reads_are_still_keys() -> None:
     reader = KeyReader()
     keys = [
