@@ -130,7 +130,7 @@ def stream(
             if file is None and sys.stdin.isatty():
                 from nextchar.cli.typing_view import TypingView
 
-                TypingView(session, top_k).run()
+                TypingView(session, top_k, chunk).run()
                 return
             with file.open("rb") if file else nullcontext(sys.stdin.buffer) as source:
                 stats = StreamStats()

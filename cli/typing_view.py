@@ -27,13 +27,14 @@ completions shown are always those of the text on screen.
 
 from __future__ import annotations
 
-import functools
+import itertools
 import os
 import queue
 import signal
 import sys
 import termios
 import threading
+import time
 import tty
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -48,7 +49,7 @@ from rich.color import Color
 from rich.console import Console, Group
 from rich.live import Live
 from rich.style import Style
-from rich.text import Text
+from rich.text import Span, Text
 
 if TYPE_CHECKING:
     from nextchar.client.results import Candidate, Predictions
@@ -59,29 +60,34 @@ HIDDEN_BELOW = 0.005  # a next-character candidate that would read "0%" is left 
 WORDS = 3  # completions asked for after each reply
 KEPT_ON_EXIT = 2000  # characters of the typed text printed when the view closes
 FOOTER_ROWS = 4  # the blank line, next, words, help
+PASTE_FRAME_SECONDS = 0.1  # a screenful of shaded text takes 2-20 ms to draw; a paste comes in pieces
 
 
 class TypingView:
     """The view's state and its loop; ``run`` returns when the person or the server ends it."""
 
-    def __init__(self, session: Session, top_k: int) -> None:
-        self.session, self.top_k = session, top_k
+    def __init__(self, session: Session, top_k: int, chunk: int) -> None:
+        self.session, self.top_k, self.chunk = session, top_k, chunk  # chunk: characters per message
         self.keys: queue.Queue[str | Key] = queue.Queue()  # Key.END once, last
         self.ready = threading.Event()  # the last edit sent has its reply: the state below is current
         self.base = session.offset  # the session's offset when the view opened: typed[0] is here
         self.typed: list[str] = []  # what the session holds since base, as the server acknowledged
-        self.bits: list[float | None] = []  # each typed character's surprisal (None: not scored)
+        self.shades: list[
+            int | None
+        ] = []  # each typed character's surprisal, as a SHADES step (None: not scored)
         self.limit = 0  # characters the session can take back (the last reply's rewind_limit)
         self.rewinds = 0
         self.stats = StreamStats()
         self.next: tuple[Candidate, ...] = ()
         self.words: list[Completion] = []  # completions of the text on screen ([] while keys wait)
+        self.unsent = 0  # characters typed or pasted that wait for the reply to the edit sent
         self.unknown = ""  # characters of the last edit the model does not know
         self.console = Console(highlight=False)
         # Between replies nothing above changes: a resized terminal is redrawn at once then.
         # (Signal handlers run in the main thread, which may be half way through a reply.)
         self.waiting = False
         self.resized = False  # since the last drawing began
+        self.drawn_at = 0.0  # when (time.monotonic)
 
     def run(self) -> None:
         fd = sys.stdin.fileno()
@@ -108,7 +114,8 @@ class TypingView:
                     for p in self.session.stream(self._edits(), top_k=self.top_k):
                         self.waiting = False
                         self._take(p)
-                        self._draw(live)
+                        if not self.unsent or time.monotonic() - self.drawn_at >= PASTE_FRAME_SECONDS:
+                            self._draw(live)  # a long paste is drawn a few times a second, not per piece
                         self.waiting = True
                         if self.resized:  # during the drawing, which may have had the old size
                             self._draw(live)
@@ -124,7 +131,7 @@ class TypingView:
             print_summary({**self.stats.summary(self.session), "rewinds": self.rewinds}, False)
 
     def _draw(self, live: Live) -> None:
-        self.resized = False
+        self.resized, self.drawn_at = False, time.monotonic()
         live.refresh()
 
     def _redraw(self, live: Live) -> None:
@@ -177,9 +184,11 @@ class TypingView:
                 self.rewinds += back
                 yield Rewind(back)
                 back = 0
-            elif pending:
-                yield "".join(pending)
-                pending = []
+            elif pending:  # a long paste goes in pieces the server takes, one per reply
+                piece = "".join(pending[: self.chunk])
+                del pending[: self.chunk]
+                self.unsent = len(pending)
+                yield piece
             elif tab and (best := self._best_word()):
                 tab = False
                 yield best
@@ -207,13 +216,13 @@ class TypingView:
     def _take(self, p: Predictions) -> None:
         self.stats.add(p)
         kept = p.start_offset - self.base  # a rewind's reply starts where the session went back to
-        del self.typed[kept:], self.bits[kept:]
+        del self.typed[kept:], self.shades[kept:]
         self.typed += p.text[: len(p)]
-        self.bits += [bits if offset > 0 else None for offset, bits in _offsets(p)]
+        self.shades += [_shade(bits) if offset > 0 else None for offset, bits in _offsets(p)]
         self.limit, self.next = p.rewind_limit, p.next
         if len(p):
             self.unknown = p.unknown_chars
-        self.words = self._completions() if self.keys.empty() else []
+        self.words = [] if self.unsent or not self.keys.empty() else self._completions()
 
     def _completions(self) -> list[Completion]:
         try:
@@ -258,7 +267,7 @@ class TypingView:
     def _text(self, width: int, rows: int) -> Text:
         """The typed text, shaded, its last rows lines as wrapped at width, and the cursor."""
         start = max(0, len(self.typed) - width * rows)  # every line shown holds at least one of these
-        text = _shaded(self.typed[start:], self.bits[start:])
+        text = _shaded(self.typed[start:], self.shades[start:])
         text.append("▌", style="blink")
         lines = list(text.wrap(self.console, width))[-rows:]
         return Text("\n").join([*lines, *[Text()] * (rows - len(lines))])  # the footer stays at the bottom
@@ -269,7 +278,7 @@ class TypingView:
         help_line.append("Backspace takes back · Ctrl-D ends", style="dim")
         legend = Text("   surprise ", style="dim")
         for step in range(5):
-            legend.append("■", style=_shade(HOT_BITS * step / 4))
+            legend.append("■", style=SHADES[2 * step])
         legend.append(f" 0 → {HOT_BITS:.0f}+ bits", style="dim")
         return Text.assemble(help_line, legend, no_wrap=True, overflow="ellipsis")
 
@@ -278,7 +287,7 @@ class TypingView:
         start = max(0, len(self.typed) - KEPT_ON_EXIT)
         if self.typed:
             self.console.print(
-                Text("…" if start else "") + _shaded(self.typed[start:], self.bits[start:]), soft_wrap=False
+                Text("…" if start else "") + _shaded(self.typed[start:], self.shades[start:]), soft_wrap=False
             )
 
     def _write(self, control: str) -> None:
@@ -290,23 +299,30 @@ def _offsets(p: Predictions) -> Iterator[tuple[int, float]]:
     return ((p.start_offset + i, bits) for i, bits in enumerate(p.surprisal_bits))
 
 
-def _shaded(chars: list[str], bits: list[float | None]) -> Text:
-    text = Text()
-    for char, b in zip(chars, bits, strict=True):
-        text.append(char, style=_shade(b) if b is not None else "")
-    return text
+def _shaded(chars: list[str], shades: list[int | None]) -> Text:
+    """The characters, each in its shade: one span per run of equal shades (a span per
+    character would make a screenful of text slow to draw)."""
+    spans, start = [], 0
+    for shade, run in itertools.groupby(shades):
+        end = start + len(list(run))
+        if shade is not None:
+            spans.append(Span(start, end, SHADES[shade]))
+        start = end
+    return Text("".join(chars), spans=spans)
 
 
-@functools.cache
-def _shade_step(step: int) -> Style:
-    """Green (expected) through yellow to red (HOT_BITS or more), in eighths."""
-    x = step / 8
+def _shade(bits: float) -> int:
+    """A surprisal as a step of SHADES: eighths of HOT_BITS."""
+    return round(8 * min(max(bits, 0.0), HOT_BITS) / HOT_BITS)
+
+
+def _rgb(x: float) -> Style:
+    """Green (x = 0, expected) through yellow to red (x = 1, a surprise)."""
     red, green = (int(255 * 2 * x), 200) if x < 0.5 else (255, int(200 * 2 * (1 - x)))
     return Style(color=Color.from_rgb(min(red, 255), green, 0))
 
 
-def _shade(bits: float) -> Style:
-    return _shade_step(round(8 * min(max(bits, 0.0), HOT_BITS) / HOT_BITS))
+SHADES = [_rgb(step / 8) for step in range(9)]
 
 
 def _whole_word(typed: list[str], c: Completion) -> str:

@@ -163,6 +163,19 @@ def test_a_paste_keeps_its_context_and_its_tabs(
     assert summary_value(view, "chars") == str(len("hello wor") + len(paste))
 
 
+def test_a_paste_longer_than_the_server_takes_in_one_message_goes_in_pieces(
+    server: ServerProcess, open_view: Callable[..., TerminalScreen]
+) -> None:
+    view = open_view(server.address)
+    paste = "hello world " * 500  # 6,000 characters; the server takes at most 4,096 a message
+    view.send(f"\x1b[200~{paste}\x1b[201~")
+    view.wait_for(r"offset 6000 ")
+    view.wait_for(r"^(hello world ){8}▌")
+    view.send("\x04")
+    assert view.finish() == 0
+    assert summary_value(view, "chars") == "6000"
+
+
 def test_a_resized_terminal_is_redrawn_at_once(
     server: ServerProcess, open_view: Callable[..., TerminalScreen]
 ) -> None:
