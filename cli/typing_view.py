@@ -1,14 +1,19 @@
 """``nextchar stream`` on a terminal: a small full-screen view of a session being typed into.
 
 Every key is sent as it is typed; the screen shows what the session holds and what
-the model makes of it::
+the model makes of it (the shipped model, after a paste)::
 
-     nextchar stream · default:v1 · offset 15 · 1.92 bits/char · Backspace: 15 back
-     hello world hel▌
+     nextchar stream · default:v1 · offset 144 · 1.98 bits/char · Backspace: 144 back
+    ROMEO:
+    But soft, what light through yonder window breaks?
+    It is the east, and Juliet is the sun.
 
-     next   l 97%   a 2%
-     words  hello 96%   help 1%
-     Tab: hello · Backspace takes back · Ctrl-D ends            surprise ■■■■■ 0 → 8+ bits
+    JULIET:
+    O Romeo, Romeo, wherefore art thou Rom▌
+
+    next   e 78%   a 18%   o 2%
+    words  Romeo 37%   Rome 12%   Roman 8%
+    Tab: Romeo · Backspace takes back · Ctrl-D ends   surprise ■■■■■ 0 → 8+ bits
 
 The text is shaded by surprisal, character by character (green: expected, red: a
 surprise), and wraps, so a paste keeps its context. The status line says which model
@@ -326,17 +331,17 @@ SHADES = [_rgb(step / 8) for step in range(9)]
 
 
 def _whole_word(typed: list[str], c: Completion) -> str:
-    """A completion as the word it makes: the word being typed and its continuation ("wo" +
-    "rld": "world"); one that starts a new word shown as it goes on, its leading space or
-    newline made visible (" world": "␠world", ", or" as it is)."""
+    """A completion as the word it makes, on one line: the word being typed and its
+    continuation ("wo" + "rld": "world"); one that starts a new word shown as it goes on,
+    its leading spaces and any newline made visible (" world": "␠world", ",\\nAnd")."""
     text = c.text
     if text and is_word_char(text[0]):
         start = len(typed)
         while start and is_word_char(typed[start - 1]):
             start -= 1
-        return "".join(typed[start:]) + text
-    rest = text.lstrip()
-    return "".join(map(show_char, text[: len(text) - len(rest)])) + rest
+        text = "".join(typed[start:]) + text
+    lead = len(text) - len(text.lstrip(" "))
+    return "".join(show_char(ch) if i < lead or not ch.isprintable() else ch for i, ch in enumerate(text))
 
 
 def _percent(prob: float) -> str:

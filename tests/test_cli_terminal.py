@@ -163,6 +163,23 @@ def test_a_paste_keeps_its_context_and_its_tabs(
     assert summary_value(view, "chars") == str(len("hello wor") + len(paste))
 
 
+def test_completions_that_cross_a_line_stay_on_one_row(
+    tmp_path: Path, open_view: Callable[..., TerminalScreen]
+) -> None:
+    english = ServerProcess(tmp_path)  # an empty model directory: the shipped Shakespeare model
+    try:
+        view = open_view(english.address)
+        paste = "JULIET:\nO Romeo, Romeo, wherefore art thou Romeo"
+        view.send(f"\x1b[200~{paste}\x1b[201~")
+        view.wait_for(rf"offset {len(paste)} ")
+        row = view.wait_for(r"^words +(.+)\nTab: ").group(1)  # the footer's rows as they should be
+        assert "\\n" in row  # the model's likeliest words go on after a comma and a newline
+        view.send("\x04")
+        assert view.finish() == 0
+    finally:
+        english.close()
+
+
 def test_a_paste_longer_than_the_server_takes_in_one_message_goes_in_pieces(
     server: ServerProcess, open_view: Callable[..., TerminalScreen]
 ) -> None:
