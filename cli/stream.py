@@ -120,9 +120,9 @@ def stream(
     Interactive on a terminal: a full-screen view where every key and paste is sent as
     typed, the text is shaded by surprisal, the likeliest next characters and words are
     shown, Tab accepts the best word, Backspace takes the last character back (the session
-    rewinds); Ctrl-D or Ctrl-C ends, with a summary. From a pipe or --file: characters are sent as they arrive, one line per character
-    (or JSON Lines with --json), then a summary with top-1 accuracy and bits/char. A dropped
-    connection is resumed where it stopped.
+    rewinds); Ctrl-D or Ctrl-C ends, with a summary. From a pipe or --file: characters are
+    sent as they arrive, one line per character (or JSON Lines with --json), then a summary
+    with top-1 accuracy and bits/char. A dropped connection is resumed where it stopped.
     """
     with connect(server, timeout) as client:
         session = client.attach(session_id) if session_id else client.session(model)
