@@ -127,7 +127,7 @@ def stream(
     with connect(server, timeout) as client:
         session = client.attach(session_id) if session_id else client.session(model)
         try:
-            if file is None and sys.stdin.isatty():
+            if file is None and sys.stdin.isatty() and sys.stdout.isatty():  # `| tee log`: lines
                 from nextchar.cli.typing_view import TypingView
 
                 TypingView(session, top_k, chunk).run()

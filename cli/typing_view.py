@@ -77,9 +77,7 @@ class TypingView:
         self.ready = threading.Event()  # the last edit sent has its reply: the state below is current
         self.base = session.offset  # the session's offset when the view opened: typed[0] is here
         self.typed: list[str] = []  # what the session holds since base, as the server acknowledged
-        self.shades: list[
-            int | None
-        ] = []  # each typed character's surprisal, as a SHADES step (None: not scored)
+        self.shades: list[int | None] = []  # each one's surprisal as a step of SHADES (None: unscored)
         self.limit = 0  # characters the session can take back (the last reply's rewind_limit)
         self.rewinds = 0
         self.stats = StreamStats()
@@ -113,7 +111,7 @@ class TypingView:
                 resized = signal.signal(signal.SIGWINCH, lambda *_: self._redraw(live))
                 try:
                     self.words = self._completions()  # a word to start with, before any key
-                    live.refresh()
+                    self._draw(live)
                     self.waiting = True
                     self.ready.set()
                     for p in self.session.stream(self._edits(), top_k=self.top_k):
@@ -187,6 +185,7 @@ class TypingView:
             self.ready.clear()
             if back:  # before the text typed after the Backspaces
                 self.rewinds += back
+                self.unsent = len(pending)
                 yield Rewind(back)
                 back = 0
             elif pending:  # a long paste goes in pieces the server takes, one per reply

@@ -208,6 +208,16 @@ def test_a_resized_terminal_is_redrawn_at_once(
     assert view.finish() == 0
 
 
+def test_typed_into_a_pipe_the_stream_prints_lines_not_the_view(server: ServerProcess) -> None:
+    command = " ".join([*CLI, "stream", "--server", server.address])
+    typist = TerminalScreen(["sh", "-c", f"{command} | cat"])  # keys from the terminal, output to a pipe
+    typist.send("hello\n")
+    typist.wait_for(r"^ +4 +o .*next: ")  # read a line at a time, as a terminal hands it over
+    typist.send("\x04")
+    assert typist.finish() == 0
+    assert "Ctrl-D ends" not in typist.output() and "chars" in typist.output()
+
+
 def test_keys_split_between_reads_are_still_keys() -> None:
     reader = KeyReader()
     keys = [
