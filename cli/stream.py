@@ -127,7 +127,8 @@ def stream(
     with connect(server, timeout) as client:
         session = client.attach(session_id) if session_id else client.session(model)
         try:
-            if file is None and sys.stdin.isatty() and sys.stdout.isatty():  # `| tee log`: lines
+            # the view for a person at a terminal; lines for `| tee log`, and JSON when asked for
+            if file is None and sys.stdin.isatty() and sys.stdout.isatty() and not as_json:
                 from nextchar.cli.typing_view import TypingView
 
                 TypingView(session, top_k, chunk).run()

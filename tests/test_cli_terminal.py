@@ -218,6 +218,15 @@ def test_typed_into_a_pipe_the_stream_prints_lines_not_the_view(server: ServerPr
     assert "Ctrl-D ends" not in typist.output() and "chars" in typist.output()
 
 
+def test_json_asked_for_on_a_terminal_is_json(server: ServerProcess) -> None:
+    typist = TerminalScreen([*CLI, "stream", "--server", server.address, "--json"])
+    typist.send("hi\n")
+    typist.wait_for(r'^\{"offset": 1, "char": "i", ')
+    typist.send("\x04")
+    assert typist.finish() == 0
+    assert '{"summary": {' in typist.output()
+
+
 def test_keys_split_between_reads_are_still_keys() -> None:
     reader = KeyReader()
     keys = [
