@@ -9,10 +9,10 @@ the status-code table of docs/api.md. No model math and no session rules here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
-import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,7 +44,7 @@ from nextchar.server.registry import DEFAULT_NAME, ModelVersion, Registry
 from nextchar.server.sessions.manager import Attachment, SessionManager
 from nextchar.server.sessions.session import Session
 from nextchar.server.sessions.snapshot import SnapshotMismatch, decode_state, encode_array, same_model
-from nextchar.server.training.jobs import JobManager
+from nextchar.server.training.jobs import FORSAKEN, JobManager, parse_configs
 from nextchar.server.training.texts import TextStore
 from nextchar.server.wire import Refused
 
@@ -485,7 +485,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     @streaming
     async def Train(self, request: pb.TrainRequest, context: Ctx) -> AsyncIterator[pb.TrainResponse]:
         mc = request.model_config
-        model_config: dict[str, Any] = {
+        model_fields = {
             k: v
             for k, v in {
                 "cell": mc.cell,
@@ -496,17 +496,14 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             }.items()
             if v
         }
-        tc = request.train_config
-        train_config = {f.name: value for f, value in tc.ListFields()}  # only the fields sent
-        for name, value in train_config.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise InvalidArgument(f"train_config.{name}: must be finite, got {value}")
+        train_fields = {f.name: value for f, value in request.train_config.ListFields()}  # only those sent
+        model_config, train_config = parse_configs(model_fields, train_fields)
         if request.text and request.text_id:
             raise InvalidArgument("text, text_id: give the text inline or an uploaded text's id, not both")
         await asyncio.to_thread(self.registry.check_room, self.config.max_model_bytes)
         inline = not request.text_id
         path = (
-            await asyncio.to_thread(self.texts.store, request.text)
+            await self.texts.keep(request.text)
             if inline
             else await asyncio.to_thread(self.texts.path, request.text_id)
         )
@@ -514,14 +511,23 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             job = await self.jobs.start(
                 request.model_name or DEFAULT_NAME, path, model_config, train_config, request.promote
             )
-        except BaseException:
-            if inline:  # a refused job's text is nobody's
-                path.unlink(missing_ok=True)
-            raise
+        finally:
+            if inline:  # the job took the text, or nobody will: it counts no longer
+                await self.texts.release(path)
         if not inline:
             await asyncio.to_thread(self.texts.forget, request.text_id)
-        async for current, record, place in self.jobs.follow(job.id):
-            yield pb.TrainResponse(event=messages.job_event(current, record, place))
+        told = False
+        try:
+            async for current, record, place in self.jobs.follow(job.id):
+                remaining = context.time_remaining()
+                if not told and remaining is not None and remaining <= 0:
+                    return  # the caller was told DEADLINE_EXCEEDED, never the job
+                told = True  # handed to gRPC: a caller that goes away from here on knew the job
+                yield pb.TrainResponse(event=messages.job_event(current, record, place))
+        finally:
+            if not told:  # a job nobody was told of is nobody's
+                with contextlib.suppress(ServiceError):
+                    await self.jobs.cancel(job.id, FORSAKEN)
 
     @unary
     async def UploadText(
@@ -535,7 +541,7 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
         jobs = await self.jobs.all()
-        places = await self.jobs.places(jobs)
+        places = await self.jobs.places()
         return pb.ListJobsResponse(jobs=[messages.job_info(j, places.get(j.id, 0)) for j in jobs])
 
     @streaming
