@@ -50,7 +50,7 @@ class LocalJobStore:
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}  # by id, oldest first
         self._records: dict[str, list[dict[str, Any]]] = {}
-        self._held: set[str] = set()  # jobs a trainer holds
+        self._held: dict[str, Claim] = {}  # the claims trainers hold, by job id
         self._cancel: set[str] = set()
         self._listeners: list[Listener] = []
 
@@ -145,6 +145,8 @@ class LocalJobStore:
 
     def save(self, job: Job, claim: Claim | None = None) -> bool:
         with self._lock:
+            if claim is not None and self._held.get(job.id) != claim:
+                return False
             self._write(job)
             self._jobs[job.id] = Job.from_record(job.record())
         self._tell(job.id)
@@ -168,8 +170,8 @@ class LocalJobStore:
         with self._lock:
             for job in self._jobs.values():
                 if job.state == QUEUED and job.id not in self._held:
-                    self._held.add(job.id)
-                    return Claim(job.id, "", trainer)
+                    claim = self._held[job.id] = Claim(job.id, "", trainer)
+                    return claim
         return None
 
     def queue(self) -> list[str]:
@@ -181,7 +183,8 @@ class LocalJobStore:
 
     def release(self, claim: Claim, requeue: bool) -> None:
         with self._lock:
-            self._held.discard(claim.job_id)
+            if self._held.get(claim.job_id) == claim:
+                del self._held[claim.job_id]
             self._cancel.discard(claim.job_id)
         self._tell(claim.job_id)
 

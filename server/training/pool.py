@@ -268,7 +268,7 @@ class TrainerPool:
                     case pipe.Paused():
                         final = (QUEUED, "", None)
                     case pipe.Done():
-                        final = self._register(job, message)
+                        final = self._register(claim, job, message)
                     case pipe.Cancelled(why):
                         final = (CANCELLED, why, None)
                     case pipe.Failed(why):
@@ -299,25 +299,23 @@ class TrainerPool:
             return (QUEUED, "", None)
         return (FAILED, f"trainer died {job.attempts} times (last exit code {code})", None)
 
-    def _register(self, job: Job, done: pipe.Done) -> Final:
-        """Register the job's model, once: its summary names the job, so a trainer that died after
-        registering and before the job's end was recorded finds that version when the job
-        resumes and finishes again (the same weights: training is deterministic), instead of
-        adding a second one."""
+    def _register(self, claim: Claim, job: Job, done: pipe.Done) -> Final:
+        """Register the job's model once, and only while this trainer holds the job. The version is
+        reserved first, in the job's record and fenced by the claim (a trainer that lost the job
+        cannot reserve one); whichever trainer finishes the job then publishes exactly that
+        version (publishing is first-come: a second publisher of it finds it taken) or finds it
+        published, the model's summary naming the job. A trainer paused past its lease anywhere in
+        here can thus neither add a second version (it only ever publishes the reserved one) nor
+        move the default: the promotion comes after a fenced write of the result. (A resumed job
+        finishes with the same weights: training is deterministic.)"""
         try:
-            model = done.model.model()
-            self.registry.refresh(force=True)  # the versions other replicas registered meanwhile
-            mv = next((v for v in self.registry.versions() if registered_by(v, job)), None)
-            if mv is None:
-                summary = {**done.summary, JOB_KEY: job.id}
-                mv = self.registry.register(
-                    job.model_name, model, history=done.history, summary=summary, promote=job.promote
-                )
-                how = "registered"
-            else:
-                if job.promote and self.registry.default is not mv:  # (versions are kept as loaded)
-                    self.registry.set_default(mv.name, mv.version)
-                how = "found registered already"
+            mv, how = self._publish(claim, job, done)
+            job.result = (mv.name, mv.version)
+            self._check(self.store.save(job, claim))  # still ours: only now may the default move
+            if job.promote and self.registry.default is not mv:  # (versions are kept as loaded)
+                self.registry.set_default(mv.name, mv.version)
+        except LostClaim:
+            raise
         except Exception as exc:  # a failed save registers nothing
             return (FAILED, f"could not register the model: {type(exc).__name__}: {exc}", None)
         log.info(
@@ -329,6 +327,25 @@ class TrainerPool:
             " (default)" if job.promote else "",
         )
         return (SUCCEEDED, "", (mv.name, mv.version))
+
+    def _publish(self, claim: Claim, job: Job, done: pipe.Done) -> tuple[ModelVersion, str]:
+        """The version the job registered: the reserved one, published here or found published."""
+        model = done.model.model()
+        summary = {**done.summary, JOB_KEY: job.id}
+        while True:
+            self.registry.refresh(force=True)  # the versions other replicas registered meanwhile
+            mv = next((v for v in self.registry.versions() if registered_by(v, job)), None)
+            if mv is not None:
+                return mv, "found registered already"
+            if not job.version:
+                job.version = self.registry.next_version(job.model_name)
+                self._check(self.store.save(job, claim))
+            published = self.registry.register_as(
+                job.model_name, job.version, model, history=done.history, summary=summary
+            )
+            if published is not None:
+                return published, "registered"
+            job.version = 0  # taken: by this job's other trainer (found above) or by another job
 
     def _end(self, claim: Claim, job: Job, final: Final) -> None:
         """Record how the job ended (or that it is back in the queue), tidy its files, let it go."""

@@ -50,6 +50,7 @@ class Job:
     state: str = QUEUED
     error: str = ""
     result: tuple[str, int] | None = None  # (name, version) registered
+    version: int = 0  # the version of model_name reserved for it to register (0: none yet)
     created: float = field(default_factory=time.time)
     started: float = 0.0  # when a trainer first took it up
     finished: float = 0.0

@@ -61,6 +61,7 @@ class TextStore:
         self._lock = threading.Lock()  # the counts change on the event loop and in the sweep's thread
         self._kept: dict[str, int] | None = None  # bytes of each text kept here, by id; None: not counted
         self._held = 0  # bytes of the texts kept here and of the uploads under way, together
+        self._counting: asyncio.Future[dict[str, int]] | None = None  # the first count of _kept
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._files, fn, *args)
@@ -159,13 +160,15 @@ class TextStore:
         return text_id, chars, size
 
     async def _count(self) -> None:
-        """Count the texts kept here, once (the first call; the sweep counts again)."""
-        if self._kept is None:
-            counted = await self._run(self._sizes)
-            with self._lock:
-                if self._kept is None:
-                    self._kept = counted
-                    self._held += sum(counted.values())
+        """Count the texts kept here, once: every call until it is done waits for the same count
+        (the sweep counts again)."""
+        if self._counting is None:
+            self._counting = asyncio.ensure_future(self._run(self._sizes))
+        counted = await asyncio.shield(self._counting)
+        with self._lock:
+            if self._kept is None:
+                self._kept = counted
+                self._held += sum(counted.values())
 
     def _sizes(self) -> dict[str, int]:
         """Bytes of each finished text in the directory, by id (blocking: a stat each)."""
