@@ -101,7 +101,9 @@ def test_uploads_whose_client_vanished_are_not_committed(tmp_path: Path, size: i
     """300 uploads, one piece each (or none), on one connection; the client process is SIGKILLed."""
     server = ServerProcess(tmp_path, "--max-streams", "1000")
     client = subprocess.Popen(
-        [sys.executable, CLIENTS, "uploads", server.address, "300", str(size)], stdout=subprocess.PIPE, text=True
+        [sys.executable, CLIENTS, "uploads", server.address, "300", str(size)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert client.stdout is not None and client.stdout.readline().strip() == "sent"
