@@ -175,9 +175,10 @@ class JobManager:
     def _read_places(self) -> dict[str, int]:
         """(blocking) The store's queue may still hold a job cancelled while it waited (a trainer
         drops its turn when it comes), so only the QUEUED jobs are counted."""
-        queued = {j.id for j in self.store.all() if j.state == QUEUED}
-        order = [i for i in dict.fromkeys(self.store.queue()) if i in queued]
-        order += sorted(queued - set(order))  # (none, unless racing)
+        queued = [j.id for j in self.store.all() if j.state == QUEUED]  # oldest first
+        order = [i for i in dict.fromkeys(self.store.queue()) if i in set(queued)]
+        placed = set(order)
+        order += [i for i in queued if i not in placed]  # (none, unless racing)
         return {job_id: place for place, job_id in enumerate(order, 1)}
 
     async def place_of(self, job: Job) -> int:
@@ -217,10 +218,14 @@ class JobManager:
                 await asyncio.shield(adding)
                 self._changed(job.id, STATE)  # this process's own readers see it at once
                 log.info("job %s (%s): queued, place %d", job.id, model_name, await self.place_of(job))
+                current = job
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(FIRST_LOOK):
-                        while (current := await self.get(job.id)).state == QUEUED:
-                            changed.clear()
+                        while True:
+                            changed.clear()  # before the read: a change after it wakes the wait
+                            current = await self.get(job.id)
+                            if current.state != QUEUED:
+                                break
                             await changed.wait()
             except asyncio.CancelledError:
                 if await succeeded(adding):  # (a failed add queued nothing)
