@@ -74,7 +74,7 @@ def test_idle_watchers_cost_the_store_nothing_and_a_change_is_placed_once(
     queued, the queue's places are read once for all of them (they were read once per watcher)."""
     url, client = store
     replica = ServerProcess(tmp_path / "serve", "--store", url, "--trainers", "0", "--compute-in-thread")
-    watches: list[grpc.Call] = []
+    watches: list[grpc.CallIterator[pb.WatchJobResponse]] = []
     try:
         waiting = train(replica, "waiting")
         assert waiting.state == pb.JOB_STATE_QUEUED
