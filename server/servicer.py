@@ -511,9 +511,11 @@ class NextCharServicer(pb_grpc.NextCharServiceServicer):
             job = await self.jobs.start(
                 request.model_name or DEFAULT_NAME, path, model_config, train_config, request.promote
             )
-        finally:
-            if inline:  # the job took the text, or nobody will: it counts no longer
+        except BaseException:
+            if inline:  # a refused job's text is nobody's (an upload stays, for a retry)
                 await self.texts.release(path)
+            raise
+        await self.texts.release(path)  # the job took the file: it counts no longer
         if not inline:
             await asyncio.to_thread(self.texts.forget, request.text_id)
         told = False

@@ -113,7 +113,7 @@ class TextStore:
                 self._held -= self._kept.pop(path.stem, 0)
 
     async def release(self, path: Path) -> None:
-        """taken, off the event loop."""
+        """taken, on the store's threads."""
         await self._run(self.taken, path)
 
     async def receive(self, pieces: AsyncIterator[str]) -> tuple[str, int, int]:
