@@ -176,7 +176,7 @@ class NextCharServer:
         self.trainers = TrainerPool(
             job_store, self.registry, config.max_jobs, config.checkpoint_seconds, config.job_lease
         )
-        self.jobs = JobManager(job_store, config.max_vocab, config.max_queued_jobs, self.trainers.fill)
+        self.jobs = JobManager(job_store, config.max_vocab, config.max_queued_jobs)
         self.texts = TextStore(
             config.model_dir / "_texts",
             config.max_upload_bytes,

@@ -47,7 +47,7 @@ UNARY = (
     "SetDefaultModel",
     "DeleteModel",
 )
-STREAMING = ("Generate", "Train", "WatchJob")
+STREAMING = ("Generate", "WatchJob")
 
 
 class NextCharServicer:
@@ -121,6 +121,15 @@ class NextCharServicer:
                     self.sessions.written(answer)
         finally:
             stream.close()
+
+    @streaming
+    async def Train(self, request: pb.TrainRequest, context: Ctx) -> AsyncIterator[pb.TrainResponse]:
+        def expired() -> bool:
+            remaining = context.time_remaining()
+            return remaining is not None and remaining <= 0
+
+        async for response in self.service.Train(request, expired):
+            yield response
 
     @unary
     async def UploadText(

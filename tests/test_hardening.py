@@ -532,7 +532,7 @@ def test_uploads_and_queued_jobs_have_a_total_and_a_job_taking_its_text_frees_it
     Past max_pending_upload_bytes an upload is refused and leaves nothing; past max_queued_jobs a
     Train is refused and its inline text is removed; a job that takes an upload frees its share."""
     make_registry(tmp_path, versions=1)
-    srv = start_server(tmp_path, max_pending_upload_bytes=200_000, max_queued_jobs=1)
+    srv = start_server(tmp_path, max_pending_upload_bytes=200_000, max_queued_jobs=1, sweep_interval=3600)
     texts = tmp_path / "_texts"
 
     def upload(chars: int) -> str:
