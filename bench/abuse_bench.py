@@ -310,6 +310,7 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    sb.unpin_this_process()  # no OpenBLAS pin for the measured processes (bench_env); children inherit
     if len(sys.argv) > 1 and sys.argv[1] == "--hostile":
         hostile(int(sys.argv[2]), float(sys.argv[3]), *sys.argv[4:5])
     else:
