@@ -392,6 +392,27 @@ def test_streams_that_never_read_big_replies_get_a_bounded_share(tmp_path: Path)
         server.close()
 
 
+def test_a_reply_bigger_than_the_whole_budget_is_refused_as_never_satisfiable(tmp_path: Path) -> None:
+    """A chunk whose reply alone is over max_reply_bytes can never be admitted, however long the
+    client waits: INVALID_ARGUMENT naming the limit (it used to say RESOURCE_EXHAUSTED, "retry"),
+    on Predict as on a stream; a shorter one still fits."""
+    make_registry(tmp_path, versions=1)
+    server = ServerProcess(tmp_path, "--max-reply-bytes", str(96 << 10))  # over the 64 KiB always let by
+    try:
+        chunk = BIG_CHUNK[:4096]  # ~220 KiB with its full distribution
+        big = pb.PredictRequest(text=chunk, full_distribution=True)
+        code, message, details = refused(lambda: server.stub.Predict(big, timeout=10))
+        assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, {"limit": "max_reply_bytes"}), message
+        assert "max_reply_bytes" in message and "retry" not in message
+        streamed = pb.PredictStreamRequest(text=chunk, full_distribution=True)
+        stream = server.stub.PredictStream(iter([streamed]), timeout=10)
+        assert refused(lambda: list(stream))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        reply = server.stub.Predict(pb.PredictRequest(text=chunk[:1000], full_distribution=True), timeout=10)
+        assert reply.predictions.count == 1000
+    finally:
+        server.close()
+
+
 def test_a_one_character_writer_that_never_reads_stalls_without_growing_the_server(tmp_path: Path) -> None:
     """The server's receive windows stay at HTTP/2's default (no BDP growth): a flood of tiny
     requests fills them, and the writer's sends stall."""
