@@ -44,7 +44,7 @@ from nextchar.server.config import ServerConfig, TrainerConfig
 from nextchar.server.errors import ServiceError
 from nextchar.server.httpapi.routes import HttpApi
 from nextchar.server.httpapi.routes import start as start_http
-from nextchar.server.logs import CALLS_GATE, configure_logging
+from nextchar.server.logs import configure_logging, flush_gates
 from nextchar.server.metrics import Metrics
 from nextchar.server.open_calls import OpenCalls
 from nextchar.server.registry import DEFAULT_NAME, Registry
@@ -252,7 +252,7 @@ class NextCharServer:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.config.sweep_interval)
-            CALLS_GATE.flush(log)  # how many lines a flood of bad calls left untold
+            flush_gates(log)  # how many lines a flood of bad calls left untold
             try:
                 await self.store.sweep(time.time())
                 await asyncio.to_thread(self.texts.sweep, time.time())
