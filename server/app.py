@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import resource
 import signal
 import socket
 import sys
@@ -353,6 +354,21 @@ async def serve_async(config: ServerConfig) -> None:
     log.info("nextchar server stopped")
 
 
+def raise_fd_limit() -> None:
+    """Raise this process's soft limit on open files to its hard one: every client connection
+    holds a descriptor, and the soft limit a shell hands down is often 1,024 (at which 500 idle
+    connections made new clients time out), while the hard one is what the system allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # a hard limit of "unlimited" the kernel caps lower
+        log.warning("open-file limit stays at %d (hard %d): %s", soft, hard, exc)
+        return
+    log.info("open-file limit raised from %d to %d", soft, hard)
+
+
 def serve(config: ServerConfig | None = None) -> None:
     """Run the server until SIGTERM/SIGINT, then drain and return. Blocking; the CLI calls this."""
     limit_blas_threads(1)
@@ -365,6 +381,7 @@ def serve(config: ServerConfig | None = None) -> None:
     sys.setswitchinterval(SWITCH_INTERVAL)
     config = config or ServerConfig()
     configure_logging(config.log_format, config.log_level)
+    raise_fd_limit()
     asyncio.run(serve_async(config))
 
 
