@@ -57,6 +57,7 @@ from nextchar.server.sessions.memory import InMemorySessionStore
 from nextchar.server.sessions.redis_store import RedisSessionStore, display_url
 from nextchar.server.sessions.store import SessionStore
 from nextchar.server.shared_models import RedisModelFiles
+from nextchar.server.store_health import StoreHealth
 from nextchar.server.training.jobs import JobManager
 from nextchar.server.training.journal import LocalJobStore
 from nextchar.server.training.pool import TrainerPool
@@ -68,7 +69,7 @@ from nextchar.server.wire import add_service
 log = logging.getLogger("nextchar.server")
 SWITCH_INTERVAL = 0.0005  # seconds
 SERVICE_NAME = nextchar_pb2.DESCRIPTOR.services_by_name["NextCharService"].full_name
-STORE_CHECK = 1.0  # seconds between pings of the session store (health follows it)
+STORE_CHECK = 1.0  # seconds between checks of the session store (health follows it)
 TRIM_INTERVAL = 5.0  # seconds between looks at whether freed heap pages should go back to the OS
 TRIM_SLACK = 32 * 1024 * 1024  # bytes above the server's smallest size that make a return worth it
 IDLE_TRIM_SLACK = 4 * 1024 * 1024  # the same for an idle server: returning pages costs it nothing
@@ -157,9 +158,11 @@ class NextCharServer:
         self.registry, job_store, shared_texts = shared_parts(config)
         self.port = 0
         catalog = Catalog(self.registry)
+        replica = lambda: f"{config.host}:{self.port}"  # noqa: E731 (this server's address once bound)
         if store is None:  # (not `or`: an empty store has len 0)
-            store = make_store(config, catalog, self.metrics, lambda: f"{config.host}:{self.port}")
+            store = make_store(config, catalog, self.metrics, replica)
         self.store = store
+        self.store_health = StoreHealth(store, config.store, replica)
         self.scheduler = Scheduler(
             config.batch_inline_chars, config.compute_process, on_batch=self.metrics.batch
         )
@@ -285,15 +288,17 @@ class NextCharServer:
                 cpu = time.process_time()  # the trim's own work is not activity
 
     async def _watch_store(self) -> None:
-        """Health follows the session store: NOT_SERVING while it is unreachable (every session
-        call would fail), SERVING again once it answers; a shared store reconnects by itself."""
+        """Health follows the session store: NOT_SERVING while it is unreachable or refuses writes
+        (every session call would fail: nextchar.server.store_health), SERVING again once it
+        takes them; a shared store reconnects by itself."""
         serving = True
         while True:
             await asyncio.sleep(STORE_CHECK)
-            up = await self.store.ping()
+            trouble = await self.store_health.check()
+            up = not trouble
             if up != serving:
                 serving = self.serving = up
-                log.warning("session store %s %s", self.store, "is back" if up else "is unreachable")
+                log.warning("session store %s %s", self.store, trouble or "is back")
                 status = (
                     health_pb2.HealthCheckResponse.SERVING
                     if up
@@ -329,6 +334,7 @@ class NextCharServer:
         await asyncio.to_thread(self.trainers.shutdown)
         await self.scheduler.close()
         await self.store.close()  # a shared store writes back what is not written yet
+        await self.store_health.close()
         self.metrics.close()
         self._stopped.set()
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -280,6 +280,17 @@ def expected(model: CharRNN, text: str) -> tuple[str, np.ndarray]:
 
 def iter_until(it: Iterator[T], n: int) -> list[T]:
     return [next(it) for _ in range(n)]
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str, every: float = 0.05) -> T:
+    """Poll condition until it returns something true, and return that; fail naming what was
+    awaited after timeout seconds. A test asserts a state the server reaches in its own time
+    this way, never after a fixed sleep that a busy machine outruns."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(every)
+    return result
 
 
 def take(call: grpc.CallIterator[T]) -> T:
