@@ -44,3 +44,37 @@ def test_health_follows_whether_the_store_takes_writes(tmp_path: Path) -> None:
     finally:
         srv.close()
         store.stop()
+
+
+def model_refs(srv: ServerProcess) -> tuple[set[tuple[str, int]], tuple[str, int]]:
+    """The versions a replica lists, and its default."""
+    reply = srv.stub.ListModels(pb.ListModelsRequest(), timeout=10)
+    default = (reply.default_model.name, reply.default_model.version)
+    return {(m.model.name, m.model.version) for m in reply.models}, default
+
+
+def test_models_a_redis_restarted_empty_lost_are_published_again(tmp_path: Path) -> None:
+    """Redis restarted without persistence holds no model: the replica listed 0 models (and new
+    sessions found no default) while its old sessions ran on the cached default. A replica that
+    sees the store lost its models publishes again the versions it holds, and the default: it
+    lists them, new sessions work, and a replica started afterwards sees them too."""
+    store = RedisServer(tmp_path)
+    srv = ServerProcess(tmp_path / "a", "--store", store.url)
+    other: ServerProcess | None = None
+    try:
+        before = model_refs(srv)
+        assert before[0] and before[1] in before[0]
+        store.stop()
+        store.start()  # empty
+        wait_until(lambda: srv.status() == SERVING, 10, "the replica back on the restarted store")
+        assert model_refs(srv) == before
+        assert srv.stub.CreateSession(pb.CreateSessionRequest(), timeout=5).session.model.version
+        srv.wait_for_line(r"model registry .* lost its models", timeout=5)
+        other = ServerProcess(tmp_path / "b", "--store", store.url, "--no-default-model")
+        assert model_refs(other) == before
+        assert other.stub.Predict(pb.PredictRequest(text="to be"), timeout=10).predictions.count == 5
+    finally:
+        for server in (srv, other):
+            if server is not None:
+                server.close()
+        store.stop()
