@@ -50,6 +50,14 @@ UNARY = (
 STREAMING = ("Generate", "WatchJob")
 
 
+async def upload_pieces(requests: AsyncIterator[pb.UploadTextRequest | Refused]) -> AsyncIterator[str]:
+    """An upload's pieces as they come. A generator function, not a generator expression: the
+    expression takes gRPC's request iterator (aiter) where it is written, and an upload cancelled
+    before it read a piece left gRPC's receiver "never awaited" (a RuntimeWarning per call)."""
+    async for raw in requests:
+        yield accepted(raw).piece
+
+
 class NextCharServicer:
     """Registered method by method from the service descriptor (nextchar.server.wire.add_service),
     so it need not subclass the generated base."""
@@ -136,8 +144,7 @@ class NextCharServicer:
         self, request_iterator: AsyncIterator[pb.UploadTextRequest | Refused], context: Ctx
     ) -> pb.UploadTextResponse:
         async with self.open_calls.hold():
-            pieces = (accepted(raw).piece async for raw in request_iterator)
-            text_id, chars, size = await self.service.texts.receive(pieces)
+            text_id, chars, size = await self.service.texts.receive(upload_pieces(request_iterator))
         return pb.UploadTextResponse(text_id=text_id, chars=chars, bytes=size)
 
 

@@ -545,6 +545,36 @@ def test_past_max_streams_the_longest_idle_call_makes_room_and_active_streams_st
         server.close()
 
 
+def test_uploads_cancelled_before_their_first_piece_leave_no_coroutine_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload cancelled (a 20 ms deadline) while the server still counts the kept texts, before
+    it read a piece, left gRPC's request receiver never awaited: a RuntimeWarning per call. With
+    warnings as errors in the server, none is reported, and uploads still work."""
+    make_registry(tmp_path, versions=1)
+    kept = tmp_path / "_texts"
+    kept.mkdir()
+    for i in range(20_000):  # counting them takes a while: the window before the first read
+        (kept / f"{i:032x}.txt").write_text("hello")
+    monkeypatch.setenv("PYTHONWARNINGS", "error::RuntimeWarning")
+    srv = ServerProcess(tmp_path)
+    try:
+        codes = []
+        for _ in range(20):
+            code, _, _ = refused(
+                lambda: srv.stub.UploadText(iter([pb.UploadTextRequest(piece="hello")]), timeout=0.02)
+            )
+            codes.append(code)
+        assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
+        upload = srv.stub.UploadText(iter([pb.UploadTextRequest(piece=NOTEBOOK_TEXT)]), timeout=30)
+        assert upload.chars == len(NOTEBOOK_TEXT)  # after every cancelled one was collected
+        srv.stub.ListModels(pb.ListModelsRequest(), timeout=5)
+        warned = [line for line in srv.log if "never awaited" in line or "Exception ignored" in line]
+        assert not warned, "".join(srv.log[-20:])
+    finally:
+        srv.close()
+
+
 def test_uploads_and_queued_jobs_have_a_total_and_a_job_taking_its_text_frees_its_share(
     tmp_path: Path,
 ) -> None:
