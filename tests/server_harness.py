@@ -282,7 +282,7 @@ def iter_until(it: Iterator[T], n: int) -> list[T]:
     return [next(it) for _ in range(n)]
 
 
-def wait_until(condition: Callable[[], T], timeout: float, what: str, every: float = 0.05) -> T:
+def wait_until(condition: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:
     """Poll condition until it returns something true, and return that; fail naming what was
     awaited after timeout seconds. A test asserts a state the server reaches in its own time
     this way, never after a fixed sleep that a busy machine outruns."""

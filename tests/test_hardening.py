@@ -380,8 +380,9 @@ def test_streams_that_never_read_big_replies_get_a_bounded_share(tmp_path: Path)
                 codes.append(grpc.StatusCode.OK)
             except grpc.RpcError as err:
                 codes.append(err.code())
-        time.sleep(6.0)  # the server returns freed memory every 5 s
-        after = server.rss_kb()
+        deadline = time.monotonic() + 30.0  # the server returns freed memory every 5 s
+        while (after := server.rss_kb()) - before >= 40 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.5)
         print(f"never-read big replies: {sum(sent)} requests, RSS {before} -> {held} -> {after} KiB")
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
         assert held - before < 120 * 1024, f"RSS grew by {held - before} KiB"
@@ -507,6 +508,13 @@ def test_past_max_streams_the_longest_idle_call_makes_room_and_active_streams_st
         text = urllib.request.urlopen(metrics.group(1), timeout=5).read().decode()
         return next(line.split()[-1] for line in text.splitlines() if line.startswith(name))
 
+    async def until_scraped(name: str, want: str, within: float = 30.0) -> None:
+        """Until the server counts what the client did (its calls arrive in their own time)."""
+        deadline = time.monotonic() + within
+        while (got := scraped(name)) != want:
+            assert time.monotonic() < deadline, f"{name} stayed {got}, not {want}"
+            await asyncio.sleep(0.1)
+
     async def attack() -> None:
         channel: Any = grpc.aio.insecure_channel(server.address)
         stub: Any = pb_grpc.NextCharServiceStub(channel)  # grpc-stubs predate aio streams
@@ -515,13 +523,12 @@ def test_past_max_streams_the_longest_idle_call_makes_room_and_active_streams_st
             await active.write(pb.PredictStreamRequest(text="h"))
             await active.read()
             idle = [stub.PredictStream() for _ in range(99)]  # the cap reached, never a message
-            await asyncio.sleep(1.0)
+            await until_scraped("nextchar_streams_open", "100.0")  # all 99 held before `active` moves
             await active.write(pb.PredictStreamRequest(text="e"))  # now the most recently active
             await active.read()
             extra = [stub.PredictStream() for _ in range(60)]  # each closes the longest idle one
-            await asyncio.sleep(2.0)
+            await until_scraped("nextchar_streams_evicted_total", "60.0")
             assert scraped("nextchar_streams_open") == "100.0"
-            assert scraped("nextchar_streams_evicted_total") == "60.0"
             closed = await asyncio.wait_for(asyncio.gather(*(c.code() for c in idle[:60])), 30)
             assert set(closed) == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # the oldest idle ones went
             assert "max_streams" in str(await idle[0].details())

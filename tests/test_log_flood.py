@@ -13,7 +13,7 @@ import grpc
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.server.logs import FloodGate
 from raw_http2 import RawConnection
-from server_harness import ServerProcess, make_registry
+from server_harness import ServerProcess, make_registry, wait_until
 
 
 class Clock:
@@ -79,13 +79,24 @@ def test_a_flood_of_bad_requests_writes_a_bounded_log_and_counts_the_rest(tmp_pa
             except grpc.RpcError as err:
                 assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         flood_seconds = time.monotonic() - start
-        srv.wait_for_line(r"log lines like .* were not logged", timeout=10)
-        time.sleep(2.5)  # sweeps at 1 s: every flood line is told by now
-        logged = [line for line in srv.log if "GetSession refused" in line]
-        untold = sum(int(m.group(1)) for line in srv.log if (m := re.search(r"(\d+) log lines like", line)))
+
+        def tally() -> tuple[list[str], int, int]:
+            """The refusals logged, those their lines said were left out, and those sweeps told."""
+            logged = [line for line in srv.log if "GetSession refused" in line]
+            told = sum(int(m.group(1)) for line in logged if (m := re.search(r"and (\d+) more", line)))
+            untold = sum(
+                int(m.group(1)) for line in srv.log if (m := re.search(r"(\d+) log lines like", line))
+            )
+            return logged, told, untold
+
+        def accounted() -> int:
+            logged, told, untold = tally()
+            return len(logged) + told + untold
+
+        wait_until(lambda: accounted() == 2000, 20, "every refusal logged or told (sweeps at 1 s)")
+        logged, told, untold = tally()
         bound = 50 + 2 * (flood_seconds + 2) + 1
         assert len(logged) <= bound, (len(logged), bound)
-        told = sum(int(m.group(1)) for line in logged if (m := re.search(r"and (\d+) more", line)))
         assert len(logged) + told + untold == 2000
         scraped = urllib.request.urlopen(metrics.group(1), timeout=5).read().decode()
         assert 'nextchar_calls_refused_total{code="INVALID_ARGUMENT",method="GetSession"} 2000.0' in scraped

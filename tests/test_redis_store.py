@@ -22,7 +22,16 @@ from nextchar.core.model import CharRNN
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.server.sessions.redis_store import RedisSessionStore, key
 from redis_harness import RedisServer
-from server_harness import ServerThread, expected, make_registry, start_server, stream_chars, surprisals, top1
+from server_harness import (
+    ServerThread,
+    expected,
+    make_registry,
+    start_server,
+    stream_chars,
+    surprisals,
+    top1,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +243,7 @@ def test_redis_restarted_mid_load_is_unavailable_then_recovers(model_dir: Path, 
         old = create(srv)
         loader = threading.Thread(target=load)
         loader.start()
-        time.sleep(0.3)
+        wait_until(lambda: grpc.StatusCode.OK in codes, 10, "a stream served before the outage")
         store.stop()
         with pytest.raises(grpc.RpcError) as err:
             srv.stub.Predict(pb.PredictRequest(session_id=old, text="h"), timeout=5)
@@ -243,7 +252,8 @@ def test_redis_restarted_mid_load_is_unavailable_then_recovers(model_dir: Path, 
         down = wait_for(health_pb2.HealthCheckResponse.NOT_SERVING)
         store.start()  # empty: no persistence
         up = wait_for(health_pb2.HealthCheckResponse.SERVING)
-        time.sleep(0.3)
+        served = len(codes)
+        wait_until(lambda: grpc.StatusCode.OK in codes[served:], 10, "a stream served after the restart")
         stop.set()
         loader.join(10)
         print(f"redis restart: health NOT_SERVING after {down:.2f} s, SERVING {up:.2f} s after the restart")
