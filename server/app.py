@@ -158,11 +158,10 @@ class NextCharServer:
         self.registry, job_store, shared_texts = shared_parts(config)
         self.port = 0
         catalog = Catalog(self.registry)
-        replica = lambda: f"{config.host}:{self.port}"  # noqa: E731 (this server's address once bound)
         if store is None:  # (not `or`: an empty store has len 0)
-            store = make_store(config, catalog, self.metrics, replica)
+            store = make_store(config, catalog, self.metrics, lambda: f"{config.host}:{self.port}")
         self.store = store
-        self.store_health = StoreHealth(store, config.store, replica)
+        self.store_health = StoreHealth(store, config.store)
         self.scheduler = Scheduler(
             config.batch_inline_chars, config.compute_process, on_batch=self.metrics.batch
         )

@@ -13,7 +13,7 @@ store just under its limit took a 100-byte write while refusing every session wr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import secrets
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -31,14 +31,19 @@ class StoreHealth:
     """check() says why the store cannot serve calls now, or "" when it can.
 
     url: the shared store's (``config.store``), whose writes are probed; "" for a store in
-    this process's memory, which is as writable as the process. replica: this server's
-    address once bound; the probe's key ``nextchar:health:<replica>`` is its own, so
-    replicas never contend for one key.
+    this process's memory, which is as writable as the process. The probe's key is this
+    process's own (``nextchar:health:<random>``): replicas listening on 0.0.0.0:50051 on
+    different hosts share an address.
     """
 
-    def __init__(self, store: SessionStore, url: str, replica: Callable[[], str]) -> None:
-        self.store, self.replica = store, replica
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=TIMEOUT) if url else None
+    def __init__(self, store: SessionStore, url: str) -> None:
+        self.store = store
+        self.key = f"nextchar:health:{secrets.token_hex(8)}"
+        self.redis = (
+            aioredis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
+            if url
+            else None
+        )
 
     async def check(self) -> str:
         if not await self.store.ping():
@@ -46,7 +51,7 @@ class StoreHealth:
         if self.redis is None:
             return ""
         try:
-            await cast(Any, self.redis.set(f"nextchar:health:{self.replica()}", PROBE, px=PROBE_TTL_MS))
+            await cast(Any, self.redis.set(self.key, PROBE, px=PROBE_TTL_MS))
         except RedisError as exc:
             return f"refuses writes ({exc})"
         return ""
