@@ -30,7 +30,7 @@ def test_a_connection_that_only_answers_pings_is_closed_once_idle(tmp_path: Path
         waited = time.monotonic() - start
         assert ended == "goaway", (ended, waited)
         assert conn.pings >= 2  # it was alive, and said so
-        assert 2.0 < waited < 20, waited  # about 3 s (gRPC adds jitter), not at once
+        assert 1.0 < waited < 20, waited  # about 3 s (gRPC adds jitter), not at once
         assert conn.serve_pings(until=time.monotonic() + 10) == "eof"
     finally:
         conn.close()
