@@ -14,6 +14,7 @@ import contextlib
 import os
 import queue
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -174,6 +175,29 @@ class ServerProcess(LoggedProcess):
     def close(self) -> None:
         self.channel.close()
         super().close()
+
+
+def children(pid: int) -> set[int]:
+    """Every descendant of pid, from /proc (Linux)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            with_children = {int(c) for c in task.read_text().split()}
+            todo.extend(with_children - found)
+            found |= with_children
+    return found
+
+
+def ignores_sigint(pid: int) -> bool:
+    """Whether the live process pid ignores SIGINT (SigIgn in /proc/<pid>/status, Linux): the
+    server's children do from their first act on (nextchar.server.lifeline), and a test that
+    signals them must wait for that, not for a fixed time a busy machine outruns."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+    return False
 
 
 def proc_rss_kb(pid: int) -> int:
