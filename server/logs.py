@@ -133,9 +133,10 @@ class FloodGate(logging.Filter):
 
 
 CALLS_LOGGER = "nextchar.server.calls"  # what clients cause: refusals, wrong tokens, internal errors
-# in the handler of a process that configure_logging set up: our calls' records, and gRPC's
-# (its "Invalid encoding on %s" per header that is not UTF-8, among others)
-GATES = (FloodGate(CALLS_LOGGER), FloodGate("grpc"))
+# in the handler of a process that configure_logging set up: our calls' records, gRPC's
+# (its "Invalid encoding on %s" per header that is not UTF-8, among others), and aiohttp's
+# (the HTTP API's: a malformed request line or WebSocket frame logs one per connection)
+GATES = (FloodGate(CALLS_LOGGER), FloodGate("grpc"), FloodGate("aiohttp"))
 
 
 def flush_gates(logger: logging.Logger) -> None:
