@@ -1,24 +1,19 @@
-"""Shared fixtures: the corpus location (optional) and small trained models."""
+"""Shared fixtures: the corpus (core/data, in every clone) and small trained models."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from job_harness import CORPUS
 from redis_harness import RedisServer
 from server_harness import DroppingProxy, ServerThread, make_registry, start_server
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture
 def shakespeare() -> str:
-    """A slice of tinyshakespeare; the tests that use it skip where ../shared is absent."""
-    path = SHARED_DATA / "tinyshakespeare.txt"
-    if not path.is_file():
-        pytest.skip(f"{path} not present (only on the development machines)")
-    return path.read_text()[:60_000]
+    """A slice of tinyshakespeare, the corpus every clone has (core/data): no test skips for want of it."""
+    return CORPUS.read_text()[:60_000]
 
 
 # ---------------------------------------------------------------- a live server (client and CLI tests)
