@@ -102,6 +102,19 @@ def test_a_failed_job_can_be_resumed_and_unknown_ones_are_not_found(tmp_path: Pa
         server.close()
 
 
+def test_the_log_says_a_jobs_start_and_end_not_each_checkpoint(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path)  # the default log level: INFO
+    try:
+        job_id = start_job(server, "quiet")  # four epochs: a checkpoint at the end of each but the last
+        assert wait_for(server, job_id).state == pb.JOB_STATE_SUCCEEDED
+        server.wait_for_line(f"job {job_id} \\(quiet\\): succeeded")
+        said = [line for line in server.log if job_id in line]
+        assert any("started on trainer" in line for line in said), said
+        assert not [line for line in said if "checkpointed" in line], said
+    finally:
+        server.close()
+
+
 def trainer_of(server_pid: int) -> int:
     """The pid of the server's trainer: its child at the trainers' lower CPU priority (nice 10;
     the compute process, its other child, runs at the server's)."""

@@ -253,7 +253,8 @@ class TrainerPool:
                     self._check(self.store.append(claim, body))
                 elif kind == "checkpoint":
                     self._check(self.store.keep_checkpoint(claim, checkpoint))
-                    log.info("job %s (%s): checkpointed at %s", job.id, job.model_name, body)
+                    # every epoch of every job: DEBUG; INFO says when a job starts and how it ends
+                    log.debug("job %s (%s): checkpointed at %s", job.id, job.model_name, body)
                 elif kind == "paused":
                     final = (QUEUED, "", None)
                 elif kind == "done":
