@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
+from nextchar.client.defaults import DEFAULT_PORT
 from nextchar.client.errors import translate_errors
 from nextchar.proto import nextchar_pb2_grpc
 
@@ -47,12 +48,13 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, list[tuple[str, in
     """A gRPC target and extra options for one address, a comma-separated list, or a sequence.
 
     Several addresses must be IP literals (``127.0.0.1:50051,127.0.0.1:50052``); they
-    become one ``ipv4:``/``ipv6:`` target balanced with ``round_robin``.
+    become one ``ipv4:``/``ipv6:`` target balanced with ``round_robin``. An address without
+    a port means nextchar's port (50051), not gRPC's default (443: TLS).
     """
     if isinstance(target, str) and target.startswith(SCHEMES):
         return target, []  # already a gRPC target: the caller chose the resolver
     items = [target] if isinstance(target, str) else list(target)
-    addresses = [part.strip() for item in items for part in item.split(",") if part.strip()]
+    addresses = [with_port(part.strip()) for item in items for part in item.split(",") if part.strip()]
     if not addresses:
         raise ValueError("server address: empty")
     if len(addresses) == 1:
@@ -61,6 +63,15 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, list[tuple[str, in
     if len(families) != 1:
         raise ValueError(f"server addresses: mix of IPv4 and IPv6 in {addresses}")
     return f"{families.pop()}:{','.join(addresses)}", [("grpc.lb_policy_name", "round_robin")]
+
+
+def with_port(address: str) -> str:
+    """HOST:PORT for HOST, HOST:PORT, [V6] or [V6]:PORT; a bare IPv6 literal gets its brackets."""
+    if address.startswith("["):
+        return address if "]:" in address else f"{address}:{DEFAULT_PORT}"
+    if address.count(":") > 1:  # an IPv6 literal has no room for a port without brackets
+        return f"[{address}]:{DEFAULT_PORT}"
+    return address if ":" in address else f"{address}:{DEFAULT_PORT}"
 
 
 def _ip_family(address: str) -> str:
