@@ -1,9 +1,14 @@
 """``nextchar train``: train a model on the server (or in this process with ``--local``).
 
 The server trains in a worker process, so this command only watches: Ctrl-C asks
-whether to cancel the job or leave it running, and ``--detach`` returns at once.
-``--local`` runs nextchar.core.train here and registers the result through the
-server's own Registry, so the files land exactly where ``nextchar serve`` reads them.
+whether to cancel the job or leave it running (exactly ``c``/``cancel`` or
+``l``/``leave``: a command typed at the prompt by mistake is no answer), and
+``--detach`` returns at once. ``jobs watch`` follows a job the same way, but Ctrl-C
+there only stops watching. ``--local`` runs nextchar.core.train here and registers
+the result through the server's own Registry, so the files land exactly where
+``nextchar serve`` reads them; with ``--store`` (a server sharing models through
+Redis) it publishes them there. The model is named by ``--name`` or by its file
+(``corpus.txt`` -> ``corpus``), never by a default a second run would overwrite.
 The model and training options come from ModelConfig and TrainConfig (nextchar.cli.options).
 """
 
@@ -24,6 +29,8 @@ from nextchar.cli.common import (
     print_json,
 )
 from nextchar.cli.options import config_options
+from nextchar.cli.plan import plan
+from nextchar.cli.progress import progress_view
 from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
 from nextchar.client.texts import TextFiles
 from nextchar.core.config import ModelConfig, TrainConfig
@@ -32,41 +39,7 @@ if TYPE_CHECKING:
     from nextchar.client.library import NextCharClient
     from nextchar.client.results import Progress
     from nextchar.client.training import TrainingRun
-
-
-class TrainingBar:
-    """A live bar on stderr: progress through the characters, loss, bits/char, chars/s and ETA."""
-
-    def __init__(self, title: str, enabled: bool) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, TaskProgressColumn, TextColumn
-        from rich.progress import Progress as RichProgress
-
-        self.bar = RichProgress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=Console(stderr=True),
-            disable=not enabled,
-        )
-        self.task = self.bar.add_task(title, total=None, stats="starting")
-
-    def update(self, p: Progress) -> None:
-        val = f"  val {fmt_float(p.val_bpc, 2)}" if p.val_bpc is not None else ""
-        eta = f"{p.eta_seconds:.0f} s" if p.eta_seconds is not None else "?"
-        stats = (
-            f"epoch {p.epoch}  loss {fmt_float(p.train_loss)}  {fmt_float(p.train_bpc, 2)} bits/char{val}"
-            f"  {p.chars_per_sec:,.0f} chars/s  ETA {eta}"
-        )
-        self.bar.update(self.task, total=p.total_chars, completed=p.chars, stats=stats)
-
-    def __enter__(self) -> TrainingBar:
-        self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
+    from nextchar.server.registry import Registry
 
 
 @config_options(ModelConfig, TrainConfig)
@@ -79,8 +52,14 @@ def train(
     ] = None,
     text: Annotated[str | None, typer.Option("--text", help="Train on this text instead of files.")] = None,
     name: Annotated[
-        str, typer.Option("--name", "-n", help="Model name to register a new version of.")
-    ] = "default",
+        str | None,
+        typer.Option(
+            "--name",
+            "-n",
+            show_default=False,
+            help="Model name to register a new version of; the file's name (corpus.txt: corpus) when omitted.",
+        ),
+    ] = None,
     promote: Annotated[bool, typer.Option(help="Make the new version the default model.")] = False,
     detach: Annotated[bool, typer.Option(help="Start the job and return at once; it keeps running.")] = False,
     local: Annotated[
@@ -92,6 +71,14 @@ def train(
     model_dir: Annotated[
         Path, typer.Option(envvar="NEXTCHAR_MODEL_DIR", help="Model registry directory for --local.")
     ] = SERVER_DEFAULTS.model_dir,
+    store: Annotated[
+        str,
+        typer.Option(
+            envvar="NEXTCHAR_STORE",
+            show_default=False,
+            help="With --local: the redis://HOST:PORT/DB a server shares its models through (its --store).",
+        ),
+    ] = "",
     as_json: JsonOpt = False,
     server: ServerOpt = DEFAULT_TARGET,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
@@ -108,10 +95,15 @@ def train(
         raise typer.BadParameter("the text is empty", param_hint="--text")
     if text is None and not files:
         raise typer.BadParameter("give training FILES (or --text TEXT)", param_hint="FILES")
+    name = model_name(name, files or [])
     source = text if text is not None else TextFiles.of(files or [])
+    if not as_json:
+        for line in plan(source, name, model_config, train_config):
+            typer.echo(line, err=True)
     if local:
+        registry = local_registry(model_dir, store)  # refused before hours of training, not after
         corpus = source if isinstance(source, str) else source.read()
-        _train_here(corpus, name, model_config, train_config, promote, model_dir, as_json)
+        _train_here(corpus, name, model_config, train_config, promote, registry, as_json)
         return
     with connect(server, timeout) as client:
         try:
@@ -137,7 +129,23 @@ def train(
                 f"training job {run.job_id} (follow it again with: nextchar jobs watch {run.job_id})",
                 err=True,
             )
-        follow(client, run, name, as_json)
+        follow(client, run, name, as_json, started_here=True)
+
+
+def model_name(name: str | None, files: list[Path]) -> str:
+    """--name, else the one training file's stem when it is a valid model name: a name is never
+    made up (a silent ``default`` turned a toy run into the model a plain ``stream`` gets)."""
+    from nextchar.server.registry import NAME_RE
+
+    if name is not None:
+        return name
+    stem = files[0].stem if len(files) == 1 else ""
+    if NAME_RE.match(stem):
+        return stem
+    why = f"{stem!r} is not a model name" if stem else "there is no one file to name it after"
+    raise typer.BadParameter(
+        f"name the model with --name NAME (1-64 characters of a-z 0-9 _ . -): {why}", param_hint="--name"
+    )
 
 
 def _report_detached(run: TrainingRun, as_json: bool) -> None:
@@ -152,14 +160,25 @@ def _report_detached(run: TrainingRun, as_json: bool) -> None:
         typer.echo(f"training job {job_id} is {state} on the server{place}; nextchar jobs watch {job_id}")
 
 
-def follow(client: NextCharClient, run: TrainingRun, name: str, as_json: bool) -> None:
-    """Watch the job to its end, then say what was registered; Ctrl-C asks whether to cancel
-    it or leave it running."""
+def follow(client: NextCharClient, run: TrainingRun, name: str, as_json: bool, *, started_here: bool) -> None:
+    """Watch the job to its end, then say what was registered. Ctrl-C asks whether to cancel
+    it or leave it running when this command started it (started_here); a watch that only
+    re-attached stops watching and touches nothing."""
     try:
-        with TrainingBar(f"training {name}", enabled=not as_json) as bar:
-            job = run.wait(print_json if as_json else bar.update)
+        with progress_view(f"training {name}", as_json) as view:
+            if run.job is not None:  # the status start_training waited for: queued, or running
+                view.status(run.job)
+            for event in run:
+                view.status(event.job)
+                if event.progress is not None:
+                    view.update(event.progress)
+        job = run.wait()  # the stream has ended: the job's last status
     except KeyboardInterrupt:
-        _interrupted(run)
+        if started_here:
+            _interrupted(run)
+        else:
+            run.detach()
+            typer.echo(f"\nstopped watching; {_runs_on(run.job_id)}", err=True)
         raise typer.Exit(130) from None
     if job.state != "succeeded" or job.result is None:
         from nextchar.client.errors import TrainingFailed
@@ -192,17 +211,72 @@ def kept_epoch(epochs: list[Progress]) -> str:
     )
 
 
+ANSWERS = {"": "leave", "l": "leave", "leave": "leave", "c": "cancel", "cancel": "cancel"}
+
+
+def _runs_on(job_id: str) -> str:
+    return (
+        f"training job {job_id} keeps running on the server: nextchar jobs watch {job_id} follows it, "
+        f"nextchar jobs cancel {job_id} stops it"
+    )
+
+
 def _interrupted(run: TrainingRun) -> None:
+    """Ctrl-C while following a job this command started: cancel only on an exact answer. Without
+    a terminal to answer on, or on a second Ctrl-C (or end of input) at the question, the job
+    is left running, and the last line says so and how to find it again."""
     job_id = run.job_id
-    leave = not sys.stdin.isatty() or not typer.prompt(
-        f"\ntraining job {job_id}: [c]ancel it, or [l]eave it running?", default="l"
-    ).lower().startswith("c")
-    if leave:
-        run.detach()
-        typer.echo(f"training job {job_id} keeps running on the server", err=True)
-    else:
+    choice = (
+        _ask(f"\ntraining job {job_id}: cancel it, or leave it running? [c]ancel / [l]eave (l)")
+        if (sys.stdin.isatty())
+        else "leave"
+    )
+    if choice == "cancel":
         run.cancel()
         typer.echo(f"training job {job_id} cancelled; nothing is registered", err=True)
+    else:
+        run.detach()
+        typer.echo(_runs_on(job_id), err=True)
+
+
+def _ask(question: str) -> str:
+    """An answer from ANSWERS, asked again until one comes; "leave" when the question is interrupted."""
+    while True:
+        try:
+            answer = typer.prompt(question, default="", show_default=False, err=True)
+        except typer.Abort:  # Ctrl-C or Ctrl-D at the question
+            typer.echo("", err=True)
+            return "leave"
+        choice = ANSWERS.get(answer.strip().lower())
+        if choice is not None:
+            return choice
+        typer.echo(f"{answer.strip()!r} is no answer: type c (cancel) or l (leave)", err=True)
+
+
+def local_registry(model_dir: Path, store: str) -> Registry:
+    """The registry a local run registers into: model_dir's, or with a store the shared one (the
+    server's replicas see it there). A model_dir a server uses as its cache of a store's models
+    is refused without the store: a version written only there is one no server sees."""
+    from nextchar.server.registry import Registry
+    from nextchar.server.shared_models import shared_store_of
+
+    if not store:
+        shared = shared_store_of(model_dir)
+        if shared:
+            raise typer.BadParameter(
+                f"{model_dir} holds the models of {shared} (a server's --store): a version written "
+                "only here is one no server sees; give that store (--store redis://HOST:PORT/DB or "
+                "NEXTCHAR_STORE), or train on the server without --local",
+                param_hint="--store",
+            )
+        registry = Registry(model_dir)
+    else:
+        from nextchar.server.app import shared_parts
+        from nextchar.server.config import TrainerConfig
+
+        registry = shared_parts(TrainerConfig(store=store, model_dir=model_dir))[0]
+    registry.load_all()
+    return registry
 
 
 def _train_here(
@@ -211,21 +285,17 @@ def _train_here(
     model_config: ModelConfig,
     train_config: TrainConfig,
     promote: bool,
-    model_dir: Path,
+    registry: Registry,
     as_json: bool,
 ) -> None:
     from nextchar.client.results import Progress
     from nextchar.core.train import TrainingDiverged
     from nextchar.core.train import train as train_locally
-    from nextchar.server.registry import Registry
 
-    registry = Registry(model_dir)
-    registry.load_all()
     try:
-        with TrainingBar(f"training {name} locally", enabled=not as_json) as bar:
-            show = print_json if as_json else bar.update
+        with progress_view(f"training {name} locally", as_json) as view:
             result = train_locally(
-                text, model_config, train_config, on_progress=lambda r: show(Progress.from_dict(r))
+                text, model_config, train_config, on_progress=lambda r: view.update(Progress.from_dict(r))
             )
     except TrainingDiverged as exc:
         raise typer.BadParameter(f"{exc}; nothing was saved", param_hint="--lr") from None

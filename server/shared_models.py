@@ -18,7 +18,9 @@ the default never names a version that is gone. ``files`` reads ``models`` and
 downloads every version the cache lacks (or holds with another checksum) into
 ``model_dir/<name>/<version>.npz``, atomically and checksum-checked; cached files
 of versions no longer in ``models`` are ignored (and removed when this process
-deleted them).
+deleted them). ``model_dir/_shared_store`` names the store (no password) the cache
+is of, so that ``nextchar train --local`` on that directory can refuse to write a
+version there that no server would see (shared_store_of).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from pathlib import Path
 from typing import cast
 
 import redis
+from nextchar.core.atomic import atomic_write
 from nextchar.server.blobs import Blobs, file_sha256, reaching
 from nextchar.server.registry import NAME_RE, Ref
 
+MARKER = "_shared_store"  # in model_dir: the store whose models it caches ("_": no model name)
 PREFIX = "nextchar:"
 INDEX, POINTER = PREFIX + "models", PREFIX + "models:default"
 
@@ -59,6 +63,12 @@ def blob_key(ref: Ref, sha: str) -> str:
     return f"{PREFIX}model:{field(ref)}:{sha}"
 
 
+def shared_store_of(model_dir: Path) -> str:
+    """The store (as shown, no password) whose models model_dir caches; "" for a plain registry."""
+    marker = model_dir / MARKER
+    return marker.read_text().strip() if marker.is_file() else ""
+
+
 class RedisModelFiles:
     """The ModelFiles protocol (nextchar.server.registry) on Redis, with model_dir as the cache."""
 
@@ -68,6 +78,8 @@ class RedisModelFiles:
         self._set_default = client.register_script(SET_DEFAULT)
         self._withdraw = client.register_script(WITHDRAW)
         self._cached: dict[Ref, str] = {}  # versions whose cached file this process checked: SHA-256
+        with atomic_write(model_dir / MARKER) as f:
+            f.write(f"{url}\n".encode())
 
     def __str__(self) -> str:
         return f"model registry {self.url}"
