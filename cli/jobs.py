@@ -97,7 +97,7 @@ def watch(
 ) -> None:
     """Follow a job to its end, as the train that started it would; Ctrl-C stops watching (the
     job runs on: nextchar jobs cancel stops it)."""
-    from nextchar.cli.train import follow
+    from nextchar.cli.follow import follow
 
     with connect(server, timeout) as client:
         run = client.watch_job(job_id)

@@ -1,20 +1,17 @@
 """``nextchar train``: train a model on the server (or in this process with ``--local``).
 
-The server trains in a worker process, so this command only watches: Ctrl-C asks
-whether to cancel the job or leave it running (exactly ``c``/``cancel`` or
-``l``/``leave``: a command typed at the prompt by mistake is no answer), and
-``--detach`` returns at once. ``jobs watch`` follows a job the same way, but Ctrl-C
-there only stops watching. ``--local`` runs nextchar.core.train here and registers
-the result through the server's own Registry, so the files land exactly where
-``nextchar serve`` reads them; with ``--store`` (a server sharing models through
-Redis) it publishes them there. The model is named by ``--name`` or by its file
-(``corpus.txt`` -> ``corpus``), never by a default a second run would overwrite.
+The server trains in a worker process, so this command only watches (nextchar.cli.follow:
+Ctrl-C asks whether to cancel the job or leave it running), and ``--detach`` returns at
+once. ``--local`` runs nextchar.core.train here and registers the result through the
+server's own Registry, so the files land exactly where ``nextchar serve`` reads them; with
+``--store`` (a server sharing models through Redis) it publishes them there. The model is
+named by ``--name`` or by its file (``corpus.txt``: ``corpus``), never by a default that a
+toy run would quietly take over. What the run will cost is said first (nextchar.cli.plan).
 The model and training options come from ModelConfig and TrainConfig (nextchar.cli.options).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -25,9 +22,9 @@ from nextchar.cli.common import (
     ServerOpt,
     TimeoutOpt,
     connect,
-    fmt_float,
     print_json,
 )
+from nextchar.cli.follow import follow
 from nextchar.cli.options import config_options
 from nextchar.cli.plan import plan
 from nextchar.cli.progress import progress_view
@@ -36,8 +33,6 @@ from nextchar.client.texts import TextFiles
 from nextchar.core.config import ModelConfig, TrainConfig
 
 if TYPE_CHECKING:
-    from nextchar.client.library import NextCharClient
-    from nextchar.client.results import Progress
     from nextchar.client.training import TrainingRun
     from nextchar.server.registry import Registry
 
@@ -158,99 +153,6 @@ def _report_detached(run: TrainingRun, as_json: bool) -> None:
     else:
         place = f", place {job.queue_position} in the queue" if job and job.queue_position else ""
         typer.echo(f"training job {job_id} is {state} on the server{place}; nextchar jobs watch {job_id}")
-
-
-def follow(client: NextCharClient, run: TrainingRun, name: str, as_json: bool, *, started_here: bool) -> None:
-    """Watch the job to its end, then say what was registered. Ctrl-C asks whether to cancel
-    it or leave it running when this command started it (started_here); a watch that only
-    re-attached stops watching and touches nothing."""
-    try:
-        with progress_view(f"training {name}", as_json) as view:
-            if run.job is not None:  # the status start_training waited for: queued, or running
-                view.status(run.job)
-            for event in run:
-                view.status(event.job)
-                if event.progress is not None:
-                    view.update(event.progress)
-        job = run.wait()  # the stream has ended: the job's last status
-    except KeyboardInterrupt:
-        if started_here:
-            _interrupted(run)
-        else:
-            run.detach()
-            typer.echo(f"\nstopped watching; {_runs_on(run.job_id)}", err=True)
-        raise typer.Exit(130) from None
-    if job.state != "succeeded" or job.result is None:
-        from nextchar.client.errors import TrainingFailed
-
-        raise TrainingFailed(
-            f"training job {job.job_id} {job.state}: {job.error or 'no reason given'}", job=job
-        )
-    info = client.model(job.result).info
-    if as_json:
-        print_json({"job_id": job.job_id, "model": info})
-        return
-    bpc = fmt_float(info.bits_per_char)
-    typer.echo(f"registered {info.model}{' (default)' if info.is_default else ''}: {bpc} bits/char")
-    kept = kept_epoch([p for p in client.loss_history(job.result) if p.kind == "epoch"])
-    if kept:
-        typer.echo(kept)
-
-
-def kept_epoch(epochs: list[Progress]) -> str:
-    """Which epoch's weights a run kept (the best validation) against its last epoch."""
-    scored = [p for p in epochs if p.val_bpc is not None]
-    if not scored:
-        return ""
-    best, last = min(scored, key=lambda p: p.val_bpc or 0.0), scored[-1]
-    if best is last:
-        return f"kept the last epoch's weights ({last.epoch}: the best validation, {fmt_float(last.val_bpc)} bits/char)"
-    return (
-        f"kept epoch {best.epoch}'s weights (the best validation, {fmt_float(best.val_bpc)} bits/char); "
-        f"the last, epoch {last.epoch}, had {fmt_float(last.val_bpc)}"
-    )
-
-
-ANSWERS = {"": "leave", "l": "leave", "leave": "leave", "c": "cancel", "cancel": "cancel"}
-
-
-def _runs_on(job_id: str) -> str:
-    return (
-        f"training job {job_id} keeps running on the server: nextchar jobs watch {job_id} follows it, "
-        f"nextchar jobs cancel {job_id} stops it"
-    )
-
-
-def _interrupted(run: TrainingRun) -> None:
-    """Ctrl-C while following a job this command started: cancel only on an exact answer. Without
-    a terminal to answer on, or on a second Ctrl-C (or end of input) at the question, the job
-    is left running, and the last line says so and how to find it again."""
-    job_id = run.job_id
-    choice = (
-        _ask(f"\ntraining job {job_id}: cancel it, or leave it running? [c]ancel / [l]eave (l)")
-        if (sys.stdin.isatty())
-        else "leave"
-    )
-    if choice == "cancel":
-        run.cancel()
-        typer.echo(f"training job {job_id} cancelled; nothing is registered", err=True)
-    else:
-        run.detach()
-        typer.echo(_runs_on(job_id), err=True)
-
-
-def _ask(question: str) -> str:
-    """An answer from ANSWERS, asked again until one comes; "leave" when the question is interrupted."""
-    while True:
-        try:
-            answer = typer.prompt(question, default="", show_default=False, err=True)
-        except typer.Abort:  # Ctrl-C or Ctrl-D at the question
-            typer.echo("", err=True)
-            return "leave"
-        choice = ANSWERS.get(answer.strip().lower())
-        if choice is not None:
-            return choice
-        typer.echo(f"{answer.strip()!r} is no answer: type c (cancel) or l (leave)", err=True)
 
 
 def local_registry(model_dir: Path, store: str) -> Registry:
