@@ -46,7 +46,7 @@ def test_jobs_resume_bit_identically_after_trainer_kill_sigterm_and_sigkill(tmp_
         wait_for(server, paused, step=200)
         server.proc.send_signal(signal.SIGTERM)  # drains: the trainer checkpoints and stops
         assert server.proc.wait(60) == 0
-        assert any("paused" in line or "checkpointed" in line for line in server.log)
+        assert any(f"job {paused} (server-sigterm): back in the queue" in line for line in server.log)
     finally:
         server.close()
 
