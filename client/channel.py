@@ -32,12 +32,16 @@ Resp = TypeVar("Resp")
 SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 
 # Keepalive finds a dead server under a long stream (the server permits a ping every 10 s);
-# short reconnect backoff lets a resumed stream come back quickly after a blip.
+# short reconnect backoff lets a resumed stream come back quickly after a blip. gRPC also
+# takes grpc.min_reconnect_backoff_ms as the time a connection attempt is given to finish its
+# handshake: at 100 ms a loaded or distant server was "unreachable" (every call refused).
+# 5 s covers a TLS handshake over a slow link; at gRPC's 20 s default a resumed call after a
+# dropped connection failed one time in three (test_feed_retries_once_after_a_drop).
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 5_000),
     ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),

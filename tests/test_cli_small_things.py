@@ -8,12 +8,16 @@ says, the timings an exported history carries, greedy generation and its prime, 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,3 +196,44 @@ def test_the_plot_legend_names_only_lines_that_can_be_seen() -> None:
     config = TrainConfig(seq_len=4, batch=1, epochs=2, log_every=1, val_fraction=0.0)
     several = train(NOTEBOOK_TEXT, ModelConfig(hidden=8), config).history
     assert legend(several) == ["train (steps)", "train (epoch mean)"]
+
+
+class SlowHandshake:
+    """A relay in front of a server that holds the server's first bytes back for `delay` seconds:
+    a loaded machine, or a far server (each round trip of a TLS handshake costs the link's RTT)."""
+
+    def __init__(self, upstream: str, delay: float) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream, self.delay = (host, int(port)), delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.upstream)
+                threading.Thread(target=self._pipe, args=(client, server, 0.0), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(server, client, self.delay), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, delay: float) -> None:
+        time.sleep(delay)
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_server_slow_to_answer_its_handshake_is_waited_for_not_called_unreachable(
+    server_address: str,
+) -> None:
+    relay = SlowHandshake(server_address, delay=0.5)
+    try:
+        with NextCharClient(relay.address, timeout=10) as c:
+            assert c.health() == "SERVING"  # a connection attempt is given seconds, not 100 ms
+    finally:
+        relay.close()
