@@ -7,6 +7,7 @@ job runs. Every server and every job here is real.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -14,40 +15,53 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pexpect
 import pytest
-from nextchar.client import NextCharClient
 from nextchar.core.demo import NOTEBOOK_TEXT
-from server_harness import ServerThread, make_registry, start_server
+from server_harness import LoggedProcess, make_registry
 
 CLI = [sys.executable, "-m", "nextchar.cli"]
 LONG = ["--text", NOTEBOOK_TEXT * 40, "--hidden", "64", "--epochs", "5000", "--seq-len", "8", "--batch", "2"]
 
 
 @pytest.fixture(scope="module")
-def one_trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    """A server that trains one job at a time: the second one queues."""
+def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server that trains one job at a time (--trainers 1): the second one queues.
+
+    This module runs no gRPC in its own process (the server is a process of its own, jobs are
+    asked about through the CLI): pexpect forks this process for each pty, and a fork taken
+    while gRPC's threads poll can leave the child dead before it runs anything."""
     model_dir = tmp_path_factory.mktemp("models")
     make_registry(model_dir, versions=1)
-    server = start_server(model_dir, max_jobs=1)
-    yield server
+    server = LoggedProcess("serve", "--port", "0", "--model-dir", str(model_dir), "--trainers", "1")
+    port = server.wait_for_line(r"serving on [\d.]+:(\d+)")[1].group(1)
+    yield f"127.0.0.1:{port}"
     server.close()
 
 
-@pytest.fixture
-def address(one_trainer: ServerThread) -> Iterator[str]:
-    address = f"127.0.0.1:{one_trainer.port}"
-    yield address
-    with NextCharClient(address) as c:  # what a test left running would hold the one trainer
-        for job in c.jobs():
-            if not job.done:
-                c.cancel_job(job.job_id)
+@pytest.fixture(autouse=True)
+def nothing_left_running(address: str) -> Iterator[None]:
+    yield
+    for job in jobs(address):  # what a test left running would hold the one trainer
+        if job["state"] in ("queued", "running"):
+            cli(address, "jobs", "cancel", job["job_id"])
+
+
+def cli(address: str, *args: str) -> str:
+    command = [*CLI, *args, "--server", address, "--timeout", "30"]  # a loaded machine is slow to answer
+    done = subprocess.run(command, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def jobs(address: str) -> list[dict[str, Any]]:
+    return list(json.loads(cli(address, "jobs", "list", "--json")))
 
 
 def state(address: str, job_id: str) -> str:
-    with NextCharClient(address) as c:
-        return c.job(job_id).state
+    return str(next(job["state"] for job in jobs(address) if job["job_id"] == job_id))
 
 
 def running(address: str, job_id: str) -> None:
@@ -73,14 +87,7 @@ def train_in_terminal(address: str, name: str) -> tuple[pexpect.spawn, str]:
 
 
 def detached(address: str, name: str) -> str:
-    done = subprocess.run(
-        [*CLI, "train", *LONG, "--name", name, "--detach", "--json", "--server", address],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return str(re.search(r'"job_id": "([^"]+)"', done.stdout).group(1))  # type: ignore[union-attr]
+    return str(json.loads(cli(address, "train", *LONG, "--name", name, "--detach", "--json"))["job_id"])
 
 
 def test_only_an_exact_answer_cancels_a_job_after_ctrl_c(address: str) -> None:
@@ -161,8 +168,7 @@ def test_without_a_terminal_each_epoch_is_one_plain_line_and_a_queue_place_is_sa
             said.append(proc.stderr.readline())
         line = said[-1]
         assert line.strip() == "training second: queued, place 1"
-        with NextCharClient(address) as c:
-            c.cancel_job(busy)
+        cli(address, "jobs", "cancel", busy)
         epochs = plain_lines(proc, 3)  # while the job runs, not when it ends
         for n, epoch in enumerate(epochs, 1):
             assert re.fullmatch(
