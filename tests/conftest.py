@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# Before gRPC is imported. pexpect forks this process for every pty it opens, and with gRPC's
+# fork support on (the default) a fork taken while the threads of a server running in this
+# process poll left the child dead before it ran anything (epoll_wait: Bad file descriptor:
+# test_cli_terminal failed about one run in five). No test forks a process that goes on to
+# use gRPC: the servers' own processes are spawned.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 from collections.abc import Iterator
 
 import pytest
