@@ -68,7 +68,7 @@ def main(duration: float, rounds: int) -> dict[str, Any]:
                         runs[name][phase].append(sb.run_client(port, streams, 1, duration, 1.0, proc.pid))
                     if client is not None:
                         latest = client.job(job_id).latest
-                        trainer_rates.append(latest.chars_per_sec if latest else 0.0)
+                        trainer_rates.append(latest.chars_per_sec if latest and latest.chars_per_sec else 0.0)
                         client.cancel_job(job_id)
                         client.close()
                         time.sleep(1.0)  # the trainer gone before the next round

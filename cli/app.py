@@ -72,6 +72,8 @@ def _one_line(exc: Exception) -> str:
             ("cannot reach", "lost the connection")
         ):
             return f"{exc.message}; is the server running? start one with `nextchar serve` (or `make run`)"
+        if isinstance(exc, errors.ModelNotFound):
+            return f"{exc.message}; `nextchar models list` shows the models this server has"
         return str(exc.message)
     if isinstance(exc, OSError | ValueError):  # unreadable files, invalid hyperparameters
         return str(exc)

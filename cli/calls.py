@@ -6,6 +6,7 @@ of .train, .stream, .models and .sessions) on the ``nextchar`` app.
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -105,6 +106,35 @@ def generate(
         )
     else:
         typer.echo()
+    loop = repeating_tail(result.text) if temperature == 0 or top_p == 0 else None
+    if loop is not None and not as_json:
+        start, unit = loop
+        typer.echo(
+            f"greedy decoding repeats {json.dumps(unit, ensure_ascii=False)} from character {start} on: "
+            "it always takes the likeliest next character, and this model's likeliest path is a loop; "
+            "sampling varies it (--temperature 0.8, or --top-k 5)",
+            err=True,
+        )
+
+
+LOOP_CHARS = 24  # a tail this long that repeats a unit at least 3 times is a loop, not a pattern
+LONGEST_UNIT = 80  # characters: a loop of a longer unit is not looked for
+LOOKED_AT = 4096  # characters at the end of the text: a loop shows there
+
+
+def repeating_tail(text: str) -> tuple[int, str] | None:
+    """(where it starts, the unit) when the text ends in a loop: one unit, the shortest, repeated
+    at least 3 times over LOOP_CHARS or more (a greedy decoding's fixed cycle); else None."""
+    tail = text[-LOOKED_AT:]
+    n = len(tail)
+    for p in range(1, min(LONGEST_UNIT, n // 3) + 1):
+        matched = 0  # trailing characters equal to the one p before them
+        while matched < n - p and tail[n - 1 - matched] == tail[n - 1 - matched - p]:
+            matched += 1
+        if matched >= 2 * p and matched + p >= LOOP_CHARS:
+            start = len(text) - matched - p
+            return start, text[start : start + p]
+    return None
 
 
 def complete(
@@ -149,10 +179,15 @@ def loss(
         Path | None,
         typer.Option("--output", "-o", dir_okay=False, help="File to write; stdout for csv/json."),
     ] = None,
+    as_json: JsonOpt = False,
     server: ServerOpt = DEFAULT_TARGET,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
 ) -> None:
     """Export a model version's loss history as CSV, JSON or a PNG plot of train and validation loss."""
+    if as_json:  # as every data command takes it: the same as --format json
+        if fmt not in (None, HistoryFormat.json):
+            raise typer.BadParameter(f"--json and --format {fmt.value} disagree", param_hint="--json")
+        fmt = HistoryFormat.json
     suffix = output.suffix.lstrip(".").lower() if output else ""
     if fmt is None and output is not None and suffix not in HistoryFormat.__members__:
         raise typer.BadParameter(

@@ -69,13 +69,23 @@ def show(
     server: ServerOpt = DEFAULT_TARGET,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
 ) -> None:
-    """One job: its state, latest progress, and what it registered or why it ended."""
+    """One job: its state, what it trains and how, how far it got, and what it registered or why it ended."""
     with connect(server, timeout) as client:
         job = client.job(job_id)
     if as_json:
         print_json(job)
-    else:
-        print_table(f"job {job_id}", COLUMNS, [_row(job)])
+        return
+    p = job.latest
+    rows: list[tuple[str, object]] = [
+        (column, value) for column, value in zip(COLUMNS[1:], _row(job)[1:], strict=True) if value
+    ]
+    if p is not None and p.total_chars:
+        rows.append(("characters", f"{p.chars:,} of {p.total_chars:,} (step {p.step:,})"))
+    rows.append(("attempts", job.attempts))
+    rows += [
+        (key.replace("_", "-"), value) for key, value in {**job.model_config, **job.train_config}.items()
+    ]
+    print_table(f"job {job_id}", ("", "value"), rows)
 
 
 @jobs_app.command("watch")
@@ -85,12 +95,13 @@ def watch(
     server: ServerOpt = DEFAULT_TARGET,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
 ) -> None:
-    """Follow a job to its end, as the train that started it would (Ctrl-C: cancel or leave it)."""
-    from nextchar.cli.train import follow
+    """Follow a job to its end, as the train that started it would; Ctrl-C stops watching (the
+    job runs on: nextchar jobs cancel stops it)."""
+    from nextchar.cli.follow import follow
 
     with connect(server, timeout) as client:
         run = client.watch_job(job_id)
-        follow(client, run, client.job(job_id).model_name, as_json)
+        follow(client, run, client.job(job_id).model_name, as_json, started_here=False)
 
 
 @jobs_app.command("cancel")

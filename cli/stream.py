@@ -124,6 +124,8 @@ def stream(
     sent as they arrive, one line per character (or JSON Lines with --json), then a summary
     with top-1 accuracy and bits/char. A dropped connection is resumed where it stopped.
     """
+    if file is not None:  # refused as train and eval refuse it: empty, or not UTF-8 (a binary)
+        TextFiles.of(file).count()
     with connect(server, timeout) as client:
         session = client.attach(session_id) if session_id else client.session(model)
         try:

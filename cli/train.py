@@ -1,15 +1,17 @@
 """``nextchar train``: train a model on the server (or in this process with ``--local``).
 
-The server trains in a worker process, so this command only watches: Ctrl-C asks
-whether to cancel the job or leave it running, and ``--detach`` returns at once.
-``--local`` runs nextchar.core.train here and registers the result through the
-server's own Registry, so the files land exactly where ``nextchar serve`` reads them.
+The server trains in a worker process, so this command only watches (nextchar.cli.follow:
+Ctrl-C asks whether to cancel the job or leave it running), and ``--detach`` returns at
+once. ``--local`` runs nextchar.core.train here and registers the result through the
+server's own Registry, so the files land exactly where ``nextchar serve`` reads them; with
+``--store`` (a server sharing models through Redis) it publishes them there. The model is
+named by ``--name`` or by its file (``corpus.txt``: ``corpus``), never by a default that a
+toy run would quietly take over. What the run will cost is said first (nextchar.cli.plan).
 The model and training options come from ModelConfig and TrainConfig (nextchar.cli.options).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,53 +22,19 @@ from nextchar.cli.common import (
     ServerOpt,
     TimeoutOpt,
     connect,
-    fmt_float,
     print_json,
 )
+from nextchar.cli.follow import follow
 from nextchar.cli.options import config_options
+from nextchar.cli.plan import plan
+from nextchar.cli.progress import progress_view
 from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
 from nextchar.client.texts import TextFiles
 from nextchar.core.config import ModelConfig, TrainConfig
 
 if TYPE_CHECKING:
-    from nextchar.client.library import NextCharClient
-    from nextchar.client.results import Progress
     from nextchar.client.training import TrainingRun
-
-
-class TrainingBar:
-    """A live bar on stderr: progress through the characters, loss, bits/char, chars/s and ETA."""
-
-    def __init__(self, title: str, enabled: bool) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, TaskProgressColumn, TextColumn
-        from rich.progress import Progress as RichProgress
-
-        self.bar = RichProgress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=Console(stderr=True),
-            disable=not enabled,
-        )
-        self.task = self.bar.add_task(title, total=None, stats="starting")
-
-    def update(self, p: Progress) -> None:
-        val = f"  val {fmt_float(p.val_bpc, 2)}" if p.val_bpc is not None else ""
-        eta = f"{p.eta_seconds:.0f} s" if p.eta_seconds is not None else "?"
-        stats = (
-            f"epoch {p.epoch}  loss {fmt_float(p.train_loss)}  {fmt_float(p.train_bpc, 2)} bits/char{val}"
-            f"  {p.chars_per_sec:,.0f} chars/s  ETA {eta}"
-        )
-        self.bar.update(self.task, total=p.total_chars, completed=p.chars, stats=stats)
-
-    def __enter__(self) -> TrainingBar:
-        self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
+    from nextchar.server.registry import Registry
 
 
 @config_options(ModelConfig, TrainConfig)
@@ -79,8 +47,14 @@ def train(
     ] = None,
     text: Annotated[str | None, typer.Option("--text", help="Train on this text instead of files.")] = None,
     name: Annotated[
-        str, typer.Option("--name", "-n", help="Model name to register a new version of.")
-    ] = "default",
+        str | None,
+        typer.Option(
+            "--name",
+            "-n",
+            show_default=False,
+            help="Model name to register a new version of; the file's name (corpus.txt: corpus) when omitted.",
+        ),
+    ] = None,
     promote: Annotated[bool, typer.Option(help="Make the new version the default model.")] = False,
     detach: Annotated[bool, typer.Option(help="Start the job and return at once; it keeps running.")] = False,
     local: Annotated[
@@ -92,6 +66,14 @@ def train(
     model_dir: Annotated[
         Path, typer.Option(envvar="NEXTCHAR_MODEL_DIR", help="Model registry directory for --local.")
     ] = SERVER_DEFAULTS.model_dir,
+    store: Annotated[
+        str,
+        typer.Option(
+            envvar="NEXTCHAR_STORE",
+            show_default=False,
+            help="With --local: the redis://HOST:PORT/DB a server shares its models through (its --store).",
+        ),
+    ] = "",
     as_json: JsonOpt = False,
     server: ServerOpt = DEFAULT_TARGET,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
@@ -108,10 +90,15 @@ def train(
         raise typer.BadParameter("the text is empty", param_hint="--text")
     if text is None and not files:
         raise typer.BadParameter("give training FILES (or --text TEXT)", param_hint="FILES")
+    name = model_name(name, files or [])
     source = text if text is not None else TextFiles.of(files or [])
+    if not as_json:
+        for line in plan(source, name, model_config, train_config):
+            typer.echo(line, err=True)
     if local:
+        registry = local_registry(model_dir, store)  # refused before hours of training, not after
         corpus = source if isinstance(source, str) else source.read()
-        _train_here(corpus, name, model_config, train_config, promote, model_dir, as_json)
+        _train_here(corpus, name, model_config, train_config, promote, registry, as_json)
         return
     with connect(server, timeout) as client:
         try:
@@ -137,7 +124,23 @@ def train(
                 f"training job {run.job_id} (follow it again with: nextchar jobs watch {run.job_id})",
                 err=True,
             )
-        follow(client, run, name, as_json)
+        follow(client, run, name, as_json, started_here=True)
+
+
+def model_name(name: str | None, files: list[Path]) -> str:
+    """--name, else the one training file's stem when it is a valid model name: a name is never
+    made up (a silent ``default`` turned a toy run into the model a plain ``stream`` gets)."""
+    from nextchar.server.registry import NAME_RE
+
+    if name is not None:
+        return name
+    stem = files[0].stem if len(files) == 1 else ""
+    if NAME_RE.match(stem):
+        return stem
+    why = f"{stem!r} is not a model name" if stem else "there is no one file to name it after"
+    raise typer.BadParameter(
+        f"name the model with --name NAME (1-64 characters of a-z 0-9 _ . -): {why}", param_hint="--name"
+    )
 
 
 def _report_detached(run: TrainingRun, as_json: bool) -> None:
@@ -152,57 +155,30 @@ def _report_detached(run: TrainingRun, as_json: bool) -> None:
         typer.echo(f"training job {job_id} is {state} on the server{place}; nextchar jobs watch {job_id}")
 
 
-def follow(client: NextCharClient, run: TrainingRun, name: str, as_json: bool) -> None:
-    """Watch the job to its end, then say what was registered; Ctrl-C asks whether to cancel
-    it or leave it running."""
-    try:
-        with TrainingBar(f"training {name}", enabled=not as_json) as bar:
-            job = run.wait(print_json if as_json else bar.update)
-    except KeyboardInterrupt:
-        _interrupted(run)
-        raise typer.Exit(130) from None
-    if job.state != "succeeded" or job.result is None:
-        from nextchar.client.errors import TrainingFailed
+def local_registry(model_dir: Path, store: str) -> Registry:
+    """The registry a local run registers into: model_dir's, or with a store the shared one (the
+    server's replicas see it there). A model_dir a server uses as its cache of a store's models
+    is refused without the store: a version written only there is one no server sees."""
+    from nextchar.server.registry import Registry
+    from nextchar.server.shared_models import shared_store_of
 
-        raise TrainingFailed(
-            f"training job {job.job_id} {job.state}: {job.error or 'no reason given'}", job=job
-        )
-    info = client.model(job.result).info
-    if as_json:
-        print_json({"job_id": job.job_id, "model": info})
-        return
-    bpc = fmt_float(info.bits_per_char)
-    typer.echo(f"registered {info.model}{' (default)' if info.is_default else ''}: {bpc} bits/char")
-    kept = kept_epoch([p for p in client.loss_history(job.result) if p.kind == "epoch"])
-    if kept:
-        typer.echo(kept)
-
-
-def kept_epoch(epochs: list[Progress]) -> str:
-    """Which epoch's weights a run kept (the best validation) against its last epoch."""
-    scored = [p for p in epochs if p.val_bpc is not None]
-    if not scored:
-        return ""
-    best, last = min(scored, key=lambda p: p.val_bpc or 0.0), scored[-1]
-    if best is last:
-        return f"kept the last epoch's weights ({last.epoch}: the best validation, {fmt_float(last.val_bpc)} bits/char)"
-    return (
-        f"kept epoch {best.epoch}'s weights (the best validation, {fmt_float(best.val_bpc)} bits/char); "
-        f"the last, epoch {last.epoch}, had {fmt_float(last.val_bpc)}"
-    )
-
-
-def _interrupted(run: TrainingRun) -> None:
-    job_id = run.job_id
-    leave = not sys.stdin.isatty() or not typer.prompt(
-        f"\ntraining job {job_id}: [c]ancel it, or [l]eave it running?", default="l"
-    ).lower().startswith("c")
-    if leave:
-        run.detach()
-        typer.echo(f"training job {job_id} keeps running on the server", err=True)
+    if not store:
+        shared = shared_store_of(model_dir)
+        if shared:
+            raise typer.BadParameter(
+                f"{model_dir} holds the models of {shared} (a server's --store): a version written "
+                "only here is one no server sees; give that store (--store redis://HOST:PORT/DB or "
+                "NEXTCHAR_STORE), or train on the server without --local",
+                param_hint="--store",
+            )
+        registry = Registry(model_dir)
     else:
-        run.cancel()
-        typer.echo(f"training job {job_id} cancelled; nothing is registered", err=True)
+        from nextchar.server.app import shared_parts
+        from nextchar.server.config import TrainerConfig
+
+        registry = shared_parts(TrainerConfig(store=store, model_dir=model_dir))[0]
+    registry.load_all()
+    return registry
 
 
 def _train_here(
@@ -211,21 +187,17 @@ def _train_here(
     model_config: ModelConfig,
     train_config: TrainConfig,
     promote: bool,
-    model_dir: Path,
+    registry: Registry,
     as_json: bool,
 ) -> None:
     from nextchar.client.results import Progress
     from nextchar.core.train import TrainingDiverged
     from nextchar.core.train import train as train_locally
-    from nextchar.server.registry import Registry
 
-    registry = Registry(model_dir)
-    registry.load_all()
     try:
-        with TrainingBar(f"training {name} locally", enabled=not as_json) as bar:
-            show = print_json if as_json else bar.update
+        with progress_view(f"training {name} locally", as_json) as view:
             result = train_locally(
-                text, model_config, train_config, on_progress=lambda r: show(Progress.from_dict(r))
+                text, model_config, train_config, on_progress=lambda r: view.update(Progress.from_dict(r))
             )
     except TrainingDiverged as exc:
         raise typer.BadParameter(f"{exc}; nothing was saved", param_hint="--lr") from None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
+from nextchar.client.defaults import DEFAULT_PORT
 from nextchar.client.errors import translate_errors
 from nextchar.proto import nextchar_pb2_grpc
 
@@ -31,12 +32,16 @@ Resp = TypeVar("Resp")
 SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 
 # Keepalive finds a dead server under a long stream (the server permits a ping every 10 s);
-# short reconnect backoff lets a resumed stream come back quickly after a blip.
+# short reconnect backoff lets a resumed stream come back quickly after a blip. gRPC also
+# takes grpc.min_reconnect_backoff_ms as the time a connection attempt is given to finish its
+# handshake: at 100 ms a loaded or distant server was "unreachable" (every call refused).
+# 5 s covers a TLS handshake over a slow link; at gRPC's 20 s default a resumed call after a
+# dropped connection failed one time in three (test_feed_retries_once_after_a_drop).
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 5_000),
     ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -47,12 +52,13 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, list[tuple[str, in
     """A gRPC target and extra options for one address, a comma-separated list, or a sequence.
 
     Several addresses must be IP literals (``127.0.0.1:50051,127.0.0.1:50052``); they
-    become one ``ipv4:``/``ipv6:`` target balanced with ``round_robin``.
+    become one ``ipv4:``/``ipv6:`` target balanced with ``round_robin``. An address without
+    a port means nextchar's port (50051), not gRPC's default (443: TLS).
     """
     if isinstance(target, str) and target.startswith(SCHEMES):
         return target, []  # already a gRPC target: the caller chose the resolver
     items = [target] if isinstance(target, str) else list(target)
-    addresses = [part.strip() for item in items for part in item.split(",") if part.strip()]
+    addresses = [with_port(part.strip()) for item in items for part in item.split(",") if part.strip()]
     if not addresses:
         raise ValueError("server address: empty")
     if len(addresses) == 1:
@@ -61,6 +67,15 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, list[tuple[str, in
     if len(families) != 1:
         raise ValueError(f"server addresses: mix of IPv4 and IPv6 in {addresses}")
     return f"{families.pop()}:{','.join(addresses)}", [("grpc.lb_policy_name", "round_robin")]
+
+
+def with_port(address: str) -> str:
+    """HOST:PORT for HOST, HOST:PORT, [V6] or [V6]:PORT; a bare IPv6 literal gets its brackets."""
+    if address.startswith("["):
+        return address if "]:" in address else f"{address}:{DEFAULT_PORT}"
+    if address.count(":") > 1:  # an IPv6 literal has no room for a port without brackets
+        return f"[{address}]:{DEFAULT_PORT}"
+    return address if ":" in address else f"{address}:{DEFAULT_PORT}"
 
 
 def _ip_family(address: str) -> str:

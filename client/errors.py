@@ -27,6 +27,7 @@ NOT_FOUND, by the ``nextchar-subject`` the server attaches (session, model, job)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -148,6 +149,8 @@ _BY_CODE: dict[grpc.StatusCode, type[NextCharError]] = {
 }
 
 DETAIL_PREFIX = "nextchar-"  # the server's machine-readable error details, in trailing metadata
+# gRPC core's words for a host name that did not resolve (its native resolver, then c-ares)
+UNRESOLVED = re.compile(r"^(?:errors resolving|DNS resolution failed for) (\S+?):? ")
 LOST = ("Stream removed", "Socket closed", "Connection reset", "recvmsg:Connection reset")  # gRPC core's
 
 
@@ -166,6 +169,13 @@ def from_rpc_error(error: grpc.RpcError) -> NextCharError:
         return OffsetMismatch(message, code=code, offset=int(details.get("offset", -1)))
     if status == grpc.StatusCode.FAILED_PRECONDITION and details.get("field") == "rewind":
         return RewindTooFar(message, code=code, limit=int(details.get("rewind_limit", 0)))
+    unresolved = UNRESOLVED.match(message) if status == grpc.StatusCode.UNAVAILABLE else None
+    if unresolved:  # gRPC's text is resolver internals; what the person can do is check the name
+        return Unavailable(
+            f"cannot find the server: no address for the host name in {unresolved.group(1)}; "
+            "check the server address (HOST:PORT, e.g. 127.0.0.1:50051)",
+            code=code,
+        )
     if status == grpc.StatusCode.UNAVAILABLE and message.startswith("failed to connect"):
         message = f"cannot reach the server ({message})"
     elif status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and message.startswith(LOST):

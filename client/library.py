@@ -5,7 +5,7 @@
     with NextCharClient("127.0.0.1:50051") as c:
         with c.session(prime="hello wor") as s:
             print(s.feed("ld").next_chars)
-        print(c.generate(prime="hello", length=40).text)
+        print(c.generate(prime="hello", length=40))  # "hello" and what follows; .text: what follows
 
 Every call has a timeout (``timeout``, seconds) and raises a NextCharError
 (nextchar.client.errors) on failure. Streams (predictions, generation, training

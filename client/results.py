@@ -260,9 +260,11 @@ class Progress:
     train_bpc: float
     val_loss: float | None
     val_bpc: float | None
-    chars_per_sec: float
-    elapsed: float
+    chars_per_sec: float | None  # None where the run did not record timings (the shipped model)
+    elapsed: float | None  # training seconds so far
     eta_seconds: float | None
+    wall_seconds: float | None = None  # seconds since the run started, evaluations included
+    lr: float | None = None  # the learning rate of the latest step
 
     @classmethod
     def from_pb(cls, msg: pb.ProgressRecord) -> Progress:
@@ -279,9 +281,11 @@ class Progress:
             msg.train_bpc,
             opt("val_loss"),
             opt("val_bpc"),
-            msg.chars_per_sec,
-            msg.elapsed,
+            opt("chars_per_sec"),
+            opt("elapsed"),
             opt("eta_seconds"),
+            opt("wall_seconds"),
+            opt("lr"),
         )
 
     @classmethod
@@ -314,6 +318,8 @@ class Job:
     latest: Progress | None
     queue_position: int = 0  # while queued: 1 = next
     attempts: int = 0  # trainer processes started for it (a resume after a crash starts another)
+    model_config: dict[str, Any] = field(default_factory=dict)  # what it trains: cell, hidden, ...
+    train_config: dict[str, Any] = field(default_factory=dict)  # how: epochs, batch, seq_len, lr, ...
 
     @classmethod
     def from_pb(cls, msg: pb.JobInfo) -> Job:
@@ -328,6 +334,8 @@ class Job:
             Progress.from_pb(msg.latest) if msg.HasField("latest") else None,
             msg.queue_position,
             msg.attempts,
+            json.loads(msg.model_config_json) if msg.model_config_json else {},
+            json.loads(msg.train_config_json) if msg.train_config_json else {},
         )
 
     @property
@@ -413,16 +421,25 @@ class ModelDetails:
 
 @dataclass(frozen=True)
 class Generation:
-    """Generated text; with a session, offset is where the session stands after it."""
+    """Generated text: ``text`` is what the model wrote after ``prime``; ``str()`` of it reads on
+    from the prime, as ``nextchar generate`` prints it. With a session, offset is where the
+    session stands after it."""
 
     text: str
     model: ModelRef
     session_id: str  # "" for session-less or forked generation
     offset: int
+    prime: str = ""  # the text it continues (given, not generated)
+
+    def __str__(self) -> str:
+        return self.prime + self.text
 
     @classmethod
     def collect(
-        cls, pieces: Iterable[pb.GenerateResponse], on_piece: Callable[[str], None] | None = None
+        cls,
+        pieces: Iterable[pb.GenerateResponse],
+        on_piece: Callable[[str], None] | None = None,
+        prime: str = "",
     ) -> Generation:
         """Join a Generate stream's pieces, handing each to on_piece as it arrives."""
         text: list[str] = []
@@ -431,4 +448,4 @@ class Generation:
             text.append(last.text)
             if on_piece is not None:
                 on_piece(last.text)
-        return cls("".join(text), ModelRef.from_pb(last.model), last.session_id, last.offset)
+        return cls("".join(text), ModelRef.from_pb(last.model), last.session_id, last.offset, prime)

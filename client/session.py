@@ -52,7 +52,7 @@ def sample(
     if seed is not None:
         request.seed = seed
     pieces = conn.stream(conn.stub.Generate, request, timeout=conn.timeout)
-    return Generation.collect(pieces, on_piece)
+    return Generation.collect(pieces, on_piece, prime)
 
 
 class Session:

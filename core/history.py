@@ -11,9 +11,12 @@ import csv
 import io
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nextchar.core.atomic import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLUMNS = (
     "kind",
@@ -46,11 +49,23 @@ def to_json(history: list[dict[str, Any]]) -> str:
 
 
 def plot_png(history: list[dict[str, Any]], title: str = "Training") -> bytes:
-    """Train and validation bits/char against epochs, as PNG bytes.
+    """Train and validation bits/char against epochs, as PNG bytes (loss_figure's)."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(history, title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def loss_figure(history: list[dict[str, Any]], title: str = "Training") -> Figure:
+    """Train and validation bits/char against epochs.
 
     One point per epoch, marked, so a short run reads as its few epochs rather than a
     straight line between two step records; the step records (every log_every steps)
-    are drawn faintly between them at their fraction of an epoch.
+    are drawn faintly between them at their fraction of an epoch, when any falls between
+    two epochs' ends (a line hidden under the epochs' would only be a legend entry).
     """
     import matplotlib
 
@@ -61,7 +76,8 @@ def plot_png(history: list[dict[str, Any]], title: str = "Training") -> bytes:
     epochs = [r for r in history if r["kind"] == "epoch"]
     steps = [r for r in history if r["kind"] == "step"]
     per_epoch = epochs[0]["chars"] / epochs[0]["epoch"] if epochs and epochs[0]["chars"] else 0
-    if steps and per_epoch:
+    ends = {r["step"] for r in epochs}
+    if any(r["step"] not in ends for r in steps) and per_epoch:
         xs = [r["chars"] / per_epoch for r in steps]
         ax.plot(xs, [r["train_bpc"] for r in steps], color="tab:blue", alpha=0.35, label="train (steps)")
     if epochs:
@@ -83,10 +99,7 @@ def plot_png(history: list[dict[str, Any]], title: str = "Training") -> bytes:
     ax.set_ylabel("bits per character")
     ax.grid(True)
     ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return fig
 
 
 def export_history(

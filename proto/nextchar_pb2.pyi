@@ -272,6 +272,8 @@ class ProgressRecord(_message.Message):
     CHARS_PER_SEC_FIELD_NUMBER: _builtins.int
     ELAPSED_FIELD_NUMBER: _builtins.int
     ETA_SECONDS_FIELD_NUMBER: _builtins.int
+    WALL_SECONDS_FIELD_NUMBER: _builtins.int
+    LR_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """"step" (every log_every steps) or "epoch" (end of an epoch)."""
     epoch: _builtins.int
@@ -291,11 +293,17 @@ class ProgressRecord(_message.Message):
     val_bpc: _builtins.float
     """Validation bits per character; absent when not measured."""
     chars_per_sec: _builtins.float
-    """Training throughput so far, characters per second."""
+    """Training throughput so far, characters per second; absent when not recorded (the shipped
+    model's history leaves timings out, so that its file is the same on every build).
+    """
     elapsed: _builtins.float
-    """Training seconds so far."""
+    """Training seconds so far; absent when not recorded."""
     eta_seconds: _builtins.float
     """Estimated seconds left; absent when unknown."""
+    wall_seconds: _builtins.float
+    """Seconds since the run started, evaluations included; absent when not recorded."""
+    lr: _builtins.float
+    """The learning rate of the latest step; absent when not recorded."""
     def __init__(
         self,
         *,
@@ -308,26 +316,44 @@ class ProgressRecord(_message.Message):
         train_bpc: _builtins.float = ...,
         val_loss: _builtins.float | None = ...,
         val_bpc: _builtins.float | None = ...,
-        chars_per_sec: _builtins.float = ...,
-        elapsed: _builtins.float = ...,
+        chars_per_sec: _builtins.float | None = ...,
+        elapsed: _builtins.float | None = ...,
         eta_seconds: _builtins.float | None = ...,
+        wall_seconds: _builtins.float | None = ...,
+        lr: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "_val_bpc", b"_val_bpc", "_val_loss", b"_val_loss", "eta_seconds", b"eta_seconds", "val_bpc", b"val_bpc", "val_loss", b"val_loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_chars_per_sec", b"_chars_per_sec", "_elapsed", b"_elapsed", "_eta_seconds", b"_eta_seconds", "_lr", b"_lr", "_val_bpc", b"_val_bpc", "_val_loss", b"_val_loss", "_wall_seconds", b"_wall_seconds", "chars_per_sec", b"chars_per_sec", "elapsed", b"elapsed", "eta_seconds", b"eta_seconds", "lr", b"lr", "val_bpc", b"val_bpc", "val_loss", b"val_loss", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "_val_bpc", b"_val_bpc", "_val_loss", b"_val_loss", "chars", b"chars", "chars_per_sec", b"chars_per_sec", "elapsed", b"elapsed", "epoch", b"epoch", "eta_seconds", b"eta_seconds", "kind", b"kind", "step", b"step", "total_chars", b"total_chars", "train_bpc", b"train_bpc", "train_loss", b"train_loss", "val_bpc", b"val_bpc", "val_loss", b"val_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_chars_per_sec", b"_chars_per_sec", "_elapsed", b"_elapsed", "_eta_seconds", b"_eta_seconds", "_lr", b"_lr", "_val_bpc", b"_val_bpc", "_val_loss", b"_val_loss", "_wall_seconds", b"_wall_seconds", "chars", b"chars", "chars_per_sec", b"chars_per_sec", "elapsed", b"elapsed", "epoch", b"epoch", "eta_seconds", b"eta_seconds", "kind", b"kind", "lr", b"lr", "step", b"step", "total_chars", b"total_chars", "train_bpc", b"train_bpc", "train_loss", b"train_loss", "val_bpc", b"val_bpc", "val_loss", b"val_loss", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__chars_per_sec: _TypeAlias = _typing.Literal["chars_per_sec"]  # noqa: Y015
+    _WhichOneofArgType__chars_per_sec: _TypeAlias = _typing.Literal["_chars_per_sec", b"_chars_per_sec"]  # noqa: Y015
+    _WhichOneofReturnType__elapsed: _TypeAlias = _typing.Literal["elapsed"]  # noqa: Y015
+    _WhichOneofArgType__elapsed: _TypeAlias = _typing.Literal["_elapsed", b"_elapsed"]  # noqa: Y015
     _WhichOneofReturnType__eta_seconds: _TypeAlias = _typing.Literal["eta_seconds"]  # noqa: Y015
     _WhichOneofArgType__eta_seconds: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__lr: _TypeAlias = _typing.Literal["lr"]  # noqa: Y015
+    _WhichOneofArgType__lr: _TypeAlias = _typing.Literal["_lr", b"_lr"]  # noqa: Y015
     _WhichOneofReturnType__val_bpc: _TypeAlias = _typing.Literal["val_bpc"]  # noqa: Y015
     _WhichOneofArgType__val_bpc: _TypeAlias = _typing.Literal["_val_bpc", b"_val_bpc"]  # noqa: Y015
     _WhichOneofReturnType__val_loss: _TypeAlias = _typing.Literal["val_loss"]  # noqa: Y015
     _WhichOneofArgType__val_loss: _TypeAlias = _typing.Literal["_val_loss", b"_val_loss"]  # noqa: Y015
+    _WhichOneofReturnType__wall_seconds: _TypeAlias = _typing.Literal["wall_seconds"]  # noqa: Y015
+    _WhichOneofArgType__wall_seconds: _TypeAlias = _typing.Literal["_wall_seconds", b"_wall_seconds"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__chars_per_sec) -> _WhichOneofReturnType__chars_per_sec | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__elapsed) -> _WhichOneofReturnType__elapsed | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__eta_seconds) -> _WhichOneofReturnType__eta_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr) -> _WhichOneofReturnType__lr | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__val_bpc) -> _WhichOneofReturnType__val_bpc | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__val_loss) -> _WhichOneofReturnType__val_loss | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__wall_seconds) -> _WhichOneofReturnType__wall_seconds | None: ...
 
 Global___ProgressRecord: _TypeAlias = ProgressRecord  # noqa: Y015
 

@@ -68,10 +68,8 @@ def progress(record: dict[str, Any]) -> pb.ProgressRecord:
         total_chars=int(record.get("total_chars", 0)),
         train_loss=float(record.get("train_loss") or 0.0),
         train_bpc=float(record.get("train_bpc") or 0.0),
-        chars_per_sec=float(record.get("chars_per_sec") or 0.0),
-        elapsed=float(record.get("elapsed") or 0.0),
     )
-    for name in ("val_loss", "val_bpc", "eta_seconds"):
+    for name in ("val_loss", "val_bpc", "chars_per_sec", "elapsed", "eta_seconds", "wall_seconds", "lr"):
         value = _finite(record.get(name))
         if value is not None:
             setattr(msg, name, value)

@@ -29,6 +29,10 @@ lost its data. The first process to notice sets a new epoch, and every process t
 sees an epoch other than its own publishes again the versions it holds (files whose
 checksum it checked) and, when none is set, its default. The cost: a version deleted
 after the loss but before a replica noticed it comes back from that replica.
+
+``model_dir/_shared_store`` names the store (no password) the cache is of, so that
+``nextchar train --local`` on that directory can refuse to write a version there that
+no server would see (shared_store_of).
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ from pathlib import Path
 from typing import cast
 
 import redis
+from nextchar.core.atomic import atomic_write
 from nextchar.server.blobs import Blobs, file_sha256, reaching
 from nextchar.server.registry import NAME_RE, Ref
 
+MARKER = "_shared_store"  # in model_dir: the store whose models it caches ("_": no model name)
 PREFIX = "nextchar:"
 INDEX, POINTER, EPOCH = PREFIX + "models", PREFIX + "models:default", PREFIX + "models:epoch"
 log = logging.getLogger("nextchar.server")
@@ -72,6 +78,12 @@ def blob_key(ref: Ref, sha: str) -> str:
     return f"{PREFIX}model:{field(ref)}:{sha}"
 
 
+def shared_store_of(model_dir: Path) -> str:
+    """The store (as shown, no password) whose models model_dir caches; "" for a plain registry."""
+    marker = model_dir / MARKER
+    return marker.read_text().strip() if marker.is_file() else ""
+
+
 class RedisModelFiles:
     """The ModelFiles protocol (nextchar.server.registry) on Redis, with model_dir as the cache."""
 
@@ -83,6 +95,8 @@ class RedisModelFiles:
         self._cached: dict[Ref, str] = {}  # versions whose cached file this process checked: SHA-256
         self._epoch: bytes | None = None  # the store's epoch as this process last saw it
         self._pointer: Ref | None = None  # the default as this process last read it
+        with atomic_write(model_dir / MARKER) as f:
+            f.write(f"{url}\n".encode())
 
     def __str__(self) -> str:
         return f"model registry {self.url}"

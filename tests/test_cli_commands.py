@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from nextchar.cli.app import app
+from nextchar.client import NextCharClient
 from nextchar.core.demo import NOTEBOOK_TEXT
+from redis_harness import RedisServer
+from server_harness import ServerProcess
 from typer.testing import CliRunner
 
 runner = CliRunner()
@@ -148,12 +153,57 @@ def test_train_detach_returns_a_running_job(server_address: str) -> None:
 
 
 def test_train_local_writes_where_the_server_reads(tmp_path: Path) -> None:
-    corpus = tmp_path / "a.txt"
+    corpus = tmp_path / "sonnets.txt"
     corpus.write_text(NOTEBOOK_TEXT * 8)
     out, _, _ = run("train", str(corpus), "--local", "--model-dir", str(tmp_path / "models"), *TINY, "--json")
-    result = json_lines(out)[-1]
-    assert result["model"] == {"name": "default", "version": 1} and result["default"] is True
-    assert (tmp_path / "models" / "default" / "1.npz").is_file()
+    result = json_lines(out)[-1]  # named after its file, not "default"
+    assert result["model"] == {"name": "sonnets", "version": 1} and result["default"] is True
+    assert (tmp_path / "models" / "sonnets" / "1.npz").is_file()
+
+
+def test_train_local_beside_a_server_sharing_models_through_redis(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A version trained with --local must reach a server whose models live in Redis, or be refused
+    before training: written only into its cache directory, no replica would ever list it."""
+    url = redis_server.url.removesuffix("/0") + "/4"  # a database of its own
+    redis.Redis(port=redis_server.port, db=4).flushdb()
+    cache = tmp_path / "cache"
+    server = ServerProcess(cache, "--store", url, "--compute-in-thread")
+    try:
+        corpus = tmp_path / "sonnets.txt"
+        corpus.write_text(NOTEBOOK_TEXT * 8)
+        local = ("train", str(corpus), "--local", "--model-dir", str(cache), *TINY)
+        _, err, code = run(*local, ok=False)
+        assert code == 2 and f"holds the models of {url}" in err and "--store redis://" in err, err
+        assert not (cache / "sonnets").exists()  # refused before training
+        out, _, _ = run(*local, "--store", url)
+        assert "registered sonnets:v1" in out
+        with NextCharClient(server.address) as c:
+            deadline = time.monotonic() + 10
+            while "sonnets:v1" not in [str(m.model) for m in c.models()]:
+                assert time.monotonic() < deadline, "the server never saw the version"
+                time.sleep(0.2)
+            assert c.predict("hello wor", "sonnets:1").next_chars[-1] == "l"
+    finally:
+        server.close()
+
+
+def test_a_model_is_named_by_name_or_by_its_file_never_by_default(tmp_path: Path) -> None:
+    shouting, other = tmp_path / "Shakespeare.txt", tmp_path / "more.txt"
+    for path in (shouting, other):
+        path.write_text(NOTEBOOK_TEXT * 8)
+    models = ("--local", "--model-dir", str(tmp_path / "models"), *TINY)
+    for args, words in (
+        ([str(shouting)], "'Shakespeare' is not a model name"),
+        ([str(shouting), str(other)], "no one file to name it after"),
+        (["--text", NOTEBOOK_TEXT * 8], "no one file to name it after"),
+    ):
+        _, err, code = run("train", *args, *models, ok=False)
+        assert code == 2 and "--name NAME" in err and words in err, err
+    assert not (tmp_path / "models" / "default").exists()
+    out, err, _ = run("train", str(shouting), "--name", "bard", *models)
+    assert "registered bard:v1" in out and "model bard:" in err
 
 
 def test_unreadable_training_files_are_named(tmp_path: Path) -> None:
@@ -178,7 +228,7 @@ def test_unreadable_training_files_are_named(tmp_path: Path) -> None:
         ),
         (["eval", "/no/such/file"], 2, "does not exist"),
         (["train", "--text", "hi", "--hidden", "0"], 1, "hidden"),
-        (["train", "--text", "hi"], 1, "cannot fill one step"),
+        (["train", "--text", "hi", "--name", "hi"], 1, "cannot fill one step"),
         (["train"], 2, "give training FILES"),
         (["train", "--text", ""], 2, "the text is empty"),
         (["train", "--text", "hi", "/etc/hostname"], 2, "not both"),

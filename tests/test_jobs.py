@@ -46,7 +46,7 @@ def test_jobs_resume_bit_identically_after_trainer_kill_sigterm_and_sigkill(tmp_
         wait_for(server, paused, step=200)
         server.proc.send_signal(signal.SIGTERM)  # drains: the trainer checkpoints and stops
         assert server.proc.wait(60) == 0
-        assert any("paused" in line or "checkpointed" in line for line in server.log)
+        assert any(f"job {paused} (server-sigterm): back in the queue" in line for line in server.log)
     finally:
         server.close()
 
@@ -98,6 +98,19 @@ def test_a_failed_job_can_be_resumed_and_unknown_ones_are_not_found(tmp_path: Pa
             assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "succeeded" in str(exc.details())
         else:
             raise AssertionError("a succeeded job has nothing to resume")
+    finally:
+        server.close()
+
+
+def test_the_log_says_a_jobs_start_and_end_not_each_checkpoint(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path)  # the default log level: INFO
+    try:
+        job_id = start_job(server, "quiet")  # four epochs: a checkpoint at the end of each but the last
+        assert wait_for(server, job_id).state == pb.JOB_STATE_SUCCEEDED
+        server.wait_for_line(f"job {job_id} \\(quiet\\): succeeded")
+        said = [line for line in server.log if job_id in line]
+        assert any("started on trainer" in line for line in said), said
+        assert not [line for line in said if "checkpointed" in line], said
     finally:
         server.close()
 

@@ -65,7 +65,9 @@ def test_jobs_and_models_are_shared_by_replicas_with_separate_directories(
 ) -> None:
     a, b, url = replicas
     assert models(a) == models(b) == ({("default", 1)}, ("default", 1))  # the one A installed
-    trainer = TrainerProcess(url, tmp_path / "t", "--checkpoint-seconds", "0.3", "--job-lease", LEASE)
+    trainer = TrainerProcess(  # at DEBUG: its checkpoints are logged too
+        url, tmp_path / "t", "--checkpoint-seconds", "0.3", "--job-lease", LEASE, "--log-level", "debug"
+    )
     try:
         short = start_job(
             a, "shared", pb.TrainConfigSpec(seq_len=32, batch=16, epochs=1, log_every=5, seed=7)

@@ -264,7 +264,8 @@ class TrainerPool:
                         self._check(self.store.append(claim, record))
                     case pipe.Checkpointed(position):
                         self._check(self.store.keep_checkpoint(claim, checkpoint))
-                        log.info("job %s (%s): checkpointed at %s", job.id, job.model_name, position)
+                        # every epoch of every job: DEBUG; INFO says when a job starts and how it ends
+                        log.debug("job %s (%s): checkpointed at %s", job.id, job.model_name, position)
                     case pipe.Paused():
                         final = (QUEUED, "", None)
                     case pipe.Done():
