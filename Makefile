@@ -77,10 +77,11 @@ proto: $(STAMP)
 		--python_out=$(PROTO_GEN) --grpc_python_out=$(PROTO_GEN) \
 		--mypy_out=$(PROTO_GEN) --mypy_grpc_out=$(PROTO_GEN) proto/nextchar.proto
 	cp $(PROTO_GEN)/nextchar/proto/* proto/
+	$(PY) -m nextchar.server.httpapi.openapi > server/httpapi/openapi.json  # its schemas are the proto's
 
-# CI: the committed stubs must be what `make proto` generates.
+# CI: the committed stubs and OpenAPI document must be what `make proto` generates.
 proto-check: proto
-	git diff --exit-code -- proto/
+	git diff --exit-code -- proto/ server/httpapi/openapi.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out

@@ -548,8 +548,8 @@ def test_past_max_streams_the_longest_idle_call_makes_room_and_active_streams_st
 def test_uploads_cancelled_before_their_first_piece_leave_no_coroutine_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An upload cancelled (a 20 ms deadline) while the server still counts the kept texts, before
-    it read a piece, left gRPC's request receiver never awaited: a RuntimeWarning per call. With
+    """An upload cancelled (a 20 ms deadline) before the server read a piece (its client sends the
+    first one late) left gRPC's request receiver never awaited: a RuntimeWarning per call. With
     warnings as errors in the server, none is reported, and uploads still work."""
     make_registry(tmp_path, versions=1)
     kept = tmp_path / "_texts"
@@ -559,13 +559,13 @@ def test_uploads_cancelled_before_their_first_piece_leave_no_coroutine_behind(
     monkeypatch.setenv("PYTHONWARNINGS", "error::RuntimeWarning")
     srv = ServerProcess(tmp_path)
     try:
-        codes = []
-        for _ in range(20):
-            code, _, _ = refused(
-                lambda: srv.stub.UploadText(iter([pb.UploadTextRequest(piece="hello")]), timeout=0.02)
-            )
-            codes.append(code)
-        assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
+
+        def late_piece() -> Iterator[pb.UploadTextRequest]:
+            time.sleep(0.2)  # past the deadline: the call ends before the server reads a piece
+            yield pb.UploadTextRequest(piece="hello")
+
+        codes = [refused(lambda: srv.stub.UploadText(late_piece(), timeout=0.02))[0] for _ in range(20)]
+        assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
         upload = srv.stub.UploadText(iter([pb.UploadTextRequest(piece=NOTEBOOK_TEXT)]), timeout=30)
         assert upload.chars == len(NOTEBOOK_TEXT)  # after every cancelled one was collected
         srv.stub.ListModels(pb.ListModelsRequest(), timeout=5)
