@@ -20,7 +20,7 @@
 "use strict";
 
 (() => {
-  const TOP_K = 10; // candidates asked for per character
+  const TOP_K = 10; // candidates asked for per character (fewer for a model with a smaller vocabulary)
   const SHOWN = 8; // of which the panel shows at most this many (0% ones never)
   const CHUNK = 1024; // characters per message: a paste goes out in pieces, far below max_chunk_chars
   const COMPLETIONS = 3;
@@ -52,6 +52,7 @@
     confirmed: [], // the session's text, one code point per entry
     bits: [], // surprisal of each confirmed character, bits (null: infinite)
     rewindLimit: 0,
+    topK: TOP_K, // what the session's model allows: at most its vocabulary (with the unknown slot)
     next: [], // [{ch, p}] the prediction after `confirmed`
     ws: null,
     open: false,
@@ -129,6 +130,7 @@
       state.sessionId = data.session.session_id;
       state.model = data.session.model;
       state.rewindLimit = data.session.rewind_limit;
+      state.topK = Math.min(TOP_K, data.vocab.length + 1);
     } catch (err) {
       if (generation === state.generation) failed(err);
       return;
@@ -205,7 +207,7 @@
   }
 
   function send(msg) {
-    const frame = { top_k: TOP_K, expect_offset: msg.expect };
+    const frame = { top_k: state.topK, expect_offset: msg.expect };
     if (msg.rewind) frame.rewind = msg.rewind;
     if (msg.text) frame.text = msg.text;
     if (!state.attached) frame.session_id = state.sessionId;
@@ -422,10 +424,14 @@
     }
   }
 
+  /** The completions of the text the session has; while newer ones are on their way, the last
+   * ones stay in view, faded and inert, so the panel does not flicker at every key. */
   function drawCompletions() {
     ui.completions.textContent = "";
-    const fresh = state.completionsKey !== null && state.completionsKey === ui.text.value;
-    if (!fresh || !state.completions.length) {
+    if (!ui.text.value) state.completions = [];
+    const fresh = state.completionsKey === ui.text.value;
+    ui.completions.classList.toggle("stale", !fresh);
+    if (!state.completions.length) {
       const li = document.createElement("li");
       li.className = "empty";
       li.textContent = ui.text.value ? "…" : "Words the model would finish yours with.";
@@ -437,7 +443,7 @@
       const li = document.createElement("li");
       const button = document.createElement("button");
       button.type = "button";
-      button.disabled = !c.text;
+      button.disabled = !fresh || !c.text;
       if (c === first) button.className = "best";
       const words = document.createElement("span");
       words.className = "words";
@@ -506,9 +512,7 @@
     event.preventDefault();
     accept(suggestion.text);
   });
-  ui.text.addEventListener("select", render);
-  ui.text.addEventListener("click", render);
-  ui.text.addEventListener("blur", render);
+  for (const event of ["select", "click", "keyup", "focus", "blur"]) ui.text.addEventListener(event, drawText); // the caret moved: show the suggestion only at the end
   ui.model.addEventListener("change", () => newSession(JSON.parse(ui.model.value)));
   window.addEventListener("resize", fit);
 
