@@ -40,9 +40,9 @@
     conn: $("conn"),
     offset: $("offset"),
     rewindLimit: $("rewind-limit"),
-    last: $("last"),
     session: $("session"),
     legend: $("legend-scale"),
+    detail: $("detail"),
   };
   const token = new URLSearchParams(location.hash.slice(1)).get("token");
 
@@ -53,7 +53,9 @@
     bits: [], // surprisal of each confirmed character, bits (null: infinite)
     rewindLimit: 0,
     topK: TOP_K, // what the session's model allows: at most its vocabulary (with the unknown slot)
-    next: [], // [{ch, p}] the prediction after `confirmed`
+    rows: [], // rows[i]: the prediction after confirmed[i], as [{ch, p}], likeliest first
+    start: [], // the prediction before the first character, once the server has told it (a rewind to 0)
+    hover: -1, // the character under the mouse, if any
     ws: null,
     open: false,
     attached: false, // the socket's first frame (naming the session) has gone out
@@ -164,7 +166,8 @@
   function forget() {
     state.confirmed = [];
     state.bits = [];
-    state.next = [];
+    state.rows = [];
+    state.start = [];
     state.rewindLimit = 0;
     state.inflight = null;
     state.completions = [];
@@ -247,14 +250,17 @@
       const at = data.rewound.offset;
       state.confirmed = state.confirmed.slice(0, at);
       state.bits = state.bits.slice(0, at);
-      state.next = row(data.rewound.top_chars, data.rewound.top_prob, 0, data.rewound.top_chars.length);
+      state.rows = state.rows.slice(0, at);
+      const next = row(data.rewound.top_chars, data.rewound.top_prob, 0, data.rewound.top_chars.length);
+      if (at === 0) state.start = next;
     }
     if (data.predictions) {
       const p = data.predictions;
       const at = p.start_offset;
       state.confirmed = state.confirmed.slice(0, at).concat(Array.from(msg.text));
       state.bits = state.bits.slice(0, at).concat(p.surprisal_bits);
-      state.next = row(p.top_chars, p.top_prob, p.count - 1, p.top_k);
+      state.rows = state.rows.slice(0, at);
+      for (let i = 0; i < p.count; i++) state.rows.push(row(p.top_chars, p.top_prob, i, p.top_k));
     }
     render();
     pump();
@@ -336,6 +342,11 @@
     return out;
   }
 
+  /** What the model expected at offset i (before the session's i-th character), as far as known. */
+  function expected(i) {
+    return (i ? state.rows[i - 1] : state.start) || [];
+  }
+
   function commonPrefix(a, b) {
     const n = Math.min(a.length, b.length);
     let i = 0;
@@ -395,9 +406,45 @@
     state.rendered = want;
   }
 
+  /** The character to explain: the one under the mouse, else the one before the caret. */
+  function inspected() {
+    if (state.hover >= 0) return state.hover;
+    return Array.from(ui.text.value.slice(0, ui.text.selectionEnd)).length - 1;
+  }
+
+  /** One line under the editor: how surprising the inspected character was, and what the model
+   * expected in its place, so a red square can be read without guessing. */
+  function drawDetail() {
+    for (const span of ui.backdrop.querySelectorAll(".inspect")) span.classList.remove("inspect");
+    ui.detail.textContent = "";
+    const i = inspected();
+    if (i < 0 || i >= commonPrefix(state.confirmed, Array.from(ui.text.value))) {
+      ui.detail.textContent = "Point at a character, or put the cursor after it, to see what the model expected there.";
+      return;
+    }
+    const caretAtEnd = ui.text.selectionEnd === ui.text.value.length;
+    if (state.hover >= 0 || !caretAtEnd) ui.backdrop.children[i].classList.add("inspect"); // not while typing on
+    const ch = state.confirmed[i];
+    const glyph = document.createElement("span");
+    glyph.className = `cell c b${bin(state.bits[i])}`;
+    glyph.textContent = label(ch);
+    const said = document.createElement("span");
+    said.textContent = ` ${fmtBits(state.bits[i])} bits of surprise`;
+    ui.detail.append(glyph, said);
+    const guesses = expected(i).filter((c) => c.p >= 0.0005).slice(0, 3);
+    if (!guesses.length) return;
+    ui.detail.append(" · the model expected ");
+    for (const { ch: guess, p } of guesses) {
+      const chip = document.createElement("span");
+      chip.className = guess === ch ? "guess hit" : "guess";
+      chip.textContent = `${label(guess)} ${pct(p)}`;
+      ui.detail.append(chip);
+    }
+  }
+
   function drawNext() {
     ui.next.textContent = "";
-    const shown = state.next.filter((c) => c.p >= 0.0005).slice(0, SHOWN);
+    const shown = expected(state.confirmed.length).filter((c) => c.p >= 0.0005).slice(0, SHOWN);
     if (!shown.length) {
       const li = document.createElement("li");
       li.className = "empty";
@@ -447,7 +494,12 @@
       if (c === first) button.className = "best";
       const words = document.createElement("span");
       words.className = "words";
-      words.textContent = c.text ? c.text.replaceAll(" ", "␣").replaceAll("\n", "⏎") : "(the word ends here)";
+      if (c.text) {
+        const typed = document.createElement("span");
+        typed.className = "typed";
+        typed.textContent = /^\s/.test(c.text) ? "" : (ui.text.value.match(/\S{1,12}$/) || [""])[0]; // the word being finished
+        words.append(typed, c.text.replaceAll(" ", "␣").replaceAll("\n", "⏎"));
+      } else words.textContent = "(the word ends here)";
       const prob = document.createElement("span");
       prob.className = "prob";
       prob.textContent = pct(c.prob);
@@ -464,8 +516,6 @@
     ui.bits.textContent = n ? (Number.isFinite(total) ? (total / n).toFixed(2) : "∞") : "–";
     ui.offset.textContent = String(state.confirmed.length);
     ui.rewindLimit.textContent = String(state.rewindLimit);
-    const i = state.confirmed.length - 1;
-    ui.last.textContent = i >= 0 ? `“${label(state.confirmed[i])}” ${fmtBits(state.bits[i])} bits` : "";
     ui.session.textContent = state.sessionId ? `session ${state.sessionId.slice(0, 8)}` : "";
     ui.session.title = state.sessionId;
     const idle = state.open && !state.busy && !state.inflight && state.confirmed.join("") === ui.text.value;
@@ -476,6 +526,7 @@
 
   function render() {
     drawText();
+    drawDetail();
     drawNext();
     drawCompletions();
     drawStatus();
@@ -512,7 +563,25 @@
     event.preventDefault();
     accept(suggestion.text);
   });
-  for (const event of ["select", "click", "keyup", "focus", "blur"]) ui.text.addEventListener(event, drawText); // the caret moved: show the suggestion only at the end
+  for (const event of ["select", "click", "keyup", "focus", "blur"]) {
+    ui.text.addEventListener(event, () => {
+      drawText(); // the suggestion shows only with the caret at the end
+      drawDetail(); // the character before the caret is explained
+    });
+  }
+  ui.text.addEventListener("mousemove", (event) => {
+    const under = document.elementsFromPoint(event.clientX, event.clientY);
+    const span = under.find((el) => el.parentElement === ui.backdrop && el.classList.contains("c"));
+    const i = span ? Array.prototype.indexOf.call(ui.backdrop.children, span) : -1;
+    if (i !== state.hover) {
+      state.hover = i;
+      drawDetail();
+    }
+  });
+  ui.text.addEventListener("mouseleave", () => {
+    state.hover = -1;
+    drawDetail();
+  });
   ui.model.addEventListener("change", () => newSession(JSON.parse(ui.model.value)));
   window.addEventListener("resize", fit);
 
