@@ -19,7 +19,7 @@ $(BENCH_STAMP): $(STAMP)
 	touch $@
 
 run: $(STAMP)
-	$(VENV)/bin/nextchar serve
+	$(VENV)/bin/nextchar serve --http-port 8080
 
 demo: $(STAMP)
 	$(PY) -m nextchar.core.demo --out demo-out
@@ -43,7 +43,7 @@ bench-train: $(BENCH_STAMP)
 	$(PY) bench/train_bench.py
 
 bench-serve: $(STAMP)
-	$(PY) bench/serve_bench.py
+	$(PY) bench/serve_bench.py --web
 
 # 1,000 streaming sessions held for 60 s: zero errors, p50/p99, server memory slope
 bench-load: $(STAMP)

@@ -13,7 +13,10 @@ message (its compute process included), and the figure that counts, nextchar's
 arithmetic that computes the same predictions (one ``inference.advance`` of the
 case's batch, top-k and surprisal included, fastest of repeated calls). The goals
 (issue 12) are checked and printed beside their figures. ``--with-thread`` also runs
-the 64-character cases against a server that computes big batches in a thread.
+the 64-character cases against a server that computes big batches in a thread; ``--web``
+runs every case over the HTTP API's WebSocket as well (the same server process, its
+server CPU per message against gRPC's: goal within 1.5x) and compares Predict calls/s,
+gRPC unary against POST /v1/predict, 100 callers.
 Results go to ``bench/results/serve-<time>.json``; a short table is printed.
 
 The machine is shared and noisy (±15%, and slow spells that last seconds): each case
@@ -167,6 +170,142 @@ async def load(port: int, streams: int, chunk: int, duration: float, warmup: flo
     client_cpu = (time.process_time() - cpu0) / (time.perf_counter() - t0)
     for channel in channels:
         await channel.close()
+    return summary(streams, chunk, duration, latencies, chars, client_cpu, errors)
+
+
+async def load_ws(port: int, streams: int, chunk: int, duration: float, warmup: float) -> dict[str, Any]:
+    """The same ping-pong streams as ``load``, over the HTTP API's WebSocket (/v1/stream)."""
+    import aiohttp
+
+    text = corpus()
+    latencies: list[float] = []
+    chars = 0
+    t0 = time.perf_counter()
+    begin, end = t0 + warmup, t0 + warmup + duration
+    errors: list[str] = []
+    connector = aiohttp.TCPConnector(limit=0)
+
+    async def one(http: Any, i: int) -> None:
+        nonlocal chars
+        pos = (i * 7919) % (len(text) - chunk)
+        async with http.ws_connect(f"http://127.0.0.1:{port}/v1/stream", max_msg_size=0) as ws:
+            while True:
+                frame = json.dumps({"text": text[pos : pos + chunk], "top_k": TOP_K})
+                pos = (pos + chunk) % (len(text) - chunk)
+                sent = time.perf_counter()
+                await ws.send_str(frame)
+                reply = await ws.receive()
+                got = time.perf_counter()
+                if reply.type != aiohttp.WSMsgType.TEXT or "error" in reply.data[:10]:
+                    errors.append(str(reply.data)[:200])
+                    return
+                if sent >= begin and got <= end:
+                    latencies.append(got - sent)
+                    chars += chunk
+                if got > end:
+                    break
+
+    cpu0 = time.process_time()
+    async with aiohttp.ClientSession(connector=connector) as http:
+        await asyncio.gather(*(one(http, i) for i in range(streams)))
+    return summary(
+        streams,
+        chunk,
+        duration,
+        latencies,
+        chars,
+        (time.process_time() - cpu0) / (time.perf_counter() - t0),
+        errors,
+    )
+
+
+async def load_unary(
+    port: int, clients: int, chunk: int, duration: float, warmup: float, http: bool
+) -> dict[str, Any]:
+    """clients callers, each sending Predict calls one after another on its own session:
+    gRPC unary (http False) or POST /v1/predict (http True)."""
+    text = corpus()
+    latencies: list[float] = []
+    chars = 0
+    t0 = time.perf_counter()
+    begin, end = t0 + warmup, t0 + warmup + duration
+    errors: list[str] = []
+
+    async def run(send: Any, i: int) -> None:
+        nonlocal chars
+        pos = (i * 7919) % (len(text) - chunk)
+        sid = f"bench-{i}-{os.getpid()}"
+        first = True
+        while True:
+            piece = text[pos : pos + chunk]
+            pos = (pos + chunk) % (len(text) - chunk)
+            sent = time.perf_counter()
+            try:
+                await send(sid, piece, first)
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                return
+            first = False
+            got = time.perf_counter()
+            if sent >= begin and got <= end:
+                latencies.append(got - sent)
+                chars += chunk
+            if got > end:
+                break
+
+    cpu0 = time.process_time()
+    if http:
+        import aiohttp
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            base = f"http://127.0.0.1:{port}"
+
+            async def send(sid: str, piece: str, first: bool) -> None:
+                if first:
+                    async with session.post(base + "/v1/sessions", json={"session_id": sid}) as r:
+                        r.raise_for_status()
+                async with session.post(
+                    base + "/v1/predict", json={"session_id": sid, "text": piece, "top_k": TOP_K}
+                ) as r:
+                    r.raise_for_status()
+                    await r.read()
+
+            await asyncio.gather(*(run(send, i) for i in range(clients)))
+    else:
+        import grpc
+        from nextchar.proto import nextchar_pb2 as pb
+        from nextchar.proto import nextchar_pb2_grpc as pb_grpc
+
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stub: Any = pb_grpc.NextCharServiceStub(channel)
+
+        async def send(sid: str, piece: str, first: bool) -> None:
+            if first:
+                await stub.CreateSession(pb.CreateSessionRequest(session_id=sid))
+            await stub.Predict(pb.PredictRequest(session_id=sid, text=piece, top_k=TOP_K))
+
+        await asyncio.gather(*(run(send, i) for i in range(clients)))
+        await channel.close(None)
+    return summary(
+        clients,
+        chunk,
+        duration,
+        latencies,
+        chars,
+        (time.process_time() - cpu0) / (time.perf_counter() - t0),
+        errors,
+    )
+
+
+def summary(
+    streams: int,
+    chunk: int,
+    duration: float,
+    latencies: list[float],
+    chars: int,
+    client_cpu: float,
+    errors: list[str],
+) -> dict[str, Any]:
     lat = np.array(latencies) * 1000
     return {
         "streams": streams,
@@ -210,11 +349,17 @@ def arithmetic(cases: list[tuple[int, int]], seconds: float = 0.6) -> dict[str, 
 # ---------------------------------------------------------------- orchestration
 
 
+HTTP_PORTS: dict[int, int] = {}  # a server's pid -> its HTTP API's port, when it serves one
+
+
 def start(cmd: list[str]) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     assert proc.stderr is not None
     deadline = time.monotonic() + 120
     for line in proc.stderr:
+        http = re.search(r"http api and playground on http://[\d.]+:(\d+)/", line)
+        if http:
+            HTTP_PORTS[proc.pid] = int(http.group(1))
         match = re.search(r"serving on [\d.]+:(\d+)", line)
         if match:
             # keep reading its log: a server whose stderr pipe fills up blocks on its next log line
@@ -241,14 +386,16 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def run_client(
-    port: int, streams: int, chunk: int, duration: float, warmup: float, server_pid: int
+    port: int, streams: int, chunk: int, duration: float, warmup: float, server_pid: int, kind: str = "grpc"
 ) -> dict[str, Any]:
-    """One load run; adds the server's CPU use (cores, and µs per message, both sides)."""
+    """One load run (kind: grpc or ws streams, grpc-unary or http-unary calls); adds the server's
+    CPU use (cores, and µs per message, both sides)."""
     cpu0, wall0 = cpu_seconds(server_pid), time.perf_counter()  # (the client's start-up included)
     cmd = [
         sys.executable,
         __file__,
         "--client",
+        kind,
         str(port),
         str(streams),
         str(chunk),
@@ -314,10 +461,12 @@ def median_ratio(ours: list[dict[str, Any]], echo: list[dict[str, Any]], field: 
 
 
 def main(
-    duration: float, warmup: float, rounds: int, cases: list[tuple[int, int]], with_thread: bool
+    duration: float, warmup: float, rounds: int, cases: list[tuple[int, int]], with_thread: bool, web: bool
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         serve = server_command(tmp)
+        if web:  # the same server answers the WebSocket and HTTP cases on its HTTP port
+            serve += ["--http-port", "0"]
         servers = {"nextchar": start(serve), "echo": start([sys.executable, __file__, "--echo"])}
         if with_thread:  # big batches in a thread instead of the compute process, for comparison
             servers["nextchar_thread"] = start([*serve, "--compute-in-thread"])
@@ -326,12 +475,27 @@ def main(
             for streams, chunk in cases:
                 names = ["echo", "nextchar"] + (["nextchar_thread"] if chunk > 1 and with_thread else [])
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+                if web:
+                    runs["nextchar_ws"] = []
                 for _ in range(rounds):  # alternate, so a slow spell of the machine hits both servers
                     for name in names:
                         proc, port = servers[name]
                         runs[name].append(run_client(port, streams, chunk, duration, warmup, proc.pid))
+                    if web:
+                        proc, _ = servers["nextchar"]
+                        ws_port = HTTP_PORTS[proc.pid]
+                        runs["nextchar_ws"].append(
+                            run_client(ws_port, streams, chunk, duration, warmup, proc.pid, "ws")
+                        )
                 row: dict[str, Any] = {"streams": streams, "chunk": chunk, "rounds": rounds, "runs": runs}
-                row.update({name: median_run(runs[name]) for name in names})
+                row.update({name: median_run(runs[name]) for name in runs})
+                if web:
+                    row["ws_cpu_vs_grpc"] = median_ratio(
+                        runs["nextchar_ws"], runs["nextchar"], "server_us_per_message"
+                    )
+                    row["ws_chars_vs_grpc"] = median_ratio(
+                        runs["nextchar_ws"], runs["nextchar"], "chars_per_sec"
+                    )
                 for key, field in (
                     ("chars_ratio", "chars_per_sec"),
                     ("p50_ratio", "p50_ms"),
@@ -344,6 +508,7 @@ def main(
                     f"  echo {row['echo']['chars_per_sec']:>10,.0f} c/s  ratio {row['chars_ratio'] or 0:.2f}",
                     flush=True,
                 )
+            unary = unary_cases(servers["nextchar"], rounds, duration, warmup) if web else None
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
@@ -371,8 +536,38 @@ def main(
         "duration_s": duration,
         "rounds": rounds,
         "cases": rows,
-        "goals": goals(rows),
+        "unary": unary,
+        "goals": goals(rows, unary),
     }
+
+
+UNARY_CLIENTS = 100
+
+
+def unary_cases(
+    server: tuple[subprocess.Popen[str], int], rounds: int, duration: float, warmup: float
+) -> dict[str, Any]:
+    """Predict calls/s: gRPC unary against POST /v1/predict, UNARY_CLIENTS callers, one character
+    each call, alternated in rounds."""
+    proc, port = server
+    runs: dict[str, list[dict[str, Any]]] = {"grpc_unary": [], "http_unary": []}
+    for _ in range(rounds):
+        runs["grpc_unary"].append(
+            run_client(port, UNARY_CLIENTS, 1, duration, warmup, proc.pid, "grpc-unary")
+        )
+        runs["http_unary"].append(
+            run_client(HTTP_PORTS[proc.pid], UNARY_CLIENTS, 1, duration, warmup, proc.pid, "http-unary")
+        )
+    out: dict[str, Any] = {name: median_run(r) for name, r in runs.items()}
+    out["runs"] = runs
+    out["calls_ratio"] = median_ratio(runs["http_unary"], runs["grpc_unary"], "messages_per_sec")
+    out["cpu_ratio"] = median_ratio(runs["http_unary"], runs["grpc_unary"], "server_us_per_message")
+    print(
+        f"  {UNARY_CLIENTS} unary callers: gRPC {out['grpc_unary']['messages_per_sec']:,.0f} calls/s, "
+        f"HTTP {out['http_unary']['messages_per_sec']:,.0f} calls/s (ratio {out['calls_ratio'] or 0:.2f})",
+        flush=True,
+    )
+    return out
 
 
 def overhead(row: dict[str, Any]) -> float | None:
@@ -386,8 +581,9 @@ def overhead(row: dict[str, Any]) -> float | None:
     return float(np.median(values)) if values else None
 
 
-def goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Issue 12's goals, each with the measured figure and whether it is met (cases not run: absent)."""
+def goals(rows: list[dict[str, Any]], unary: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Issue 12's goals (and issue 23's, with --web), each with the measured figure and whether it
+    is met (cases not run: absent)."""
     found = {(r["streams"], r["chunk"]): r for r in rows}
     out: dict[str, dict[str, Any]] = {}
 
@@ -406,6 +602,9 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             goal(
                 f"1char_{streams}_streams_chars_vs_echo>=0.90", found[streams, 1]["chars_ratio"], 0.90, False
             )
+    for (streams, chunk), row in found.items():
+        if "ws_cpu_vs_grpc" in row:
+            goal(f"websocket_{streams}x{chunk}_cpu_vs_grpc<=1.5", row["ws_cpu_vs_grpc"], 1.5, True)
     return out
 
 
@@ -429,6 +628,12 @@ def print_table(result: dict[str, Any]) -> None:
         )
         if "nextchar_thread" in c:
             print(f"{'':>9}   compute in a thread: {num(c['nextchar_thread']['chars_per_sec'], 12)} c/s")
+        if "nextchar_ws" in c:
+            w = c["nextchar_ws"]
+            print(
+                f"{'':>9}   WebSocket: {num(w['chars_per_sec'], 12)} c/s, p50 {num(w['p50_ms'], 6, 2)} ms, "
+                f"{num(w.get('server_us_per_message'), 6)} µs/msg ({num(c['ws_cpu_vs_grpc'], 4, 2)}x gRPC's)"
+            )
     print(
         "(µs/msg: server CPU per message, its compute process included; arith: the in-process "
         "advance of the same batch per message; overhead = nextchar - echo - arith, median of rounds)"
@@ -445,8 +650,16 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--echo":
         asyncio.run(echo_server())
     elif len(sys.argv) > 1 and sys.argv[1] == "--client":
-        port, streams, chunk = (int(a) for a in sys.argv[2:5])
-        print(json.dumps(asyncio.run(load(port, streams, chunk, float(sys.argv[5]), float(sys.argv[6])))))
+        kind = sys.argv[2]
+        port, streams, chunk = (int(a) for a in sys.argv[3:6])
+        duration, warmup = float(sys.argv[6]), float(sys.argv[7])
+        clients = {
+            "grpc": lambda: load(port, streams, chunk, duration, warmup),
+            "ws": lambda: load_ws(port, streams, chunk, duration, warmup),
+            "grpc-unary": lambda: load_unary(port, streams, chunk, duration, warmup, http=False),
+            "http-unary": lambda: load_unary(port, streams, chunk, duration, warmup, http=True),
+        }
+        print(json.dumps(asyncio.run(clients[kind]())))
     else:
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         parser.add_argument(
@@ -460,6 +673,9 @@ if __name__ == "__main__":
         parser.add_argument(
             "--with-thread", action="store_true", help="also a server computing big batches in a thread"
         )
+        parser.add_argument(
+            "--web", action="store_true", help="also WebSocket streams and HTTP predict calls (issue 23)"
+        )
         parser.add_argument("--cell", default=MODEL["cell"], help="the served model's cell")
         parser.add_argument(
             "--hidden", type=int, default=MODEL["hidden"], help="the served model's hidden size"
@@ -471,7 +687,7 @@ if __name__ == "__main__":
             f"nextchar serve benchmark: {len(cases)} cases x {args.rounds} rounds x 2-3 servers"
             f" x {args.duration + args.warmup:.0f} s"
         )
-        result = main(args.duration, args.warmup, args.rounds, cases, args.with_thread)
+        result = main(args.duration, args.warmup, args.rounds, cases, args.with_thread, args.web)
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
         path.write_text(json.dumps(result, indent=2))

@@ -1,21 +1,16 @@
 """``nextchar stream`` and ``nextchar eval``: text through a session, predictions as they come.
 
-On a terminal, ``stream`` is interactive: every key typed is sent at once and the
-line shows what the model expects next. From a pipe or ``--file`` it prints one
-line per character (or JSON Lines) and a summary with accuracy and bits/char, the
-same figures ``eval`` reports for a whole file.
+On a terminal, ``stream`` is interactive: every key typed is sent at once and a
+full-screen view (nextchar.cli.typing_view) shows what the model makes of it. From
+a pipe or ``--file`` it prints one line per character (or JSON Lines) and a summary
+with accuracy and bits/char, the same figures ``eval`` reports for a whole file.
 """
 
 from __future__ import annotations
 
 import codecs
 import io
-import os
-import queue
 import sys
-import termios
-import threading
-import tty
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,12 +34,10 @@ from nextchar.client.defaults import DEFAULT_TARGET, DEFAULT_TIMEOUT
 from nextchar.client.texts import TextFiles
 
 READ_BYTES = 4096  # one read of a pipe or the terminal: a paste of this size arrives at once
-TAIL = 40  # characters of the typed text shown before the guesses
-BACKSPACE, END = "\x7f", "\x04"
 
 if TYPE_CHECKING:
     from nextchar.client.results import Predictions
-    from nextchar.client.session import Item, Session
+    from nextchar.client.session import Session
 
 ChunkOpt = Annotated[int, typer.Option("--chunk", min=1, help="Characters per message sent to the server.")]
 
@@ -124,24 +117,28 @@ def stream(
 ) -> None:
     """Stream text into a session and show the predicted next characters as they come.
 
-    Interactive on a terminal: every key and paste is sent as typed, Backspace takes the
-    last character back (the session rewinds), the likeliest next words are shown; Ctrl-D
-    ends. From a pipe or --file: characters are sent as they arrive, one line per character
-    (or JSON Lines with --json), then a summary with top-1 accuracy and bits/char. A dropped
-    connection is resumed where it stopped.
+    Interactive on a terminal: a full-screen view where every key and paste is sent as
+    typed, the text is shaded by surprisal, the likeliest next characters and words are
+    shown, Tab accepts the best word, Backspace takes the last character back (the session
+    rewinds); Ctrl-D or Ctrl-C ends, with a summary. From a pipe or --file: characters are
+    sent as they arrive, one line per character (or JSON Lines with --json), then a summary
+    with top-1 accuracy and bits/char. A dropped connection is resumed where it stopped.
     """
     with connect(server, timeout) as client:
         session = client.attach(session_id) if session_id else client.session(model)
         try:
-            if file is None and sys.stdin.isatty():
-                Typing(session, top_k).run()
+            # the view for a person at a terminal; lines for `| tee log`, and JSON when asked for
+            if file is None and sys.stdin.isatty() and sys.stdout.isatty() and not as_json:
+                from nextchar.cli.typing_view import TypingView
+
+                TypingView(session, top_k, chunk).run()
                 return
             with file.open("rb") if file else nullcontext(sys.stdin.buffer) as source:
                 stats = StreamStats()
                 for p in session.stream(pieces(cast(io.BufferedIOBase, source), chunk), top_k=top_k):
                     stats.add(p)
                     print_predictions(p, as_json)
-                _print_summary(stats.summary(session), as_json)
+                print_summary(stats.summary(session), as_json)
         finally:
             if not (session_id or keep):
                 session.close()
@@ -168,7 +165,7 @@ def print_predictions(p: Predictions, as_json: bool) -> None:
             )
 
 
-def _print_summary(summary: dict[str, object], as_json: bool) -> None:
+def print_summary(summary: dict[str, object], as_json: bool) -> None:
     if as_json:
         print_json({"summary": summary})
         return
@@ -176,154 +173,6 @@ def _print_summary(summary: dict[str, object], as_json: bool) -> None:
         (key.replace("_", " "), fmt_float(v) if isinstance(v, float) else v) for key, v in summary.items()
     ]
     print_table("summary", ("", "value"), rows)
-
-
-class Typing:
-    """``nextchar stream`` on a terminal: a line that behaves like a text field.
-
-    A thread reads the terminal in cbreak mode (every byte at once, so a paste arrives
-    whole, newlines included) and turns keys into edits; the stream sends one edit per
-    reply (lockstep), so Backspaces are never sent further back than the last reply said
-    the session can go (``rewind_limit``), and keys typed meanwhile are sent together.
-    Arrow keys and other escape sequences are ignored. A lost server ends the command at
-    once, on a line of its own; the summary is printed on the way out.
-    """
-
-    def __init__(self, session: Session, top_k: int) -> None:
-        self.session, self.top_k = session, top_k
-        self.keys: queue.Queue[str | None] = queue.Queue()  # typed text, BACKSPACE, None at the end
-        self.ready = threading.Event()  # the last edit sent has its reply
-        self.typed: list[str] = []  # what the session holds, as far as this line shows it
-        self.limit = 0  # characters the session can take back (the last reply's rewind_limit)
-        self.rewinds = 0
-        self.stats = StreamStats()
-        self.flag = ""  # unknown characters of the last edit
-
-    def run(self) -> None:
-        fd = sys.stdin.fileno()
-        saved = termios.tcgetattr(fd)
-        tty.setcbreak(fd)  # keys at once, no echo; Ctrl-C still interrupts
-        threading.Thread(target=self._read_keys, args=(fd,), daemon=True, name="nextchar-keys").start()
-        sys.stdout.write("type; every key is sent as you type, Backspace takes it back (Ctrl-D ends)\n")
-        sys.stdout.flush()
-        self.session.resume_attempts = 0  # a lost server is reported at once, not after retries
-        try:
-            self.ready.set()
-            for p in self.session.stream(self._edits(), top_k=self.top_k):
-                self._show(p)
-                self.ready.set()
-        except KeyboardInterrupt:
-            pass  # Ctrl-C ends the line like Ctrl-D
-        finally:
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-            sys.stdout.write("\n")  # a lost server's error, or the summary, on a line of its own
-            sys.stdout.flush()
-        _print_summary({**self.stats.summary(self.session), "rewinds": self.rewinds}, False)
-
-    def _read_keys(self, fd: int) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        while data := os.read(fd, READ_BYTES):
-            for key in keys_of(decoder.decode(data)):
-                if key == END:
-                    self.keys.put(None)
-                    return
-                self.keys.put(key)
-        self.keys.put(None)
-
-    def _edits(self) -> Iterator[Item]:
-        """One edit per reply: the rewind the Backspaces typed ask for, or the text typed."""
-        from nextchar.client.results import Rewind
-
-        pending: list[str] = []  # typed, not sent
-        back, ended = 0, False  # Backspaces past pending, not sent
-        while not ended or pending or back:
-            self.ready.wait()
-            if not ended:
-                key = self.keys.get() if not (pending or back) else self._next_key()
-                while key:  # "": nothing more typed yet; None: the end
-                    if key != BACKSPACE:
-                        pending.append(key)
-                    elif pending:
-                        pending.pop()
-                    elif back < min(self.limit, len(self.typed)):
-                        back += 1
-                    else:
-                        sys.stdout.write("\a")  # nothing more to take back
-                    key = self._next_key()
-                ended = key is None
-            self.ready.clear()
-            if back:  # before the text typed after the Backspaces
-                self.rewinds += back
-                del self.typed[len(self.typed) - back :]
-                yield Rewind(back)
-                back = 0
-            elif pending:
-                self.typed += pending
-                yield "".join(pending)
-                pending = []
-            else:
-                self.ready.set()
-
-    def _next_key(self) -> str | None:
-        """A key typed already ("" when none is waiting)."""
-        try:
-            return self.keys.get_nowait()
-        except queue.Empty:
-            return ""
-
-    def _show(self, p: Predictions) -> None:
-        self.stats.add(p)
-        self.limit = p.rewind_limit
-        if p.unknown_chars:
-            self.flag = f"  (unknown to the model: {' '.join(show_char(c) for c in p.unknown_chars)})"
-        elif len(p):
-            self.flag = ""
-        guesses = "  ".join(f"{show_char(c.char)} {c.prob:.0%}" for c in p.next)
-        words = self._completions() if self.keys.empty() else ""
-        tail = "".join(self.typed)[-TAIL:].replace("\n", "⏎")
-        sys.stdout.write(f"\r\x1b[K{tail}  →  {guesses}   {words}{self.flag}")
-        sys.stdout.flush()
-
-    def _completions(self) -> str:
-        from nextchar.client.errors import NextCharError
-
-        try:
-            return "  ".join(repr(c.text) for c in self.session.complete(3))
-        except NextCharError:  # a server without Complete: the line goes on without words
-            return ""
-
-
-def keys_of(text: str) -> Iterator[str]:
-    """Keys from what the terminal sent: characters to send, BACKSPACE, END; escape
-    sequences (arrows, function keys, bracketed-paste marks) and other controls dropped."""
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\x1b":
-            i = _past_escape(text, i)
-            continue
-        i += 1
-        if ch == "\x04":
-            yield END
-            return
-        if ch in "\x7f\x08":
-            yield BACKSPACE
-        elif ch == "\r":
-            yield "\n"
-        elif ch.isprintable() or ch in "\n\t":
-            yield ch
-
-
-def _past_escape(text: str, i: int) -> int:
-    """The index after the escape sequence at text[i] (CSI ``ESC [ ... final``, SS3 ``ESC O x``)."""
-    if text.startswith("\x1b[", i):
-        j = i + 2
-        while j < len(text) and not "@" <= text[j] <= "~":
-            j += 1
-        return j + 1
-    if text.startswith("\x1bO", i):
-        return i + 3
-    return i + 1 if i + 1 >= len(text) else i + 2  # ESC alone, or ESC + one key (Alt-key)
 
 
 def evaluate(
@@ -341,4 +190,4 @@ def evaluate(
         stats = StreamStats()
         for p in session.stream(text.chunks(chunk), top_k=1):
             stats.add(p)
-        _print_summary({"file": str(file), **stats.summary(session)}, as_json)
+        print_summary({"file": str(file), **stats.summary(session)}, as_json)

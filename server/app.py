@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nextchar.core.memory import keep_freed_memory, one_heap, resident_bytes, return_freed_memory
@@ -41,9 +42,13 @@ from nextchar.server.budget import ReplyBudget
 from nextchar.server.catalog import Catalog
 from nextchar.server.config import ServerConfig, TrainerConfig
 from nextchar.server.errors import ServiceError
+from nextchar.server.httpapi.routes import HttpApi
+from nextchar.server.httpapi.routes import start as start_http
 from nextchar.server.logs import CALLS_GATE, configure_logging
 from nextchar.server.metrics import Metrics
+from nextchar.server.open_calls import OpenCalls
 from nextchar.server.registry import DEFAULT_NAME, Registry
+from nextchar.server.service import Service
 from nextchar.server.servicer import NextCharServicer
 from nextchar.server.sessions.limits import Limits
 from nextchar.server.sessions.manager import SessionManager
@@ -178,11 +183,19 @@ class NextCharServer:
             config.max_pending_upload_bytes,
             shared_texts,
         )
-        self.servicer = NextCharServicer(config, self.registry, self.sessions, self.jobs, self.texts)
+        self.service = Service(config, self.registry, self.sessions, self.jobs, self.texts)
+        self.open_calls = OpenCalls(config.max_streams)  # every protocol's streams count
+        self.servicer = NextCharServicer(self.service, self.open_calls)
+        self.serving = False  # what health says (both protocols): started, not draining, store up
+        self.http = HttpApi(config, self.service, self.open_calls, lambda: self.serving)
+        self.http.on_refused = self.metrics.refused
+        self.http.on_message = self.metrics.message_latency.observe
+        self.http_port = 0  # the bound HTTP port once started, when config.http_port is set
+        self._http_runner: web.AppRunner | None = None
         self.servicer.on_message = self.metrics.message_latency.observe
         self.servicer.on_refused = self.metrics.refused
-        self.servicer.open_calls.on_evicted = self.metrics.streams_evicted.inc
-        self.metrics.watch(lambda: len(store), lambda: len(self.servicer.open_calls), self.jobs.states)
+        self.open_calls.on_evicted = self.metrics.streams_evicted.inc
+        self.metrics.watch(lambda: len(store), lambda: len(self.open_calls), self.jobs.states)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs predate health.aio
         self.grpc = grpc.aio.server(
             options=config.grpc_options(), interceptors=interceptors(config, self.metrics.auth_failed)
@@ -218,6 +231,13 @@ class NextCharServer:
         self.trainers.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
+        if self.config.http_port is not None:
+            self._http_runner, self.http_port = await start_http(
+                self.http, self.config.host, self.config.http_port
+            )
+            scheme = "https" if self.config.tls else "http"
+            log.info("http api and playground on %s://%s:%d/", scheme, self.config.host, self.http_port)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._store_watch = asyncio.get_running_loop().create_task(self._watch_store())
         self._trimmer = asyncio.get_running_loop().create_task(self._trim())
@@ -271,7 +291,7 @@ class NextCharServer:
             await asyncio.sleep(STORE_CHECK)
             up = await self.store.ping()
             if up != serving:
-                serving = up
+                serving = self.serving = up
                 log.warning("session store %s %s", self.store, "is back" if up else "is unreachable")
                 status = (
                     health_pb2.HealthCheckResponse.SERVING
@@ -288,8 +308,9 @@ class NextCharServer:
             await self._stopped.wait()
             return
         self.sessions.draining = True
+        self.serving = False
         await self.health.enter_graceful_shutdown()
-        open_calls = self.servicer.open_calls
+        open_calls = self.open_calls
         log.info("draining: %d live stream(s), grace %.1f s", len(open_calls), grace)
         if open_calls:
             open_calls.idle.clear()
@@ -302,6 +323,8 @@ class NextCharServer:
             if task is not None:
                 task.cancel()
         await self.grpc.stop(grace)
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
         await asyncio.to_thread(self.trainers.shutdown)
         await self.scheduler.close()
         await self.store.close()  # a shared store writes back what is not written yet

@@ -244,6 +244,12 @@ class ServerConfig:
     metrics_port: int | None = field(
         default=None, metadata=_opt("Serve Prometheus /metrics on this port; 0 = any free.")
     )
+    # the HTTP/JSON + WebSocket API and the playground (nextchar.server.httpapi): same rules,
+    # token and TLS as the gRPC port
+    http_port: int | None = field(
+        default=None,
+        metadata=_opt("Serve the HTTP/JSON and WebSocket API and the playground on this port; 0 = any free."),
+    )
     log_format: str = _log_format()
     log_level: str = _log_level()
     store: str = _store("redis://HOST:PORT/DB: sessions, jobs and models shared by replicas; local if unset.")
@@ -282,6 +288,7 @@ class ServerConfig:
             "batch_inline_chars": self.batch_inline_chars >= 0,
             "store_write_every": self.store_write_every >= 1,
             "metrics_port": self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+            "http_port": self.http_port is None or 0 <= self.http_port <= 65535,
             **_shared_checks(self),
         }
         _check(self, checks)

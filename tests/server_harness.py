@@ -158,6 +158,15 @@ class ServerProcess(LoggedProcess):
     def status(self) -> int:
         return int(self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status)
 
+    @property
+    def http_url(self) -> str:
+        """The HTTP API's base URL (the server was started with --http-port)."""
+        for line in self.log:
+            match = re.search(r"http api and playground on (https?://[\d.]+:\d+)/", line)
+            if match:
+                return match.group(1)
+        raise AssertionError("the server serves no HTTP API (start it with --http-port)")
+
     def rss_kb(self) -> int:
         """Resident memory of the server process (VmRSS), in KiB."""
         return proc_rss_kb(self.proc.pid)

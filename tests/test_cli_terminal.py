@@ -1,7 +1,8 @@
 """The command line as people run it: in a real pseudo-terminal, behind a pipe, under Ctrl-C.
 
-``nextchar stream`` on a terminal is driven through pexpect (a pty, the keys a person
-types, escape sequences included); a piped stream is fed by a writer that pauses in
+``nextchar stream`` on a terminal is driven through a pty of 100 x 30 and read as the
+screen shows it (tests/terminal_screen.py: the keys a person types, escape sequences
+and pastes included; lines and colours as drawn); a piped stream is fed by a writer that pauses in
 the middle of a line; ``nextchar serve`` gets SIGINT the way a terminal sends it, to
 its whole process group. Every process is real, and so is every server.
 """
@@ -9,86 +10,273 @@ its whole process group. Every process is real, and so is every server.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pexpect
 import pytest
+from nextchar.cli.keys import Key, KeyReader
 from server_harness import ServerProcess, make_registry
+from terminal_screen import TerminalScreen
 
 CLI = [sys.executable, "-m", "nextchar.cli"]
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The notebook's model ("hello world hello world ..."), trained once for the module."""
+    path = tmp_path_factory.mktemp("models")
+    make_registry(path, versions=1)
+    return path
+
+
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    make_registry(tmp_path, versions=1)
-    srv = ServerProcess(tmp_path, "--rewind-chars", "64")
+def server(model_dir: Path) -> Iterator[ServerProcess]:
+    srv = ServerProcess(model_dir, "--rewind-chars", "64")
     yield srv
     srv.close()
 
 
-def spawn_stream(address: str) -> pexpect.spawn:
-    child = pexpect.spawn(
-        CLI[0], [*CLI[1:], "stream", "--server", address], encoding="utf-8", timeout=15, dimensions=(40, 300)
+@pytest.fixture
+def open_view() -> Iterator[Callable[..., TerminalScreen]]:
+    """``nextchar stream`` on a 100 x 30 terminal, its view drawn and the session open."""
+    views: list[TerminalScreen] = []
+
+    def start(address: str, *args: str) -> TerminalScreen:
+        view = TerminalScreen([*CLI, "stream", "--server", address, *args])
+        views.append(view)
+        view.wait_for(r"Ctrl-D ends")
+        view.wait_for(r"offset 0 ")
+        return view
+
+    yield start
+    for view in views:
+        view.close()
+
+
+def summary_value(view: TerminalScreen, key: str) -> str:
+    match = re.search(rf"{key}\s+│\s+(\S+)", view.output())
+    assert match, f"no {key!r} in the summary:\n{view.output()}"
+    return match.group(1)
+
+
+def test_the_typed_text_is_shaded_by_surprisal(
+    server: ServerProcess, open_view: Callable[..., TerminalScreen]
+) -> None:
+    view = open_view(server.address)
+    view.send("hello wd")  # the model has only ever seen "hello world ...": "d" after "w" is a surprise
+    view.wait_for(r"^hello wd▌")
+    row = view.line(r"^hello wd")
+    expected, surprise = view.rgb(row, 1), view.rgb(row, 7)  # the "e" of hello, the "d"
+    assert expected[1] > expected[0], expected  # green
+    assert surprise[0] > surprise[1], surprise  # red
+    view.send("\x04")
+    assert view.finish() == 0
+
+
+def test_the_status_line_shows_model_offset_bits_and_how_far_backspace_goes(
+    server: ServerProcess, open_view: Callable[..., TerminalScreen]
+) -> None:
+    view = open_view(server.address)
+    view.send("hello wor")
+    status = view.wait_for(
+        r"^ nextchar stream · (\S+) · offset 9 · (\d+\.\d+) bits/char · Backspace: (\d+) back"
     )
-    child.expect("Ctrl-D ends")
-    return child
+    model, bits, back = status.groups()
+    assert model == "default:v1" and float(bits) >= 0 and back == "9"
+    view.send("\x04")
+    assert view.finish() == 0
+    assert float(summary_value(view, "bits per char")) == pytest.approx(float(bits), abs=0.006)
 
 
-def test_interactive_stream_sends_pastes_whole_and_backspace_rewinds(server: ServerProcess) -> None:
-    child = spawn_stream(server.address)
-    child.send("hello wor")
-    child.expect(r"hello wor  →  l \d+%")  # the carried state knows "l" comes next
-    child.send("\x7f\x7f")  # Backspace twice: the session takes "or" back
-    child.expect(r"hello w  →  o \d+%")
-    child.send("\x1b[D\x1b[A\x1bOP")  # arrows, F1: ignored, nothing sent, nothing ends
-    paste = "orld hello world\n" * 10 + "hello wé"  # 178 characters, newlines and an unknown one
-    child.send(paste)
-    child.expect("unknown to the model: [^)]*é")
-    child.send("\x04")  # Ctrl-D
-    child.expect(r"chars\s+│\s+(\d+)")
-    sent = int(child.match.group(1))
-    child.expect(r"rewinds\s+│\s+(\d+)")
-    rewinds = int(child.match.group(1))
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-    assert (sent, rewinds) == (len("hello wor") + len(paste), 2)
+def test_next_characters_are_shown_with_probabilities_and_none_at_zero(
+    server: ServerProcess, open_view: Callable[..., TerminalScreen]
+) -> None:
+    view = open_view(server.address, "--top-k", "9")
+    view.send("hello wor")
+    row = view.wait_for(r"^next +(l \d+%.*)$").group(1)
+    shown = re.findall(r"(\S+) (\d+)%", row)
+    assert shown and all(int(percent) > 0 for _, percent in shown), row
+    assert len(shown) < 9  # all nine were asked for; those the model gives under 0.5% are left out
+    view.send("\x04")
+    assert view.finish() == 0
 
 
-def test_backspace_never_goes_further_than_the_session_can(server: ServerProcess) -> None:
-    child = spawn_stream(server.address)
-    child.send("he")
-    child.expect(r"he  →  ")
-    child.send("\x7f" * 5)  # two can be taken back; the other three only ring the bell
-    child.expect("\x07\x07\x07")  # the bell, three times
-    child.expect(r"\r\x1b\[K  →  \S+ \d+%")  # back at the start: nothing typed, the first guess
-    child.send("hi")
-    child.expect(r"hi  →  ")
-    child.send("\x04")
-    child.expect(r"rewinds\s+│\s+2")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+def test_whole_words_are_proposed_with_probabilities_and_tab_accepts_the_best(
+    server: ServerProcess, open_view: Callable[..., TerminalScreen]
+) -> None:
+    view = open_view(server.address)
+    view.send("hello")
+    view.wait_for(r"^words +␠world \d+%")  # the next word, the space it needs shown
+    view.send(" wo")
+    view.wait_for(r"^words +world \d+%")  # the word, not the suffix "rld"
+    view.wait_for(r"^Tab: world ·")
+    view.send("\t")
+    view.wait_for(r"^hello world▌")  # sent as if typed: the session moved on by "rld"
+    view.wait_for(r"offset 11 ")
+    view.send("\x04")
+    assert view.finish() == 0
+    assert summary_value(view, "chars") == "11"
 
 
-def test_a_lost_server_is_reported_at_once_on_its_own_line(server: ServerProcess) -> None:
-    child = spawn_stream(server.address)
-    child.send("hello")
-    child.expect(r"hello  →  ")
+def test_backspace_rewinds_and_never_goes_further_than_the_session_can(
+    server: ServerProcess, open_view: Callable[..., TerminalScreen]
+) -> None:
+    view = open_view(server.address)
+    view.send("hello wor")
+    view.wait_for(r"^next +l \d+%")
+    view.send("\x1b[D\x1b[A\x1bOP")  # arrows, F1: ignored, nothing sent, nothing ends
+    view.send("\x7f\x7f")  # Backspace twice: the session takes "or" back
+    view.wait_for(r"^hello w▌")
+    view.wait_for(r"offset 7 .*Backspace: 7 back")
+    view.wait_for(r"^next +o \d+%")  # the prediction where the session went back to
+    view.send("\x7f" * 10)  # seven can be taken back; the other three only ring the bell
+    view.wait_for(r"offset 0 .*Backspace: 0 back")
+    view.send("hi")
+    view.wait_for(r"^hi▌")
+    view.send("\x04")
+    assert view.finish() == 0
+    assert view.raw.count(b"\x07") == 3
+    assert summary_value(view, "rewinds") == "9"
+
+
+def test_a_paste_keeps_its_context_and_its_tabs(
+    server: ServerProcess, open_view: Callable[..., TerminalScreen]
+) -> None:
+    view = open_view(server.address)
+    view.send("hello wor")
+    view.wait_for(r"^hello wor▌")
+    paste = "ld hello world\n" * 10 + "hello\twé"  # newlines, a tab, a character the model does not know
+    view.send(f"\x1b[200~{paste}\x1b[201~")  # as a terminal sends it in bracketed-paste mode
+    view.wait_for(r"unknown to the model: .*é")
+    lines = view.text.splitlines()
+    first = lines.index("hello world hello world")  # the text wraps: what came before the paste stays
+    assert lines[first + 1 : first + 10] == ["ld hello world"] * 9
+    assert re.match(r"hello +wé▌", lines[first + 10])  # the tab is text, not a completion
+    view.send("\x04")
+    assert view.finish() == 0
+    assert summary_value(view, "chars") == str(len("hello wor") + len(paste))
+
+
+def test_completions_that_cross_a_line_stay_on_one_row(
+    tmp_path: Path, open_view: Callable[..., TerminalScreen]
+) -> None:
+    english = ServerProcess(tmp_path)  # an empty model directory: the shipped Shakespeare model
+    try:
+        view = open_view(english.address)
+        paste = "JULIET:\nO Romeo, Romeo, wherefore art thou Romeo"
+        view.send(f"\x1b[200~{paste}\x1b[201~")
+        view.wait_for(rf"offset {len(paste)} ")
+        row = view.wait_for(r"^words +(.+)\nTab: ").group(1)  # the footer's rows as they should be
+        assert "\\n" in row  # the model's likeliest words go on after a comma and a newline
+        view.send("\x04")
+        assert view.finish() == 0
+    finally:
+        english.close()
+
+
+def test_a_paste_longer_than_the_server_takes_in_one_message_goes_in_pieces(
+    server: ServerProcess, open_view: Callable[..., TerminalScreen]
+) -> None:
+    view = open_view(server.address)
+    paste = "hello world " * 500  # 6,000 characters; the server takes at most 4,096 a message
+    view.send(f"\x1b[200~{paste}\x1b[201~")
+    view.wait_for(r"offset 6000 ")
+    view.wait_for(r"^(hello world ){8}▌")
+    view.send("\x04")
+    assert view.finish() == 0
+    assert summary_value(view, "chars") == "6000"
+
+
+def test_a_resized_terminal_is_redrawn_at_once(
+    server: ServerProcess, open_view: Callable[..., TerminalScreen]
+) -> None:
+    view = open_view(server.address)
+    view.send("hello world " * 8)  # 96 characters: one line of 100, two of 60
+    view.wait_for(r"offset 96 ")
+    view.resize(20, 60)  # no key pressed after it
+    view.wait_for(
+        r"\A nextchar stream · default:v1 · offset 96 .*\nhello world( hello world){4}\n(hello world ){3}▌"
+        r"(?s:.*)\nTab: [^\n]*Ctrl-D ends[^\n]*\Z"  # the footer on the new last row
+    )
+    view.send("\x04")
+    assert view.finish() == 0
+
+
+def test_typed_into_a_pipe_the_stream_prints_lines_not_the_view(server: ServerProcess) -> None:
+    command = " ".join([*CLI, "stream", "--server", server.address])
+    typist = TerminalScreen(["sh", "-c", f"{command} | cat"])  # keys from the terminal, output to a pipe
+    typist.send("hello\n")
+    typist.wait_for(r"^ +4 +o .*next: ")  # read a line at a time, as a terminal hands it over
+    typist.send("\x04")
+    assert typist.finish() == 0
+    assert "Ctrl-D ends" not in typist.output() and "chars" in typist.output()
+
+
+def test_json_asked_for_on_a_terminal_is_json(server: ServerProcess) -> None:
+    typist = TerminalScreen([*CLI, "stream", "--server", server.address, "--json"])
+    typist.send("hi\n")
+    typist.wait_for(r'^\{"offset": 1, "char": "i", ')
+    typist.send("\x04")
+    assert typist.finish() == 0
+    assert '{"summary": {' in typist.output()
+
+
+def test_keys_split_between_reads_are_still_keys() -> None:
+    reader = KeyReader()
+    keys = [
+        *reader.feed(b"a\x1b["),
+        *reader.feed(b"Db\xc3"),
+        *reader.feed(b"\xa9\x1bO"),
+        *reader.feed(b"P\t"),
+    ]
+    assert keys == ["a", "b", "é", Key.TAB]  # the arrow (ESC [ D) and F1 (ESC O P) dropped, whole
+    pasted = [*reader.feed(b"\x1b[200~x\ty\x04\x7f\x1b[20"), *reader.feed(b"1~\t\x7f\x04")]
+    assert pasted == [
+        "x",
+        "\t",
+        "y",
+        Key.TAB,
+        Key.BACKSPACE,
+        Key.END,
+    ]  # inside a paste, controls edit nothing
+
+
+@pytest.mark.parametrize("end", ["ctrl-d", "ctrl-c"])
+def test_the_summary_is_printed_when_the_view_is_closed(
+    server: ServerProcess, open_view: Callable[..., TerminalScreen], end: str
+) -> None:
+    view = open_view(server.address)
+    view.send("hello")
+    view.wait_for(r"offset 5 ")
+    if end == "ctrl-d":
+        view.send("\x04")
+    else:
+        view.interrupt()
+    assert view.finish() == 0
+    assert summary_value(view, "chars") == "5"
+    assert "hello" in view.output().split("summary")[0]  # the text typed stays on the terminal
+
+
+def test_a_lost_server_ends_the_view_at_once_with_the_summary_and_the_error(
+    server: ServerProcess, open_view: Callable[..., TerminalScreen]
+) -> None:
+    view = open_view(server.address)
+    view.send("hello")
+    view.wait_for(r"offset 5 ")
     server.proc.kill()
     start = time.monotonic()
-    child.expect(r"\r\n(nextchar: error: [^\r\n]+)", timeout=10)
+    error = view.wait_for(r"^(nextchar: error: .+)$", timeout=10).group(1)
     assert time.monotonic() - start < 5  # not after the next key, not after retries
-    assert "the server" in child.match.group(1) and "`nextchar serve`" in child.match.group(1)
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 1
+    assert "the server" in error
+    assert view.finish() == 1
+    assert summary_value(view, "chars") == "5"
+    assert "`nextchar serve`" in view.output()
 
 
 def test_a_piped_stream_sends_characters_as_they_arrive(server: ServerProcess) -> None:

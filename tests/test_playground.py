@@ -29,7 +29,7 @@ import pytest
 from nextchar.core.default_model import load_default_model
 from nextchar.server.registry import DEFAULT_NAME, Registry
 from playwright.sync_api import Browser, Page, WebSocket, sync_playwright
-from server_harness import DroppingProxy, LoggedProcess, train_notebook_model
+from server_harness import DroppingProxy, ServerProcess, train_notebook_model
 
 TOKEN = "playground-secret"
 REWIND_CHARS = 16  # small, so a long edit is past the session's reach and the page starts over
@@ -45,16 +45,12 @@ def chromium() -> str:
     return path
 
 
-class PlaygroundServer(LoggedProcess):
-    """``nextchar serve`` with gRPC and HTTP on free ports; ``url`` is the HTTP side's base URL."""
+class PlaygroundServer(ServerProcess):
+    """``nextchar serve`` with its HTTP port too; ``url`` is the HTTP side's base URL."""
 
     def __init__(self, model_dir: Path) -> None:
-        super().__init__(
-            "serve", "--port", "0", "--http-port", "0", "--model-dir", str(model_dir),
-            "--token", TOKEN, "--rewind-chars", str(REWIND_CHARS),
-        )  # fmt: skip
-        self.port = int(self.wait_for_line(r"playground on \w+://[\d.]+:(\d+)")[1].group(1))
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(model_dir, "--http-port", "0", "--token", TOKEN, "--rewind-chars", str(REWIND_CHARS))
+        self.url = self.http_url
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -321,7 +317,7 @@ def test_without_the_token_the_page_says_why(browser: Browser, server: Playgroun
 
 
 def test_reconnects_after_a_dropped_socket(browser: Browser, server: PlaygroundServer) -> None:
-    proxy = DroppingProxy(f"127.0.0.1:{server.port}")
+    proxy = DroppingProxy(server.url.removeprefix("http://"))
     frames: list[dict[str, Any]] = []
     page = open_page(browser, f"http://{proxy.address}", frames)
     try:

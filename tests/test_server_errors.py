@@ -253,15 +253,15 @@ def test_a_full_server_evicts_the_session_idle_the_longest_not_one_in_use(
     try:
         hoarded = [session(srv), session(srv)]
         used = session(srv)
-        code, details = status_of(lambda: session(srv))
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "cap" in details  # none idle long enough yet
+        code, message = status_of(lambda: session(srv))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "cap" in message  # none idle long enough yet
         time.sleep(0.6)
         srv.stub.Predict(pb.PredictRequest(session_id=used, text="h"), timeout=5)  # in use: stays
         newcomer = session(srv)
-        code, _, details = refusal(
+        code, _, why = refusal(
             lambda: srv.stub.GetSession(pb.GetSessionRequest(session_id=hoarded[0]), timeout=5)
         )
-        assert code == grpc.StatusCode.NOT_FOUND and details["reason"] == "evicted"
+        assert code == grpc.StatusCode.NOT_FOUND and why["reason"] == "evicted"
         for sid in (hoarded[1], used, newcomer):
             assert (
                 srv.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=5).session.session_id == sid

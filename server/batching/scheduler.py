@@ -175,7 +175,7 @@ class Scheduler:
             if not self._worth_sending():
                 continue  # a finishing batch wakes this loop again
             batch = self._take()
-            if self._pending:
+            if self._pending and batch:  # more may be ready; what is left waits for a batch to end
                 self._wake.set()
             long = [w for w in batch if w.size >= LONG_CHARS]
             if long:

@@ -1,0 +1,106 @@
+"""The nextchar.v1 messages in JSON, both ways, and predictions written straight from a batch's arrays.
+
+Requests are parsed with protobuf's own JSON mapping (field names as in the proto,
+unknown fields refused), so a wrong type or a misspelt field is INVALID_ARGUMENT
+naming it, as a malformed protobuf is over gRPC. Responses are protobuf's JSON form
+with one change: 64-bit integers stay JSON numbers (protobuf writes them as strings;
+offsets and counts never come near 2**53). Predictions skip the message: their
+arrays become lists directly, with each candidate's character beside its index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, TypeVar
+
+import numpy as np
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from nextchar.core.vocab import UNK
+from nextchar.server.errors import InvalidArgument
+from nextchar.server.sessions.manager import Predicted
+
+M = TypeVar("M", bound=Message)
+INT64 = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+def json_object(data: bytes | str, what: str = "body") -> dict[str, Any]:
+    """A JSON object from a body or a frame ({} when empty); InvalidArgument saying what is wrong."""
+    if not data.strip():
+        return {}
+    try:
+        value = json.loads(data)
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"{what}: not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{what}: not JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what}: a JSON object expected")
+    return value
+
+
+def parse(value: dict[str, Any], cls: type[M]) -> M:
+    """The message cls in a JSON object, by protobuf's JSON mapping."""
+    try:
+        return json_format.ParseDict(value, cls())
+    except json_format.ParseError as exc:
+        raise InvalidArgument(f"{cls.DESCRIPTOR.name}: {str(exc).splitlines()[0][:300]}") from None
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    out = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    _numbers(message.DESCRIPTOR, out)
+    return out
+
+
+def _numbers(descriptor: Any, out: dict[str, Any]) -> None:
+    """64-bit integers back to numbers, through nested and repeated messages."""
+    for name, value in out.items():
+        field = descriptor.fields_by_name.get(name)
+        if field is None:
+            continue
+        if field.type in INT64:
+            out[name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, dict):
+                    _numbers(field.message_type, item)
+
+
+def floats(values: np.ndarray) -> list[float | None]:
+    """float32 values as JSON numbers, exact (each parses back to the same float32); infinity as null."""
+    out: list[float | None] = list(values.astype(np.float64).ravel().tolist())
+    if not np.all(np.isfinite(values)):
+        out = [v if v is not None and math.isfinite(v) else None for v in out]
+    return out
+
+
+def candidates(vocab: str, index: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
+    """Ranked candidates: their indices, probabilities and characters ("" for the unknown slot)."""
+    chars = ("", *vocab)  # index 0 is the unknown slot
+    flat = index.ravel().tolist()
+    return {"top_index": flat, "top_prob": floats(prob), "top_chars": [chars[i] for i in flat]}
+
+
+def predictions(predicted: Predicted, vocab: str) -> dict[str, Any]:
+    rows = predicted.rows
+    out: dict[str, Any] = {"start_offset": predicted.start_offset, "count": rows.n, "top_k": rows.k}
+    out |= candidates(vocab, rows.top_index, rows.top_prob)
+    out["surprisal_bits"] = floats(rows.surprisal_bits)
+    distribution = rows.distribution
+    if distribution is not None:
+        out["distribution"] = floats(distribution.astype(np.float32))
+    if predicted.unknown_chars:
+        out["unknown_positions"] = np.flatnonzero(rows.idx == UNK).tolist()
+        out["unknown_chars"] = predicted.unknown_chars
+    return out
