@@ -38,11 +38,10 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 SHOWN = {" ": "␣", "\n": "⏎", "\t": "⇥"}  # how the page labels characters that do not show
 
 
-def chromium() -> str:
-    path = os.environ.get("NEXTCHAR_CHROMIUM") or shutil.which("chromium")
-    if path is None:
-        pytest.skip("no chromium installed (apt-get install chromium; .ci/run installs it)")
-    return path
+CHROMIUM = os.environ.get("NEXTCHAR_CHROMIUM") or shutil.which("chromium")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium installed (apt-get install chromium; .ci/run installs it)"
+)
 
 
 class PlaygroundServer(ServerProcess):
@@ -86,9 +85,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlaygroundServe
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    executable = chromium()
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, headless=True)
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield launched
         launched.close()
 
@@ -187,6 +185,14 @@ def assert_page_matches_server(page: Page, server: PlaygroundServer, model: str 
     assert next_shown(page) == expected_next(predictions, len(text) - 1)
 
 
+def point_at(page: Page, i: int) -> None:
+    """Move the mouse over the text's i-th character, and wait for the page to explain it."""
+    box = page.locator("#backdrop span").nth(i).bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector("#backdrop span.inspect")
+
+
 def luminance(css: str) -> float:
     """Relative brightness of a computed CSS colour; a transparent one shows the white editor."""
     r, g, b, *alpha = (float(x) for x in re.findall(r"[\d.]+", css))
@@ -226,6 +232,23 @@ def test_heat_map_colours_follow_surprisal(page: Page, server: PlaygroundServer)
         "#legend-scale span", "spans => spans.map(s => getComputedStyle(s).backgroundColor)"
     )
     assert surprised[2] in legend
+
+
+def test_pointing_at_a_character_explains_it(page: Page, server: PlaygroundServer) -> None:
+    text = "To be, or not to be, Qx"
+    type_each(page, text)
+    predictions = server.predict(text)
+
+    i = text.index("Q")
+    point_at(page, i)
+    assert "inspect" in (page.locator("#backdrop span").nth(i).get_attribute("class") or "").split()
+    assert page.text_content("#detail .cell") == "Q"
+    assert f"{predictions['surprisal_bits'][i]:.1f} bits" in (page.text_content("#detail") or "")
+    guesses = [g.split(" ")[0] for g in page.locator("#detail .guess").all_text_contents()]
+    assert guesses == expected_next(predictions, i - 1)[:3]  # what the model expected after "be, "
+
+    page.mouse.move(0, 0)  # away: the character before the caret (the last one) is explained
+    page.wait_for_function("document.querySelector('#detail .cell')?.textContent === 'x'")
 
 
 # ---------------------------------------------------------------- Backspace
@@ -282,7 +305,9 @@ def test_tab_accepts_the_best_completion(page: Page, server: PlaygroundServer) -
     offered = server.call("POST", "/v1/complete", {"prime_text": prefix, "n": 3})["completions"]
     assert len(page.locator("#completions button").all()) == len(offered) == 3
     best = next(c["text"] for c in offered if c["text"])
-    assert page.text_content("#completions button.best .words") == best.replace(" ", "␣")
+    assert page.text_content("#completions button.best .words") == "b" + best.replace(
+        " ", "␣"
+    )  # the word it finishes
     page.keyboard.press("Tab")
     wait_idle(page, len(prefix + best))
 
@@ -356,9 +381,12 @@ def test_reconnects_after_a_dropped_socket(browser: Browser, server: PlaygroundS
 
 def test_phone_width_and_screenshots(browser: Browser, server: PlaygroundServer) -> None:
     save = os.environ.get("NEXTCHAR_SCREENSHOTS") == "1"
-    passage = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer the sl"
+    passage = (
+        "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of tr"
+    )
     sizes: dict[str, dict[str, Any]] = {
-        "playground.png": {"viewport": {"width": 1280, "height": 720}},
+        "playground.png": {"viewport": {"width": 1280, "height": 640}},
         "playground-phone.png": {
             "viewport": {"width": 390, "height": 844},
             "device_scale_factor": 2,
@@ -377,6 +405,9 @@ def test_phone_width_and_screenshots(browser: Browser, server: PlaygroundServer)
             for panel in ("#text", "#next", "#completions", "#status"):
                 box = page.locator(panel).bounding_box()
                 assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width
+            if not context.get("has_touch"):  # a mouse: point at the most surprising character
+                bits = [float(b.replace("∞", "inf")) for _, b, _ in heat(page)]
+                point_at(page, bits.index(max(bits)))
             if save:
                 page.screenshot(path=str(DOCS / name))
         finally:
