@@ -332,6 +332,18 @@ def test_switching_model_starts_a_session_on_it(page: Page, server: PlaygroundSe
     assert_page_matches_server(page, server, model="notebook")
 
 
+def test_a_session_gone_from_the_server_is_replaced(page: Page, server: PlaygroundServer) -> None:
+    """Closed (or expired, or evicted) under the page: the next character opens a new session on
+    the same model and sends it the whole text again."""
+    type_each(page, "To be, or")
+    gone = page.get_attribute("#session", "title")
+    server.call("DELETE", f"/v1/sessions/{gone}")
+
+    type_each(page, " not", start=len("To be, or"))
+    assert page.get_attribute("#session", "title") != gone
+    assert_page_matches_server(page, server)
+
+
 def test_without_the_token_the_page_says_why(browser: Browser, server: PlaygroundServer) -> None:
     context = browser.new_context()
     page = context.new_page()
