@@ -288,9 +288,19 @@ def test_an_edit_past_the_rewind_limit_starts_over(page: Page, server: Playgroun
     page.keyboard.type("e")
     wait_idle(page, len(SENTENCE))
 
-    assert page.input_value("#text") == "Toebe, or not to be, that is the question"
-    assert len(resets) >= 1
+    edited = "Toebe, or not to be, that is the question"
+    assert page.input_value("#text") == edited
+    assert len(resets) == 1
     assert_page_matches_server(page, server)
+
+    more = ": whether 'tis nobler in the mind"
+    page.keyboard.press("End")
+    type_each(page, more, start=len(edited))
+    assert int(page.text_content("#rewind-limit") or 0) < len(edited + more)
+    page.keyboard.press("Control+a")  # all of it, at once: after the reset, nothing left to send
+    page.keyboard.press("Delete")
+    wait_idle(page, 0)
+    assert len(resets) == 2 and heat(page) == []
 
 
 # ---------------------------------------------------------------- completions

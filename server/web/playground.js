@@ -67,7 +67,7 @@
     completions: [], // [{text, prob, complete}] for completionsKey
     completionsKey: null,
     completing: false,
-    fatal: "",
+    fatal: "", // what went wrong, shown in the status line (until the socket is up again)
     rendered: [], // the backdrop's character spans, as [{ch, bin}]
   };
 
@@ -77,7 +77,6 @@
     constructor(status, error) {
       super(error.message || `HTTP ${status}`);
       this.status = status;
-      this.code = error.code || "";
     }
   }
 
@@ -158,6 +157,7 @@
     }
     if (generation !== state.generation) return;
     state.busy = false;
+    render();
     if (state.ws) pump();
     else connect();
   }
