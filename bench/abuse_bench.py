@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import contextlib
 
 import serve_bench as sb  # the server command, its start-up and the load client
+from bench_env import unpin_this_process
 
 RESULTS = sb.RESULTS
 WELL_BEHAVED = 100
@@ -310,6 +311,7 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    unpin_this_process()  # no OpenBLAS pin for the measured processes (bench_env); children inherit
     if len(sys.argv) > 1 and sys.argv[1] == "--hostile":
         hostile(int(sys.argv[2]), float(sys.argv[3]), *sys.argv[4:5])
     else:

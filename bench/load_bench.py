@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_env import unpin_this_process
 from serve_bench import RESULTS, corpus, server_command, start
 
 # latency histogram shared by all client processes: log-spaced 10 µs .. 100 s
@@ -267,4 +268,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    unpin_this_process()  # no OpenBLAS pin for the measured processes (bench_env); children inherit
     main()

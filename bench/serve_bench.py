@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,40 @@ async def echo_server() -> None:
 # ---------------------------------------------------------------- load client (own process)
 
 
+class Window:
+    """The measured window of a load run (after warmup, for duration): the messages inside it."""
+
+    def __init__(self, duration: float, warmup: float) -> None:
+        self.duration = duration
+        self.t0 = time.perf_counter()
+        self.begin, self.end = self.t0 + warmup, self.t0 + warmup + duration
+        self.cpu0 = time.process_time()
+        self.latencies: list[float] = []
+        self.chars = 0
+        self.errors: list[str] = []
+
+    def record(self, sent: float, got: float, chars: int) -> bool:
+        """Count a message answered at got; True once the window is over (the caller stops)."""
+        if sent >= self.begin and got <= self.end:
+            self.latencies.append(got - sent)
+            self.chars += chars
+        return got > self.end
+
+    def summary(self, streams: int, chunk: int) -> dict[str, Any]:
+        lat = np.array(self.latencies) * 1000
+        return {
+            "streams": streams,
+            "chunk": chunk,
+            "chars_per_sec": self.chars / self.duration,
+            "messages_per_sec": len(self.latencies) / self.duration,
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+            # fraction of one core the load process used
+            "client_cpu": (time.process_time() - self.cpu0) / (time.perf_counter() - self.t0),
+            "errors": self.errors[:3],
+        }
+
+
 async def load(port: int, streams: int, chunk: int, duration: float, warmup: float) -> dict[str, Any]:
     import grpc
     from nextchar.proto import nextchar_pb2 as pb
@@ -136,14 +171,9 @@ async def load(port: int, streams: int, chunk: int, duration: float, warmup: flo
         grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(max(1, streams // 100))
     ]
     stubs: list[Any] = [pb_grpc.NextCharServiceStub(c) for c in channels]  # grpc-stubs predate aio streams
-    latencies: list[float] = []
-    chars = 0
-    t0 = time.perf_counter()
-    begin, end = t0 + warmup, t0 + warmup + duration
-    errors: list[str] = []
+    window = Window(duration, warmup)
 
     async def one(i: int) -> None:
-        nonlocal chars
         call = stubs[i % len(stubs)].PredictStream()
         pos = (i * 7919) % (len(text) - chunk)
         try:
@@ -153,24 +183,19 @@ async def load(port: int, streams: int, chunk: int, duration: float, warmup: flo
                 sent = time.perf_counter()
                 await call.write(msg)
                 await call.read()
-                got = time.perf_counter()
-                if sent >= begin and got <= end:
-                    latencies.append(got - sent)
-                    chars += chunk
-                if got > end:
+                if window.record(sent, time.perf_counter(), chunk):
                     break
             await call.done_writing()
             while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]  # drain to the end of the stream
                 pass
         except grpc.aio.AioRpcError as exc:
-            errors.append(f"{exc.code().name}: {exc.details()}")
+            window.errors.append(f"{exc.code().name}: {exc.details()}")
 
-    cpu0 = time.process_time()
     await asyncio.gather(*(one(i) for i in range(streams)))
-    client_cpu = (time.process_time() - cpu0) / (time.perf_counter() - t0)
+    result = window.summary(streams, chunk)
     for channel in channels:
         await channel.close()
-    return summary(streams, chunk, duration, latencies, chars, client_cpu, errors)
+    return result
 
 
 async def load_ws(port: int, streams: int, chunk: int, duration: float, warmup: float) -> dict[str, Any]:
@@ -178,15 +203,9 @@ async def load_ws(port: int, streams: int, chunk: int, duration: float, warmup: 
     import aiohttp
 
     text = corpus()
-    latencies: list[float] = []
-    chars = 0
-    t0 = time.perf_counter()
-    begin, end = t0 + warmup, t0 + warmup + duration
-    errors: list[str] = []
-    connector = aiohttp.TCPConnector(limit=0)
+    window = Window(duration, warmup)
 
     async def one(http: Any, i: int) -> None:
-        nonlocal chars
         pos = (i * 7919) % (len(text) - chunk)
         async with http.ws_connect(f"http://127.0.0.1:{port}/v1/stream", max_msg_size=0) as ws:
             while True:
@@ -195,28 +214,15 @@ async def load_ws(port: int, streams: int, chunk: int, duration: float, warmup: 
                 sent = time.perf_counter()
                 await ws.send_str(frame)
                 reply = await ws.receive()
-                got = time.perf_counter()
-                if reply.type != aiohttp.WSMsgType.TEXT or "error" in reply.data[:10]:
-                    errors.append(str(reply.data)[:200])
+                if reply.type != aiohttp.WSMsgType.TEXT or '"error"' in reply.data[:12]:
+                    window.errors.append(str(reply.data)[:200])
                     return
-                if sent >= begin and got <= end:
-                    latencies.append(got - sent)
-                    chars += chunk
-                if got > end:
+                if window.record(sent, time.perf_counter(), chunk):
                     break
 
-    cpu0 = time.process_time()
-    async with aiohttp.ClientSession(connector=connector) as http:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         await asyncio.gather(*(one(http, i) for i in range(streams)))
-    return summary(
-        streams,
-        chunk,
-        duration,
-        latencies,
-        chars,
-        (time.process_time() - cpu0) / (time.perf_counter() - t0),
-        errors,
-    )
+    return window.summary(streams, chunk)
 
 
 async def load_unary(
@@ -225,14 +231,9 @@ async def load_unary(
     """clients callers, each sending Predict calls one after another on its own session:
     gRPC unary (http False) or POST /v1/predict (http True)."""
     text = corpus()
-    latencies: list[float] = []
-    chars = 0
-    t0 = time.perf_counter()
-    begin, end = t0 + warmup, t0 + warmup + duration
-    errors: list[str] = []
+    window = Window(duration, warmup)
 
-    async def run(send: Any, i: int) -> None:
-        nonlocal chars
+    async def run(send: Callable[[str, str, bool], Awaitable[None]], i: int) -> None:
         pos = (i * 7919) % (len(text) - chunk)
         sid = f"bench-{i}-{os.getpid()}"
         first = True
@@ -243,80 +244,45 @@ async def load_unary(
             try:
                 await send(sid, piece, first)
             except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                window.errors.append(f"{type(exc).__name__}: {exc}"[:200])
                 return
             first = False
-            got = time.perf_counter()
-            if sent >= begin and got <= end:
-                latencies.append(got - sent)
-                chars += chunk
-            if got > end:
+            if window.record(sent, time.perf_counter(), chunk):
                 break
 
-    cpu0 = time.process_time()
     if http:
         import aiohttp
 
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             base = f"http://127.0.0.1:{port}"
 
-            async def send(sid: str, piece: str, first: bool) -> None:
+            async def post(sid: str, piece: str, first: bool) -> None:
                 if first:
                     async with session.post(base + "/v1/sessions", json={"session_id": sid}) as r:
                         r.raise_for_status()
-                async with session.post(
-                    base + "/v1/predict", json={"session_id": sid, "text": piece, "top_k": TOP_K}
-                ) as r:
+                body = {"session_id": sid, "text": piece, "top_k": TOP_K}
+                async with session.post(base + "/v1/predict", json=body) as r:
                     r.raise_for_status()
                     await r.read()
 
-            await asyncio.gather(*(run(send, i) for i in range(clients)))
-    else:
-        import grpc
-        from nextchar.proto import nextchar_pb2 as pb
-        from nextchar.proto import nextchar_pb2_grpc as pb_grpc
+            await asyncio.gather(*(run(post, i) for i in range(clients)))
+        return window.summary(clients, chunk)
+    import grpc
+    from nextchar.proto import nextchar_pb2 as pb
+    from nextchar.proto import nextchar_pb2_grpc as pb_grpc
 
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        stub: Any = pb_grpc.NextCharServiceStub(channel)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub: Any = pb_grpc.NextCharServiceStub(channel)
 
-        async def send(sid: str, piece: str, first: bool) -> None:
-            if first:
-                await stub.CreateSession(pb.CreateSessionRequest(session_id=sid))
-            await stub.Predict(pb.PredictRequest(session_id=sid, text=piece, top_k=TOP_K))
+    async def call(sid: str, piece: str, first: bool) -> None:
+        if first:
+            await stub.CreateSession(pb.CreateSessionRequest(session_id=sid))
+        await stub.Predict(pb.PredictRequest(session_id=sid, text=piece, top_k=TOP_K))
 
-        await asyncio.gather(*(run(send, i) for i in range(clients)))
-        await channel.close(None)
-    return summary(
-        clients,
-        chunk,
-        duration,
-        latencies,
-        chars,
-        (time.process_time() - cpu0) / (time.perf_counter() - t0),
-        errors,
-    )
-
-
-def summary(
-    streams: int,
-    chunk: int,
-    duration: float,
-    latencies: list[float],
-    chars: int,
-    client_cpu: float,
-    errors: list[str],
-) -> dict[str, Any]:
-    lat = np.array(latencies) * 1000
-    return {
-        "streams": streams,
-        "chunk": chunk,
-        "chars_per_sec": chars / duration,
-        "messages_per_sec": len(latencies) / duration,
-        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
-        "client_cpu": client_cpu,  # fraction of one core the load process used
-        "errors": errors[:3],
-    }
+    await asyncio.gather(*(run(call, i) for i in range(clients)))
+    result = window.summary(clients, chunk)
+    await channel.close(None)
+    return result
 
 
 # ---------------------------------------------------------------- in-process arithmetic
@@ -455,7 +421,9 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def median_ratio(ours: list[dict[str, Any]], echo: list[dict[str, Any]], field: str) -> float | None:
     """The median over rounds of nextchar / echo, each round's pair measured back to back."""
     ratios = [
-        r for r in (ratio(a[field], b[field]) for a, b in zip(ours, echo, strict=True)) if r is not None
+        r
+        for r in (ratio(a.get(field), b.get(field)) for a, b in zip(ours, echo, strict=True))
+        if r is not None
     ]
     return float(np.median(ratios)) if ratios else None
 

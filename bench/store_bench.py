@@ -30,6 +30,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from bench_env import unpin_this_process
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.proto import nextchar_pb2_grpc as pb_grpc
 
@@ -180,4 +181,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    unpin_this_process()  # no OpenBLAS pin for the measured processes (bench_env); children inherit
     main()

@@ -9,8 +9,9 @@ and the command line builds its ``train`` options from these fields (each field'
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 CELLS = ("rnn", "gru", "lstm")  # nextchar.core.cells implements exactly these
 LOSSES = ("ce", "sigmoid_mse")  # nextchar.core.losses implements exactly these
@@ -114,6 +115,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+Config = TypeVar("Config", ModelConfig, TrainConfig)
+
+
+def from_record(kind: type[Config], recorded: Mapping[str, Any]) -> Config:
+    """The config a stored record (a model file's, a job's) describes. A record written before a
+    setting existed lacks its key and gets the default, which is "off" for every setting added
+    since; a key this version does not know is passed over. Validated like any other."""
+    known = {f.name for f in fields(kind)}
+    return kind(**{k: v for k, v in recorded.items() if k in known})
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:

@@ -16,13 +16,13 @@ import hashlib
 import json
 import os
 import zipfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 from nextchar.core.atomic import atomic_write
-from nextchar.core.config import ModelConfig, TrainConfig
+from nextchar.core.config import ModelConfig, TrainConfig, from_record
 from nextchar.core.model import CharRNN, Params, param_shapes
 from nextchar.core.vocab import Vocab
 
@@ -51,10 +51,31 @@ class ModelFile:
         A file written before a setting existed lacks its key; it was trained with what
         is that setting's default now (every new setting defaults to "off")."""
         recorded = self.summary.get("config")
-        if not isinstance(recorded, dict):
-            return None
-        known = {f.name for f in fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in recorded.items() if k in known})
+        return from_record(TrainConfig, recorded) if isinstance(recorded, dict) else None
+
+
+@dataclass(frozen=True)
+class ModelPayload:
+    """A model as plain data: its config and vocabulary as a model file's metadata records them,
+    and its parameters. The one codec between a CharRNN and what leaves the process (a model
+    file here, a trainer's pipe to its pool), so every way a model travels rebuilds it alike;
+    plain dicts, a str and arrays pickle without any class of ours."""
+
+    config: dict[str, Any]
+    vocab: str
+    params: Params
+
+    @classmethod
+    def of(cls, model: CharRNN) -> ModelPayload:
+        return cls(model.config.to_dict(), model.vocab.chars, model.params)
+
+    def header(self) -> tuple[ModelConfig, Vocab]:
+        """The config and vocabulary; TypeError, ValueError or KeyError when they are not valid."""
+        return ModelConfig(**self.config), Vocab(self.vocab)
+
+    def model(self) -> CharRNN:
+        config, vocab = self.header()
+        return CharRNN(config, vocab, {k: np.asarray(v) for k, v in self.params.items()})
 
 
 def checksum(params: Params) -> str:
@@ -74,11 +95,12 @@ def save_model(
     summary: dict[str, Any] | None = None,
 ) -> None:
     """Write model atomically (see nextchar.core.atomic): a crash mid-save leaves the old file."""
+    payload = ModelPayload.of(model)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "config": model.config.to_dict(),
-        "vocab": model.vocab.chars,
+        "config": payload.config,
+        "vocab": payload.vocab,
         "summary": summary or {},
         "history": history or [],
         "checksum": checksum(model.params),
@@ -109,12 +131,11 @@ def load_model(path: str | os.PathLike[str]) -> ModelFile:
     except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as exc:
         raise ModelFileError(f"{path}: not a readable model file (truncated or corrupted?): {exc}") from exc
     meta = _read_meta(path, arrays.pop(META_KEY, None))
+    params = {k.removeprefix(PARAM_PREFIX): v for k, v in arrays.items() if k.startswith(PARAM_PREFIX)}
     try:
-        config = ModelConfig(**meta["config"])
-        vocab = Vocab(meta["vocab"])
+        config, vocab = ModelPayload(meta["config"], meta["vocab"], params).header()
     except (TypeError, ValueError, KeyError) as exc:
         raise ModelFileError(f"{path}: invalid config or vocab in metadata: {exc}") from exc
-    params = {k.removeprefix(PARAM_PREFIX): v for k, v in arrays.items() if k.startswith(PARAM_PREFIX)}
     _check_params(path, config, vocab, params)
     if checksum(params) != meta.get("checksum"):
         raise ModelFileError(f"{path}: checksum mismatch: the parameters were modified or corrupted")

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import resource
 import signal
 import socket
 import sys
@@ -44,7 +45,7 @@ from nextchar.server.config import ServerConfig, TrainerConfig
 from nextchar.server.errors import ServiceError
 from nextchar.server.httpapi.routes import HttpApi
 from nextchar.server.httpapi.routes import start as start_http
-from nextchar.server.logs import CALLS_GATE, configure_logging
+from nextchar.server.logs import configure_logging, flush_gates
 from nextchar.server.metrics import Metrics
 from nextchar.server.open_calls import OpenCalls
 from nextchar.server.registry import DEFAULT_NAME, Registry
@@ -56,6 +57,7 @@ from nextchar.server.sessions.memory import InMemorySessionStore
 from nextchar.server.sessions.redis_store import RedisSessionStore, display_url
 from nextchar.server.sessions.store import SessionStore
 from nextchar.server.shared_models import RedisModelFiles
+from nextchar.server.store_health import StoreHealth
 from nextchar.server.training.jobs import JobManager
 from nextchar.server.training.journal import LocalJobStore
 from nextchar.server.training.pool import TrainerPool
@@ -67,7 +69,7 @@ from nextchar.server.wire import add_service
 log = logging.getLogger("nextchar.server")
 SWITCH_INTERVAL = 0.0005  # seconds
 SERVICE_NAME = nextchar_pb2.DESCRIPTOR.services_by_name["NextCharService"].full_name
-STORE_CHECK = 1.0  # seconds between pings of the session store (health follows it)
+STORE_CHECK = 1.0  # seconds between checks of the session store (health follows it)
 TRIM_INTERVAL = 5.0  # seconds between looks at whether freed heap pages should go back to the OS
 TRIM_SLACK = 32 * 1024 * 1024  # bytes above the server's smallest size that make a return worth it
 IDLE_TRIM_SLACK = 4 * 1024 * 1024  # the same for an idle server: returning pages costs it nothing
@@ -159,6 +161,7 @@ class NextCharServer:
         if store is None:  # (not `or`: an empty store has len 0)
             store = make_store(config, catalog, self.metrics, lambda: f"{config.host}:{self.port}")
         self.store = store
+        self.store_health = StoreHealth(store, config.store)
         self.scheduler = Scheduler(
             config.batch_inline_chars, config.compute_process, on_batch=self.metrics.batch
         )
@@ -176,7 +179,7 @@ class NextCharServer:
         self.trainers = TrainerPool(
             job_store, self.registry, config.max_jobs, config.checkpoint_seconds, config.job_lease
         )
-        self.jobs = JobManager(job_store, config.max_vocab, config.max_queued_jobs, self.trainers.fill)
+        self.jobs = JobManager(job_store, config.max_vocab, config.max_queued_jobs)
         self.texts = TextStore(
             config.model_dir / "_texts",
             config.max_upload_bytes,
@@ -252,7 +255,7 @@ class NextCharServer:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.config.sweep_interval)
-            CALLS_GATE.flush(log)  # how many lines a flood of bad calls left untold
+            flush_gates(log)  # how many lines a flood of bad calls left untold
             try:
                 await self.store.sweep(time.time())
                 await asyncio.to_thread(self.texts.sweep, time.time())
@@ -284,15 +287,17 @@ class NextCharServer:
                 cpu = time.process_time()  # the trim's own work is not activity
 
     async def _watch_store(self) -> None:
-        """Health follows the session store: NOT_SERVING while it is unreachable (every session
-        call would fail), SERVING again once it answers; a shared store reconnects by itself."""
+        """Health follows the session store: NOT_SERVING while it is unreachable or refuses writes
+        (every session call would fail: nextchar.server.store_health), SERVING again once it
+        takes them; a shared store reconnects by itself."""
         serving = True
         while True:
             await asyncio.sleep(STORE_CHECK)
-            up = await self.store.ping()
+            trouble = await self.store_health.check()
+            up = not trouble
             if up != serving:
                 serving = self.serving = up
-                log.warning("session store %s %s", self.store, "is back" if up else "is unreachable")
+                log.warning("session store %s %s", self.store, trouble or "is back")
                 status = (
                     health_pb2.HealthCheckResponse.SERVING
                     if up
@@ -328,6 +333,7 @@ class NextCharServer:
         await asyncio.to_thread(self.trainers.shutdown)
         await self.scheduler.close()
         await self.store.close()  # a shared store writes back what is not written yet
+        await self.store_health.close()
         self.metrics.close()
         self._stopped.set()
 
@@ -353,6 +359,21 @@ async def serve_async(config: ServerConfig) -> None:
     log.info("nextchar server stopped")
 
 
+def raise_fd_limit() -> None:
+    """Raise this process's soft limit on open files to its hard one: every client connection
+    holds a descriptor, and the soft limit a shell hands down is often 1,024 (at which 500 idle
+    connections made new clients time out), while the hard one is what the system allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # a hard limit of "unlimited" the kernel caps lower
+        log.warning("open-file limit stays at %d (hard %d): %s", soft, hard, exc)
+        return
+    log.info("open-file limit raised from %d to %d", soft, hard)
+
+
 def serve(config: ServerConfig | None = None) -> None:
     """Run the server until SIGTERM/SIGINT, then drain and return. Blocking; the CLI calls this."""
     limit_blas_threads(1)
@@ -365,6 +386,7 @@ def serve(config: ServerConfig | None = None) -> None:
     sys.setswitchinterval(SWITCH_INTERVAL)
     config = config or ServerConfig()
     configure_logging(config.log_format, config.log_level)
+    raise_fd_limit()
     asyncio.run(serve_async(config))
 
 

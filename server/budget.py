@@ -7,7 +7,10 @@ after the reply before it was written), but a 4,096-character chunk with its ful
 distribution is about 1 MB, so 300 such streams would hold 300 MB and more in
 copies. So every big reply reserves its size here before it is computed, and
 gives it back once it is written (a stream) or the call is over (unary);
-a request whose reply does not fit is refused with RESOURCE_EXHAUSTED. Small
+a request whose reply does not fit now is refused with RESOURCE_EXHAUSTED (retry
+once others have read theirs), and one whose reply alone is over the whole budget
+with INVALID_ARGUMENT: no retry can ever admit it, so the client must be told to
+ask for less, not to wait. Small
 replies (one-character predictions: tens of bytes) are never refused: they are
 bounded by the one-per-stream rule, and a well-behaved client must not pay for a
 hostile one.
@@ -15,7 +18,7 @@ hostile one.
 
 from __future__ import annotations
 
-from nextchar.server.errors import ResourceExhausted
+from nextchar.server.errors import InvalidArgument, ResourceExhausted
 
 SMALL_REPLY = 64 * 1024  # bytes: replies up to this size are always admitted
 FLOAT, INDEX = 4, 2  # packed bytes per float, and per top-k index (a small varint)
@@ -36,11 +39,19 @@ class ReplyBudget:
         """Take nbytes from the budget (refusing a big reply that does not fit); returns what to release."""
         if nbytes <= SMALL_REPLY:
             return 0
+        if nbytes > self.limit:
+            raise InvalidArgument(
+                f"this reply alone would take {nbytes >> 10} KiB, more than max_reply_bytes "
+                f"({self.limit >> 10} KiB) lets the server hold for all its clients: it can never be "
+                "sent; send smaller chunks, or ask for fewer candidates or no full distribution",
+                limit="max_reply_bytes",
+            )
         if self.used + nbytes > self.limit:
             raise ResourceExhausted(
                 f"the server holds {self.used >> 20} MiB of replies its clients have not read yet "
                 f"(max_reply_bytes {self.limit >> 20} MiB); read your replies, send smaller chunks "
-                "or ask for fewer distributions, and retry"
+                "or ask for fewer distributions, and retry",
+                limit="max_reply_bytes",
             )
         self.used += nbytes
         return nbytes

@@ -139,6 +139,20 @@ class ServerConfig:
             "the longest is closed to make room."
         ),
     )
+    # a connection holds a file descriptor and ~100 KB of gRPC's buffers: one that only answers
+    # PINGs (500 of them at a 1,024 fd limit made new clients time out) would be kept for good;
+    # a client with a call open is never closed by this, and clients reconnect on the next call
+    max_connection_idle: float = field(
+        default=300.0,
+        metadata=_opt(
+            "Seconds a client connection with no call open is kept; then it is closed (GOAWAY). "
+            "0 = kept for good."
+        ),
+    )
+    # finds dead peers of long-lived streams (a peer that answers is alive, idle or not)
+    keepalive_time: float = field(
+        default=60.0, metadata=_opt("Seconds between the server's PINGs on each client connection.")
+    )
     # long enough to reconnect after a network blip
     idle_timeout: float = field(default=30 * 60.0, metadata=_opt("Seconds an unused session lives."))
     session_lifetime: float = field(default=0.0, metadata=_opt("Seconds any session lives; 0 = unlimited."))
@@ -267,6 +281,8 @@ class ServerConfig:
             "max_sessions": self.max_sessions >= 1,
             "session_evict_idle": self.session_evict_idle >= 0,
             "max_streams": self.max_streams >= 1,
+            "max_connection_idle": self.max_connection_idle >= 0,
+            "keepalive_time": self.keepalive_time >= 0.01,
             "idle_timeout": self.idle_timeout > 0,
             "session_lifetime": self.session_lifetime >= 0,
             "max_chunk_chars": self.max_chunk_chars >= 1,
@@ -310,14 +326,17 @@ class ServerConfig:
     def grpc_options(self) -> list[tuple[str, int | str]]:
         """Channel arguments of the server: size limits and keepalive.
 
-        Keepalive pings every 60 s find dead peers of long-lived streams; clients may
+        Keepalive pings every keepalive_time (60 s) find dead peers of long-lived streams; clients may
         ping every 10 s without data (the default 5 min would make gRPC answer a
-        client's keepalive with GOAWAY "too_many_pings").
+        client's keepalive with GOAWAY "too_many_pings"). A live peer answers pings, so
+        a connection with no call open is closed after max_connection_idle instead.
         """
+        idle = [("grpc.max_connection_idle_ms", round(self.max_connection_idle * 1000))]
         return [
+            *(idle if self.max_connection_idle else []),
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_time_ms", round(self.keepalive_time * 1000)),
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

@@ -11,6 +11,9 @@ is one, ``session_id``.
 What clients cause (refused calls, wrong tokens, internal errors) is logged through a
 ``FloodGate``: a client that sends thousands of bad requests a second must not turn
 each into a log line, filling the disk and taking the loop's time from everyone else.
+gRPC's own Python layer gets a gate too: it logs an ERROR with a traceback for every
+header value that is not UTF-8, before any call reaches our token check, so one
+unauthenticated client sending such headers over raw HTTP/2 wrote 10 MB of log in 15 s.
 """
 
 from __future__ import annotations
@@ -130,13 +133,23 @@ class FloodGate(logging.Filter):
 
 
 CALLS_LOGGER = "nextchar.server.calls"  # what clients cause: refusals, wrong tokens, internal errors
-CALLS_GATE = FloodGate(CALLS_LOGGER)  # in the handler of a process that configure_logging set up
+# in the handler of a process that configure_logging set up: our calls' records, gRPC's
+# (its "Invalid encoding on %s" per header that is not UTF-8, among others), and aiohttp's
+# (the HTTP API's: a malformed request line or WebSocket frame logs one per connection)
+GATES = (FloodGate(CALLS_LOGGER), FloodGate("grpc"), FloodGate("aiohttp"))
+
+
+def flush_gates(logger: logging.Logger) -> None:
+    """Tell, through logger, how many lines each gate's floods left untold (the server's sweep)."""
+    for gate in GATES:
+        gate.flush(logger)
 
 
 def log_handler(fmt: str, stream: TextIO | None = None) -> logging.Handler:
     """A handler writing to stream (stderr) in fmt ("text" or "json"), tagging records with their session id."""
     handler = logging.StreamHandler(stream)
-    handler.addFilter(CALLS_GATE)
+    for gate in GATES:
+        handler.addFilter(gate)
     handler.addFilter(SessionIdFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     return handler

@@ -88,8 +88,8 @@ def job_info(job: Job, queue_position: int = 0) -> pb.JobInfo:
         error=job.error,
         started_at=job.started,
         finished_at=job.finished,
-        model_config_json=json.dumps(job.model_config),
-        train_config_json=json.dumps(job.train_config),
+        model_config_json=json.dumps(job.model_config.to_dict()),
+        train_config_json=json.dumps(job.train_config.to_dict()),
     )
     if job.result is not None:
         msg.result.CopyFrom(pb.ModelRef(name=job.result[0], version=job.result[1]))

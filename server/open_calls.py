@@ -1,13 +1,12 @@
-"""The calls clients hold open (streams, uploads), and the bound on how many.
+"""The calls clients hold open (streams, uploads, WebSockets), and the bound on how many.
 
-Each open call holds ~14 KB of the server: 20,000 PredictStreams that never sent a
-message took a server from 66 to 349 MB. Past ``limit`` the call idle the longest is
-closed to make room for the new one: its handler is cancelled, and the cancel reaches
-it as ResourceExhausted, which its method answers like any refusal. Refusing the new
-calls instead bounded the memory but let a client holding idle streams lock every
-other client out (bench-abuse: the 100 well-behaved streams all refused); now an idle
-holder loses its oldest stream, and a stream that keeps sending (``touch``) is never
-the one closed.
+Each open call holds memory of the server (about 14 KB for an idle PredictStream), so
+their number is bounded by ``limit``. Past it, the call idle the longest is closed to
+make room for the new one: its handler is cancelled, and the cancel reaches it as
+ResourceExhausted, which its method answers like any refusal. Refusing the new call
+instead would let a client that holds idle calls lock every other client out; this
+way an idle holder loses its oldest call, and a call that keeps sending (``touch``)
+is never the one closed.
 """
 
 from __future__ import annotations

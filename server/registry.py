@@ -390,12 +390,38 @@ class Registry:
         """Save as the next version of name (atomic rename) and publish it; blocking file I/O."""
         check_name(name)
         with self._lock:
-            taken = [v for (n, v) in self._versions if n == name]
-            on_disk = [int(p.stem) for p in (self.model_dir / name).glob("*.npz") if p.stem.isdigit()]
-            versions = itertools.count(max([0, *taken, *on_disk]) + 1)
-            mv = self._save(name, versions, model, history, summary, promote)
+            mv = self._save(name, itertools.count(self._next(name)), model, history, summary, promote)
         assert mv is not None  # count() never runs out
         return mv
+
+    def next_version(self, name: str) -> int:
+        """The version register would give name now (another process may take it first)."""
+        with self._lock:
+            return self._next(name)
+
+    def _next(self, name: str) -> int:
+        taken = [v for (n, v) in self._versions if n == name]
+        on_disk = [int(p.stem) for p in (self.model_dir / name).glob("*.npz") if p.stem.isdigit()]
+        return max([0, *taken, *on_disk]) + 1
+
+    def register_as(
+        self,
+        name: str,
+        version: int,
+        model: CharRNN,
+        *,
+        history: list[dict[str, Any]],
+        summary: dict[str, Any],
+    ) -> ModelVersion | None:
+        """Save and publish as exactly this version of name, or None when it is taken, here or by
+        another process (the first to publish a version has it). Moves the default only into an
+        empty registry: a training job reserves its version, then promotes only while it still
+        holds the job (nextchar.server.training.pool)."""
+        check_name(name)
+        with self._lock:
+            if (name, version) in self._versions or (self.model_dir / name / f"{version}.npz").exists():
+                return None
+            return self._save(name, iter((version,)), model, history, summary, False)
 
     def install(
         self, name: str, model: CharRNN, *, history: list[dict[str, Any]], summary: dict[str, Any]

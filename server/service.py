@@ -11,23 +11,22 @@ writes their replies as bytes); their rules are the session core's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
-import math
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.server import messages
 from nextchar.server.catalog import Catalog
 from nextchar.server.config import ServerConfig
-from nextchar.server.errors import InvalidArgument
+from nextchar.server.errors import InvalidArgument, ServiceError
 from nextchar.server.registry import DEFAULT_NAME, ModelVersion, Registry
 from nextchar.server.sessions.limits import sampling
 from nextchar.server.sessions.manager import Draft, SessionManager
 from nextchar.server.sessions.session import Session
-from nextchar.server.training.jobs import JobManager
+from nextchar.server.training.jobs import FORSAKEN, JobManager, parse_configs
 from nextchar.server.training.texts import TextStore
 
 GENERATE_PIECE = 64  # characters per Generate response
@@ -153,9 +152,13 @@ class Service:
 
     # ------------------------------------------------------------ training
 
-    async def Train(self, request: pb.TrainRequest) -> AsyncIterator[pb.TrainResponse]:
+    async def Train(
+        self, request: pb.TrainRequest, expired: Callable[[], bool] = lambda: False
+    ) -> AsyncIterator[pb.TrainResponse]:
+        """expired: whether the caller's deadline has passed (it was told DEADLINE_EXCEEDED): a job
+        whose first event nobody can be told of is cancelled, never left queued."""
         mc = request.model_config
-        model_config: dict[str, Any] = {
+        model_fields = {
             k: v
             for k, v in {
                 "cell": mc.cell,
@@ -166,17 +169,14 @@ class Service:
             }.items()
             if v
         }
-        tc = request.train_config
-        train_config = {f.name: value for f, value in tc.ListFields()}  # only the fields sent
-        for name, value in train_config.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise InvalidArgument(f"train_config.{name}: must be finite, got {value}")
+        train_fields = {f.name: value for f, value in request.train_config.ListFields()}  # only those sent
+        model_config, train_config = parse_configs(model_fields, train_fields)
         if request.text and request.text_id:
             raise InvalidArgument("text, text_id: give the text inline or an uploaded text's id, not both")
         await asyncio.to_thread(self.registry.check_room, self.config.max_model_bytes)
         inline = not request.text_id
         path = (
-            await asyncio.to_thread(self.texts.store, request.text)
+            await self.texts.keep(request.text)
             if inline
             else await asyncio.to_thread(self.texts.path, request.text_id)
         )
@@ -185,17 +185,27 @@ class Service:
                 request.model_name or DEFAULT_NAME, path, model_config, train_config, request.promote
             )
         except BaseException:
-            if inline:  # a refused job's text is nobody's
-                path.unlink(missing_ok=True)
+            if inline:  # a refused job's text is nobody's (an upload stays, for a retry)
+                await self.texts.release(path)
             raise
+        await self.texts.release(path)  # the job took the file: it counts no longer
         if not inline:
             await asyncio.to_thread(self.texts.forget, request.text_id)
-        async for current, record, place in self.jobs.follow(job.id):
-            yield pb.TrainResponse(event=messages.job_event(current, record, place))
+        told = False
+        try:
+            async for current, record, place in self.jobs.follow(job.id):
+                if not told and expired():
+                    return  # the caller was told DEADLINE_EXCEEDED, never the job
+                told = True  # handed to the caller: one that goes away from here on knew the job
+                yield pb.TrainResponse(event=messages.job_event(current, record, place))
+        finally:
+            if not told:  # a job nobody was told of is nobody's
+                with contextlib.suppress(ServiceError):
+                    await self.jobs.cancel(job.id, FORSAKEN)
 
     async def ListJobs(self, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
         jobs = await self.jobs.all()
-        places = await self.jobs.places(jobs)
+        places = await self.jobs.places()
         return pb.ListJobsResponse(jobs=[messages.job_info(j, places.get(j.id, 0)) for j in jobs])
 
     async def WatchJob(self, request: pb.WatchJobRequest) -> AsyncIterator[pb.WatchJobResponse]:

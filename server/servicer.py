@@ -47,7 +47,15 @@ UNARY = (
     "SetDefaultModel",
     "DeleteModel",
 )
-STREAMING = ("Generate", "Train", "WatchJob")
+STREAMING = ("Generate", "WatchJob")
+
+
+async def upload_pieces(requests: AsyncIterator[pb.UploadTextRequest | Refused]) -> AsyncIterator[str]:
+    """An upload's pieces as they come. A generator function, not a generator expression: the
+    expression takes gRPC's request iterator (aiter) where it is written, and an upload cancelled
+    before it read a piece left gRPC's receiver "never awaited" (a RuntimeWarning per call)."""
+    async for raw in requests:
+        yield accepted(raw).piece
 
 
 class NextCharServicer:
@@ -122,13 +130,21 @@ class NextCharServicer:
         finally:
             stream.close()
 
+    @streaming
+    async def Train(self, request: pb.TrainRequest, context: Ctx) -> AsyncIterator[pb.TrainResponse]:
+        def expired() -> bool:
+            remaining = context.time_remaining()
+            return remaining is not None and remaining <= 0
+
+        async for response in self.service.Train(request, expired):
+            yield response
+
     @unary
     async def UploadText(
         self, request_iterator: AsyncIterator[pb.UploadTextRequest | Refused], context: Ctx
     ) -> pb.UploadTextResponse:
         async with self.open_calls.hold():
-            pieces = (accepted(raw).piece async for raw in request_iterator)
-            text_id, chars, size = await self.service.texts.receive(pieces)
+            text_id, chars, size = await self.service.texts.receive(upload_pieces(request_iterator))
         return pb.UploadTextResponse(text_id=text_id, chars=chars, bytes=size)
 
 

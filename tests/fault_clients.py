@@ -4,6 +4,10 @@
                                                         "<session id> <offset>", then hang mid-stream
     python tests/fault_clients.py save PATH HIDDEN      save a model of HIDDEN units to PATH over and
                                                         over, printing "saving <i>" before each save
+    python tests/fault_clients.py uploads ADDRESS N SIZE
+                                                        start N UploadText streams, send each one piece
+                                                        of SIZE bytes (none when 0), print "sent",
+                                                        then hang without finishing them
 
 A test kills them at the worst moment (a stream left open, a save half written) and
 checks what the server or the file system kept.
@@ -52,12 +56,34 @@ def save_forever(path: str, hidden: int) -> None:
         save_model(path, model, summary={"iteration": i})
 
 
+def uploads_then_hang(address: str, n: int, size: int) -> None:
+    """Open n uploads on one connection, each one piece (or none) in, and never finish them."""
+    hang = threading.Event()
+    sent = threading.Semaphore(0)
+
+    def requests() -> Iterator[pb.UploadTextRequest]:
+        if size:
+            yield pb.UploadTextRequest(piece="x" * size)
+        sent.release()
+        hang.wait()  # the upload stays open until the process is killed
+
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.NextCharServiceStub(channel)
+    calls = [stub.UploadText.future(requests()) for _ in range(n)]
+    for _ in calls:
+        sent.acquire()
+    print("sent", flush=True)
+    hang.wait()
+
+
 def main(argv: list[str]) -> None:
     mode, *args = argv
     if mode == "stream":
         stream_then_hang(args[0], args[1])
     elif mode == "save":
         save_forever(args[0], int(args[1]))
+    elif mode == "uploads":
+        uploads_then_hang(args[0], int(args[1]), int(args[2]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -37,8 +37,11 @@ def server_binary() -> str:
 
 
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
+    """settings: more redis-server arguments (``"--maxmemory", "4mb"``), kept across restarts."""
+
+    def __init__(self, directory: Path, *settings: str) -> None:
         self.binary, self.directory, self.port = server_binary(), directory, free_port()
+        self.settings = settings
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.client = redis.Redis(port=self.port, socket_timeout=2)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -55,6 +58,7 @@ class RedisServer:
             "",
             "--appendonly",
             "no",
+            *self.settings,
         ]
         self.proc = subprocess.Popen([*cmd, "--dir", str(self.directory)], stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

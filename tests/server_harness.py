@@ -14,12 +14,13 @@ import contextlib
 import os
 import queue
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -176,6 +177,29 @@ class ServerProcess(LoggedProcess):
         super().close()
 
 
+def children(pid: int) -> set[int]:
+    """Every descendant of pid, from /proc (Linux)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            with_children = {int(c) for c in task.read_text().split()}
+            todo.extend(with_children - found)
+            found |= with_children
+    return found
+
+
+def ignores_sigint(pid: int) -> bool:
+    """Whether the live process pid ignores SIGINT (SigIgn in /proc/<pid>/status, Linux): the
+    server's children do from their first act on (nextchar.server.lifeline), and a test that
+    signals them must wait for that, not for a fixed time a busy machine outruns."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+    return False
+
+
 def proc_rss_kb(pid: int) -> int:
     """VmRSS of a live process from /proc/<pid>/status, in KiB (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -284,6 +308,17 @@ def expected(model: CharRNN, text: str) -> tuple[str, np.ndarray]:
 
 def iter_until(it: Iterator[T], n: int) -> list[T]:
     return [next(it) for _ in range(n)]
+
+
+def wait_until(condition: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:
+    """Poll condition until it returns something true, and return that; fail naming what was
+    awaited after timeout seconds. A test asserts a state the server reaches in its own time
+    this way, never after a fixed sleep that a busy machine outruns."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(every)
+    return result
 
 
 def take(call: grpc.CallIterator[T]) -> T:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from nextchar.cli.keys import Key, KeyReader
-from server_harness import ServerProcess, make_registry
+from server_harness import ServerProcess, children, ignores_sigint, make_registry, wait_until
 from terminal_screen import TerminalScreen
 
 CLI = [sys.executable, "-m", "nextchar.cli"]
@@ -312,7 +312,12 @@ def test_ctrl_c_on_serve_drains_without_a_traceback(tmp_path: Path) -> None:
     for line in proc.stderr:
         if "serving on" in line:
             break
-    time.sleep(1)  # the compute process is up
+
+    def children_armed() -> bool:  # the compute process is up and deaf to Ctrl-C, as the server wants
+        kids = children(proc.pid)
+        return bool(kids) and all(ignores_sigint(k) for k in kids)
+
+    wait_until(children_armed, 30, "the server's children ignoring SIGINT")
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the server AND its children get it
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0

@@ -33,11 +33,14 @@ from server_harness import (
     ServerProcess,
     ServerThread,
     cancel,
+    children,
     error_details,
+    ignores_sigint,
     make_registry,
     start_server,
     take,
     train_notebook_model,
+    wait_until,
 )
 
 
@@ -267,19 +270,6 @@ class iter_gate(Iterator[pb.PredictStreamRequest]):
 # ---------------------------------------------------------------- processes
 
 
-def children(pid: int) -> set[int]:
-    """Every descendant of pid, from /proc (Linux)."""
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*/children"):
-            with_children = {int(c) for c in task.read_text().split()}
-            todo.extend(with_children - found)
-            found |= with_children
-    return found
-
-
 def alive(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -302,6 +292,9 @@ def test_children_die_within_a_second_of_a_sigkilled_server(tmp_path: Path) -> N
         while len(kids := children(server.proc.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)  # the compute process and the trainer (and multiprocessing's tracker)
         assert len(kids) >= 2, kids
+        # each child asks to die with its server as its first act (nextchar.server.lifeline, which
+        # ignores SIGINT just before): one still importing when the server dies notices later
+        wait_until(lambda: all(ignores_sigint(k) for k in kids), 30, "every child armed")
         cancel(job)
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait(10)
@@ -380,8 +373,9 @@ def test_streams_that_never_read_big_replies_get_a_bounded_share(tmp_path: Path)
                 codes.append(grpc.StatusCode.OK)
             except grpc.RpcError as err:
                 codes.append(err.code())
-        time.sleep(6.0)  # the server returns freed memory every 5 s
-        after = server.rss_kb()
+        deadline = time.monotonic() + 30.0  # the server returns freed memory every 5 s
+        while (after := server.rss_kb()) - before >= 40 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.5)
         print(f"never-read big replies: {sum(sent)} requests, RSS {before} -> {held} -> {after} KiB")
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
         assert held - before < 120 * 1024, f"RSS grew by {held - before} KiB"
@@ -389,6 +383,27 @@ def test_streams_that_never_read_big_replies_get_a_bounded_share(tmp_path: Path)
     finally:
         stop.set()
         channel.close()
+        server.close()
+
+
+def test_a_reply_bigger_than_the_whole_budget_is_refused_as_never_satisfiable(tmp_path: Path) -> None:
+    """A chunk whose reply alone is over max_reply_bytes can never be admitted, however long the
+    client waits: INVALID_ARGUMENT naming the limit (it used to say RESOURCE_EXHAUSTED, "retry"),
+    on Predict as on a stream; a shorter one still fits."""
+    make_registry(tmp_path, versions=1)
+    server = ServerProcess(tmp_path, "--max-reply-bytes", str(96 << 10))  # over the 64 KiB always let by
+    try:
+        chunk = BIG_CHUNK[:4096]  # ~220 KiB with its full distribution
+        big = pb.PredictRequest(text=chunk, full_distribution=True)
+        code, message, details = refused(lambda: server.stub.Predict(big, timeout=10))
+        assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, {"limit": "max_reply_bytes"}), message
+        assert "max_reply_bytes" in message and "retry" not in message
+        streamed = pb.PredictStreamRequest(text=chunk, full_distribution=True)
+        stream = server.stub.PredictStream(iter([streamed]), timeout=10)
+        assert refused(lambda: list(stream))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        reply = server.stub.Predict(pb.PredictRequest(text=chunk[:1000], full_distribution=True), timeout=10)
+        assert reply.predictions.count == 1000
+    finally:
         server.close()
 
 
@@ -486,6 +501,13 @@ def test_past_max_streams_the_longest_idle_call_makes_room_and_active_streams_st
         text = urllib.request.urlopen(metrics.group(1), timeout=5).read().decode()
         return next(line.split()[-1] for line in text.splitlines() if line.startswith(name))
 
+    async def until_scraped(name: str, want: str, within: float = 30.0) -> None:
+        """Until the server counts what the client did (its calls arrive in their own time)."""
+        deadline = time.monotonic() + within
+        while (got := scraped(name)) != want:
+            assert time.monotonic() < deadline, f"{name} stayed {got}, not {want}"
+            await asyncio.sleep(0.1)
+
     async def attack() -> None:
         channel: Any = grpc.aio.insecure_channel(server.address)
         stub: Any = pb_grpc.NextCharServiceStub(channel)  # grpc-stubs predate aio streams
@@ -494,13 +516,12 @@ def test_past_max_streams_the_longest_idle_call_makes_room_and_active_streams_st
             await active.write(pb.PredictStreamRequest(text="h"))
             await active.read()
             idle = [stub.PredictStream() for _ in range(99)]  # the cap reached, never a message
-            await asyncio.sleep(1.0)
+            await until_scraped("nextchar_streams_open", "100.0")  # all 99 held before `active` moves
             await active.write(pb.PredictStreamRequest(text="e"))  # now the most recently active
             await active.read()
             extra = [stub.PredictStream() for _ in range(60)]  # each closes the longest idle one
-            await asyncio.sleep(2.0)
+            await until_scraped("nextchar_streams_evicted_total", "60.0")
             assert scraped("nextchar_streams_open") == "100.0"
-            assert scraped("nextchar_streams_evicted_total") == "60.0"
             closed = await asyncio.wait_for(asyncio.gather(*(c.code() for c in idle[:60])), 30)
             assert set(closed) == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # the oldest idle ones went
             assert "max_streams" in str(await idle[0].details())
@@ -524,6 +545,36 @@ def test_past_max_streams_the_longest_idle_call_makes_room_and_active_streams_st
         server.close()
 
 
+def test_uploads_cancelled_before_their_first_piece_leave_no_coroutine_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload cancelled (a 20 ms deadline) while the server still counts the kept texts, before
+    it read a piece, left gRPC's request receiver never awaited: a RuntimeWarning per call. With
+    warnings as errors in the server, none is reported, and uploads still work."""
+    make_registry(tmp_path, versions=1)
+    kept = tmp_path / "_texts"
+    kept.mkdir()
+    for i in range(20_000):  # counting them takes a while: the window before the first read
+        (kept / f"{i:032x}.txt").write_text("hello")
+    monkeypatch.setenv("PYTHONWARNINGS", "error::RuntimeWarning")
+    srv = ServerProcess(tmp_path)
+    try:
+        codes = []
+        for _ in range(20):
+            code, _, _ = refused(
+                lambda: srv.stub.UploadText(iter([pb.UploadTextRequest(piece="hello")]), timeout=0.02)
+            )
+            codes.append(code)
+        assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
+        upload = srv.stub.UploadText(iter([pb.UploadTextRequest(piece=NOTEBOOK_TEXT)]), timeout=30)
+        assert upload.chars == len(NOTEBOOK_TEXT)  # after every cancelled one was collected
+        srv.stub.ListModels(pb.ListModelsRequest(), timeout=5)
+        warned = [line for line in srv.log if "never awaited" in line or "Exception ignored" in line]
+        assert not warned, "".join(srv.log[-20:])
+    finally:
+        srv.close()
+
+
 def test_uploads_and_queued_jobs_have_a_total_and_a_job_taking_its_text_frees_its_share(
     tmp_path: Path,
 ) -> None:
@@ -532,7 +583,7 @@ def test_uploads_and_queued_jobs_have_a_total_and_a_job_taking_its_text_frees_it
     Past max_pending_upload_bytes an upload is refused and leaves nothing; past max_queued_jobs a
     Train is refused and its inline text is removed; a job that takes an upload frees its share."""
     make_registry(tmp_path, versions=1)
-    srv = start_server(tmp_path, max_pending_upload_bytes=200_000, max_queued_jobs=1)
+    srv = start_server(tmp_path, max_pending_upload_bytes=200_000, max_queued_jobs=1, sweep_interval=3600)
     texts = tmp_path / "_texts"
 
     def upload(chars: int) -> str:

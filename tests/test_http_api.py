@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -325,4 +327,45 @@ def test_idle_sockets_count_as_open_calls_and_the_idlest_makes_room(tmp_path: Pa
     try:
         asyncio.run(go())
     finally:
+        srv.close()
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closes sock within the time (whatever it writes first)."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True  # reset: closed
+    return True
+
+
+def test_idle_and_trickling_http_connections_are_closed_and_cost_others_nothing(tmp_path: Path) -> None:
+    """500 connections that never send a request and one that trickles its headers a byte at a
+    time: a normal request is served meanwhile, and all of them are closed after
+    max_connection_idle (they held a file descriptor each, for good)."""
+    make_registry(tmp_path, versions=1)
+    srv = ServerProcess(tmp_path, "--http-port", "0", "--max-connection-idle", "2")
+    host, port = srv.http_url.removeprefix("http://").split(":")
+    idle: list[socket.socket] = []
+    try:
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(500)]
+        trickler = idle[0]
+        trickler.sendall(b"GET /v1/health HTTP/1.1\r\n")
+        assert call(srv.http_url, "POST", "/v1/predict", {"text": "still served"})[0] == 200
+        deadline = time.monotonic() + 2.5
+        for byte in b"Host: x\r\nX-Slow: 1":  # one byte a ~0.1 s, past the idle time
+            if time.monotonic() > deadline:
+                break
+            with contextlib.suppress(OSError):
+                trickler.sendall(bytes([byte]))
+            time.sleep(0.1)
+        assert all(closed_by_server(sock, within=8.0) for sock in idle)
+        assert call(srv.http_url, "GET", "/v1/health")[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
         srv.close()

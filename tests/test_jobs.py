@@ -146,29 +146,40 @@ def test_a_job_that_finishes_again_after_registering_registers_no_second_version
     version of its own."""
     from nextchar.core.config import ModelConfig, TrainConfig
     from nextchar.core.demo import NOTEBOOK_TEXT
+    from nextchar.core.modelfile import ModelPayload
     from nextchar.core.train import train
     from nextchar.server.training.journal import LocalJobStore
+    from nextchar.server.training.pipe import Done
     from nextchar.server.training.pool import TrainerPool
-    from nextchar.server.training.store import SUCCEEDED, Job
+    from nextchar.server.training.store import SUCCEEDED, Claim, Job
 
     registry = Registry(tmp_path)
-    pool = TrainerPool(LocalJobStore(tmp_path / "_jobs"), registry, 1, 0.0, 15.0)
+    store = LocalJobStore(tmp_path / "_jobs")
+    pool = TrainerPool(store, registry, 1, 0.0, 15.0)
+
+    def claimed(job: Job) -> Claim:
+        text = tmp_path / "text.txt"
+        text.write_text(NOTEBOOK_TEXT)
+        store.add(job, text)
+        claim = store.take("test")
+        assert claim is not None and claim.job_id == job.id
+        return claim
+
     result = train(NOTEBOOK_TEXT, ModelConfig(hidden=8), TrainConfig(epochs=1, seq_len=8, batch=1))
-    body = {
-        "config": result.model.config.to_dict(),
-        "vocab": result.model.vocab.chars,
-        "params": result.model.params,
-        "history": result.history,
-        "summary": result.summary,
-    }
-    job = Job(id="a" * 32, model_name="tiny", promote=True, model_config={}, train_config={})
-    first = pool._register(job, body)
+    body = Done(ModelPayload.of(result.model), result.history, result.summary)
+    job = Job(
+        id="a" * 32, model_name="tiny", promote=True, model_config=ModelConfig(), train_config=TrainConfig()
+    )
+    claim = claimed(job)
+    first = pool._register(claim, job, body)
     assert first == (SUCCEEDED, "", ("tiny", 1))
     # another model made the default meanwhile, as if the first finish died before its pointer
     registry.register("other", result.model, history=[], summary={}, promote=True)
-    again = pool._register(job, body)
+    again = pool._register(claim, job, body)
     assert again == first
     assert [(v.name, v.version) for v in registry.versions()] == [("other", 1), ("tiny", 1)]
     assert registry.default is not None and (registry.default.name, registry.default.version) == ("tiny", 1)
-    other_job = Job(id="b" * 32, model_name="tiny", promote=False, model_config={}, train_config={})
-    assert pool._register(other_job, body) == (SUCCEEDED, "", ("tiny", 2))
+    other_job = Job(
+        id="b" * 32, model_name="tiny", promote=False, model_config=ModelConfig(), train_config=TrainConfig()
+    )
+    assert pool._register(claimed(other_job), other_job, body) == (SUCCEEDED, "", ("tiny", 2))

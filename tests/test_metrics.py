@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +25,9 @@ from nextchar.server.metrics import LoopHistogram
 from nextchar.server.sessions.store import reason_label
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from server_harness import ServerThread, make_registry, start_server
+from server_harness import ServerThread, make_registry, start_server, wait_until
 
-IDLE = 1.0  # seconds: short enough to watch a session expire in the test
+IDLE = 3.0  # seconds: short enough to watch a session expire in the test, long enough for its calls
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +68,15 @@ def test_metrics_move_with_traffic(server: ServerThread) -> None:
         client.session(prime="hel").close()
         with pytest.raises(SessionNotFound):
             client.attach("no-such-session")
+        during = scrape(server)  # before the training, which may take longer than IDLE here
         client.train(NOTEBOOK_TEXT, name="tiny", train_config=TrainConfig(epochs=1, seq_len=8, batch=1))
-        during = scrape(server)
-        time.sleep(IDLE + 0.5)  # the harness sweeps every 0.2 s: `kept` expires idle
-    after = scrape(server)
+
+        def swept() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            now = scrape(server)
+            return now if value(now, "nextchar_sessions_active") == 0 else None
+
+        # `kept` expires after IDLE seconds unused, and the harness sweeps every 0.2 s
+        after = wait_until(swept, IDLE + 10, "the idle session swept")
 
     assert value(during, "nextchar_sessions_active") == value(before, "nextchar_sessions_active") + 1
     assert value(after, "nextchar_sessions_active") == 0

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
+from nextchar.core.config import ModelConfig, TrainConfig
 from nextchar.server.blobs import CHUNK, BlobChanged, Blobs, connect
 from nextchar.server.shared_models import INDEX, RedisModelFiles
 from redis_harness import RedisServer
@@ -154,13 +155,14 @@ def test_a_job_cancelled_while_it_waits_takes_no_place(client: redis.Redis, tmp_
     ids = queue_three_jobs(store, tmp_path)
     jobs = JobManager(store, max_vocab=100)
 
-    async def places() -> dict[str, int]:
-        return await jobs.places(await jobs.all())
+    async def cancel_the_first() -> None:
+        await jobs.load()
+        assert await jobs.places() == {ids[0]: 1, ids[1]: 2, ids[2]: 3}
+        await jobs.cancel(ids[0])
+        assert store.queue() == ids  # the cancelled job's turn is still in the stream
+        assert await jobs.places() == {ids[1]: 1, ids[2]: 2}
 
-    assert asyncio.run(places()) == {ids[0]: 1, ids[1]: 2, ids[2]: 3}
-    asyncio.run(jobs.cancel(ids[0]))
-    assert store.queue() == ids  # the cancelled job's turn is still in the stream
-    assert asyncio.run(places()) == {ids[1]: 1, ids[2]: 2}
+    asyncio.run(cancel_the_first())
 
 
 def test_the_queue_comes_back_after_redis_lost_it(client: redis.Redis, tmp_path: Path) -> None:
@@ -186,7 +188,15 @@ def queue_three_jobs(store: JobStore, tmp_path: Path) -> list[str]:
     for i, job_id in enumerate(ids):
         text.write_text("some text")  # add() takes the file into the job's own store
         store.add(
-            Job(id=job_id, model_name="m", promote=False, model_config={}, train_config={}, created=i), text
+            Job(
+                id=job_id,
+                model_name="m",
+                promote=False,
+                model_config=ModelConfig(),
+                train_config=TrainConfig(),
+                created=i,
+            ),
+            text,
         )
     return ids
 
@@ -213,7 +223,12 @@ def test_only_the_newest_ended_jobs_are_kept_and_a_resumed_one_never_goes(
     ids = [*queue_three_jobs(store, tmp_path)]
     text = tmp_path / "text.txt"
     text.write_text("some text")
-    store.add(Job(id="d" * 32, model_name="m", promote=False, model_config={}, train_config={}), text)
+    store.add(
+        Job(
+            id="d" * 32, model_name="m", promote=False, model_config=ModelConfig(), train_config=TrainConfig()
+        ),
+        text,
+    )
     ended = {ids[0]: (SUCCEEDED, 30.0), ids[1]: (FAILED, 10.0), ids[2]: (SUCCEEDED, 20.0)}
     for job in store.all():
         if job.id in ended:

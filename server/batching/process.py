@@ -10,7 +10,9 @@ The server's side is driven by the event loop itself, with no thread: a request 
 a non-blocking write and the answer arrives as the loop reads the socket, so
 nothing waits for the GIL, and the batcher can queue the next batch behind the one
 computing (answers come back in the order asked). Frames are an 8-byte length and
-a pickle (protocol 5: arrays travel as raw bytes). Models are sent once per model
+a pickle (protocol 5: arrays travel as raw bytes) of one message class below: the
+server sends ``LoadModel``, ``Forget`` and ``Advance``; the child answers each
+Advance with ``Answer`` or ``ComputeFailed``; anything else is refused. Models are sent once per model
 object, and the child forgets a model once the server has none of it left (a deleted
 version, one no session is on any more): the server holds its models weakly here. If
 the process fails, or hangs past a batch's deadline, every waiting batch
@@ -30,10 +32,13 @@ import pickle
 import socket
 import struct
 import weakref
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 from nextchar.core.inference import Advanced
 from nextchar.core.model import CharRNN
+from nextchar.core.modelfile import ModelPayload
 
 if TYPE_CHECKING:  # the child never imports the server's side
     from nextchar.server.batching.work import Packed
@@ -43,7 +48,41 @@ DEADLINE = 30.0  # seconds: far beyond any batch's time, even on a loaded machin
 DEADLINE_CHARS_PER_SEC = 10_000  # ...plus its characters at 1/30 of the usual speed
 
 
-def _frame(message: Any) -> list[bytes]:
+@dataclass(frozen=True, slots=True)
+class LoadModel:
+    key: int  # the model's key from now on; keys are never reused
+    model: ModelPayload
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    key: int  # the server holds this model no more
+
+
+@dataclass(frozen=True, slots=True)
+class Advance:
+    """One model's part of a batch, as nextchar.core.inference.advance takes it."""
+
+    key: int
+    idx: np.ndarray
+    lens: list[int]
+    states: np.ndarray
+    probs0: np.ndarray
+    k: int
+    full: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    advanced: Advanced
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeFailed:
+    why: str  # the executor computes in a thread from then on
+
+
+def _frame(message: LoadModel | Forget | Advance | Answer | ComputeFailed) -> list[bytes]:
     payload = pickle.dumps(message, protocol=5)
     return [FRAME.pack(len(payload)), payload]
 
@@ -61,15 +100,12 @@ def _read_exact(sock: socket.socket, n: int) -> bytearray | None:
 
 
 def child_main(sock: socket.socket, parent_pid: int) -> None:
-    """The child's loop: ("model", key, ...) registers a model, ("forget", key) drops it;
-    ("advance", key, ...) answers."""
+    """The child's loop: LoadModel registers a model, Forget drops it, Advance is answered."""
     from nextchar.server.lifeline import die_with_parent
 
     die_with_parent(parent_pid)
-    from nextchar.core.config import ModelConfig
     from nextchar.core.inference import advance
     from nextchar.core.memory import keep_freed_memory
-    from nextchar.core.vocab import Vocab
 
     keep_freed_memory()
     models: dict[int, CharRNN] = {}
@@ -79,19 +115,21 @@ def child_main(sock: socket.socket, parent_pid: int) -> None:
             body = _read_exact(sock, FRAME.unpack(header)[0]) if header is not None else None
             if body is None:  # the server is gone
                 return
-            msg = pickle.loads(body)
-            if msg[0] == "model":
-                _, key, config, chars, params = msg
-                models[key] = CharRNN(ModelConfig(**config), Vocab(chars), params)
-                continue
-            if msg[0] == "forget":
-                models.pop(msg[1], None)
-                continue
-            _, key, idx, lens, states, probs0, k, full = msg
-            try:
-                answer: tuple[str, Any] = ("ok", advance(models[key], idx, lens, states, probs0, k, full))
-            except Exception as exc:  # the executor falls back to computing in a thread
-                answer = ("error", f"{type(exc).__name__}: {exc}")
+            answer: Answer | ComputeFailed
+            match pickle.loads(body):
+                case LoadModel(key, payload):
+                    models[key] = payload.model()
+                    continue
+                case Forget(key):
+                    models.pop(key, None)
+                    continue
+                case Advance(key, idx, lens, states, probs0, k, full):
+                    try:
+                        answer = Answer(advance(models[key], idx, lens, states, probs0, k, full))
+                    except Exception as exc:  # the executor falls back to computing in a thread
+                        answer = ComputeFailed(f"{type(exc).__name__}: {exc}")
+                case other:
+                    answer = ComputeFailed(f"not a message of this protocol: {type(other).__name__}")
             for part in _frame(answer):
                 sock.sendall(part)
 
@@ -139,16 +177,14 @@ class ComputeProcess:
         if self._failure is not None:
             raise RuntimeError(self._failure)
         while self._gone:
-            writer.writelines(_frame(("forget", self._gone.pop())))
+            writer.writelines(_frame(Forget(self._gone.pop())))
         key = self._keys.get(model)
         if key is None:
             key = self._keys[model] = next(self._serial)
             weakref.finalize(model, self._gone.append, key)
-            writer.writelines(_frame(("model", key, model.config.to_dict(), model.vocab.chars, model.params)))
+            writer.writelines(_frame(LoadModel(key, ModelPayload.of(model))))
         writer.writelines(
-            _frame(
-                ("advance", key, packed.idx, packed.lens, packed.states, packed.probs0, packed.k, packed.full)
-            )
+            _frame(Advance(key, packed.idx, packed.lens, packed.states, packed.probs0, packed.k, packed.full))
         )
         future: asyncio.Future[Advanced] = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
@@ -166,14 +202,15 @@ class ComputeProcess:
         try:
             while True:
                 header = await reader.readexactly(FRAME.size)
-                kind, body = pickle.loads(await reader.readexactly(FRAME.unpack(header)[0]))
+                message = pickle.loads(await reader.readexactly(FRAME.unpack(header)[0]))
                 future = self._waiting.popleft()
                 if future.done():
                     continue
-                if kind == "ok":
-                    future.set_result(body)
+                if isinstance(message, Answer):
+                    future.set_result(message.advanced)
                 else:
-                    future.set_exception(RuntimeError(f"compute process: {body}"))
+                    why = message.why if isinstance(message, ComputeFailed) else repr(message)[:200]
+                    future.set_exception(RuntimeError(f"compute process: {why}"))
         except (asyncio.IncompleteReadError, OSError) as exc:
             self._fail(f"compute process stopped (exit code {self._proc.exitcode}): {exc!r}")
         except asyncio.CancelledError:

@@ -10,6 +10,7 @@ arrays become lists directly, with each candidate's character beside its index.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any, TypeVar
@@ -85,9 +86,15 @@ def floats(values: np.ndarray) -> list[float | None]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _chars(vocab: str) -> tuple[str, ...]:
+    """Each index's character, "" for the unknown slot (index 0); made once per vocabulary."""
+    return ("", *vocab)
+
+
 def candidates(vocab: str, index: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
     """Ranked candidates: their indices, probabilities and characters ("" for the unknown slot)."""
-    chars = ("", *vocab)  # index 0 is the unknown slot
+    chars = _chars(vocab)
     flat = index.ravel().tolist()
     return {"top_index": flat, "top_prob": floats(prob), "top_chars": [chars[i] for i in flat]}
 

@@ -375,8 +375,13 @@ def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
 
 
 async def start(api: HttpApi, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve api on host:port (0: any free) on the running loop; returns (runner, bound port)."""
-    runner = web.AppRunner(api.application(), access_log=None, handle_signals=False)
+    """Serve api on host:port (0: any free) on the running loop; returns (runner, bound port).
+
+    A connection with no request in flight (a new one that sends nothing, one that trickles
+    its headers, an idle keep-alive) is closed after max_connection_idle, as gRPC's are; an
+    open WebSocket or event stream has a request in flight and is kept (it has its own pings)."""
+    idle = api.config.max_connection_idle or 365 * 86400.0  # 0: kept (aiohttp's 0 means never kept)
+    runner = web.AppRunner(api.application(), access_log=None, handle_signals=False, keepalive_timeout=idle)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context(api.config), shutdown_timeout=1.0)
     await site.start()

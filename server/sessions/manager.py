@@ -35,6 +35,7 @@ from nextchar.server.sessions import snapshot
 from nextchar.server.sessions.limits import Limits
 from nextchar.server.sessions.session import Session, start_value
 from nextchar.server.sessions.store import SessionStore, StaleSession, check_id, new_id
+from nextchar.server.sessions.trail import Trail
 from nextchar.server.sessions.turns import Turns
 from nextchar.server.sessions.value import SessionValue
 
@@ -315,7 +316,8 @@ class SessionManager:
                 )
             target = value.offset - chars
             replay = value.trail.replay(value.offset, chars)
-            mark = SessionValue(replay.mark.state, replay.mark.probs, replay.mark.offset, value.trail)
+            # (the re-fed text leaves no marks: the trail after the rewind is the old one, cut back)
+            mark = SessionValue(replay.mark.state, replay.mark.probs, replay.mark.offset, Trail(0))
             fed = await self._feed(session, net, mark, replay.text)
             return SessionValue(fed.state, fed.probs, target, value.trail.rewound(target)), None
 
@@ -352,39 +354,39 @@ class SessionManager:
         self.limits.generation(length, sampling, net.vocab.size)
         self.limits.prime(prime_text)
         idx = net.vocab.encode(prime_text)
-        if isinstance(source, Session):
-            session = source
+        key: object = source if isinstance(source, Session) else object()
+        draft = None if isinstance(source, Session) else self._draft_value(source, net)
 
-            async def prime(value: SessionValue) -> tuple[SessionValue, None]:
-                return await self._feed(session, net, value, idx), None
+        async def move(
+            compute: Callable[[SessionValue], Awaitable[tuple[SessionValue, str]]],
+        ) -> tuple[SessionValue, str]:
+            """Apply one step: to the stored session (in its turn), or to the draft's value."""
+            nonlocal draft
+            if isinstance(source, Session):
+                _, after, text = await self._change(source, compute, retries=0)
+                return after, text
+            assert draft is not None
+            draft, text = await compute(draft)
+            return draft, text
 
-            if prime_text:
-                await self._change(session, prime, retries=0)
-        else:
-            value = await self._feed(object(), net, self._draft_value(source, net), idx)
-            key = object()
+        async def prime(value: SessionValue) -> tuple[SessionValue, str]:
+            return await self._feed(key, net, value, idx), ""
+
+        def drawing(n: int) -> Callable[[SessionValue], Awaitable[tuple[SessionValue, str]]]:
+            async def draw(value: SessionValue) -> tuple[SessionValue, str]:
+                out = await self.scheduler.generate(key, net, value.state, value.probs, n, rng, sampling)
+                return value.advanced(out.idx, out.state, out.probs), out.text
+
+            return draw
+
+        if prime_text:
+            await move(prime)
         left = length
         while left > 0:
             n = min(left, piece)
             left -= n
-
-            async def draw(value: SessionValue, n: int = n) -> tuple[SessionValue, str]:
-                out = await self.scheduler.generate(
-                    source if isinstance(source, Session) else key,
-                    net,
-                    value.state,
-                    value.probs,
-                    n,
-                    rng,
-                    sampling,
-                )
-                return value.advanced(out.idx, out.state, out.probs), out.text
-
-            if isinstance(source, Session):
-                _, value, text = await self._change(source, draw, retries=0)
-            else:
-                value, text = await draw(value)
-            yield Piece(text, value.offset)
+            after, text = await move(drawing(n))
+            yield Piece(text, after.offset)
 
     async def complete(
         self, source: Session | Draft, prime_text: str, n: int, max_chars: int

@@ -7,7 +7,8 @@ there itself. Everything is also held in memory; ``load`` reads the journal at
 start. The queue is the QUEUED jobs, oldest first, that no trainer holds; the
 trainers are this server's own, so a claim never expires (a trainer process that
 dies is seen by its pool at once) and a job RUNNING in the journal at start belonged
-to a server that stopped without pausing it: it goes back in the queue.
+to a server that stopped without pausing it: it goes back in the queue. Every writer
+is in this process, so each tells the listeners itself once its change is made.
 """
 
 from __future__ import annotations
@@ -17,14 +18,27 @@ import json
 import logging
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from nextchar.core.atomic import atomic_write
 from nextchar.server.errors import NotFound, shown
-from nextchar.server.training.store import CHECKPOINT_FILE, QUEUED, RUNNING, TEXT_FILE, Claim, Job
+from nextchar.server.training.store import (
+    CHECKPOINT_FILE,
+    PROGRESS,
+    QUEUED,
+    RUNNING,
+    STATE,
+    TEXT_FILE,
+    Change,
+    Claim,
+    Job,
+    Listener,
+)
 
 JOB_FILE, RECORDS_FILE = "job.json", "records.jsonl"
+STRAY_AGE = 60.0  # seconds: a job directory still without a record this long after it was made is a stray
 log = logging.getLogger("nextchar.server")
 
 
@@ -36,14 +50,24 @@ class LocalJobStore:
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}  # by id, oldest first
         self._records: dict[str, list[dict[str, Any]]] = {}
-        self._held: set[str] = set()  # jobs a trainer holds
+        self._held: dict[str, Claim] = {}  # the claims trainers hold, by job id
         self._cancel: set[str] = set()
+        self._listeners: list[Listener] = []
 
     def __str__(self) -> str:
         return str(self.directory)
 
     def load(self) -> list[Job]:
-        """Read the journal; returns the jobs put back in the queue."""
+        """Read the journal; returns the jobs put back in the queue. A directory without a record
+        is what an add a crash cut short left: it is removed (unless it is new: an add under way)."""
+        if self.directory.is_dir():
+            for directory in self.directory.iterdir():
+                if (
+                    not (directory / JOB_FILE).exists()
+                    and time.time() - directory.stat().st_mtime > STRAY_AGE
+                ):
+                    log.info("job directory %s holds no job record: removed", directory)
+                    shutil.rmtree(directory, ignore_errors=True)
         found: list[tuple[Job, list[dict[str, Any]]]] = []
         for path in sorted(self.directory.glob(f"*/{JOB_FILE}")):
             try:
@@ -60,6 +84,13 @@ class LocalJobStore:
             with self._lock:
                 self._jobs[job.id], self._records[job.id] = job, records
         return requeued
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def _tell(self, job_id: str, change: Change = STATE) -> None:
+        for listener in self._listeners:
+            listener(job_id, change)
 
     @staticmethod
     def _read(directory: Path) -> tuple[Job, list[dict[str, Any]]]:
@@ -78,11 +109,17 @@ class LocalJobStore:
     # ------------------------------------------------------------ records
 
     def add(self, job: Job, text: Path) -> None:
-        (self.directory / job.id).mkdir(parents=True)
-        text.replace(self.directory / job.id / TEXT_FILE)  # the same file system: a rename
-        self._write(job)
+        directory = self.directory / job.id
+        directory.mkdir(parents=True)
+        try:
+            text.replace(directory / TEXT_FILE)  # the same file system: a rename
+            self._write(job)
+        except BaseException:  # (the text gone meanwhile, a full disk): no job, and no directory
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         with self._lock:
             self._jobs[job.id], self._records[job.id] = job, []
+        self._tell(job.id)
 
     def get(self, job_id: str) -> Job:
         with self._lock:
@@ -108,8 +145,11 @@ class LocalJobStore:
 
     def save(self, job: Job, claim: Claim | None = None) -> bool:
         with self._lock:
+            if claim is not None and self._held.get(job.id) != claim:
+                return False
             self._write(job)
             self._jobs[job.id] = Job.from_record(job.record())
+        self._tell(job.id)
         return True
 
     def requeue(self, job: Job) -> None:
@@ -118,6 +158,7 @@ class LocalJobStore:
     def request_cancel(self, job_id: str) -> None:
         with self._lock:
             self._cancel.add(job_id)
+        self._tell(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
         with self._lock:
@@ -129,8 +170,8 @@ class LocalJobStore:
         with self._lock:
             for job in self._jobs.values():
                 if job.state == QUEUED and job.id not in self._held:
-                    self._held.add(job.id)
-                    return Claim(job.id, "", trainer)
+                    claim = self._held[job.id] = Claim(job.id, "", trainer)
+                    return claim
         return None
 
     def queue(self) -> list[str]:
@@ -142,14 +183,17 @@ class LocalJobStore:
 
     def release(self, claim: Claim, requeue: bool) -> None:
         with self._lock:
-            self._held.discard(claim.job_id)
+            if self._held.get(claim.job_id) == claim:
+                del self._held[claim.job_id]
             self._cancel.discard(claim.job_id)
+        self._tell(claim.job_id)
 
     def append(self, claim: Claim, record: dict[str, Any]) -> bool:
         with open(self.directory / claim.job_id / RECORDS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         with self._lock:
             self._records[claim.job_id].append(record)
+        self._tell(claim.job_id, PROGRESS)
         return True
 
     def trim(self, job_id: str, keep: int) -> None:
@@ -158,6 +202,7 @@ class LocalJobStore:
             self._records[job_id] = records
             with atomic_write(self.directory / job_id / RECORDS_FILE) as f:
                 f.write("".join(json.dumps(r) + "\n" for r in records).encode())
+        self._tell(job_id, PROGRESS)
 
     # ------------------------------------------------------------ files
 
@@ -184,4 +229,5 @@ class LocalJobStore:
             # the record first: a removal a crash cuts short leaves no job, only files
             (self.directory / job_id / JOB_FILE).unlink(missing_ok=True)
         shutil.rmtree(self.directory / job_id, ignore_errors=True)
+        self._tell(job_id)
         return True

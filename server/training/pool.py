@@ -2,7 +2,9 @@
 
 ``nextchar serve`` runs one with ``max_jobs`` slots (``--trainers 0``: none) and
 ``nextchar trainer`` runs one alone; with the Redis store they all take from the
-same queue. A thread looks for work while a slot is free; each job gets a thread
+same queue. A thread looks for work while a slot is free, whenever the store says a
+job changed (one was queued, or a trainer let one go) and every IDLE_POLL besides
+(a dead trainer's lease runs out without a word); each job gets a thread
 that fetches the job's text and checkpoint (nextchar.server.training.store),
 starts its trainer process (nextchar.server.training.trainer, at nice 10) and
 follows it: progress records go to the store as they come, each checkpoint too,
@@ -33,23 +35,22 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Event
 from pathlib import Path
-from typing import Any
+from typing import assert_never
 
-import numpy as np
 from nextchar.core import checkpoint as ck
-from nextchar.core.config import ModelConfig
-from nextchar.core.model import CharRNN
-from nextchar.core.vocab import Vocab
 from nextchar.server.errors import ServiceError
 from nextchar.server.registry import ModelVersion, Registry
+from nextchar.server.training import pipe
 from nextchar.server.training.store import (
     CANCELLED,
     CHECKPOINT_FILE,
     FAILED,
     QUEUED,
     RUNNING,
+    STATE,
     SUCCEEDED,
     TEXT_FILE,
+    Change,
     Claim,
     Job,
     JobStore,
@@ -102,19 +103,24 @@ class TrainerPool:
         self.running: dict[str, Running] = {}  # by job id
         self._ctx = mp.get_context("spawn")  # fork would copy the server's threads and sockets
         self._closing = threading.Event()
-        self._wake = threading.Event()  # a trainer ended: a slot is free
+        self._wake = threading.Event()  # a trainer ended (a slot is free), or the store changed
         self._taking = threading.Lock()  # one fill at a time
         self._failing = False  # the queue was unreachable at the last look
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self.slots:
+            self.store.subscribe(self._heard)
             self._thread = threading.Thread(target=self._loop, name="trainer-pool", daemon=True)
             self._thread.start()
 
+    def _heard(self, job_id: str, change: Change) -> None:
+        """The store's listener (any thread): a change of state may have queued a job."""
+        if change == STATE:
+            self._wake.set()
+
     def fill(self) -> None:
-        """Take jobs from the queue while slots are free, and start them; blocking. The job manager
-        calls it when a job was queued through this process, so a free slot takes it at once."""
+        """Take jobs from the queue while slots are free, and start them; blocking."""
         with self._taking:
             try:
                 while not self._closing.is_set() and len(self.running) < self.slots:
@@ -132,9 +138,9 @@ class TrainerPool:
 
     def _loop(self) -> None:
         while not self._closing.is_set():
+            self._wake.clear()  # before the look: a change during it brings the next one at once
             self.fill()
             self._wake.wait(IDLE_POLL)
-            self._wake.clear()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Take no more jobs; pause the running ones (they checkpoint, stop and go back to the
@@ -246,20 +252,29 @@ class TrainerPool:
         while True:
             if conn.poll(TICK):
                 try:
-                    kind, body = conn.recv()
+                    message = pipe.receive(conn)
                 except (EOFError, OSError):
                     break
-                if kind == "progress":
-                    self._check(self.store.append(claim, body))
-                elif kind == "checkpoint":
-                    self._check(self.store.keep_checkpoint(claim, checkpoint))
-                    log.info("job %s (%s): checkpointed at %s", job.id, job.model_name, body)
-                elif kind == "paused":
-                    final = (QUEUED, "", None)
-                elif kind == "done":
-                    final = self._register(job, body)
-                else:
-                    final = (CANCELLED if kind == "cancelled" else FAILED, str(body), None)
+                except pipe.PipeError as exc:  # a trainer that cannot be understood is stopped
+                    final = (FAILED, str(exc), None)
+                    running.process.terminate()
+                    break
+                match message:
+                    case pipe.Progress(record):
+                        self._check(self.store.append(claim, record))
+                    case pipe.Checkpointed(position):
+                        self._check(self.store.keep_checkpoint(claim, checkpoint))
+                        log.info("job %s (%s): checkpointed at %s", job.id, job.model_name, position)
+                    case pipe.Paused():
+                        final = (QUEUED, "", None)
+                    case pipe.Done():
+                        final = self._register(claim, job, message)
+                    case pipe.Cancelled(why):
+                        final = (CANCELLED, why, None)
+                    case pipe.Failed(why):
+                        final = (FAILED, why, None)
+                    case _:
+                        assert_never(message)
             now = time.monotonic()
             if now - renewed >= self.renew_every:
                 renewed = now
@@ -284,26 +299,23 @@ class TrainerPool:
             return (QUEUED, "", None)
         return (FAILED, f"trainer died {job.attempts} times (last exit code {code})", None)
 
-    def _register(self, job: Job, body: dict[str, Any]) -> Final:
-        """Register the job's model, once: its summary names the job, so a trainer that died after
-        registering and before the job's end was recorded finds that version when the job
-        resumes and finishes again (the same weights: training is deterministic), instead of
-        adding a second one."""
-        params = {k: np.asarray(v) for k, v in body["params"].items()}
-        model = CharRNN(ModelConfig(**body["config"]), Vocab(body["vocab"]), params)
+    def _register(self, claim: Claim, job: Job, done: pipe.Done) -> Final:
+        """Register the job's model once, and only while this trainer holds the job. The version is
+        reserved first, in the job's record and fenced by the claim (a trainer that lost the job
+        cannot reserve one); whichever trainer finishes the job then publishes exactly that
+        version (publishing is first-come: a second publisher of it finds it taken) or finds it
+        published, the model's summary naming the job. A trainer paused past its lease anywhere in
+        here can thus neither add a second version (it only ever publishes the reserved one) nor
+        move the default: the promotion comes after a fenced write of the result. (A resumed job
+        finishes with the same weights: training is deterministic.)"""
         try:
-            self.registry.refresh(force=True)  # the versions other replicas registered meanwhile
-            mv = next((v for v in self.registry.versions() if registered_by(v, job)), None)
-            if mv is None:
-                summary = {**body["summary"], JOB_KEY: job.id}
-                mv = self.registry.register(
-                    job.model_name, model, history=body["history"], summary=summary, promote=job.promote
-                )
-                how = "registered"
-            else:
-                if job.promote and self.registry.default is not mv:  # (versions are kept as loaded)
-                    self.registry.set_default(mv.name, mv.version)
-                how = "found registered already"
+            mv, how = self._publish(claim, job, done)
+            job.result = (mv.name, mv.version)
+            self._check(self.store.save(job, claim))  # still ours: only now may the default move
+            if job.promote and self.registry.default is not mv:  # (versions are kept as loaded)
+                self.registry.set_default(mv.name, mv.version)
+        except LostClaim:
+            raise
         except Exception as exc:  # a failed save registers nothing
             return (FAILED, f"could not register the model: {type(exc).__name__}: {exc}", None)
         log.info(
@@ -315,6 +327,25 @@ class TrainerPool:
             " (default)" if job.promote else "",
         )
         return (SUCCEEDED, "", (mv.name, mv.version))
+
+    def _publish(self, claim: Claim, job: Job, done: pipe.Done) -> tuple[ModelVersion, str]:
+        """The version the job registered: the reserved one, published here or found published."""
+        model = done.model.model()
+        summary = {**done.summary, JOB_KEY: job.id}
+        while True:
+            self.registry.refresh(force=True)  # the versions other replicas registered meanwhile
+            mv = next((v for v in self.registry.versions() if registered_by(v, job)), None)
+            if mv is not None:
+                return mv, "found registered already"
+            if not job.version:
+                job.version = self.registry.next_version(job.model_name)
+                self._check(self.store.save(job, claim))
+            published = self.registry.register_as(
+                job.model_name, job.version, model, history=done.history, summary=summary
+            )
+            if published is not None:
+                return published, "registered"
+            job.version = 0  # taken: by this job's other trainer (found above) or by another job
 
     def _end(self, claim: Claim, job: Job, final: Final) -> None:
         """Record how the job ended (or that it is back in the queue), tidy its files, let it go."""

@@ -9,6 +9,7 @@
     job:{id}:text         blob    its training text (nextchar.server.blobs)
     job:{id}:checkpoint   blob    the latest checkpoint its trainer took
     jobs:queue            stream  one entry {job: id} per turn in the queue; consumer group "trainers"
+    jobs:changes          channel "state:{id}" or "progress:{id}" after each change (pub/sub)
 
 An ended job beyond the newest ``max_finished_jobs`` goes with all its keys (``remove``).
 
@@ -23,13 +24,22 @@ resumes from the checkpoint blob. Taking a job writes the claim into the job's
 ``owner``; every write a trainer makes names its claim and is refused once the
 owner is another, so a trainer given up for dead (a long pause) stops instead of
 overwriting the job.
+
+Each change is published on ``jobs:changes`` (by the same script or transaction as
+the change), and each process's store has one thread subscribed to it that tells
+its listeners (``subscribe``): watchers and idle trainers hear of changes made by
+any replica or trainer as they happen. Pub/sub may drop messages while a
+connection is down, so after every (re)subscription the listeners hear "any job".
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -37,23 +47,38 @@ from typing import Any, cast
 import redis
 from nextchar.server.blobs import Blobs, file_sha256, reaching
 from nextchar.server.errors import NotFound, shown
-from nextchar.server.training.store import CHECKPOINT_FILE, TEXT_FILE, Claim, Job
-from redis.exceptions import ResponseError
+from nextchar.server.training.store import (
+    CHECKPOINT_FILE,
+    PROGRESS,
+    STATE,
+    TEXT_FILE,
+    Change,
+    Claim,
+    Job,
+    Listener,
+)
+from redis.exceptions import RedisError, ResponseError
 
 PREFIX = "nextchar:"
 INDEX, QUEUE, GROUP = PREFIX + "jobs", PREFIX + "jobs:queue", "trainers"
+CHANGES = PREFIX + "jobs:changes"
+RESUBSCRIBE = 1.0  # seconds between tries to subscribe again while Redis is down
+log = logging.getLogger("nextchar.server")
 
-# KEYS: job:{id}; ARGV: owner ("" = no claim), field, value, ... Writes only while owner holds the job.
+# KEYS: job:{id}; ARGV: owner ("" = no claim), channel, message, field, value, ... Writes (and
+# publishes message) only while owner holds the job.
 FENCED_HSET = """
 if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
 
-# KEYS: job:{id}, job:{id}:records; ARGV: owner, record
+# KEYS: job:{id}, job:{id}:records; ARGV: owner, record, channel, message
 FENCED_RPUSH = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 
@@ -89,6 +114,11 @@ def owner(claim: Claim) -> str:
     return f"{claim.trainer}/{claim.entry}"
 
 
+def change(job_id: str, what: Change = STATE) -> str:
+    """The message published on CHANGES."""
+    return f"{what}:{job_id}"
+
+
 class RedisJobStore:
     """The JobStore protocol on Redis; lease: seconds a trainer's claim lasts without renewal."""
 
@@ -102,6 +132,8 @@ class RedisJobStore:
         self._renew = client.register_script(RENEW)
         self._remove = client.register_script(REMOVE)
         self._group_ready = False
+        self._listeners: list[Listener] = []
+        self._listening: threading.Thread | None = None
 
     def __str__(self) -> str:
         return f"job store {self.url}"
@@ -110,6 +142,36 @@ class RedisJobStore:
         with reaching(str(self)):
             self._group()
         return []  # a dead trainer's jobs come back through its lease, to any trainer
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+        if self._listening is None:
+            self._listening = threading.Thread(target=self._listen, name="job-changes", daemon=True)
+            self._listening.start()
+
+    def _listen(self) -> None:
+        """Tell the listeners of every change published, for as long as the process lives."""
+        failing = False
+        while True:
+            try:
+                with contextlib.closing(self.redis.pubsub(ignore_subscribe_messages=True)) as pubsub:
+                    pubsub.subscribe(CHANGES)
+                    self._tell("", STATE)  # whatever happened while nobody listened
+                    failing = False
+                    while True:
+                        message = pubsub.get_message(timeout=RESUBSCRIBE)
+                        if message is not None:
+                            what, _, job_id = message["data"].decode().partition(":")
+                            self._tell(job_id, PROGRESS if what == PROGRESS else STATE)
+            except RedisError as exc:
+                if not failing:  # once per outage
+                    log.warning("%s: job changes not heard (%s); subscribing again", self, exc)
+                failing = True
+                time.sleep(RESUBSCRIBE)
+
+    def _tell(self, job_id: str, what: Change) -> None:
+        for listener in self._listeners:
+            listener(job_id, what)
 
     def _group(self) -> None:
         """The consumer group, made on first use (with its stream); another process may have made it."""
@@ -132,6 +194,7 @@ class RedisJobStore:
             pipe.hset(job_key(job.id), mapping={"rec": json.dumps(job.record()), "owner": ""})
             pipe.zadd(INDEX, {job.id: job.created})
             pipe.xadd(QUEUE, {"job": job.id})
+            pipe.publish(CHANGES, change(job.id))
             pipe.execute()
         text.unlink(missing_ok=True)
 
@@ -170,17 +233,25 @@ class RedisJobStore:
     def save(self, job: Job, claim: Claim | None = None) -> bool:
         with reaching(str(self)):
             fence = owner(claim) if claim else ""
-            return bool(self._fenced_hset([job_key(job.id)], [fence, "rec", json.dumps(job.record())]))
+            return bool(
+                self._fenced_hset(
+                    [job_key(job.id)], [fence, CHANGES, change(job.id), "rec", json.dumps(job.record())]
+                )
+            )
 
     def requeue(self, job: Job) -> None:
         with reaching(str(self)):
             self._group()
             self.save(job)
             self.redis.xadd(QUEUE, {"job": job.id})
+            self.redis.publish(CHANGES, change(job.id))  # in the queue now: a trainer may take it
 
     def request_cancel(self, job_id: str) -> None:
         with reaching(str(self)):
-            self.redis.hset(job_key(job_id), "cancel", 1)
+            pipe = self.redis.pipeline()
+            pipe.hset(job_key(job_id), "cancel", 1)
+            pipe.publish(CHANGES, change(job_id))
+            pipe.execute()
 
     def cancel_requested(self, job_id: str) -> bool:
         with reaching(str(self)):
@@ -249,12 +320,18 @@ class RedisJobStore:
             pipe.xack(QUEUE, GROUP, claim.entry)
             pipe.xdel(QUEUE, claim.entry)
             pipe.execute()
-            self._fenced_hset([job_key(claim.job_id)], [owner(claim), "owner", ""])
+            self._fenced_hset(
+                [job_key(claim.job_id)], [owner(claim), CHANGES, change(claim.job_id), "owner", ""]
+            )
 
     def append(self, claim: Claim, record: dict[str, Any]) -> bool:
         keys = [job_key(claim.job_id), job_key(claim.job_id, "records")]
         with reaching(str(self)):
-            return bool(self._fenced_rpush(keys, [owner(claim), json.dumps(record)]))
+            return bool(
+                self._fenced_rpush(
+                    keys, [owner(claim), json.dumps(record), CHANGES, change(claim.job_id, PROGRESS)]
+                )
+            )
 
     def trim(self, job_id: str, keep: int) -> None:
         with reaching(str(self)):
@@ -262,6 +339,7 @@ class RedisJobStore:
                 self.redis.ltrim(job_key(job_id, "records"), 0, keep - 1)
             else:  # LTRIM 0 -1 would keep them all
                 self.redis.delete(job_key(job_id, "records"))
+            self.redis.publish(CHANGES, change(job_id, PROGRESS))
 
     # ------------------------------------------------------------ files
 
@@ -297,5 +375,6 @@ class RedisJobStore:
             keys = [job_key(job_id), job_key(job_id, "records"), INDEX]
             if not self._remove(keys, [job_id]):
                 return False
+            self.redis.publish(CHANGES, change(job_id))
         self.discard(job_id)  # a failed job's text and checkpoint, kept for its resume
         return True

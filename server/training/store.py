@@ -7,7 +7,9 @@ registry, one server's trainers) and ``RedisJobStore``
 (nextchar.server.training.redis_jobs: every replica and every ``nextchar trainer``
 on one Redis). The job manager (the API side) and the trainer pool (the side that
 runs jobs) talk to the store only, never to each other, so a job queued through one
-replica can run on any trainer and be watched or cancelled through any replica.
+replica can run on any trainer and be watched or cancelled through any replica;
+the store tells both of each change (``subscribe``), so a watcher hears of progress
+and an idle trainer of a queued job as it happens, without polling.
 
 Every method blocks (files, or Redis round trips): the job manager calls them in
 threads, the trainer pool from its own. A trainer's writes carry its Claim, and a
@@ -19,12 +21,21 @@ the job's progress.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+from nextchar.core.config import ModelConfig, TrainConfig, from_record
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TEXT_FILE, CHECKPOINT_FILE = "text.txt", "checkpoint.npz"  # in a job's working directory
+
+
+Change = Literal["state", "progress"]
+STATE: Change = "state"  # a job's record, or the queue, changed
+PROGRESS: Change = "progress"  # a job's progress record came
+Listener = Callable[[str, Change], None]  # (job id, or "" for any job; what changed)
 
 
 @dataclass(eq=False)
@@ -34,11 +45,12 @@ class Job:
     id: str
     model_name: str
     promote: bool
-    model_config: dict[str, Any]
-    train_config: dict[str, Any]
+    model_config: ModelConfig
+    train_config: TrainConfig
     state: str = QUEUED
     error: str = ""
     result: tuple[str, int] | None = None  # (name, version) registered
+    version: int = 0  # the version of model_name reserved for it to register (0: none yet)
     created: float = field(default_factory=time.time)
     started: float = 0.0  # when a trainer first took it up
     finished: float = 0.0
@@ -60,6 +72,8 @@ class Job:
         known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__ and k != "latest"}
         if known.get("result"):
             known["result"] = (str(known["result"][0]), int(known["result"][1]))
+        known["model_config"] = from_record(ModelConfig, known.get("model_config", {}))
+        known["train_config"] = from_record(TrainConfig, known.get("train_config", {}))
         return cls(**known)
 
 
@@ -75,6 +89,13 @@ class Claim:
 class JobStore(Protocol):
     def load(self) -> list[Job]:
         """Ready the store at start; returns the jobs that are back in the queue from before."""
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call listener after each change to any job, wherever it was made (this process, or
+        another on the same shared store), from whichever thread hears of it; it must not block.
+        STATE when a job was added, saved, requeued, released or removed, or its cancel asked
+        for; PROGRESS when a progress record came. Job id "" when changes may have been missed
+        (a lost connection): every job may have changed."""
 
     # ------------------------------------------------------------ records (the API side)
 
