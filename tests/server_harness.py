@@ -253,6 +253,10 @@ class DroppingProxy:
         """From now on nothing the server sends is read (at most one read already under way)."""
         self._replies.clear()
 
+    def unmute_replies(self) -> None:
+        """What the server sends is read again (on the connections made from now on too)."""
+        self._replies.set()
+
     def drop(self) -> None:
         """Cut every live connection (both directions); new connections are accepted as before."""
         with self._lock:
