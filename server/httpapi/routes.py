@@ -123,10 +123,13 @@ class HttpApi:
         app.router.add_get("/v1/stream", self.stream)
         app.router.add_get("/v1/health", self.health)
         app.router.add_get("/openapi.json", self.openapi)
+        # the playground: its few files by name (each a route of its own: no path from a client
+        # reaches the file system, and an editable install's links to the sources are followed)
         web_dir = playground_dir()
         if web_dir is not None:
-            app.router.add_get("/", self.playground)
-            app.router.add_static("/static/", web_dir)
+            app.router.add_get("/", file_route(web_dir / "index.html"))
+            for path in sorted(web_dir.glob("*.js")) + sorted(web_dir.glob("*.css")):
+                app.router.add_get(f"/static/{path.name}", file_route(path))
         return app
 
     async def _request(self, request: web.Request, route: Route) -> Message:
@@ -291,11 +294,6 @@ class HttpApi:
     async def openapi(self, request: web.Request) -> web.Response:
         return web.Response(body=openapi_document(), content_type="application/json")
 
-    async def playground(self, request: web.Request) -> web.FileResponse:
-        web_dir = playground_dir()
-        assert web_dir is not None
-        return web.FileResponse(web_dir / "index.html")
-
 
 def token_middleware(expected: bytes, on_refused: Callable[[str, str], None]) -> Any:
     """With a token set (expected: b"Bearer <token>"), every API route wants ``Authorization:
@@ -349,6 +347,13 @@ def stream_message(data: str) -> StreamMessage:
 
 def openapi_document() -> bytes:
     return importlib.resources.files("nextchar.server.httpapi").joinpath("openapi.json").read_bytes()
+
+
+def file_route(path: Path) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
+    async def serve(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+    return serve
 
 
 def playground_dir() -> Path | None:
