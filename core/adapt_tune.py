@@ -1,0 +1,55 @@
+"""Tuning a model's dynamic evaluation (nextchar.core.adapt) by measurement on its validation text.
+
+Two things depend on the model: the rms of each adapted weight's segment gradient
+(the RMS-normalised rule divides by it) and the learning rate. Both are measured at
+the end of training on the text training never saw, and recorded in the model
+file (``AdaptConfig.to_dict``). The rate is the best of a few on the text's first
+``TUNE_CHARS`` characters: the best rate differs by text (issue 22: 0.002 in-domain,
+0.005 on prose for plain SGD), so it is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from nextchar.core.adapt import SEGMENT, AdaptConfig, Stats, adapted_names, fresh, gradients, rule, score
+from nextchar.core.model import CharRNN
+
+LRS = (5e-4, 1e-3, 2e-3, 4e-3)
+TUNE_CHARS = 30_000  # per candidate rate: ~1,500 steps, a few seconds
+STATS_CHARS = 60_000
+
+
+def gradient_stats(model: CharRNN, idx: np.ndarray, segment: int = SEGMENT) -> Stats:
+    """The mean square of each adapted weight's segment gradient under the shared weights, one
+    session's state carried through idx: a vector whole, a matrix as its row and column means."""
+    adapter = fresh(model)
+    sums: list[np.ndarray] = []
+    windows = max(len(idx) - 1, 0) // segment
+    if windows == 0:
+        raise ValueError(f"gradient statistics need more than {segment} characters")
+    for i in range(windows):
+        _, grads, state = gradients(model, adapter, idx[i * segment : (i + 1) * segment + 1])
+        squares = [np.square(g, dtype=np.float64) for g in grads]
+        sums = squares if not sums else [s + q for s, q in zip(sums, squares, strict=True)]
+        adapter = fresh(model, state)
+    stats: Stats = {}
+    for name, total in zip(adapted_names(model), sums, strict=True):
+        ms = total / windows
+        stats[name] = [ms.tolist()] if ms.ndim == 1 else [ms.mean(axis=1).tolist(), ms.mean(axis=0).tolist()]
+    return stats
+
+
+def bits_per_char(model: CharRNN, config: AdaptConfig, idx: np.ndarray) -> float:
+    """Adapted bits/char over idx's completed windows, from a fresh session."""
+    nats = score(model, rule(model, config), fresh(model), idx)[1]
+    return float(nats.sum() / (len(nats) * config.segment) / np.log(2))
+
+
+def tune(model: CharRNN, text: str, lrs: tuple[float, ...] = LRS, chars: int = TUNE_CHARS) -> AdaptConfig:
+    """The AdaptConfig for model: statistics from text, the rate that adapts best on its start."""
+    idx = model.vocab.encode(text)
+    stats = gradient_stats(model, idx[:STATS_CHARS])
+    return min(
+        (AdaptConfig(lr=lr, stats=stats) for lr in lrs),
+        key=lambda config: bits_per_char(model, config, idx[:chars]),
+    )
