@@ -214,4 +214,7 @@ def test_tuned_config_round_trips_through_json() -> None:
     a, b = adapt.rule(model, config), adapt.rule(model, back)
     assert all(x.tobytes() == y.tobytes() for x, y in zip(a.rate + a.keep, b.rate + b.keep, strict=True))
     assert AdaptConfig.from_dict(None) == AdaptConfig() and AdaptConfig().stats is None
-    assert gradient_stats(model, vocab.encode(text))["Why"][0].__len__() == 8
+    stats = gradient_stats(model, vocab.encode(text))
+    assert adapt.unpacked(stats["Why"], (8, vocab.size)).shape == model.params["Why"].shape
+    with pytest.raises(ValueError, match="adapt stats"):
+        adapt.rule(model, AdaptConfig(stats={**stats, "by": stats["Why"]}))
