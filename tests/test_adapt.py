@@ -4,6 +4,7 @@ replays for rewinds, hostile texts, the session's memory, and the tuned config's
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from nextchar.core.adapt_tune import bits_per_char, gradient_stats, tune
 from nextchar.core.config import ModelConfig
 from nextchar.core.default_model import load_default_model
 from nextchar.core.model import CharRNN
+from nextchar.core.modelfile import META_KEY, PARAM_PREFIX, ModelFileError, load_model, save_model, write_npz
 from nextchar.core.vocab import UNK, Vocab
 from test_gradients import EPS, TOLERANCE, relative_error
 
@@ -218,3 +220,25 @@ def test_tuned_config_round_trips_through_json() -> None:
     assert adapt.unpacked(stats["Why"], (8, vocab.size)).shape == model.params["Why"].shape
     with pytest.raises(ValueError, match="adapt stats"):
         adapt.rule(model, AdaptConfig(stats={**stats, "by": stats["Why"]}))
+
+
+def test_the_model_file_records_the_tuned_config(tmp_path: Path) -> None:
+    """save_model(adapt=...) records the config and load_model checks it; a file saved without
+    one (every file before adaptation) gets the defaults and is the same bytes as before."""
+    vocab = Vocab.from_text("abcdefgh \n")
+    model = CharRNN.create(ModelConfig(cell="gru", hidden=8), vocab, seed=1)
+    text = "abc defg\nhabc fed\n" * 20
+    config = AdaptConfig(lr=2e-3, stats=gradient_stats(model, vocab.encode(text)))
+    save_model(tmp_path / "tuned.npz", model, adapt=config)
+    assert load_model(tmp_path / "tuned.npz").adapt == config
+    save_model(tmp_path / "old.npz", model)
+    assert load_model(tmp_path / "old.npz").adapt == AdaptConfig()
+    meta = dict(load_model(tmp_path / "old.npz").meta)
+    assert "adapt" not in meta
+    bad = {**config.to_dict(), "stats": {**config.to_dict()["stats"], "Why": "AAAA"}}
+    arrays = {PARAM_PREFIX + k: v for k, v in model.params.items()}
+    arrays[META_KEY] = np.frombuffer(json.dumps({**meta, "adapt": bad}).encode(), dtype=np.uint8)
+    with open(tmp_path / "bad.npz", "wb") as f:
+        write_npz(f, arrays)
+    with pytest.raises(ModelFileError, match="invalid adaptation config"):
+        load_model(tmp_path / "bad.npz")
