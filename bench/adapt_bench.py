@@ -111,6 +111,7 @@ def main(ood_chars: int) -> dict[str, Any]:
         "benchmark": "adapt",
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpu": cpu_model(),
+        "load_average": os.getloadavg(),  # the machine is shared: others' load slows the timings only
         "blas": blas_info(),
         "model": "default-model.npz (GRU-256)",
         "adapted_weights": list(adapt.adapted_names(model)),
