@@ -167,7 +167,7 @@ def adapter_bytes(model: CharRNN) -> int:
 
 def fresh(model: CharRNN, state: np.ndarray | None = None) -> Adapter:
     """The adapter of a session that starts adapting in state (S,) (a new session: zeros)."""
-    return Adapter((), _frozen(model.initial_state(1)[0] if state is None else state), NO_TEXT)
+    return Adapter((), _frozen(model.initial_state(1)[0] if state is None else state.copy()), NO_TEXT)
 
 
 def adapted(model: CharRNN, adapter: Adapter) -> CharRNN:
@@ -253,13 +253,17 @@ def feed(
 ) -> tuple[Adapter, Advanced]:
     """Advance one adaptive session (state (S,), prediction probs (V,)) through idx (T,), stepping
     wherever a window completes; returns the new adapter and what inference.feed would (top k,
-    surprisal, the full distributions when asked), each character scored before it is learnt."""
+    surprisal, the full distributions when asked), each character scored before it is learnt.
+    idx holds one character at least."""
+    if len(idx) == 0:
+        raise ValueError("feed needs one character at least")
     segment = rule.config.segment
     pieces: list[Advanced] = []
     pos = 0
     while pos < len(idx):
         if len(adapter.window) == segment:
-            # the window's last state is where it ends: the session's state is that state
+            # the state after the window's inputs, where the step starts the next window, is the
+            # session's state now (bit for bit: the recurrence does not depend on the chunks)
             adapter = step(model, rule, adapter, np.append(adapter.window, idx[pos]))
             state = adapter.start
         piece = idx[pos : pos + segment - len(adapter.window)]
