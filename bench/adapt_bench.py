@@ -4,8 +4,9 @@ Run: ``make bench-adapt`` (or ``python bench/adapt_bench.py [--ood-chars N]``), 
 one BLAS thread.
 
 The model's AdaptConfig is first tuned as a trainer would at the end of training
-(``nextchar.core.adapt_tune.tune`` on the validation text: gradient statistics, then
-the best of a few rates on its start), then two texts are scored from a fresh
+(``nextchar.core.adapt_tune.tune``: gradient statistics on the training text's end,
+then the best of a few rates on the validation text's start; the in-domain figure
+is thus on the text its rate was picked on), then two texts are scored from a fresh
 session, each window of 20 characters before the step that learns from it:
 
 - in-domain: tinyshakespeare's last 10% (the bundled corpus's validation split);
@@ -95,10 +96,10 @@ def main(ood_chars: int) -> dict[str, Any]:
     from nextchar.core.default_model import CORPUS, data_file, load_default_model
 
     with data_file(CORPUS) as path:
-        _, validation = split_text(path.read_text(encoding="utf-8"), 0.1)
+        training, validation = split_text(path.read_text(encoding="utf-8"), 0.1)
     model = load_default_model().model
     started = time.perf_counter()
-    config = tune(model, validation)
+    config = tune(model, validation, stats_text=training)
     tune_seconds = time.perf_counter() - started
     rows = [
         measure("tinyshakespeare, last 10%", validation, config),

@@ -22,7 +22,7 @@ The rule is the paper's RMS-normalised one with decay toward the shared weights:
     delta <- delta * (1 - min(decay * rms / mean(rms), 1)) - lr * grad / max(rms, floor * mean(rms))
 
 rms is each weight's root-mean-square segment gradient under the shared weights on
-the model's validation text (``nextchar.core.adapt_tune``), mean(rms) its mean
+the model's training text (``nextchar.core.adapt_tune``), mean(rms) its mean
 over the adapted weights. The paper divides by rms + eps; here rms is floored,
 because a weight the validation text hardly moves (the input row of a character it
 never holds, the unknown slot) has an rms near zero: on code, the paper's rule took

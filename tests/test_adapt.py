@@ -218,6 +218,10 @@ def test_tuned_config_round_trips_through_json() -> None:
     assert all(x.tobytes() == y.tobytes() for x, y in zip(a.rate + a.keep, b.rate + b.keep, strict=True))
     assert AdaptConfig.from_dict(None) == AdaptConfig() and AdaptConfig().stats is None
     stats = gradient_stats(model, vocab.encode(text))
+    training = "hgf edcba\n" * 30  # the statistics from the training text, as a trainer passes it
+    assert tune(model, text, stats_text=training, lrs=(1e-3,), chars=100).stats == gradient_stats(
+        model, vocab.encode(training)
+    )
     assert adapt.unpacked(stats["Why"], (8, vocab.size)).shape == model.params["Why"].shape
     with pytest.raises(ValueError, match="adapt stats"):
         adapt.rule(model, AdaptConfig(stats={**stats, "by": stats["Why"]}))
