@@ -5,8 +5,8 @@ one BLAS thread.
 
 The model's AdaptConfig is first tuned as a trainer would at the end of training
 (``nextchar.core.adapt_tune.tune``: gradient statistics on the training text's end,
-then the best of a few rates on the validation text's start; the in-domain figure
-is thus on the text its rate was picked on), then two texts are scored from a fresh
+then the best of a few rates on the validation text; the in-domain figure is
+thus on the text its rate was picked on), then two texts are scored from a fresh
 session, each window of 20 characters before the step that learns from it:
 
 - in-domain: tinyshakespeare's last 10% (the bundled corpus's validation split);
