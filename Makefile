@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 PROTO_GEN := $(VENV)/proto-gen
 
-.PHONY: run demo default-model test bench bench-train bench-serve bench-load bench-abuse bench-complete bench-startup bench-train-load lint proto proto-check clean
+.PHONY: run demo default-model test bench bench-train bench-serve bench-load bench-abuse bench-complete bench-startup bench-train-load bench-adapt lint proto proto-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ bench-train-load: $(STAMP)
 # the command line's start-up: nextchar --help and nextchar predict, 20 fresh processes each
 bench-startup: $(STAMP)
 	$(PY) bench/startup_bench.py
+
+# static vs adapted bits/char (dynamic evaluation) of the shipped model, in-domain and on this repository
+bench-adapt: $(STAMP)
+	$(PY) bench/adapt_bench.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

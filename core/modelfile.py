@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from nextchar.core.adapt import AdaptConfig, rule
 from nextchar.core.atomic import atomic_write
 from nextchar.core.config import ModelConfig, TrainConfig, from_record
 from nextchar.core.model import CharRNN, Params, param_shapes
@@ -52,6 +53,12 @@ class ModelFile:
         is that setting's default now (every new setting defaults to "off")."""
         recorded = self.summary.get("config")
         return from_record(TrainConfig, recorded) if isinstance(recorded, dict) else None
+
+    @property
+    def adapt(self) -> AdaptConfig:
+        """How sessions of this model adapt: the recorded, tuned config (checked at load), or the
+        defaults (plain SGD) for a file written before adaptation existed."""
+        return AdaptConfig.from_dict(self.meta.get("adapt"))
 
 
 @dataclass(frozen=True)
@@ -93,8 +100,12 @@ def save_model(
     *,
     history: list[dict[str, Any]] | None = None,
     summary: dict[str, Any] | None = None,
+    adapt: AdaptConfig | None = None,
 ) -> None:
-    """Write model atomically (see nextchar.core.atomic): a crash mid-save leaves the old file."""
+    """Write model atomically (see nextchar.core.atomic): a crash mid-save leaves the old file.
+
+    adapt: its tuned adaptation (nextchar.core.adapt_tune); without one the metadata has no
+    such key, so a file saved as before is the same bytes as before."""
     payload = ModelPayload.of(model)
     meta = {
         "format": FORMAT,
@@ -105,6 +116,8 @@ def save_model(
         "history": history or [],
         "checksum": checksum(model.params),
     }
+    if adapt is not None:
+        meta["adapt"] = adapt.to_dict()
     arrays: dict[str, np.ndarray] = {PARAM_PREFIX + k: v for k, v in model.params.items()}
     arrays[META_KEY] = np.frombuffer(json.dumps(meta, allow_nan=True).encode(), dtype=np.uint8)
     with atomic_write(path) as f:
@@ -140,6 +153,10 @@ def load_model(path: str | os.PathLike[str]) -> ModelFile:
     if checksum(params) != meta.get("checksum"):
         raise ModelFileError(f"{path}: checksum mismatch: the parameters were modified or corrupted")
     model = CharRNN(config, vocab, params)
+    try:
+        rule(model, AdaptConfig.from_dict(meta.get("adapt")))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelFileError(f"{path}: invalid adaptation config in metadata: {exc}") from exc
     return ModelFile(model, meta.get("history", []), meta.get("summary", {}), meta)
 
 

@@ -89,6 +89,7 @@ class Cell(ABC):
     gates: int  # G: the input projection is G*H wide
     state_width: int = 1  # W: a sample's state is W*H wide
     has_bhn: bool = False  # a bias inside the reset gate (GRU, as in PyTorch)
+    candidate: int = 0  # the gate proposing the new content (tanh's): nextchar.core.adapt adapts its inputs
 
     @abstractmethod
     def step(self, xp: np.ndarray, state: np.ndarray, Whh: np.ndarray, bhn: np.ndarray | None) -> np.ndarray:

@@ -10,6 +10,7 @@ class GRU(Cell):
     name = "gru"
     gates = 3
     has_bhn = True
+    candidate = 2  # n
 
     def step(self, xp: np.ndarray, state: np.ndarray, Whh: np.ndarray, bhn: np.ndarray | None) -> np.ndarray:
         H = Whh.shape[0]

@@ -49,6 +49,7 @@ class LSTM(Cell):
     name = "lstm"
     gates = 4
     state_width = 2
+    candidate = 2  # g
 
     def step(self, xp: np.ndarray, state: np.ndarray, Whh: np.ndarray, bhn: np.ndarray | None) -> np.ndarray:
         H = Whh.shape[0]
