@@ -34,6 +34,15 @@ class Catalog:
             await self.network(mv)
         return mv
 
+    @staticmethod
+    def held(mv: ModelVersion) -> CharRNN | None:
+        """mv's network if it is held (touched: the idle sweep keeps it), else None: no await
+        on the hot path of a message."""
+        net = mv.net
+        if net is not None:
+            mv.touch()
+        return net
+
     async def network(self, mv: ModelVersion) -> CharRNN:
         """mv's network, loaded again in a thread if it was released (FAILED_PRECONDITION when its
         file no longer loads)."""

@@ -224,7 +224,10 @@ class SessionManager:
         store swap the new value in. Returns (the value computed from, the new one, compute's
         answer). full: the store writes the whole value (a reset, a rewind), not only what it
         must. retries: how often a change refused as stale is computed again."""
-        async with self.turns(session.id):
+        turns, key = self.turns, session.id
+        if not turns.take(key):  # (the usual case takes it without an await)
+            await turns.acquire(key)
+        try:
             for attempt in range(retries + 1):
                 before = session.value
                 after, answer = await compute(before)
@@ -235,6 +238,8 @@ class SessionManager:
                     if attempt == retries:
                         raise
                     await self.store.refresh(session)
+        finally:
+            turns.release(key)
         raise AssertionError("unreachable")
 
     def _expect(self, session: Session, value: SessionValue, expect_offset: int | None) -> None:
@@ -260,7 +265,7 @@ class SessionManager:
         self, session: Session, text: str, top_k: int, full: bool, expect_offset: int | None = None
     ) -> Predicted:
         """Advance session through text; expect_offset: refuse unless the session is there."""
-        net = await self.catalog.network(session.model)
+        net = self.catalog.held(session.model) or await self.catalog.network(session.model)
         k, held = self._reserve(net, text, top_k, full)
         try:
             if expect_offset is not None and expect_offset != session.offset:

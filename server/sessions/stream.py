@@ -16,6 +16,7 @@ writes the answer, and calls ``close`` when the stream ends.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from nextchar.server.errors import Aborted, InvalidArgument, shown
@@ -23,8 +24,10 @@ from nextchar.server.sessions.manager import Attachment, Predicted, SessionManag
 from nextchar.server.sessions.session import Session
 
 
-@dataclass(frozen=True, slots=True)
-class StreamMessage:
+class StreamMessage(NamedTuple):
+    """One message of a stream (a tuple: one is made per message; a frozen dataclass of eight
+    fields cost ~3 us to make)."""
+
     text: str = ""
     rewind: int = 0  # characters to take back before text is fed
     top_k: int = 0

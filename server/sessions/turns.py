@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from types import TracebackType
 
 
 class Turns:
-    """Every method runs on the event loop's thread."""
+    """Every method runs on the event loop's thread: ``take`` (or ``await acquire``), then
+    ``release`` in a finally."""
 
     def __init__(self) -> None:
         # key -> the callers waiting for it (an empty deque: held, nobody waiting)
@@ -25,14 +25,17 @@ class Turns:
     def __len__(self) -> int:
         return len(self._held)
 
-    def __call__(self, key: str) -> Turn:
-        return Turn(self, key)
+    def take(self, key: str) -> bool:
+        """Take key's turn if nobody holds it (no await: the usual case); False if it is held."""
+        if key in self._held:
+            return False
+        self._held[key] = deque()
+        return True
 
     async def acquire(self, key: str) -> None:
-        waiting = self._held.get(key)
-        if waiting is None:
-            self._held[key] = deque()
+        if self.take(key):
             return
+        waiting = self._held[key]
         future = asyncio.get_running_loop().create_future()
         waiting.append(future)
         try:
@@ -50,20 +53,3 @@ class Turns:
                 future.set_result(None)  # the turn passes on, still held
                 return
         del self._held[key]
-
-
-class Turn:
-    """``async with turns(key):`` holds key's turn for the block."""
-
-    __slots__ = ("key", "turns")
-
-    def __init__(self, turns: Turns, key: str) -> None:
-        self.turns, self.key = turns, key
-
-    async def __aenter__(self) -> None:
-        await self.turns.acquire(self.key)
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.turns.release(self.key)
