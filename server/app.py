@@ -27,10 +27,9 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
-from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nextchar.core.memory import keep_freed_memory, one_heap, resident_bytes, return_freed_memory
@@ -43,8 +42,6 @@ from nextchar.server.budget import ReplyBudget
 from nextchar.server.catalog import Catalog
 from nextchar.server.config import ServerConfig, TrainerConfig
 from nextchar.server.errors import ServiceError
-from nextchar.server.httpapi.routes import HttpApi
-from nextchar.server.httpapi.routes import start as start_http
 from nextchar.server.logs import configure_logging, flush_gates
 from nextchar.server.metrics import Metrics
 from nextchar.server.open_calls import OpenCalls
@@ -190,11 +187,8 @@ class NextCharServer:
         self.open_calls = OpenCalls(config.max_streams)  # every protocol's streams count
         self.servicer = NextCharServicer(self.service, self.open_calls)
         self.serving = False  # what health says (both protocols): started, not draining, store up
-        self.http = HttpApi(config, self.service, self.open_calls, lambda: self.serving)
-        self.http.on_refused = self.metrics.refused
-        self.http.on_message = self.metrics.message_latency.observe
         self.http_port = 0  # the bound HTTP port once started, when config.http_port is set
-        self._http_runner: web.AppRunner | None = None
+        self._stop_http: Callable[[], Awaitable[None]] | None = None
         self.servicer.on_message = self.metrics.message_latency.observe
         self.servicer.on_refused = self.metrics.refused
         self.open_calls.on_evicted = self.metrics.streams_evicted.inc
@@ -236,9 +230,7 @@ class NextCharServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.serving = True
         if self.config.http_port is not None:
-            self._http_runner, self.http_port = await start_http(
-                self.http, self.config.host, self.config.http_port
-            )
+            self._stop_http, self.http_port = await self._start_http(self.config.http_port)
             scheme = "https" if self.config.tls else "http"
             log.info("http api and playground on %s://%s:%d/", scheme, self.config.host, self.http_port)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -251,6 +243,17 @@ class NextCharServer:
             "nextchar serving on %s:%d (models in %s)", self.config.host, self.port, self.config.model_dir
         )
         return self.port
+
+    async def _start_http(self, port: int) -> tuple[Callable[[], Awaitable[None]], int]:
+        """The HTTP API on port, sharing the service, the open calls and health with gRPC. Imported
+        here: aiohttp costs a server that serves no HTTP ~15 MB of memory."""
+        from nextchar.server.httpapi.routes import HttpApi, start
+
+        api = HttpApi(self.config, self.service, self.open_calls, lambda: self.serving)
+        api.on_refused = self.metrics.refused
+        api.on_message = self.metrics.message_latency.observe
+        runner, bound = await start(api, self.config.host, port)
+        return runner.cleanup, bound
 
     async def _sweep(self) -> None:
         while True:
@@ -328,8 +331,8 @@ class NextCharServer:
             if task is not None:
                 task.cancel()
         await self.grpc.stop(grace)
-        if self._http_runner is not None:
-            await self._http_runner.cleanup()
+        if self._stop_http is not None:
+            await self._stop_http()
         await asyncio.to_thread(self.trainers.shutdown)
         await self.scheduler.close()
         await self.store.close()  # a shared store writes back what is not written yet
