@@ -2,9 +2,8 @@
 
 glibc serves every allocation above its mmap threshold (128 KiB at first) with a
 fresh mmap, so each (T, B, G*H) temporary of a training step is page-faulted in
-anew and unmapped again: at H=256 that is a quarter of a step's time. Raising the
-threshold and the trim limit lets the heap recycle those pages. Measured on the
-training step: rnn 23 -> 17 ms, lstm 87 -> 72 ms per 64x64 chunk.
+anew and unmapped again: at H=256 that is about a quarter of a step's time. Raising
+the threshold and the trim limit lets the heap recycle those pages.
 """
 
 from __future__ import annotations
@@ -50,11 +49,10 @@ def one_heap() -> bool:
 
     By default each thread that meets a locked arena gets one of its own (up to 8 per
     core). In a server, gRPC's transport threads then hold request buffers in arenas of
-    their own, where memory one burst took is neither reused by the other threads nor
-    given back: 20 s of GetSession calls with 60,000-character ids beside one stream
-    that never reads took a server from 68 to 237 MB, and 30 s later it still held 218;
-    with one arena it was back at 76 MB, and serving was no slower (alternated runs of
-    the serve benchmark). Returns False (changing nothing) off glibc.
+    their own, where memory one burst of big requests took is neither reused by the other
+    threads nor given back, so the server stays at its peak for good; with one arena it
+    returns to where it was, and serving is no slower. Returns False (changing nothing)
+    off glibc.
     """
     mallopt = getattr(_libc(), "mallopt", None)
     return mallopt is not None and bool(mallopt(_M_ARENA_MAX, 1) == 1)

@@ -129,9 +129,9 @@ class ServerConfig:
         default=60.0,
         metadata=_opt("Seconds a session must have been idle before it may be evicted at the cap."),
     )
-    # an open call holds ~14 KB of the server's memory: 20,000 PredictStreams that never sent a
-    # message took a server from 66 to 349 MB; the cap bounds what clients can hold open (the
-    # longest idle is closed for a new one: refusing new ones let idle holders lock others out)
+    # an open call holds ~14 KB of the server's memory, so what clients can hold open is bounded;
+    # the longest idle is closed for a new one (refusing new ones would let idle holders lock
+    # every other client out)
     max_streams: int = field(
         default=10_000,
         metadata=_opt(
@@ -171,7 +171,7 @@ class ServerConfig:
         default=256, metadata=_opt("Characters a session can always take back (RewindSession, Backspace).")
     )
     # a training text's distinct characters: the output layer, and every step's (T*B, V)
-    # arrays, grow with it (20,000 distinct characters took a trainer past 1.5 GB)
+    # arrays, grow with it (tens of thousands of characters need gigabytes per trainer)
     max_vocab: int = field(default=2048, metadata=_opt("Most distinct characters a training text may hold."))
     # every request is small (big training texts come in pieces: UploadText), and gRPC refuses a
     # bigger message from its length prefix, before it takes any memory

@@ -146,8 +146,8 @@ class ComputeProcess:
             target=child_main, args=(child_sock, os.getpid()), name="nextchar-compute", daemon=True
         )
         # the key each model sent has in the child, held weakly: a model the server drops is
-        # forgotten there too (its key goes to _gone, and the child hears at the next batch);
-        # before, every model ever sent stayed alive in both processes, deleted versions too
+        # forgotten there too (its key goes to _gone, and the child hears at the next batch), so
+        # deleted versions do not stay alive in both processes
         self._keys: weakref.WeakKeyDictionary[CharRNN, int] = weakref.WeakKeyDictionary()
         self._serial = itertools.count()  # keys are never reused
         self._gone: list[int] = []
