@@ -1,9 +1,8 @@
 """Training texts from files, read in bounded memory.
 
-A corpus may be bigger than a client should hold: ``nextchar train`` reached 250 MB
-of resident memory for a 107 MB file when it read the file whole, decoded it and
-encoded it again to measure it. Files are read here in blocks and decoded
-incrementally instead, twice: once to check them (UTF-8, not empty, how many
+A corpus may be bigger than a client should hold: reading a file whole, decoding it and
+encoding it again to measure it costs a few times the file's size in memory. Files are
+read here in blocks and decoded incrementally instead, twice: once to check them (UTF-8, not empty, how many
 characters) before anything is sent, and once more to hand the text on piece by
 piece (an upload, or a local job's text). A file that fails the check names itself
 and the byte that is wrong.

@@ -19,9 +19,9 @@ replacing the default never disturbs a live session: it finishes on its version.
 
 Every file is loaded and checked at start, but only the default and the versions
 asked for within MODEL_IDLE hold their network (``release_idle``); ``require`` loads
-a released one again, checked the same way. A registry lists every version ever
-trained, and held networks took 1.8 MB each for the shipped GRU-256 (50 versions:
-+92 MB in every replica and trainer).
+a released one again, checked the same way: a registry lists every version ever
+trained, and holding every network (about 2 MB each for the shipped GRU-256) would cost
+every replica and trainer that much per version.
 """
 
 from __future__ import annotations
