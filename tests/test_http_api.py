@@ -369,3 +369,41 @@ def test_idle_and_trickling_http_connections_are_closed_and_cost_others_nothing(
         for sock in idle:
             sock.close()
         srv.close()
+
+
+def test_websocket_clients_that_never_read_hold_a_bounded_share(tmp_path: Path) -> None:
+    """20 sockets send 4,096-character chunks with full distributions (~1 MB a reply) and never
+    read: the server stops reading each once its replies back up (one written reply per
+    stream, the rest refused by the reply budget), keeps answering others, and its memory stays
+    bounded."""
+    make_registry(tmp_path, versions=1)
+    srv = ServerProcess(tmp_path, "--http-port", "0", "--max-reply-bytes", str(8 << 20))
+    host, port = srv.http_url.removeprefix("http://").split(":")
+    frame = json.dumps({"text": "hello world " * 341, "full_distribution": True}).encode()
+    socks: list[socket.socket] = []
+    try:
+        before = srv.rss_kb()
+        for _ in range(20):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(
+                b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            mask = b"\x01\x02\x03\x04"
+            masked = bytes(b ^ mask[i % 4] for i, b in enumerate(frame))
+            header = bytes([0x81, 0x80 | 127]) + len(frame).to_bytes(8, "big") + mask
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(30):  # until the server stops reading: its buffers are full
+                    sock.send(header + masked)
+            socks.append(sock)
+        time.sleep(2.0)
+        held = srv.rss_kb()
+        assert call(srv.http_url, "POST", "/v1/predict", {"text": "still served"})[0] == 200
+        print(f"never-reading sockets: RSS {before} -> {held} KiB")
+        assert held - before < 64 * 1024, f"RSS grew by {held - before} KiB"  # budget 8 MB; JSON ~3x
+    finally:
+        for sock in socks:
+            sock.close()
+        srv.close()
