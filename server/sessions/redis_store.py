@@ -520,9 +520,8 @@ class RedisSessionStore:
             raise StaleSession(f"session {shown(session.id)} changed while the request computed")
         chars = max(0, new.offset - expected.offset)
         write = full or stored.dirty + chars >= self.write_every
-        args = [session.id, stored.version, self.idle_ms, self.life_ms, now_ms(), "by", self.replica()]
-        if write:
-            args += self._fields(session, new)
+        args = [session.id, stored.version, self.idle_ms, self.life_ms, now_ms()]
+        args += self._fields(session, new) if write else ["by", self.replica()]
         try:
             r = await self._commit_call([key(session.id), DEADLINE, CLOCK], args)
         except Unavailable:
