@@ -112,6 +112,9 @@ class SessionInfo(_message.Message):
     IDLE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     LIFETIME_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     REWIND_LIMIT_FIELD_NUMBER: _builtins.int
+    ADAPTIVE_FIELD_NUMBER: _builtins.int
+    ADAPT_STEPS_FIELD_NUMBER: _builtins.int
+    ADAPT_RESETS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session id (client-chosen or server-assigned)."""
     offset: _builtins.int
@@ -128,6 +131,14 @@ class SessionInfo(_message.Message):
     """How many characters RewindSession (or a stream's rewind) can take back now: at least
     the server's rewind_chars (256 by default) once the session has consumed that many.
     """
+    adaptive: _builtins.bool
+    """The session learns its writer: its predictions come from the model's weights plus its own
+    adapter, stepped from its own text every few characters (docs/adaptation.md).
+    """
+    adapt_steps: _builtins.int
+    """Adaptation steps taken (one per completed segment of the model's adapt config)."""
+    adapt_resets: _builtins.int
+    """Times the adapter diverged and was reset to the model's weights."""
     @_builtins.property
     def model(self) -> Global___ModelRef:
         """The model version the session is pinned to."""
@@ -143,10 +154,13 @@ class SessionInfo(_message.Message):
         idle_expires_at: _builtins.float = ...,
         lifetime_expires_at: _builtins.float = ...,
         rewind_limit: _builtins.int = ...,
+        adaptive: _builtins.bool = ...,
+        adapt_steps: _builtins.int = ...,
+        adapt_resets: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "idle_expires_at", b"idle_expires_at", "last_used_at", b"last_used_at", "lifetime_expires_at", b"lifetime_expires_at", "model", b"model", "offset", b"offset", "rewind_limit", b"rewind_limit", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapt_resets", b"adapt_resets", "adapt_steps", b"adapt_steps", "adaptive", b"adaptive", "created_at", b"created_at", "idle_expires_at", b"idle_expires_at", "last_used_at", b"last_used_at", "lifetime_expires_at", b"lifetime_expires_at", "model", b"model", "offset", b"offset", "rewind_limit", b"rewind_limit", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -536,6 +550,8 @@ class SessionSnapshot(_message.Message):
     PROBS_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     TRAIL_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    TRAIL_ADAPTER_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     """Blob format; this server writes 1 and reads 1."""
     model_checksum: _builtins.str
@@ -555,6 +571,14 @@ class SessionSnapshot(_message.Message):
     ExportSession leaves it empty and ImportSession ignores it (an imported session's rewinds
     reach back to the import).
     """
+    adapter: _builtins.bytes
+    """An adaptive session's adapter (its weight deltas, the segment it is collecting, its step and
+    reset counts; server-internal encoding): ExportSession writes it and ImportSession makes an
+    adaptive session from it, so a writer's profile can start their next session. Empty: the
+    session does not adapt.
+    """
+    trail_adapter: _builtins.bytes
+    """The adapter at the rewind trail's oldest mark (server-internal, with trail; never exported)."""
     @_builtins.property
     def model(self) -> Global___ModelRef:
         """The model version the state belongs to."""
@@ -571,10 +595,12 @@ class SessionSnapshot(_message.Message):
         probs: _builtins.bytes = ...,
         session_id: _builtins.str = ...,
         trail: _builtins.bytes = ...,
+        adapter: _builtins.bytes = ...,
+        trail_adapter: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "format_version", b"format_version", "model", b"model", "model_checksum", b"model_checksum", "offset", b"offset", "probs", b"probs", "session_id", b"session_id", "state", b"state", "trail", b"trail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "dtype", b"dtype", "format_version", b"format_version", "model", b"model", "model_checksum", b"model_checksum", "offset", b"offset", "probs", b"probs", "session_id", b"session_id", "state", b"state", "trail", b"trail", "trail_adapter", b"trail_adapter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -592,10 +618,15 @@ class CreateSessionRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     PRIME_TEXT_FIELD_NUMBER: _builtins.int
+    ADAPT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Client-chosen id, 1-128 characters of [A-Za-z0-9._:-]; empty lets the server choose."""
     prime_text: _builtins.str
     """Text to consume before the session is handed out (its predictions are not returned)."""
+    adapt: _builtins.bool
+    """The session adapts to its own text (SessionInfo.adaptive); unset: the server's default
+    (serve --adapt). Refused with RESOURCE_EXHAUSTED past the server's max_adaptive_sessions.
+    """
     @_builtins.property
     def model(self) -> Global___ModelRef:
         """Model to pin the session to; empty means the default model."""
@@ -606,12 +637,15 @@ class CreateSessionRequest(_message.Message):
         session_id: _builtins.str = ...,
         model: Global___ModelRef | None = ...,
         prime_text: _builtins.str = ...,
+        adapt: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_adapt", b"_adapt", "adapt", b"adapt", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "prime_text", b"prime_text", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adapt", b"_adapt", "adapt", b"adapt", "model", b"model", "prime_text", b"prime_text", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__adapt: _TypeAlias = _typing.Literal["adapt"]  # noqa: Y015
+    _WhichOneofArgType__adapt: _TypeAlias = _typing.Literal["_adapt", b"_adapt"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__adapt) -> _WhichOneofReturnType__adapt | None: ...
 
 Global___CreateSessionRequest: _TypeAlias = CreateSessionRequest  # noqa: Y015
 
@@ -1004,6 +1038,7 @@ class PredictRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     FULL_DISTRIBUTION_FIELD_NUMBER: _builtins.int
     EXPECT_OFFSET_FIELD_NUMBER: _builtins.int
+    ADAPT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to advance; empty predicts from a fresh initial state of `model` and keeps nothing."""
     text: _builtins.str
@@ -1015,6 +1050,10 @@ class PredictRequest(_message.Message):
     expect_offset: _builtins.int
     """If set, the request is refused with FAILED_PRECONDITION unless the session's
     offset equals it; guards against feeding a chunk twice after a reconnect.
+    """
+    adapt: _builtins.bool
+    """Session-less requests only: adapt to the text while predicting it, as an adaptive session
+    would (unset: the server's default). Ignored with a session_id (the session decides).
     """
     @_builtins.property
     def model(self) -> Global___ModelRef:
@@ -1029,13 +1068,19 @@ class PredictRequest(_message.Message):
         top_k: _builtins.int = ...,
         full_distribution: _builtins.bool = ...,
         expect_offset: _builtins.int | None = ...,
+        adapt: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expect_offset", b"_expect_offset", "expect_offset", b"expect_offset", "model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_adapt", b"_adapt", "_expect_offset", b"_expect_offset", "adapt", b"adapt", "expect_offset", b"expect_offset", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expect_offset", b"_expect_offset", "expect_offset", b"expect_offset", "full_distribution", b"full_distribution", "model", b"model", "session_id", b"session_id", "text", b"text", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adapt", b"_adapt", "_expect_offset", b"_expect_offset", "adapt", b"adapt", "expect_offset", b"expect_offset", "full_distribution", b"full_distribution", "model", b"model", "session_id", b"session_id", "text", b"text", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__adapt: _TypeAlias = _typing.Literal["adapt"]  # noqa: Y015
+    _WhichOneofArgType__adapt: _TypeAlias = _typing.Literal["_adapt", b"_adapt"]  # noqa: Y015
     _WhichOneofReturnType__expect_offset: _TypeAlias = _typing.Literal["expect_offset"]  # noqa: Y015
     _WhichOneofArgType__expect_offset: _TypeAlias = _typing.Literal["_expect_offset", b"_expect_offset"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__adapt) -> _WhichOneofReturnType__adapt | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__expect_offset) -> _WhichOneofReturnType__expect_offset | None: ...
 
 Global___PredictRequest: _TypeAlias = PredictRequest  # noqa: Y015
@@ -1091,6 +1136,7 @@ class PredictStreamRequest(_message.Message):
     FULL_DISTRIBUTION_FIELD_NUMBER: _builtins.int
     EXPECT_OFFSET_FIELD_NUMBER: _builtins.int
     REWIND_FIELD_NUMBER: _builtins.int
+    ADAPT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to attach to, on the first message. Empty on the first message opens
     a new session on `model`. Later messages may leave it empty; if set it must match.
@@ -1109,6 +1155,10 @@ class PredictStreamRequest(_message.Message):
     """Characters to take back before consuming text, as RewindSession does (a Backspace).
     With rewind set, text may be empty: the message only rewinds.
     """
+    adapt: _builtins.bool
+    """For a session opened by this stream: it adapts to its text (as CreateSessionRequest.adapt);
+    ignored otherwise.
+    """
     @_builtins.property
     def model(self) -> Global___ModelRef:
         """Model for a session opened by this stream; ignored otherwise."""
@@ -1123,13 +1173,19 @@ class PredictStreamRequest(_message.Message):
         full_distribution: _builtins.bool = ...,
         expect_offset: _builtins.int | None = ...,
         rewind: _builtins.int = ...,
+        adapt: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expect_offset", b"_expect_offset", "expect_offset", b"expect_offset", "model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_adapt", b"_adapt", "_expect_offset", b"_expect_offset", "adapt", b"adapt", "expect_offset", b"expect_offset", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expect_offset", b"_expect_offset", "expect_offset", b"expect_offset", "full_distribution", b"full_distribution", "model", b"model", "rewind", b"rewind", "session_id", b"session_id", "text", b"text", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adapt", b"_adapt", "_expect_offset", b"_expect_offset", "adapt", b"adapt", "expect_offset", b"expect_offset", "full_distribution", b"full_distribution", "model", b"model", "rewind", b"rewind", "session_id", b"session_id", "text", b"text", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__adapt: _TypeAlias = _typing.Literal["adapt"]  # noqa: Y015
+    _WhichOneofArgType__adapt: _TypeAlias = _typing.Literal["_adapt", b"_adapt"]  # noqa: Y015
     _WhichOneofReturnType__expect_offset: _TypeAlias = _typing.Literal["expect_offset"]  # noqa: Y015
     _WhichOneofArgType__expect_offset: _TypeAlias = _typing.Literal["_expect_offset", b"_expect_offset"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__adapt) -> _WhichOneofReturnType__adapt | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__expect_offset) -> _WhichOneofReturnType__expect_offset | None: ...
 
 Global___PredictStreamRequest: _TypeAlias = PredictStreamRequest  # noqa: Y015
