@@ -88,10 +88,14 @@ class NextCharClient:
     def _session(self, info: pb.SessionInfo, vocab: str = "") -> Session:
         return Session(self._conn, SessionInfo.from_pb(info), vocab, resume_attempts=self.resume_attempts)
 
-    def session(self, model: ModelLike = None, *, session_id: str = "", prime: str = "") -> Session:
-        """Create a session on model (default model when None), optionally with its id and a priming text."""
+    def session(
+        self, model: ModelLike = None, *, session_id: str = "", prime: str = "", adapt: bool | None = None
+    ) -> Session:
+        """Create a session on model (default model when None), optionally with its id and a priming
+        text. adapt: the session learns its writer (its own weights, stepped from its text; None:
+        the server's default, ``serve --adapt``)."""
         request = pb.CreateSessionRequest(
-            session_id=session_id, model=model_ref(model).to_pb(), prime_text=prime
+            session_id=session_id, model=model_ref(model).to_pb(), prime_text=prime, adapt=adapt
         )
         resp = self._conn.call(self._conn.stub.CreateSession, request)
         return self._session(resp.session, resp.vocab)
@@ -121,9 +125,12 @@ class NextCharClient:
 
     # ------------------------------------------------------------ predictions and generation
 
-    def predict(self, text: str, model: ModelLike = None, *, top_k: int = 3) -> Predictions:
-        """Predictions for text from a fresh state of model; the server keeps nothing."""
-        request = pb.PredictRequest(model=model_ref(model).to_pb(), text=text, top_k=top_k)
+    def predict(
+        self, text: str, model: ModelLike = None, *, top_k: int = 3, adapt: bool | None = None
+    ) -> Predictions:
+        """Predictions for text from a fresh state of model; the server keeps nothing. adapt:
+        adapting to the text as it goes, as an adaptive session would (None: the server's default)."""
+        request = pb.PredictRequest(model=model_ref(model).to_pb(), text=text, top_k=top_k, adapt=adapt)
         resp = self._conn.call(self._conn.stub.Predict, request)
         return Predictions(resp.predictions, resp.vocab, text)
 

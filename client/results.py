@@ -64,6 +64,9 @@ class SessionInfo:
     idle_expires_at: float
     lifetime_expires_at: float  # 0 = unlimited
     rewind_limit: int = 0  # characters Session.rewind can take back now
+    adaptive: bool = False  # the session learns its writer (docs/adaptation.md)
+    adapt_steps: int = 0  # adaptation steps taken
+    adapt_resets: int = 0  # times a diverging adapter was reset to the model's weights
 
     @classmethod
     def from_pb(cls, msg: pb.SessionInfo) -> SessionInfo:
@@ -76,6 +79,9 @@ class SessionInfo:
             msg.idle_expires_at,
             msg.lifetime_expires_at,
             msg.rewind_limit,
+            msg.adaptive,
+            msg.adapt_steps,
+            msg.adapt_resets,
         )
 
 

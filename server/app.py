@@ -169,6 +169,8 @@ class NextCharServer:
             config.max_prime_chars,
             config.max_generate_chars,
             config.rewind_chars,
+            config.adapt,
+            config.max_adaptive_sessions,
         )
         self.sessions = SessionManager(
             store, self.scheduler, catalog, limits, ReplyBudget(config.max_reply_bytes)
@@ -192,7 +194,10 @@ class NextCharServer:
         self.servicer.on_message = self.metrics.message_latency.observe
         self.servicer.on_refused = self.metrics.refused
         self.open_calls.on_evicted = self.metrics.streams_evicted.inc
-        self.metrics.watch(lambda: len(store), lambda: len(self.open_calls), self.jobs.states)
+        self.metrics.watch(
+            lambda: len(store), lambda: len(self.open_calls), self.jobs.states, self.sessions.adapters
+        )
+        self.sessions.on_adapter_reset = self.metrics.adapter_resets.inc
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs predate health.aio
         self.grpc = grpc.aio.server(
             options=config.grpc_options(), interceptors=interceptors(config, self.metrics.auth_failed)

@@ -170,6 +170,20 @@ class ServerConfig:
     rewind_chars: int = field(
         default=256, metadata=_opt("Characters a session can always take back (RewindSession, Backspace).")
     )
+    # off by default: an adaptive session costs ~280 KB (two adapters of the default model) and
+    # a gradient step every 20 characters (docs/adaptation.md)
+    adapt: bool = field(
+        default=False,
+        metadata=_opt(
+            "Sessions that do not say (CreateSession/Predict/PredictStream adapt) adapt to their writer."
+        ),
+    )
+    max_adaptive_sessions: int = field(
+        default=1000,
+        metadata=_opt(
+            "Adaptive sessions this server holds at once; beyond it adaptive creations are refused."
+        ),
+    )
     # a training text's distinct characters: the output layer, and every step's (T*B, V)
     # arrays, grow with it (tens of thousands of characters need gigabytes per trainer)
     max_vocab: int = field(default=2048, metadata=_opt("Most distinct characters a training text may hold."))
@@ -290,6 +304,7 @@ class ServerConfig:
             "max_generate_chars": self.max_generate_chars >= 1,
             "max_prime_chars": self.max_prime_chars >= 1,
             "rewind_chars": 0 <= self.rewind_chars <= 1_000_000,
+            "max_adaptive_sessions": self.max_adaptive_sessions >= 0,
             "max_vocab": self.max_vocab >= 1,
             "max_message_bytes": self.max_message_bytes >= 4096,
             "max_upload_bytes": self.max_upload_bytes >= 1,

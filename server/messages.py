@@ -33,6 +33,7 @@ def model_ref(mv: ModelVersion | None) -> pb.ModelRef:
 
 
 def session_info(session: Session, idle_timeout: float, lifetime: float) -> pb.SessionInfo:
+    adapter = session.value.adapter
     return pb.SessionInfo(
         session_id=session.id,
         model=model_ref(session.model),
@@ -42,6 +43,9 @@ def session_info(session: Session, idle_timeout: float, lifetime: float) -> pb.S
         idle_expires_at=session.last_used + idle_timeout,
         lifetime_expires_at=session.created + lifetime if lifetime else 0.0,
         rewind_limit=session.value.rewind_limit,
+        adaptive=adapter is not None,
+        adapt_steps=adapter.steps if adapter is not None else 0,
+        adapt_resets=adapter.resets if adapter is not None else 0,
     )
 
 

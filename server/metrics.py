@@ -9,6 +9,9 @@ training jobs by state) is read then, from the server's own structures, at no co
 scrapes.
 
     nextchar_sessions_active                      gauge
+    nextchar_sessions_adaptive                    gauge: sessions that learn their writer, held here
+    nextchar_adapter_bytes                        gauge: what their adapters hold (both of each session's)
+    nextchar_adapter_resets_total                 diverging adapters reset to the model's weights
     nextchar_streams_open                         gauge: calls their clients hold open (streams, uploads)
     nextchar_streams_evicted_total                open calls closed to make room past max_streams
     nextchar_sessions_ended_total{reason}         idle | lifetime | closed | evicted | other
@@ -105,6 +108,21 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.sessions_active = Gauge("nextchar_sessions_active", "Live sessions.", registry=r)
+        self.sessions_adaptive = Gauge(
+            "nextchar_sessions_adaptive",
+            "Sessions that learn their writer, held in this server's memory: at most max_adaptive_sessions.",
+            registry=r,
+        )
+        self.adapter_bytes = Gauge(
+            "nextchar_adapter_bytes",
+            "Bytes the adaptive sessions' adapters hold (the current one and the one at the trail's start).",
+            registry=r,
+        )
+        self.adapter_resets = Counter(
+            "nextchar_adapter_resets",
+            "Diverging adapters reset to the model's weights (the session goes on, unadapted).",
+            registry=r,
+        )
         self.streams_open = Gauge(
             "nextchar_streams_open",
             "Calls their clients hold open (streams, uploads): at most max_streams.",
@@ -151,9 +169,13 @@ class Metrics:
         active_sessions: Callable[[], int],
         open_streams: Callable[[], int],
         job_states: Callable[[], Iterable[str]],
+        adapters: Callable[[], tuple[int, int]],
     ) -> None:
-        """Read these when scraped: the live session count, the open streams and every training job's state."""
+        """Read these when scraped: the live session count, the open streams, every training job's
+        state, and (adaptive sessions, their adapters' bytes)."""
         self.sessions_active.set_function(lambda: float(active_sessions()))
+        self.sessions_adaptive.set_function(lambda: float(adapters()[0]))
+        self.adapter_bytes.set_function(lambda: float(adapters()[1]))
         self.streams_open.set_function(lambda: float(open_streams()))
         self.registry.register(JobStates(job_states))
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from nextchar.core.adapt import AdaptConfig, Rule, rule
 from nextchar.core.atomic import atomic_write
 from nextchar.core.config import ModelConfig
 from nextchar.core.inference import initial_probs
@@ -80,6 +81,7 @@ class ModelVersion:
     initial_probs: np.ndarray | None = None  # (V,) the prediction before any character
     used: float = field(default_factory=time.monotonic)  # when require() last gave the network
     _loading: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _rule: Rule | None = field(default=None, repr=False)
 
     @property
     def available(self) -> bool:
@@ -97,6 +99,13 @@ class ModelVersion:
             net = self._reload()
         self.touch()
         return net
+
+    def adapt_rule(self, net: CharRNN) -> Rule:
+        """How this version's adaptive sessions step (its file's AdaptConfig, checked when the file
+        loaded), made once: it depends on the weights' shapes, not their values."""
+        if self._rule is None:
+            self._rule = rule(net, AdaptConfig.from_dict(self.meta.get("adapt")))
+        return self._rule
 
     def touch(self) -> None:
         """Asked for now: the idle sweep (Registry.release_idle) keeps the network."""

@@ -38,6 +38,13 @@ def expected_offset(
     return request.expect_offset if request.HasField("expect_offset") else None
 
 
+def adapt_choice(
+    request: pb.CreateSessionRequest | pb.PredictRequest | pb.PredictStreamRequest,
+) -> bool | None:
+    """Whether the request asks for an adaptive session; None: the server's default."""
+    return request.adapt if request.HasField("adapt") else None
+
+
 class Service:
     def __init__(
         self,
@@ -63,7 +70,9 @@ class Service:
     async def CreateSession(self, request: pb.CreateSessionRequest) -> pb.CreateSessionResponse:
         self.sessions.limits.prime(request.prime_text)
         model = await self.model(request.model)
-        session = await self.sessions.create(request.session_id, model, request.prime_text)
+        session = await self.sessions.create(
+            request.session_id, model, request.prime_text, adapt_choice(request)
+        )
         return pb.CreateSessionResponse(session=self.info(session), vocab=model.vocab_chars)
 
     async def GetSession(self, request: pb.GetSessionRequest) -> pb.GetSessionResponse:

@@ -21,7 +21,7 @@ from nextchar.proto import nextchar_pb2 as pb
 from nextchar.server import messages, replies
 from nextchar.server.grpc_errors import Ctx, accepted, duplex, streaming, unary
 from nextchar.server.open_calls import OpenCalls
-from nextchar.server.service import Service, expected_offset
+from nextchar.server.service import Service, adapt_choice, expected_offset
 from nextchar.server.sessions.stream import Rewound, SessionStream, StreamMessage
 from nextchar.server.wire import Refused
 
@@ -81,7 +81,7 @@ class NextCharServicer:
             predicted = await self.sessions.predict(session, text, k, full, expected_offset(request))
         else:
             model = await self.service.model(request.model)
-            predicted = await self.sessions.predict_once(model, text, k, full)
+            predicted = await self.sessions.predict_once(model, text, k, full, adapt_choice(request))
         self.on_message(time.perf_counter() - start)
         if predicted.held:  # the reply leaves after this returns; the budget is back when the call is over
             context.add_done_callback(lambda _: self.sessions.written(predicted))  # type: ignore[arg-type]  # stubs: a callable works
@@ -111,6 +111,7 @@ class NextCharServicer:
                         request.session_id,
                         request.model.name,
                         request.model.version,
+                        adapt_choice(request),
                     )
                 )
                 session = stream.session

@@ -23,6 +23,8 @@ The policy, all of it here:
   one-character messages batched with a 4,096-character chunk waited for all of it.
 - A batch that fails is computed again work by work, so an error stays with the
   work that caused it and never fails the callers batched beside it.
+- Adaptive work (an adapter's gradient steps) never runs on the loop: it is cut
+  into a batch of its own and computed off it.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from nextchar.core.adapt import Adapter
 from nextchar.core.completion import Continuation
 from nextchar.core.config import Sampling
 from nextchar.core.model import CharRNN
 from nextchar.server.batching.executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
 from nextchar.server.batching.work import (
+    Adapting,
+    AdaptWork,
     BatchStats,
     CompleteWork,
     Generated,
@@ -109,9 +114,14 @@ class Scheduler:
         probs: np.ndarray,
         top_k: int,
         full: bool,
+        adapting: Adapting | None = None,
     ) -> Rows:
-        """The rows of chunk idx (n,) fed from state (S,) with prediction probs (V,)."""
+        """The rows of chunk idx (n,) fed from state (S,) with prediction probs (V,); adapting: an
+        adaptive session's (the rows carry its adapters after the chunk)."""
         future: asyncio.Future[Rows] = asyncio.get_running_loop().create_future()
+        if adapting is not None:
+            self._queue(AdaptWork(key, net, idx, state, probs, top_k, full, adapting, future))
+            return await future
         work = PredictWork(key, net, idx, state, probs, top_k, full, future)
         if self._alone(key, len(idx)):
             await self._run_inline([work])
@@ -128,16 +138,24 @@ class Scheduler:
         length: int,
         rng: np.random.Generator,
         sampling: Sampling,
+        adapting: Adapting | None = None,
     ) -> Generated:
         future: asyncio.Future[Generated] = asyncio.get_running_loop().create_future()
-        self._queue(GenerateWork(key, net, state, probs, length, rng, sampling, future))
+        self._queue(GenerateWork(key, net, state, probs, length, rng, sampling, future, adapting))
         return await future
 
     async def complete(
-        self, key: object, net: CharRNN, state: np.ndarray, probs: np.ndarray, n: int, max_chars: int
+        self,
+        key: object,
+        net: CharRNN,
+        state: np.ndarray,
+        probs: np.ndarray,
+        n: int,
+        max_chars: int,
+        adapter: Adapter | None = None,
     ) -> list[Continuation]:
         future: asyncio.Future[list[Continuation]] = asyncio.get_running_loop().create_future()
-        self._queue(CompleteWork(key, net, state, probs, n, max_chars, future))
+        self._queue(CompleteWork(key, net, state, probs, n, max_chars, future, adapter))
         return await future
 
     def _queue(self, work: Work) -> None:
@@ -181,6 +199,10 @@ class Scheduler:
             if long:
                 self._offload(long, sum(w.size for w in long), long=True)
                 batch = [w for w in batch if w.size < LONG_CHARS]
+            adaptive = [w for w in batch if w.adaptive]
+            if adaptive:
+                self._offload(adaptive, sum(w.size for w in adaptive))
+                batch = [w for w in batch if not w.adaptive]
             if not batch:
                 continue
             self._last_batch = len(batch)

@@ -9,6 +9,10 @@ network and advances each group with ONE ``nextchar.core.inference.advance`` cal
 completion. It runs wherever an executor puts it (the loop, a thread); the compute
 process runs the same ``advance`` on the packed arrays (``pack``), so every path
 gives the same answer.
+
+Adaptive sessions (nextchar.core.adapt) send ``AdaptWork``: their chunks are
+advanced under their own adapters, with the gradient steps their text completes,
+and never on the event loop (the scheduler and executors see to it).
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
+from nextchar.core import adapt
+from nextchar.core.adapt import Adapter, Rule
 from nextchar.core.completion import Continuation, complete
 from nextchar.core.config import Sampling
 from nextchar.core.inference import Advanced, advance, generate, pack_chunks
@@ -39,6 +46,8 @@ class Rows:
     batch: Advanced
     state: np.ndarray  # (S,) after the chunk, a copy
     probs: np.ndarray  # (V,) prediction after the chunk, a copy
+    adapter: Adapter | None = None  # an adaptive session's adapter after the chunk
+    base: Adapter | None = None  # and the one at its trail's oldest mark (Adapting.base, replayed)
 
     @property
     def n(self) -> int:
@@ -68,6 +77,23 @@ class Generated:
     idx: np.ndarray  # (n,) the drawn characters' indices
     state: np.ndarray  # (S,) after them
     probs: np.ndarray  # (V,)
+    adapter: Adapter | None = None  # as Rows'
+    base: Adapter | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Adapting:
+    """What an adaptive session's work carries beyond a static one's."""
+
+    rule: Rule
+    adapter: Adapter
+    base: Adapter | None  # where the trail's oldest mark after the work comes from (SessionValue.base_source)
+    replay: np.ndarray  # (m,) int64: the text base moves through to get there
+
+    def moved_base(self, net: CharRNN) -> Adapter | None:
+        if self.base is None or not len(self.replay):
+            return self.base
+        return adapt.replay(net, self.rule, self.base, self.replay)
 
 
 # Every work names its caller's key (a session, or any object standing for one): the
@@ -85,6 +111,28 @@ class PredictWork:
     full: bool
     future: asyncio.Future[Rows]
     size: int = field(init=False)  # characters: read several times per work by the scheduler
+    adaptive: ClassVar[bool] = False  # steps an adapter: computed off the event loop
+
+    def __post_init__(self) -> None:
+        self.size = len(self.idx)
+
+
+@dataclass(slots=True)
+class AdaptWork:
+    """An adaptive session's chunk: PredictWork's fields, and its adapter (never batched with
+    static chunks, never computed on the event loop)."""
+
+    key: object
+    net: CharRNN
+    idx: np.ndarray  # (n,) int64
+    state: np.ndarray
+    probs: np.ndarray
+    top_k: int
+    full: bool
+    adapting: Adapting
+    future: asyncio.Future[Rows]
+    size: int = field(init=False)
+    adaptive: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.size = len(self.idx)
@@ -92,6 +140,11 @@ class PredictWork:
 
 @dataclass(slots=True)
 class GenerateWork:
+    """Sampling: an adaptive session's draws come from its adapted weights, a piece never longer
+    than what its window has room for plus the character that completes it (so every draw is from
+    the weights a session fed the same text would predict it with), and the drawn text is then fed
+    as any other (its steps, its exact value)."""
+
     key: object
     net: CharRNN
     state: np.ndarray
@@ -100,10 +153,15 @@ class GenerateWork:
     rng: np.random.Generator
     sampling: Sampling
     future: asyncio.Future[Generated]
+    adapting: Adapting | None = None
 
     @property
     def size(self) -> int:  # characters
         return self.length
+
+    @property
+    def adaptive(self) -> bool:
+        return self.adapting is not None
 
 
 @dataclass(slots=True)
@@ -118,13 +176,18 @@ class CompleteWork:
     n: int
     max_chars: int
     future: asyncio.Future[list[Continuation]]
+    adapter: Adapter | None = None  # an adaptive session's: the search runs on its weights
 
     @property
     def size(self) -> int:  # characters it may step, at most
         return self.n * self.max_chars
 
+    @property
+    def adaptive(self) -> bool:
+        return self.adapter is not None
 
-Work = PredictWork | GenerateWork | CompleteWork
+
+Work = PredictWork | AdaptWork | GenerateWork | CompleteWork
 Result = Rows | Generated | list[Continuation]
 
 
@@ -213,13 +276,13 @@ def compute(batch: Sequence[Work], stats: BatchStats) -> list[Result]:
     start = time.perf_counter()
     out: list[Result | None] = [None] * len(batch)
     for i, work in enumerate(batch):
-        if isinstance(work, GenerateWork):
-            text, state, probs = generate(
-                work.net, work.state, work.probs, work.length, work.rng, work.sampling
-            )
-            out[i] = Generated(text, work.net.vocab.encode(text), state, probs)
+        if isinstance(work, AdaptWork):
+            out[i] = adapted_rows(work)
+        elif isinstance(work, GenerateWork):
+            out[i] = generated(work)
         elif isinstance(work, CompleteWork):
-            out[i] = complete(work.net, work.state, work.probs, work.n, work.max_chars)
+            net = work.net if work.adapter is None else adapt.adapted(work.net, work.adapter)
+            out[i] = complete(net, work.state, work.probs, work.n, work.max_chars)
     for members, works in prediction_groups(batch):
         packed = pack(works)
         answer = advance_packed(works[0].net, packed)
@@ -229,3 +292,24 @@ def compute(batch: Sequence[Work], stats: BatchStats) -> list[Result]:
     stats.batches += 1
     stats.compute_seconds += time.perf_counter() - start
     return out  # type: ignore[return-value]  # every position filled above
+
+
+def adapted_rows(work: AdaptWork) -> Rows:
+    a = work.adapting
+    adapter, out = adapt.feed(
+        work.net, a.rule, a.adapter, work.state, work.probs, work.idx, work.top_k, work.full
+    )
+    return Rows(
+        work.idx, work.top_k, 0, out, out.states[0], out.last_probs[0], adapter, a.moved_base(work.net)
+    )
+
+
+def generated(work: GenerateWork) -> Generated:
+    a = work.adapting
+    net = work.net if a is None else adapt.adapted(work.net, a.adapter)
+    text, state, probs = generate(net, work.state, work.probs, work.length, work.rng, work.sampling)
+    idx = work.net.vocab.encode(text)
+    if a is None:
+        return Generated(text, idx, state, probs)
+    adapter, out = adapt.feed(work.net, a.rule, a.adapter, work.state, work.probs, idx)
+    return Generated(text, idx, out.states[0], out.last_probs[0], adapter, a.moved_base(work.net))

@@ -30,7 +30,7 @@ from nextchar.server.errors import InvalidArgument, ServiceError
 from nextchar.server.httpapi.errors import error_middleware, internal, refusal
 from nextchar.server.httpapi.jsonform import candidates, json_object, parse, predictions, to_json
 from nextchar.server.open_calls import OpenCalls
-from nextchar.server.service import Service
+from nextchar.server.service import Service, adapt_choice
 from nextchar.server.sessions.stream import Rewound, SessionStream, StreamMessage
 from nextchar.server.wire import SMALL, request_limits
 
@@ -200,7 +200,7 @@ class HttpApi:
             predicted = await self.sessions.predict(session, text, k, full, expect)
         else:
             model = await self.service.model(message.model)
-            predicted = await self.sessions.predict_once(model, text, k, full)
+            predicted = await self.sessions.predict_once(model, text, k, full, adapt_choice(message))
         try:
             vocab = model.vocab_chars
             body = {
@@ -342,6 +342,7 @@ def stream_message(data: str) -> StreamMessage:
         request.session_id,
         request.model.name,
         request.model.version,
+        adapt_choice(request),
     )
 
 

@@ -25,6 +25,8 @@ class Limits:
     max_prime_chars: int = 100_000
     max_generate_chars: int = 10_000
     rewind_chars: int = 0  # what each session's trail keeps (nextchar.server.sessions.trail)
+    adapt: bool = False  # whether a session that does not say adapts (nextchar.core.adapt)
+    max_adaptive_sessions: int = 1000  # adaptive sessions this server holds at once
 
     def text(self, text: str, field: str = "text") -> None:
         if not text:

@@ -12,10 +12,16 @@ ever computed from an outdated value.
 
 Work on values no store holds (priming a new session, a stateless Predict, a
 forked generation) computes the same way and keeps its values to itself.
+
+An adaptive session's value carries its adapter (nextchar.core.adapt); every path
+here hands it to the compute path with the value (``_adapting``) and takes the
+adapter after the work back into the new value, so a rewind, a fork, an export or
+a replica taking over continues with exactly the adapter the text implies.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -25,10 +31,10 @@ from nextchar.core.completion import Continuation
 from nextchar.core.config import Sampling
 from nextchar.core.model import CharRNN
 from nextchar.server.batching.scheduler import Scheduler
-from nextchar.server.batching.work import Rows
+from nextchar.server.batching.work import Adapting, Rows
 from nextchar.server.budget import ReplyBudget, reply_bytes
 from nextchar.server.catalog import Catalog
-from nextchar.server.errors import FailedPrecondition, InvalidArgument, Unavailable, shown
+from nextchar.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, shown
 from nextchar.server.logs import bind_session
 from nextchar.server.registry import ModelVersion
 from nextchar.server.sessions import snapshot
@@ -41,6 +47,7 @@ from nextchar.server.sessions.value import SessionValue
 
 STALE_RETRIES = 3  # re-runs of a change whose session another replica advanced
 T = TypeVar("T")
+log = logging.getLogger("nextchar.server")
 
 
 @dataclass(slots=True)
@@ -98,6 +105,7 @@ class SessionManager:
         self.draining = False
         self.turns = Turns()
         self._attached: dict[str, Attachment] = {}  # session id -> the stream that holds it here
+        self.on_adapter_reset: Callable[[], None] = lambda: None  # a diverging adapter was reset (metrics)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -112,16 +120,28 @@ class SessionManager:
         """A model version to start from: name "" the default, version 0 the newest."""
         return await self.catalog.resolve(name, version)
 
-    async def create(self, requested_id: str, model: ModelVersion, prime_text: str = "") -> Session:
-        """A new session on model, fed prime_text before anyone else can see it."""
+    def adaptive(self, adapt: bool | None) -> bool:
+        """Whether a new session adapts: as asked, else the server's default."""
+        return self.limits.adapt if adapt is None else adapt
+
+    async def create(
+        self, requested_id: str, model: ModelVersion, prime_text: str = "", adapt: bool | None = None
+    ) -> Session:
+        """A new session on model, fed prime_text before anyone else can see it; adapt: whether it
+        learns its writer (None: the server's default)."""
         self.limits.prime(prime_text)
         session_id = self.admit(requested_id)
+        adaptive = self.adaptive(adapt)
+        if adaptive:
+            self._admit_adaptive()  # before priming: a refused session costs no steps
         net = await self.catalog.network(model)
-        value = await self.prime(net, start_value(model, net, self.limits.rewind_chars), prime_text)
+        start = start_value(model, net, self.limits.rewind_chars, adaptive)
+        value = await self.prime(model, net, start, prime_text)
         return await self._add(Session(session_id, model, value))
 
     async def fork(self, source_id: str, requested_id: str) -> Session:
-        """A new session with source's value (values are immutable: shared, not copied)."""
+        """A new session with source's value (values are immutable: shared, not copied; an
+        adaptive session's fork adapts on from the same adapter)."""
         source = await self.get(source_id, fresh=True)
         return await self._add(Session(self.admit(requested_id), source.model, source.value))
 
@@ -143,13 +163,24 @@ class SessionManager:
             )
         net = await self.catalog.network(mv)
         try:
-            value = snapshot.imported(net, snap, self.limits.rewind_chars)
+            value = snapshot.imported(net, mv.adapt_rule(net), snap, self.limits.rewind_chars)
         except snapshot.SnapshotMismatch as exc:
             raise InvalidArgument(f"blob: {exc}") from None
         return await self._add(Session(self.admit(requested_id), mv, value))
 
+    def _admit_adaptive(self) -> None:
+        cap = self.limits.max_adaptive_sessions
+        if self.store.adaptive_held() >= cap:
+            raise ResourceExhausted(
+                f"adaptive session cap of {cap} reached on this server; create the session without "
+                "adapt, close adaptive sessions, or retry later",
+                limit="max_adaptive_sessions",
+            )
+
     async def _add(self, session: Session) -> Session:
         self.admit(session.id)  # re-check: the server may have started draining while priming
+        if session.value.adapter is not None:
+            self._admit_adaptive()
         await self.store.add(session, self.limits.max_sessions)
         bind_session(session.id)
         return session
@@ -179,7 +210,8 @@ class SessionManager:
         net = await self.catalog.network(session.model)
 
         async def restart(value: SessionValue) -> tuple[SessionValue, None]:
-            return start_value(session.model, net, self.limits.rewind_chars), None
+            # an adaptive session stays adaptive, with an adapter that has learnt nothing
+            return start_value(session.model, net, self.limits.rewind_chars, value.adaptive), None
 
         await self._change(session, restart, full=True)
         return session
@@ -205,6 +237,20 @@ class SessionManager:
         for session_id in doomed:
             await self.store.remove(session_id, f"evicted: model {model.name} v{model.version} was deleted")
         return len(doomed)
+
+    def adapters(self) -> tuple[int, int]:
+        """(adaptive sessions held here, the bytes their adapters hold): read when metrics are
+        scraped. An array shared by several adapters (a fork's, a base not stepped since) counts once."""
+        arrays: dict[int, np.ndarray] = {}
+        count = 0
+        for session in self.store.held():
+            value = session.value
+            if value.adapter is not None:
+                count += 1
+                for adapter in (value.adapter, value.base):
+                    if adapter is not None:
+                        arrays.update((id(a), a) for a in (*adapter.deltas, adapter.start, adapter.window))
+        return count, sum(a.nbytes for a in arrays.values())
 
     async def page(self, start: int, size: int) -> tuple[list[Session], int]:
         """Sessions start..start+size in creation order, and how many there are in all."""
@@ -274,8 +320,14 @@ class SessionManager:
 
             async def advance(value: SessionValue) -> tuple[SessionValue, Rows]:
                 self._expect(session, value, expect_offset)
-                rows = await self.scheduler.predict(session, net, idx, value.state, value.probs, k, full)
-                return value.advanced(idx, rows.state, rows.probs), rows
+                adapting = None if value.adapter is None else self._adapting(session, net, value, len(idx))
+                rows = await self.scheduler.predict(
+                    session, net, idx, value.state, value.probs, k, full, adapting
+                )
+                after = value.advanced(idx, rows.state, rows.probs, rows.adapter, rows.base)
+                if rows.adapter is not None:
+                    self._count_resets(value, after)
+                return after, rows
 
             before, after, rows = await self._change(session, advance)
         except BaseException:
@@ -283,14 +335,19 @@ class SessionManager:
             raise
         return Predicted(before.offset, rows, self._unknown(net, text), after.rewind_limit, held)
 
-    async def predict_once(self, model: ModelVersion, text: str, top_k: int, full: bool) -> Predicted:
-        """Predictions for text from the model's start, in no session."""
+    async def predict_once(
+        self, model: ModelVersion, text: str, top_k: int, full: bool, adapt: bool | None = None
+    ) -> Predicted:
+        """Predictions for text from the model's start, in no session (adapt: adapting to the text
+        as an adaptive session would; None: the server's default)."""
         net = await self.catalog.network(model)
         k, held = self._reserve(net, text, top_k, full)
         try:
             idx = net.vocab.encode(text)
-            start = start_value(model, net)
-            rows = await self.scheduler.predict(object(), net, idx, start.state, start.probs, k, full)
+            start = start_value(model, net, adaptive=self.adaptive(adapt))
+            key = Draft(model, start)
+            adapting = None if start.adapter is None else self._adapting(key, net, start, len(idx))
+            rows = await self.scheduler.predict(key, net, idx, start.state, start.probs, k, full, adapting)
         except BaseException:
             self.budget.release(held)
             raise
@@ -320,28 +377,56 @@ class SessionManager:
                     rewind_limit=str(reach),
                 )
             target = value.offset - chars
-            replay = value.trail.replay(value.offset, chars)
+            # an adaptive session's adapter is known at the oldest mark only (value.base)
+            replay = value.trail.replay(value.offset, chars, oldest=value.adaptive)
             # (the re-fed text leaves no marks: the trail after the rewind is the old one, cut back)
-            mark = SessionValue(replay.mark.state, replay.mark.probs, replay.mark.offset, Trail(0))
+            mark = SessionValue(
+                replay.mark.state, replay.mark.probs, replay.mark.offset, Trail(0), value.base
+            )
             fed = await self._feed(session, net, mark, replay.text)
-            return SessionValue(fed.state, fed.probs, target, value.trail.rewound(target)), None
+            trail = value.trail.rewound(target)
+            return SessionValue(fed.state, fed.probs, target, trail, fed.adapter, value.base), None
 
         return (await self._change(session, take_back, full=True))[1]
 
-    async def prime(self, net: CharRNN, value: SessionValue, text: str) -> SessionValue:
+    async def prime(self, model: ModelVersion, net: CharRNN, value: SessionValue, text: str) -> SessionValue:
         """value fed text, for a session no store holds yet (nobody else can see it)."""
         if not text:
             return value
-        return await self._feed(object(), net, value, net.vocab.encode(text))
+        fed = await self._feed(Draft(model, value), net, value, net.vocab.encode(text))
+        self._count_resets(value, fed)
+        return fed
 
-    async def _feed(self, key: object, net: CharRNN, value: SessionValue, idx: np.ndarray) -> SessionValue:
+    async def _feed(
+        self, key: Session | Draft, net: CharRNN, value: SessionValue, idx: np.ndarray
+    ) -> SessionValue:
         """value advanced through idx, in chunks of max_chunk_chars."""
         step = self.limits.max_chunk_chars
         for start in range(0, len(idx), step):
             chunk = idx[start : start + step]
-            rows = await self.scheduler.predict(key, net, chunk, value.state, value.probs, 1, False)
-            value = value.advanced(chunk, rows.state, rows.probs)
+            adapting = None if value.adapter is None else self._adapting(key, net, value, len(chunk))
+            rows = await self.scheduler.predict(key, net, chunk, value.state, value.probs, 1, False, adapting)
+            value = value.advanced(chunk, rows.state, rows.probs, rows.adapter, rows.base)
         return value
+
+    def _adapting(self, source: Session | Draft, net: CharRNN, value: SessionValue, chars: int) -> Adapting:
+        """What an adaptive value's next chars characters need computed beside the static work:
+        its adapter and the trail's base to move (SessionValue.base_source)."""
+        assert value.adapter is not None
+        base, replay = value.base_source(chars)
+        return Adapting(source.model.adapt_rule(net), value.adapter, base, replay)
+
+    def _count_resets(self, before: SessionValue, after: SessionValue) -> None:
+        """Log and count (nextchar_adapter_resets_total) the times a diverging adapter was reset
+        to the model's weights between two values of one session, over text it had not seen
+        (a rewind's replay repeats resets already counted)."""
+        if before.adapter is None or after.adapter is None:
+            return
+        resets = after.adapter.resets - before.adapter.resets
+        if resets > 0:
+            log.warning("adaptive session: a diverging adapter was reset to the model's weights (%d)", resets)
+            for _ in range(resets):
+                self.on_adapter_reset()
 
     async def generate(
         self,
@@ -354,13 +439,14 @@ class SessionManager:
     ) -> AsyncIterator[Piece]:
         """Feed prime_text, then sample length characters, piece at a time. A stored session
         advances with each piece; a draft's value moves here alone. A piece is not re-run
-        after a lost race (its random draws are spent): that answers ABORTED."""
+        after a lost race (its random draws are spent): that answers ABORTED. An adaptive
+        session's pieces end where its adapter steps (GenerateWork says why)."""
         net = await self.catalog.network(source.model)
         self.limits.generation(length, sampling, net.vocab.size)
         self.limits.prime(prime_text)
         idx = net.vocab.encode(prime_text)
-        key: object = source if isinstance(source, Session) else object()
         draft = None if isinstance(source, Session) else self._draft_value(source, net)
+        left = length  # characters still to draw
 
         async def move(
             compute: Callable[[SessionValue], Awaitable[tuple[SessionValue, str]]],
@@ -375,22 +461,32 @@ class SessionManager:
             return draft, text
 
         async def prime(value: SessionValue) -> tuple[SessionValue, str]:
-            return await self._feed(key, net, value, idx), ""
+            fed = await self._feed(source, net, value, idx)
+            self._count_resets(value, fed)
+            return fed, ""
 
-        def drawing(n: int) -> Callable[[SessionValue], Awaitable[tuple[SessionValue, str]]]:
+        def drawing(most: int) -> Callable[[SessionValue], Awaitable[tuple[SessionValue, str]]]:
             async def draw(value: SessionValue) -> tuple[SessionValue, str]:
-                out = await self.scheduler.generate(key, net, value.state, value.probs, n, rng, sampling)
-                return value.advanced(out.idx, out.state, out.probs), out.text
+                nonlocal left
+                n, adapting = most, None
+                if value.adapter is not None:  # up to and including the character that completes its window
+                    room = source.model.adapt_rule(net).config.segment - len(value.adapter.window)
+                    n = min(most, room + 1)
+                    adapting = self._adapting(source, net, value, n)
+                out = await self.scheduler.generate(
+                    source, net, value.state, value.probs, n, rng, sampling, adapting
+                )
+                after = value.advanced(out.idx, out.state, out.probs, out.adapter, out.base)
+                self._count_resets(value, after)
+                left -= n  # drawn: a lost race is not drawn again (ABORTED)
+                return after, out.text
 
             return draw
 
         if prime_text:
             await move(prime)
-        left = length
         while left > 0:
-            n = min(left, piece)
-            left -= n
-            after, text = await move(drawing(n))
+            after, text = await move(drawing(min(left, piece)))
             yield Piece(text, after.offset)
 
     async def complete(
@@ -406,8 +502,10 @@ class SessionManager:
             value = source.value
         else:
             self.limits.prime(prime_text)
-            value = await self.prime(net, self._draft_value(source, net), prime_text)
-        found = await self.scheduler.complete(source, net, value.state, value.probs, n, max_chars)
+            value = await self.prime(source.model, net, self._draft_value(source, net), prime_text)
+        found = await self.scheduler.complete(
+            source, net, value.state, value.probs, n, max_chars, value.adapter
+        )
         return value.offset, found
 
     @staticmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from nextchar.server.registry import ModelVersion
 from nextchar.server.sessions.session import Session
@@ -40,6 +40,7 @@ class InMemorySessionStore:
         self._sessions: dict[str, Session] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()  # ids, least recently used first
         self._gone: OrderedDict[str, str] = OrderedDict()
+        self._adaptive = 0  # sessions that adapt (a session's adaptivity is fixed when it is added)
 
     def _expiry_reason(self, session: Session, now: float) -> str | None:
         return expiry_reason(session, now, self.idle_timeout, self.lifetime)
@@ -70,6 +71,7 @@ class InMemorySessionStore:
         self._gone.pop(session.id, None)
         self._sessions[session.id] = session
         self._recent[session.id] = None
+        self._adaptive += session.value.adapter is not None
 
     def _make_room(self, cap: int) -> None:
         """Evict the session idle the longest, if it has been idle evict_idle seconds."""
@@ -103,7 +105,8 @@ class InMemorySessionStore:
         return [s.id for s in self._sessions.values() if s.model is model]
 
     def _remove(self, session_id: str, reason: str) -> None:
-        del self._sessions[session_id]  # changes computing for it are refused at their commit
+        session = self._sessions.pop(session_id)  # changes computing for it are refused at their commit
+        self._adaptive -= session.value.adapter is not None
         del self._recent[session_id]
         self._gone[session_id] = reason
         if len(self._gone) > TOMBSTONES:
@@ -137,3 +140,9 @@ class InMemorySessionStore:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def held(self) -> Iterable[Session]:
+        return self._sessions.values()
+
+    def adaptive_held(self) -> int:
+        return self._adaptive

@@ -6,6 +6,9 @@ Layout, all keys under ``nextchar:``::
     s:{id}     hash    v (version), model, mv (its model version), created, used (ms),
                        snap (the session's value: a SessionSnapshot, snapshot.py's codec, the
                        rewind trail included), by (the replica that last advanced it);
+                       an adaptive session's adapter deltas apart, dl (its adapter's) and bdl
+                       (the one at its trail's start), written only when they changed (once
+                       per adaptation step: the rest of the value changes every message);
                        PEXPIRE = idle timeout, capped by what is left of the lifetime, renewed on use
     created    zset    id -> created ms: ListSessions pages, the cap (ZCARD)
     deadline   zset    id -> expiry ms: the sweeper finds expired ids here and tells idle from lifetime
@@ -35,7 +38,7 @@ import contextlib
 import hashlib
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -186,6 +189,8 @@ class Stored:
 
     version: int  # the stored copy's version this object's value is; -1 = unknown (re-read first)
     dirty: int = 0  # characters consumed since the value was last written
+    deltas: object = None  # the adapter deltas (a tuple, by identity) the stored copy holds
+    base_deltas: object = None  # and the trail's base adapter's
 
 
 class RedisSessionStore:
@@ -280,8 +285,21 @@ class RedisSessionStore:
 
     # ------------------------------------------------------------ sessions from and to hashes
 
-    def _fields(self, session: Session, value: SessionValue) -> list[Any]:
-        return ["snap", snapshot.encode(session.model, value), "by", self.replica()]
+    def _fields(self, session: Session, value: SessionValue, stored: Stored) -> list[Any]:
+        """The hash fields that write value (and the deltas the stored copy lacks) over stored."""
+        fields = ["snap", snapshot.encode(session.model, value, deltas_apart=True), "by", self.replica()]
+        adapter, base = value.adapter, value.base
+        if adapter is not None and adapter.deltas is not stored.deltas:
+            fields += ["dl", snapshot.encode_deltas(adapter)]
+        if base is not None and value.trail.marks and base.deltas is not stored.base_deltas:
+            fields += ["bdl", snapshot.encode_deltas(base)]
+        return fields
+
+    @staticmethod
+    def _written(stored: Stored, value: SessionValue) -> None:
+        """The stored copy holds value's deltas now."""
+        stored.deltas = value.adapter.deltas if value.adapter is not None else None
+        stored.base_deltas = value.base.deltas if value.base is not None else None
 
     async def _decode(self, session_id: str, h: dict[bytes, bytes]) -> tuple[ModelVersion, SessionValue]:
         try:
@@ -299,7 +317,10 @@ class RedisSessionStore:
             )
         net = await self.catalog.network(mv)
         try:
-            return mv, snapshot.stored(net, snap, self.rewind_chars)
+            value = snapshot.stored(
+                net, mv.adapt_rule(net), snap, self.rewind_chars, h.get(b"dl"), h.get(b"bdl")
+            )
+            return mv, value
         except snapshot.SnapshotMismatch as exc:
             raise FailedPrecondition(
                 f"session {shown(session_id)}: the stored state does not fit its model: {exc}"
@@ -310,6 +331,7 @@ class RedisSessionStore:
         session.model, session.value = await self._decode(session.id, h)
         session.created = int(h[b"created"]) / 1000
         stored.version, stored.dirty = int(h[b"v"]), 0
+        self._written(stored, session.value)
 
     async def _session(self, session_id: str, h: dict[bytes, bytes]) -> Session:
         session = Session(session_id, *await self._decode(session_id, h))
@@ -375,18 +397,20 @@ class RedisSessionStore:
             session = self._hot.get(session_id)  # a concurrent call may have loaded it meanwhile
             if session is None:
                 session = self._hot[session_id] = loaded
-                self._stored[session] = Stored(int(h[b"v"]))
+                self._stored[session] = stored = Stored(int(h[b"v"]))
+                self._written(stored, session.value)
             return session
         await self.refresh(session)
         return session
 
     async def add(self, session: Session, cap: int) -> None:
+        stored = Stored(0)
         fields = [
             "model",
             session.model.name,
             "mv",
             session.model.version,
-            *self._fields(session, session.value),
+            *self._fields(session, session.value, stored),
         ]
         now, reason = now_ms(), evicted_reason(cap)
         created = await self._eval(
@@ -417,7 +441,9 @@ class RedisSessionStore:
                 self.on_remove(evicted, reason)
         session.created = session.last_used = now / 1000
         self._hot[session.id] = session
-        self._stored[session] = Stored(int(v))
+        stored.version = v
+        self._written(stored, session.value)
+        self._stored[session] = stored
 
     async def remove(self, session_id: str, reason: str) -> None:
         # not loaded first: a session of a model version just deleted could not be
@@ -505,6 +531,14 @@ class RedisSessionStore:
     def __len__(self) -> int:
         return len(self._hot)
 
+    def held(self) -> Iterable[Session]:
+        return self._hot.values()
+
+    def adaptive_held(self) -> int:
+        """Counted when asked (an adaptive session's creation, a scrape): the hot sessions change
+        in too many places (loads, sweeps, other replicas' removals) to keep a count in step."""
+        return sum(1 for s in self._hot.values() if s.value.adapter is not None)
+
     # ------------------------------------------------------------ changes
 
     async def commit(
@@ -521,7 +555,7 @@ class RedisSessionStore:
         chars = max(0, new.offset - expected.offset)
         write = full or stored.dirty + chars >= self.write_every
         args = [session.id, stored.version, self.idle_ms, self.life_ms, now_ms()]
-        args += self._fields(session, new) if write else ["by", self.replica()]
+        args += self._fields(session, new, stored) if write else ["by", self.replica()]
         try:
             r = await self._commit_call([key(session.id), DEADLINE, CLOCK], args)
         except Unavailable:
@@ -536,6 +570,8 @@ class RedisSessionStore:
         if r < 0:
             raise await self._gone(session.id)
         stored.version, stored.dirty = int(r), 0 if write else stored.dirty + chars
+        if write:
+            self._written(stored, new)
         session.value = new
 
     async def _commit_call(self, keys: list[str], args: list[Any]) -> Any:

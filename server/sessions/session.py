@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from nextchar.core import adapt
 from nextchar.core.model import CharRNN
 from nextchar.server.registry import ModelVersion
 from nextchar.server.sessions.trail import Trail
@@ -33,7 +34,11 @@ class Session:
         return self.value.offset
 
 
-def start_value(model: ModelVersion, net: CharRNN, keep: int = 0) -> SessionValue:
-    """The model's start (its initial state and first prediction), with a trail keeping keep characters."""
+def start_value(model: ModelVersion, net: CharRNN, keep: int = 0, adaptive: bool = False) -> SessionValue:
+    """The model's start (its initial state and first prediction), with a trail keeping keep
+    characters; adaptive: with an adapter that has learnt nothing yet."""
     assert model.initial_probs is not None  # set whenever the model loaded
-    return SessionValue(net.initial_state(1)[0], model.initial_probs, 0, Trail(keep))
+    state = net.initial_state(1)[0]
+    return SessionValue(
+        state, model.initial_probs, 0, Trail(keep), adapt.fresh(net, state) if adaptive else None
+    )

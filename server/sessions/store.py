@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Iterable
 from typing import Protocol
 
 from nextchar.server.errors import (
@@ -138,3 +139,5 @@ class SessionStore(Protocol):
     async def close(self) -> None: ...  # write back what is not written yet
     def contains(self, session_id: str) -> bool: ...  # held in this process's memory
     def __len__(self) -> int: ...  # sessions held in this process's memory
+    def held(self) -> Iterable[Session]: ...  # those sessions (a scrape reads their adapters)
+    def adaptive_held(self) -> int: ...  # how many of them adapt (max_adaptive_sessions counts these)

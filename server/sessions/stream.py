@@ -36,6 +36,7 @@ class StreamMessage(NamedTuple):
     session_id: str = ""  # the first message: attach to this session ("" creates one)...
     model_name: str = ""  # ...on this model ("" the default)
     model_version: int = 0
+    adapt: bool | None = None  # ...adaptive or not (None: the server's default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +76,7 @@ class SessionStream:
             else:
                 self.sessions.limits.text(msg.text)  # a bad first chunk must not leave a session behind
                 model = await self.sessions.model(msg.model_name, msg.model_version)
-                session = await self.sessions.create("", model)
+                session = await self.sessions.create("", model, adapt=msg.adapt)
             self.session, self._attachment = session, self.sessions.attach(session.id)
             return session
         if msg.session_id and msg.session_id != session.id:

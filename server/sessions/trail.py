@@ -83,10 +83,12 @@ class Trail:
             marks = marks[drop:]
         return Trail(keep, marks, text)
 
-    def replay(self, offset: int, chars: int) -> Replay:
-        """How to take chars back from a session at offset; the caller checked rewind_limit()."""
+    def replay(self, offset: int, chars: int, *, oldest: bool = False) -> Replay:
+        """How to take chars back from a session at offset; the caller checked rewind_limit().
+        oldest: from the oldest mark, not the newest one before the target (an adaptive session's
+        adapter is known there only: nextchar.server.sessions.value)."""
         target = offset - chars
-        mark = next(m for m in reversed(self.marks) if m.offset <= target)
+        mark = self.marks[0] if oldest else next(m for m in reversed(self.marks) if m.offset <= target)
         start = mark.offset - self.marks[0].offset
         return Replay(mark, self.text[start : start + target - mark.offset].astype(np.int64))
 
