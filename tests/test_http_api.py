@@ -170,6 +170,29 @@ def test_the_openapi_document_is_committed_and_names_every_route(server: ServerP
 # ---------------------------------------------------------------- the WebSocket stream, and parity
 
 
+def test_adaptive_sessions_over_http_and_the_websocket(server: ServerProcess) -> None:
+    """adapt on POST /v1/sessions, /v1/predict and a WebSocket stream's first frame; the session
+    reports it; a WebSocket-opened adaptive session continues over gRPC with its adapter."""
+    text = "hello world " * 4
+    status, created = call(server.http_url, "POST", "/v1/sessions", {"adapt": True})
+    assert status == 201 and created["session"]["adaptive"] is True
+    status, once = call(server.http_url, "POST", "/v1/predict", {"text": text, "adapt": True})
+    adapted_bits = once["predictions"]["surprisal_bits"]
+    status, plain = call(server.http_url, "POST", "/v1/predict", {"text": text})
+    assert status == 200 and sum(adapted_bits[21:]) < sum(plain["predictions"]["surprisal_bits"][21:])
+
+    async def over_ws() -> list[Any]:
+        replies, code = await ws_exchange(server.http_url, [{"text": text, "adapt": True}])
+        assert code is None
+        return replies
+
+    sid = asyncio.run(over_ws())[0]["session_id"]
+    info = server.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10).session
+    assert info.adaptive and info.adapt_steps == len(text) // 20
+    blob = server.stub.ExportSession(pb.ExportSessionRequest(session_id=sid), timeout=10).blob
+    assert pb.SessionSnapshot.FromString(blob).adapter
+
+
 def test_a_websocket_stream_gives_what_grpc_gives_bit_for_bit(server: ServerProcess) -> None:
     """One text fed over the WebSocket and the same over gRPC: identical predictions, float for
     float; then the WebSocket's session is continued over gRPC and ends where one run would."""

@@ -102,7 +102,9 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
     srv = start_server(
         model_dir, max_chunk_chars=MAX_CHUNK, max_generate_chars=MAX_GENERATE, max_message_bytes=1 << 20
     )
-    sid = srv.stub.CreateSession(pb.CreateSessionRequest(prime_text="hello"), timeout=10).session.session_id
+    # an adaptive session that has stepped: its snapshot carries every field an import checks
+    created = pb.CreateSessionRequest(prime_text="hello world hello world", adapt=True)
+    sid = srv.stub.CreateSession(created, timeout=10).session.session_id
     blob = srv.stub.ExportSession(pb.ExportSessionRequest(session_id=sid), timeout=10).blob
     state = Fuzz(srv, Counter(), Counter(), [sid], [], pb.SessionSnapshot.FromString(blob))
     yield state
@@ -217,6 +219,8 @@ def predict_fields(fuzz: Fuzz, draw: Callable[[Any], Any], live: bool = True) ->
     }
     if draw(st.booleans()):
         fields["expect_offset"] = draw(U64)
+    if draw(st.booleans()):
+        fields["adapt"] = draw(st.booleans())
     return fields
 
 
@@ -227,7 +231,10 @@ def predict_fields(fuzz: Fuzz, draw: Callable[[Any], Any], live: bool = True) ->
 @given(st.data())
 def test_create_session(fuzz: Fuzz, data: st.DataObject) -> None:
     request = pb.CreateSessionRequest(
-        session_id=sid(fuzz, data.draw(NEW_ID)), model=data.draw(MODEL_REF), prime_text=data.draw(TEXT)
+        session_id=sid(fuzz, data.draw(NEW_ID)),
+        model=data.draw(MODEL_REF),
+        prime_text=data.draw(TEXT),
+        adapt=data.draw(st.one_of(st.none(), st.booleans())),
     )
     answer(fuzz, "CreateSession", request)
 
@@ -241,7 +248,19 @@ SNAPSHOT_FIELDS: dict[str, Callable[[pb.SessionSnapshot], st.SearchStrategy[Any]
     "state": lambda real: st.binary(max_size=2 * len(real.state) + 3),
     "probs": lambda real: st.binary(max_size=2 * len(real.probs) + 3),
     "session_id": lambda real: st.text(ANY_CHAR, max_size=20),
+    # an adaptive session's adapter: none, random bytes, or the real one with bytes changed or cut
+    "adapter": lambda real: st.one_of(
+        st.just(b""),
+        st.binary(max_size=80),
+        st.builds(altered, st.just(real.adapter), st.integers(0, len(real.adapter) - 1), st.integers(1, 255)),
+        st.integers(0, len(real.adapter)).map(lambda n: real.adapter[:n]),
+    ),
+    "trail_adapter": lambda real: st.binary(max_size=80),  # the store's own: an import ignores it
 }
+
+
+def altered(blob: bytes, at: int, mask: int) -> bytes:
+    return blob[:at] + bytes([blob[at] ^ mask]) + blob[at + 1 :]
 
 
 @PROPERTY

@@ -41,7 +41,7 @@ RANDOM_INPUTS = 25  # per RPC
 MUTATIONS = 25  # per RPC
 SAMPLES: dict[str, Any] = {  # a valid request per RPC, to mutate
     "CreateSession": pb.CreateSessionRequest(
-        session_id="s1", prime_text="hello", model=pb.ModelRef(name="default")
+        session_id="s1", prime_text="hello", model=pb.ModelRef(name="default"), adapt=True
     ),
     "GetSession": pb.GetSessionRequest(session_id="s1"),
     "ListSessions": pb.ListSessionsRequest(page_size=5, page_token="5"),
@@ -50,8 +50,10 @@ SAMPLES: dict[str, Any] = {  # a valid request per RPC, to mutate
     "CloseSession": pb.CloseSessionRequest(session_id="s2"),
     "ExportSession": pb.ExportSessionRequest(session_id="s1"),
     "ImportSession": pb.ImportSessionRequest(blob=b"\x08\x01\x12\x09\x0a\x07default", session_id="s3"),
-    "Predict": pb.PredictRequest(text="hello", top_k=3, model=pb.ModelRef(name="default", version=1)),
-    "PredictStream": pb.PredictStreamRequest(text="hello", top_k=3),
+    "Predict": pb.PredictRequest(
+        text="hello", top_k=3, model=pb.ModelRef(name="default", version=1), adapt=True
+    ),
+    "PredictStream": pb.PredictStreamRequest(text="hello", top_k=3, adapt=True),
     "RewindSession": pb.RewindSessionRequest(session_id="s1", chars=2, top_k=2),
     "Complete": pb.CompleteRequest(prime_text="hel", n=3, max_chars=5),
     "Generate": pb.GenerateRequest(prime_text="he", length=5, temperature=0.5, top_k=2, seed=1),
