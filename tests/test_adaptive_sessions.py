@@ -18,9 +18,11 @@ import grpc
 import numpy as np
 import pytest
 from nextchar.client import NextCharClient, Overloaded, Session
+from nextchar.core.adapt import AdaptConfig
+from nextchar.core.modelfile import save_model
 from nextchar.proto import nextchar_pb2 as pb
 from redis_harness import RedisServer
-from server_harness import ServerThread, make_registry, start_server
+from server_harness import ServerThread, make_registry, start_server, train_notebook_model
 
 KEEP = 16  # the servers' rewind_chars: marks every 4 characters, dropped (and the base replayed) often
 ALPHABET = "helo wrd"
@@ -30,6 +32,10 @@ ALPHABET = "helo wrd"
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("models")
     make_registry(directory, versions=1)
+    model, history, summary = train_notebook_model()
+    for name, rate in (("still", 0.0), ("wild", 1e4)):  # adapts nothing; diverges at every step
+        (directory / name).mkdir()
+        save_model(directory / name / "1.npz", model, history=history, summary=summary, adapt=AdaptConfig(lr=rate))
     return directory
 
 
@@ -293,3 +299,30 @@ def test_the_server_default_decides_when_a_request_does_not(model_dir: Path) -> 
             replies.cancel()
     finally:
         server.close()
+
+
+def test_rate_zero_is_a_static_session_bit_for_bit(memory_server: ServerThread) -> None:
+    """A model whose adaptation rate is 0: its adaptive sessions predict exactly what static ones
+    do, float for float, message for message (the adaptive path changes nothing but the weights)."""
+    rng = random.Random(7)
+    chunks = ["".join(rng.choice(ALPHABET) for _ in range(rng.choice((1, 3, 19, 20, 21, 50)))) for _ in range(12)]
+    with client_of(memory_server) as c, c.session("still", adapt=True) as s, c.session("still") as plain:
+        for chunk in chunks:
+            got, want = s.feed(chunk), plain.feed(chunk)
+            assert [(p.top, p.surprisal_bits) for p in got] == [(p.top, p.surprisal_bits) for p in want]
+        assert snapshot_of(s).state == snapshot_of(plain).state
+        assert s.refresh().adapt_steps == len("".join(chunks)) // 20
+
+
+def test_a_diverging_adapter_is_reset_counted_and_harmless(memory_server: ServerThread) -> None:
+    text = "hello world " * 10
+    metrics = memory_server.server.metrics.registry
+    before = metrics.get_sample_value("nextchar_adapter_resets_total") or 0.0
+    with client_of(memory_server) as c, c.session("wild", adapt=True) as s:
+        out = s.feed(text)
+        assert all(np.isfinite(p.surprisal_bits) for p in out)
+        resets = s.refresh().adapt_resets
+        assert resets > 0
+        assert metrics.get_sample_value("nextchar_adapter_resets_total") == before + resets
+        s.rewind(30)  # the rewind replays the resets: counted once
+        assert metrics.get_sample_value("nextchar_adapter_resets_total") == before + resets
