@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from nextchar.cli.common import (
     EXIT_ERROR,
+    AdaptOpt,
     JsonOpt,
     ModelOpt,
     ServerOpt,
@@ -55,16 +56,18 @@ def predict(
     session_id: Annotated[str, typer.Option("--session", help="Feed a live session (advancing it).")] = "",
     model: ModelOpt = "",
     top_k: TopKOpt = 3,
+    adapt: AdaptOpt = None,
     as_json: JsonOpt = False,
     server: ServerOpt = DEFAULT_TARGET,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
 ) -> None:
-    """Predict the next character after every character of TEXT (from a fresh state unless --session)."""
+    """Predict the next character after every character of TEXT (from a fresh state unless --session;
+    with --adapt, adapting to TEXT as it goes)."""
     with connect(server, timeout) as client:
         if session_id:
             predictions = client.attach(session_id).feed(text, top_k=top_k)
         else:
-            predictions = client.predict(text, model, top_k=top_k)
+            predictions = client.predict(text, model, top_k=top_k, adapt=adapt)
     print_predictions(predictions, as_json)
 
 

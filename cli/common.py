@@ -42,6 +42,15 @@ ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Model NAME or NAME:VERSION; the server's default when omitted.")
 ]
 TopKOpt = Annotated[int, typer.Option("--top-k", "-k", min=1, help="Candidates shown per character.")]
+AdaptOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--adapt/--no-adapt",
+        help="Learn the writer: predictions from the model plus weights stepped from this text as it "
+        "comes (docs/adaptation.md). Default: the server's setting.",
+        show_default=False,
+    ),
+]
 
 EXIT_ERROR = 1  # a command that failed (usage errors exit 2, as Click does; Ctrl-C 130)
 HELP = {"help_option_names": ["-h", "--help"]}  # every command's context settings

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 from nextchar.cli.common import (
+    AdaptOpt,
     JsonOpt,
     ModelOpt,
     ServerOpt,
@@ -82,6 +83,7 @@ class StreamStats:
             "accuracy": self.correct / self.judged if self.judged else None,
             "resumes": session.resumes,
             "lost_chars": session.lost_chars,
+            "adaptive": session.info.adaptive,
         }
 
 
@@ -109,6 +111,7 @@ def stream(
     ] = "",
     keep: Annotated[bool, typer.Option(help="Leave a session this command opened alive at the end.")] = False,
     model: ModelOpt = "",
+    adapt: AdaptOpt = None,
     top_k: TopKOpt = 3,
     chunk: ChunkOpt = 64,
     as_json: JsonOpt = False,
@@ -127,7 +130,7 @@ def stream(
     if file is not None:  # refused as train and eval refuse it: empty, or not UTF-8 (a binary)
         TextFiles.of(file).count()
     with connect(server, timeout) as client:
-        session = client.attach(session_id) if session_id else client.session(model)
+        session = client.attach(session_id) if session_id else client.session(model, adapt=adapt)
         try:
             # the view for a person at a terminal; lines for `| tee log`, and JSON when asked for
             if file is None and sys.stdin.isatty() and sys.stdout.isatty() and not as_json:

@@ -35,7 +35,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model, history, summary = train_notebook_model()
     for name, rate in (("still", 0.0), ("wild", 1e4)):  # adapts nothing; diverges at every step
         (directory / name).mkdir()
-        save_model(directory / name / "1.npz", model, history=history, summary=summary, adapt=AdaptConfig(lr=rate))
+        save_model(
+            directory / name / "1.npz", model, history=history, summary=summary, adapt=AdaptConfig(lr=rate)
+        )
     return directory
 
 
@@ -305,7 +307,9 @@ def test_rate_zero_is_a_static_session_bit_for_bit(memory_server: ServerThread) 
     """A model whose adaptation rate is 0: its adaptive sessions predict exactly what static ones
     do, float for float, message for message (the adaptive path changes nothing but the weights)."""
     rng = random.Random(7)
-    chunks = ["".join(rng.choice(ALPHABET) for _ in range(rng.choice((1, 3, 19, 20, 21, 50)))) for _ in range(12)]
+    chunks = [
+        "".join(rng.choice(ALPHABET) for _ in range(rng.choice((1, 3, 19, 20, 21, 50)))) for _ in range(12)
+    ]
     with client_of(memory_server) as c, c.session("still", adapt=True) as s, c.session("still") as plain:
         for chunk in chunks:
             got, want = s.feed(chunk), plain.feed(chunk)

@@ -73,6 +73,21 @@ def test_stream_attaches_to_a_session_and_eval_scores_a_file(server_address: str
     assert score["chars"] == len(NOTEBOOK_TEXT) and score["accuracy"] > 0.9
 
 
+def test_stream_and_predict_adapt_to_the_writer(server_address: str) -> None:
+    text = "held a word, hello world " * 3
+    out, _, _ = run("stream", "--adapt", "--json", "--server", server_address, input=text)
+    summary = json_lines(out)[-1]["summary"]
+    assert summary["adaptive"] is True and summary["chars"] == len(text)
+    out, _, _ = run("stream", "--no-adapt", "--json", "--server", server_address, input=text)
+    static = json_lines(out)[-1]["summary"]
+    assert static["adaptive"] is False and summary["bits_per_char"] < static["bits_per_char"]
+    adapted = json_lines(run("predict", text, "--adapt", "--json", "--server", server_address)[0])
+    plain = json_lines(run("predict", text, "--json", "--server", server_address)[0])
+    bits = [r["surprisal_bits"] for r in adapted]
+    assert bits[:21] == pytest.approx([r["surprisal_bits"] for r in plain][:21], rel=1e-5, abs=1e-6)
+    assert sum(bits[21:]) < sum(r["surprisal_bits"] for r in plain[21:])
+
+
 def test_generate_is_repeatable_with_a_seed(server_address: str) -> None:
     args = ("generate", "--prime", "hello", "-n", "30", "--seed", "7", "--server", server_address)
     first, _, _ = run(*args, "--json")
