@@ -65,9 +65,12 @@ bench-train-load: $(STAMP)
 bench-startup: $(STAMP)
 	$(PY) bench/startup_bench.py
 
-# static vs adapted bits/char (dynamic evaluation) of the shipped model, in-domain and on this repository
+# static vs adapted bits/char (dynamic evaluation) of the shipped model, in-domain and on this repository;
+# then serving with every session adaptive against none (the default model's cell and size)
 bench-adapt: $(STAMP)
 	$(PY) bench/adapt_bench.py
+	$(PY) bench/adapt_memory.py
+	$(PY) bench/serve_bench.py --adapt --cell gru --cases 1x1,100x1,100x64
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -16,7 +16,10 @@ case's batch, top-k and surprisal included, fastest of repeated calls). The goal
 the 64-character cases against a server that computes big batches in a thread; ``--web``
 runs every case over the HTTP API's WebSocket as well (the same server process, its
 server CPU per message against gRPC's: goal within 1.5x) and compares Predict calls/s,
-gRPC unary against POST /v1/predict, 100 callers.
+gRPC unary against POST /v1/predict, 100 callers. ``--adapt`` also runs every case against a
+server whose sessions all adapt (issue 22: its chars/s against the static server's, goals
+>= 0.6 for 100 streams x 1 character and >= 0.5 for 100 x 64; ping-pong p50 <= 1.5x);
+``make bench-adapt`` runs that on the default model's cell (``--cell gru``).
 Results go to ``bench/results/serve-<time>.json``; a short table is printed.
 
 The machine is shared and noisy (±15%, and slow spells that last seconds): each case
@@ -429,7 +432,13 @@ def median_ratio(ours: list[dict[str, Any]], echo: list[dict[str, Any]], field: 
 
 
 def main(
-    duration: float, warmup: float, rounds: int, cases: list[tuple[int, int]], with_thread: bool, web: bool
+    duration: float,
+    warmup: float,
+    rounds: int,
+    cases: list[tuple[int, int]],
+    with_thread: bool,
+    web: bool,
+    adapt: bool = False,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         serve = server_command(tmp)
@@ -438,10 +447,13 @@ def main(
         servers = {"nextchar": start(serve), "echo": start([sys.executable, __file__, "--echo"])}
         if with_thread:  # big batches in a thread instead of the compute process, for comparison
             servers["nextchar_thread"] = start([*serve, "--compute-in-thread"])
+        if adapt:  # every session adapts (the same model)
+            servers["nextchar_adapt"] = start([*serve, "--adapt", "--max-adaptive-sessions", "5000"])
         rows: list[dict[str, Any]] = []
         try:
             for streams, chunk in cases:
                 names = ["echo", "nextchar"] + (["nextchar_thread"] if chunk > 1 and with_thread else [])
+                names += ["nextchar_adapt"] if adapt else []
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
                 if web:
                     runs["nextchar_ws"] = []
@@ -464,6 +476,12 @@ def main(
                     row["ws_chars_vs_grpc"] = median_ratio(
                         runs["nextchar_ws"], runs["nextchar"], "chars_per_sec"
                     )
+                if adapt:
+                    for key, field in (
+                        ("adapt_chars_vs_static", "chars_per_sec"),
+                        ("adapt_p50_vs_static", "p50_ms"),
+                    ):
+                        row[key] = median_ratio(runs["nextchar_adapt"], runs["nextchar"], field)
                 for key, field in (
                     ("chars_ratio", "chars_per_sec"),
                     ("p50_ratio", "p50_ms"),
@@ -573,6 +591,12 @@ def goals(rows: list[dict[str, Any]], unary: dict[str, Any] | None = None) -> di
     for (streams, chunk), row in found.items():
         if "ws_cpu_vs_grpc" in row:
             goal(f"websocket_{streams}x{chunk}_cpu_vs_grpc<=1.5", row["ws_cpu_vs_grpc"], 1.5, True)
+    for (streams, chunk), floor in (((100, 1), 0.6), ((100, 64), 0.5)):
+        if "adapt_chars_vs_static" in found.get((streams, chunk), {}):
+            value = found[streams, chunk]["adapt_chars_vs_static"]
+            goal(f"adaptive_{streams}x{chunk}_chars_vs_static>={floor}", value, floor, False)
+    if "adapt_p50_vs_static" in found.get((1, 1), {}):
+        goal("adaptive_pingpong_p50_vs_static<=1.5", found[1, 1]["adapt_p50_vs_static"], 1.5, True)
     return out
 
 
@@ -596,6 +620,12 @@ def print_table(result: dict[str, Any]) -> None:
         )
         if "nextchar_thread" in c:
             print(f"{'':>9}   compute in a thread: {num(c['nextchar_thread']['chars_per_sec'], 12)} c/s")
+        if "nextchar_adapt" in c:
+            a = c["nextchar_adapt"]
+            print(
+                f"{'':>9}   every session adaptive: {num(a['chars_per_sec'], 12)} c/s, p50 {num(a['p50_ms'], 6, 2)} ms, "
+                f"{num(a.get('server_us_per_message'), 6)} µs/msg ({num(c['adapt_chars_vs_static'], 4, 2)}x the static c/s)"
+            )
         if "nextchar_ws" in c:
             w = c["nextchar_ws"]
             print(
@@ -644,6 +674,9 @@ if __name__ == "__main__":
         parser.add_argument(
             "--web", action="store_true", help="also WebSocket streams and HTTP predict calls (issue 23)"
         )
+        parser.add_argument(
+            "--adapt", action="store_true", help="also a server whose sessions all adapt (issue 22)"
+        )
         parser.add_argument("--cell", default=MODEL["cell"], help="the served model's cell")
         parser.add_argument(
             "--hidden", type=int, default=MODEL["hidden"], help="the served model's hidden size"
@@ -655,7 +688,7 @@ if __name__ == "__main__":
             f"nextchar serve benchmark: {len(cases)} cases x {args.rounds} rounds x 2-3 servers"
             f" x {args.duration + args.warmup:.0f} s"
         )
-        result = main(args.duration, args.warmup, args.rounds, cases, args.with_thread, args.web)
+        result = main(args.duration, args.warmup, args.rounds, cases, args.with_thread, args.web, args.adapt)
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
         path.write_text(json.dumps(result, indent=2))
