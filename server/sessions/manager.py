@@ -196,7 +196,7 @@ class SessionManager:
     async def current(self, session: Session) -> Session:
         """A stream's session before its next message: still alive (not closed or expired),
         touched. Its id was checked and bound to the call's logs when the stream attached."""
-        now = await self.store.get(session.id)
+        now = self.store.resident(session.id) or await self.store.get(session.id)
         self.store.touch(now)
         return now
 
@@ -278,7 +278,8 @@ class SessionManager:
                 before = session.value
                 after, answer = await compute(before)
                 try:
-                    await self.store.commit(session, before, after, full=full)
+                    if not self.store.commit_now(session, before, after, full=full):
+                        await self.store.commit(session, before, after, full=full)
                     return before, after, answer
                 except StaleSession:  # another replica moved it on: never answer from the old value
                     if attempt == retries:

@@ -55,6 +55,12 @@ class InMemorySessionStore:
             raise gone(session_id, reason)
         return session
 
+    def resident(self, session_id: str) -> Session | None:
+        session = self._sessions.get(session_id)
+        if session is None or self._expiry_reason(session, time.time()) is not None:
+            return None  # get() says why
+        return session
+
     def touch(self, session: Session) -> None:
         session.last_used = time.time()
         if session.id in self._recent:
@@ -89,11 +95,17 @@ class InMemorySessionStore:
     async def commit(
         self, session: Session, expected: SessionValue, new: SessionValue, *, full: bool = False
     ) -> None:
+        self.commit_now(session, expected, new)
+
+    def commit_now(
+        self, session: Session, expected: SessionValue, new: SessionValue, *, full: bool = False
+    ) -> bool:
         if self._sessions.get(session.id) is not session:
             raise replaced(session.id)
         if session.value is not expected:
             raise StaleSession(f"session {session.id!r} changed while the request computed")
         session.value = new
+        return True
 
     async def refresh(self, session: Session) -> None:
         """Nothing to do: this process holds the only copy."""

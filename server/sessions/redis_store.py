@@ -380,6 +380,17 @@ class RedisSessionStore:
 
     # ------------------------------------------------------------ the SessionStore protocol
 
+    def resident(self, session_id: str) -> Session | None:
+        session = self._hot.get(session_id)
+        if session is None or expiry_reason(session, time.time(), self.idle_timeout, self.lifetime):
+            return None
+        return session  # the commit after the next change checks it is still current
+
+    def commit_now(
+        self, session: Session, expected: SessionValue, new: SessionValue, *, full: bool = False
+    ) -> bool:
+        return False  # every change goes through the COMMIT script
+
     async def get(self, session_id: str, *, fresh: bool = False) -> Session:
         session = self._hot.get(session_id)
         if session is not None and not fresh:

@@ -120,6 +120,9 @@ class SessionStore(Protocol):
 
     # raises NotFound naming the reason; fresh: re-read a shared copy another replica may have advanced
     async def get(self, session_id: str, *, fresh: bool = False) -> Session: ...
+    # get's answer when it needs no round trip (a copy held here, not expired), else None: the hot
+    # path of a stream's message asks this first and awaits get only when it must
+    def resident(self, session_id: str) -> Session | None: ...
     def touch(self, session: Session) -> None: ...  # used now: the last a new session at the cap evicts
     async def add(self, session: Session, cap: int) -> None: ...  # AlreadyExists, ResourceExhausted
     # NotFound naming the reason; changes computing for it are refused when they commit
@@ -130,6 +133,11 @@ class SessionStore(Protocol):
     async def commit(
         self, session: Session, expected: SessionValue, new: SessionValue, *, full: bool = False
     ) -> None: ...
+    # commit at once when the store needs no round trip for it (True), raising as commit does;
+    # False: nothing was done, await commit
+    def commit_now(
+        self, session: Session, expected: SessionValue, new: SessionValue, *, full: bool = False
+    ) -> bool: ...
     async def refresh(self, session: Session) -> None: ...  # adopt the shared copy if it moved on
     async def page(self, start: int, size: int) -> list[Session]: ...
     async def count(self) -> int: ...  # sessions in the store (all replicas')
