@@ -64,7 +64,7 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -219,12 +219,12 @@ def learn_many(
             (Adapter(a.deltas, _frozen(s), NO_TEXT, a.steps + 1, a.resets), float(n))
             for a, s, n in zip(adapters, states, nats, strict=True)
         ]
-    old = adapt_batch.Stack.of([a.deltas for a in adapters])
     deltas = []
     for i, (grad, rate, keep) in enumerate(zip(grads, rule.rate, rule.keep, strict=True)):
         new = np.zeros_like(grad)  # a fresh adapter's deltas are zeros
-        if old.cols.size:
-            new[old.cols] = old.arrays[i]
+        for n, adapter in enumerate(adapters):
+            if adapter.deltas:
+                new[n] = adapter.deltas[i]
         new *= keep
         new -= rate * grad
         deltas.append(new)
@@ -354,7 +354,8 @@ def _windows(
 
 def _windowed(adapter: Adapter, text: np.ndarray, segment: int) -> Adapter:
     """adapter, its window the end of text that its last step left (text: its window before)."""
-    return replace(adapter, window=_frozen(text[max(len(text) - 1, 0) // segment * segment :]))
+    window = _frozen(text[max(len(text) - 1, 0) // segment * segment :])
+    return Adapter(adapter.deltas, adapter.start, window, adapter.steps, adapter.resets)
 
 
 def _within(delta: np.ndarray) -> bool:

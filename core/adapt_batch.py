@@ -43,24 +43,27 @@ WHY, BY, WXH, BH, BHN = range(5)  # their positions
 
 @dataclass(frozen=True, slots=True)
 class Stack:
-    """The deltas of a batch's columns that have any, stacked: arrays[i][j] is column cols[j]'s."""
+    """The columns of a batch that have deltas, and theirs: deltas[j] is column cols[j]'s. Only
+    what a computation reads is stacked (a served batch would copy 139 KB per column to stack
+    the two matrices; it gathers rows of one and multiplies by the other column by column)."""
 
     cols: np.ndarray  # (m,) int64, increasing
-    arrays: tuple[np.ndarray, ...]  # (m, *shape) each
+    deltas: list[Deltas]
 
     @classmethod
     def of(cls, deltas: Sequence[Deltas]) -> Stack:
         cols = [n for n, d in enumerate(deltas) if d]
-        if not cols:
-            return cls(np.zeros(0, dtype=np.int64), ())
-        parts = zip(*(deltas[n] for n in cols), strict=True)
-        return cls(np.asarray(cols, dtype=np.int64), tuple(np.stack(part) for part in parts))
+        return cls(np.asarray(cols, dtype=np.int64), [deltas[n] for n in cols])
+
+    def stacked(self, i: int) -> np.ndarray:
+        """(m, *shape): delta i of every column that has deltas."""
+        return np.stack([d[i] for d in self.deltas])
 
     def rows(self, shared: np.ndarray, i: int, n: int) -> np.ndarray:
         """(n, *shared.shape): the shared weight for every column, plus its delta i where it has one."""
         out = np.repeat(shared[None], n, axis=0)
-        if self.cols.size:
-            out[self.cols] += self.arrays[i]
+        for col, d in zip(self.cols, self.deltas, strict=True):
+            out[col] += d[i]
         return out
 
 
@@ -70,16 +73,18 @@ def forward(
     """inference's Forward for B columns with these deltas: x (T, B) from states (B, S) ->
     (new states (B, S), probs (T * B, V) after each character)."""
     stack = Stack.of(deltas)
-    if not stack.cols.size:
+    if not stack.deltas:
         return inference.shared_forward(model, x, states)
     caches, new_states = _recur(model, stack, x, states, together)
     T, B, H = caches[-1].hs.shape
     h = caches[-1].hs  # (T, B, H)
     logits = h.reshape(T * B, H) @ model.params["Why"]
     logits += model.params["by"]
-    fix = np.matmul(np.ascontiguousarray(h[:, stack.cols].transpose(1, 0, 2)), stack.arrays[WHY])  # (m, T, V)
-    fix += stack.arrays[BY][:, None]
-    logits.reshape(T, B, -1)[:, stack.cols] += fix.transpose(1, 0, 2)
+    columns = logits.reshape(T, B, -1)
+    for col, d in zip(stack.cols, stack.deltas, strict=True):
+        fix = h[:, col] @ d[WHY]  # (T, V)
+        fix += d[BY]
+        columns[:, col] += fix
     return new_states, losses.probabilities(model.config.loss, logits)
 
 
@@ -143,7 +148,7 @@ def _recur(
             xp += p[f"l{layer}.bh"].reshape(G, 1, H)
             xp = xp.reshape(G, T, B, H).transpose(1, 0, 2, 3)
         bhn = p.get(f"l{layer}.bhn")
-        if layer == 0 and bhn is not None and stack.cols.size:
+        if layer == 0 and bhn is not None and stack.deltas:
             bhn = stack.rows(bhn, BHN, B)
         s = slice(layer * W, (layer + 1) * W)
         new_states[:, s], cache = cell.forward(xp, states[:, s], p[f"l{layer}.Whh"], bhn, product)
@@ -157,8 +162,9 @@ def _input_projection(model: CharRNN, stack: Stack, x: np.ndarray) -> np.ndarray
     p, cell = model.params, model.cell
     G, H = cell.gates, model.config.hidden
     xp = np.take(gate_blocks(p["l0.Wxh"] + p["l0.bh"], G), x, axis=1)  # (G, T, B, H)
-    if stack.cols.size:
+    if stack.deltas:
         cols = stack.cols
-        xp[:, :, cols] += stack.arrays[BH].reshape(-1, G, H).transpose(1, 0, 2)[:, None]
-        xp[cell.candidate][:, cols] += stack.arrays[WXH][np.arange(cols.size), x[:, cols]]  # (T, m, H)
+        xp[:, :, cols] += stack.stacked(BH).reshape(-1, G, H).transpose(1, 0, 2)[:, None]
+        rows = [d[WXH][x[:, col]] for col, d in zip(cols, stack.deltas, strict=True)]  # (T, H) each
+        xp[cell.candidate][:, cols] += np.stack(rows, axis=1)
     return xp.transpose(1, 0, 2, 3)
