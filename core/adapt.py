@@ -63,12 +63,13 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
-from nextchar.core import inference
+from nextchar.core import adapt_batch, inference
+from nextchar.core.adapt_batch import Deltas
 from nextchar.core.inference import Advanced
 from nextchar.core.model import CharRNN
 
@@ -185,21 +186,6 @@ def adapted(model: CharRNN, adapter: Adapter) -> CharRNN:
     return CharRNN(model.config, model.vocab, params)
 
 
-def gradients(
-    model: CharRNN, adapter: Adapter, segment: np.ndarray
-) -> tuple[float, tuple[np.ndarray, ...], np.ndarray]:
-    """(nats, gradients of the segment's mean loss with respect to each delta, the state after its
-    inputs): segment (n + 1,) holds the window's inputs and, one on, its targets, from adapter.start."""
-    x, y = segment[:-1].reshape(-1, 1), segment[1:].reshape(-1, 1)
-    _, grads, state, nats = adapted(model, adapter).loss_and_grads(x, y, adapter.start[None, :])
-    cols = candidate_columns(model)
-    return (
-        nats,
-        tuple(grads[n][:, cols] if n == "l0.Wxh" else grads[n] for n in adapted_names(model)),
-        state[0],
-    )
-
-
 def rule(model: CharRNN, config: AdaptConfig) -> Rule:
     """rate = lr / max(rms, floor * mean rms), keep = 1 - min(decay * rms / mean rms, 1), per weight."""
     shapes = delta_shapes(model)
@@ -217,28 +203,101 @@ def rule(model: CharRNN, config: AdaptConfig) -> Rule:
     return Rule(config, rate, keep)
 
 
-def step(model: CharRNN, rule: Rule, adapter: Adapter, segment: np.ndarray) -> Adapter:
-    """Learn from one window: segment = adapter.window plus the character after it (its last target).
-
-    The new adapter's window is empty and starts where the old window's inputs end."""
-    return learn(model, rule, adapter, segment)[0]
+def learn_many(
+    model: CharRNN, rule: Rule, adapters: Sequence[Adapter], segments: np.ndarray
+) -> list[tuple[Adapter, float]]:
+    """Each adapter learns from its window, together: segments (k, segment + 1) holds each
+    adapter's window and the character after it (its last target). Returns, per adapter, the
+    new one (its window empty, starting where the old window's inputs end) and the nats the
+    window's targets cost before the step (its score). Each is what it would be alone, bit for
+    bit (nextchar.core.adapt_batch)."""
+    nats, grads, states = adapt_batch.gradients(
+        model, [a.deltas for a in adapters], np.stack([a.start for a in adapters]), segments
+    )
+    if rule.config.lr == 0:  # the static model, bit for bit: no delta is ever added
+        return [
+            (Adapter(a.deltas, _frozen(s), NO_TEXT, a.steps + 1, a.resets), float(n))
+            for a, s, n in zip(adapters, states, nats, strict=True)
+        ]
+    deltas = []
+    for i, (grad, rate, keep) in enumerate(zip(grads, rule.rate, rule.keep, strict=True)):
+        new = np.zeros_like(grad)  # a fresh adapter's deltas are zeros
+        for n, adapter in enumerate(adapters):
+            if adapter.deltas:
+                new[n] = adapter.deltas[i]
+        new *= keep
+        new -= rate * grad
+        deltas.append(new)
+    within = np.isfinite(nats)  # and every new delta inside +-LIMIT (NaN fails the comparison)
+    for new in deltas:
+        within &= np.abs(new).reshape(len(adapters), -1).max(axis=1, initial=0.0) <= LIMIT
+    return [
+        (
+            Adapter(
+                tuple(_frozen(d[n].copy()) for d in deltas) if within[n] else (),
+                _frozen(states[n]),
+                NO_TEXT,
+                a.steps + 1,
+                a.resets + int(not within[n]),
+            ),
+            float(nats[n]),
+        )
+        for n, a in enumerate(adapters)
+    ]
 
 
 def learn(model: CharRNN, rule: Rule, adapter: Adapter, segment: np.ndarray) -> tuple[Adapter, float]:
-    """step, and the nats the window's targets cost under the adapter before it (its score)."""
-    nats, grads, state = gradients(model, adapter, segment)
-    start = _frozen(state)
-    if rule.config.lr == 0:  # the static model, bit for bit: no delta is ever added
-        return Adapter(adapter.deltas, start, NO_TEXT, adapter.steps + 1, adapter.resets), nats
-    old = adapter.deltas or tuple(np.zeros(shape, dtype=model.dtype) for shape in delta_shapes(model))
-    deltas = []
-    for delta, grad, rate, keep in zip(old, grads, rule.rate, rule.keep, strict=True):
-        new = delta * keep
-        new -= rate * grad
-        deltas.append(_frozen(new))
-    if not (math.isfinite(nats) and all(_within(d) for d in deltas)):
-        return Adapter((), start, NO_TEXT, adapter.steps + 1, adapter.resets + 1), nats
-    return Adapter(tuple(deltas), start, NO_TEXT, adapter.steps + 1, adapter.resets), nats
+    """learn_many of one adapter: segment = adapter.window plus the character after it."""
+    return learn_many(model, rule, [adapter], segment[None, :])[0]
+
+
+def step(model: CharRNN, rule: Rule, adapter: Adapter, segment: np.ndarray) -> Adapter:
+    """learn, without the score."""
+    return learn(model, rule, adapter, segment)[0]
+
+
+def advance_many(
+    model: CharRNN,
+    rule: Rule,
+    adapters: Sequence[Adapter],
+    idx: np.ndarray,
+    lens: list[int],
+    states: np.ndarray,
+    probs0: np.ndarray,
+    k: int,
+    full: bool,
+) -> tuple[Advanced, list[Adapter]]:
+    """inference.advance (the same packing: idx (T, N) zero-padded past each column's length, lens
+    non-increasing; the same outputs) with column n an adaptive session with adapters[n]: it
+    steps wherever its window completes, each character scored before the step that learns it.
+
+    The steps come first: a window's gradient needs its text and the adapter before it, not the
+    predictions, so every column's j-th window in this chunk steps with the others'
+    (``learn_many``). The predictions then run as one batch, cut where some column's deltas
+    change (a rate of 0 changes none: the static path, bit for bit), each piece with every
+    column's deltas at its start (adapt_batch.forward)."""
+    segment = rule.config.segment
+    texts = [
+        np.concatenate((a.window, idx[:length, n]))
+        for n, (a, length) in enumerate(zip(adapters, lens, strict=True))
+    ]
+    current = list(adapters)
+    changes: list[list[tuple[int, Deltas]]] = [
+        [(0, a.deltas)] for a in adapters
+    ]  # (position, deltas from it)
+    for j, group, learnt in _windows(model, rule, current, texts):
+        for n, (adapter, _) in zip(group, learnt, strict=True):
+            changes[n].append(((j + 1) * segment - len(adapters[n].window), adapter.deltas))
+    cuts = {at for history in changes for at, _ in history[1:]} if rule.config.lr > 0 else set()
+
+    def forward(x: np.ndarray, start: int, cols: slice, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        deltas = [
+            next(d for at, d in reversed(changes[n]) if at <= start) for n in range(cols.start, cols.stop)
+        ]
+        return adapt_batch.forward(model, deltas, x, s)
+
+    out = inference.advance_by(forward, idx, lens, states, probs0, k, full, cuts)
+    return out, [_windowed(a, text, segment) for a, text in zip(current, texts, strict=True)]
 
 
 def feed(
@@ -251,36 +310,15 @@ def feed(
     k: int = 1,
     full: bool = False,
 ) -> tuple[Adapter, Advanced]:
-    """Advance one adaptive session (state (S,), prediction probs (V,)) through idx (T,), stepping
-    wherever a window completes; returns the new adapter and what inference.feed would (top k,
-    surprisal, the full distributions when asked), each character scored before it is learnt.
-    idx holds one character at least."""
+    """advance_many of one session (state (S,), prediction probs (V,)) through idx (T,): the new
+    adapter and what inference.feed would return (top k, surprisal, the full distributions when
+    asked). idx holds one character at least."""
     if len(idx) == 0:
         raise ValueError("feed needs one character at least")
-    segment = rule.config.segment
-    pieces: list[Advanced] = []
-    pos = 0
-    while pos < len(idx):
-        if len(adapter.window) == segment:
-            # the state after the window's inputs, where the step starts the next window, is the
-            # session's state now (bit for bit: the recurrence does not depend on the chunks)
-            adapter = step(model, rule, adapter, np.append(adapter.window, idx[pos]))
-            state = adapter.start
-        piece = idx[pos : pos + segment - len(adapter.window)]
-        out = inference.advance(
-            adapted(model, adapter),
-            piece.reshape(-1, 1),
-            [len(piece)],
-            state[None, :],
-            probs[None, :],
-            k,
-            full,
-        )
-        pieces.append(out)
-        adapter = replace(adapter, window=_frozen(np.concatenate((adapter.window, piece))))
-        state, probs = out.states[0], out.last_probs[0]
-        pos += len(piece)
-    return adapter, _joined(pieces)
+    out, adapters = advance_many(
+        model, rule, [adapter], idx.reshape(-1, 1), [len(idx)], state[None, :], probs[None, :], k, full
+    )
+    return adapters[0], out
 
 
 def replay(model: CharRNN, rule: Rule, adapter: Adapter, idx: np.ndarray) -> Adapter:
@@ -291,31 +329,33 @@ def replay(model: CharRNN, rule: Rule, adapter: Adapter, idx: np.ndarray) -> Ada
 
 def score(model: CharRNN, rule: Rule, adapter: Adapter, idx: np.ndarray) -> tuple[Adapter, np.ndarray]:
     """replay, and the nats of each completed window's targets, scored before its step (float64)."""
-    segment = rule.config.segment
     text = np.concatenate((adapter.window, idx))
-    nats = np.zeros(max(len(text) - 1, 0) // segment)
-    for i in range(len(nats)):
-        adapter, nats[i] = learn(model, rule, adapter, text[i * segment : (i + 1) * segment + 1])
-    return replace(adapter, window=_frozen(text[len(nats) * segment :])), nats
+    current = [adapter]
+    nats = [float(learnt[0][1]) for _, _, learnt in _windows(model, rule, current, [text])]
+    return _windowed(current[0], text, rule.config.segment), np.array(nats)
 
 
-def _joined(pieces: list[Advanced]) -> Advanced:
-    first, last = pieces[0], pieces[-1]
-    if len(pieces) == 1:
-        return first
-    probs_seq = None
-    if first.probs_seq is not None:
-        probs_seq = np.concatenate(
-            [first.probs_seq[:1], *(p.probs_seq[1:] for p in pieces if p.probs_seq is not None)]
-        )
-    return Advanced(
-        np.concatenate([p.top_index for p in pieces]),
-        np.concatenate([p.top_prob for p in pieces]),
-        np.concatenate([p.surprisal for p in pieces]),
-        probs_seq,
-        last.states,
-        last.last_probs,
-    )
+def _windows(
+    model: CharRNN, rule: Rule, current: list[Adapter], texts: list[np.ndarray]
+) -> Iterator[tuple[int, list[int], list[tuple[Adapter, float]]]]:
+    """Every window that texts[n] (adapter n's window, then what follows) completes, stepped in
+    rounds: round j steps the j-th window of each column that has one, together. current[n] is
+    adapter n, updated as it steps; yields (j, the columns stepped, learn_many's results)."""
+    segment = rule.config.segment
+    counts = [max(len(text) - 1, 0) // segment for text in texts]
+    for j in range(max(counts, default=0)):
+        group = [n for n, count in enumerate(counts) if count > j]
+        windows = np.stack([texts[n][j * segment : (j + 1) * segment + 1] for n in group])
+        learnt = learn_many(model, rule, [current[n] for n in group], windows)
+        for n, (adapter, _) in zip(group, learnt, strict=True):
+            current[n] = adapter
+        yield j, group, learnt
+
+
+def _windowed(adapter: Adapter, text: np.ndarray, segment: int) -> Adapter:
+    """adapter, its window the end of text that its last step left (text: its window before)."""
+    window = _frozen(text[max(len(text) - 1, 0) // segment * segment :])
+    return Adapter(adapter.deltas, adapter.start, window, adapter.steps, adapter.resets)
 
 
 def _within(delta: np.ndarray) -> bool:

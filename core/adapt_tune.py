@@ -13,13 +13,13 @@ over the text (~10-25 s for the default model's 111,000 characters).
 from __future__ import annotations
 
 import numpy as np
+from nextchar.core import adapt_batch
 from nextchar.core.adapt import (
     SEGMENT,
     AdaptConfig,
     Stats,
     adapted_names,
     fresh,
-    gradients,
     packed,
     rule,
     score,
@@ -33,16 +33,16 @@ STATS_CHARS = 60_000
 def gradient_stats(model: CharRNN, idx: np.ndarray, segment: int = SEGMENT) -> Stats:
     """The root-mean-square of each adapted weight's segment gradient under the shared weights,
     one session's state carried through idx (packed for the model file)."""
-    adapter = fresh(model)
+    state = model.initial_state(1)
     sums: list[np.ndarray] = []
     windows = max(len(idx) - 1, 0) // segment
     if windows == 0:
         raise ValueError(f"gradient statistics need more than {segment} characters")
     for i in range(windows):
-        _, grads, state = gradients(model, adapter, idx[i * segment : (i + 1) * segment + 1])
-        squares = [np.square(g, dtype=np.float64) for g in grads]
+        window = idx[None, i * segment : (i + 1) * segment + 1]
+        _, grads, state = adapt_batch.gradients(model, [()], state, window)
+        squares = [np.square(g[0], dtype=np.float64) for g in grads]
         sums = squares if not sums else [s + q for s, q in zip(sums, squares, strict=True)]
-        adapter = fresh(model, state)
     stats: Stats = {}
     for name, total in zip(adapted_names(model), sums, strict=True):
         stats[name] = packed(np.sqrt(total / windows))

@@ -9,7 +9,7 @@ check in tests/test_gradients.py.
 
 from __future__ import annotations
 
-from nextchar.core.cells.base import Cell, LayerCache, gate_blocks, sigmoid
+from nextchar.core.cells.base import Cell, LayerCache, Product, gate_blocks, rowwise, sigmoid, together
 from nextchar.core.cells.gru import GRU
 from nextchar.core.cells.lstm import LSTM
 from nextchar.core.cells.rnn import RNN
@@ -18,4 +18,4 @@ from nextchar.core.config import CELLS as CELL_NAMES
 CELLS: dict[str, Cell] = {cell.name: cell for cell in (RNN(), GRU(), LSTM())}
 assert tuple(CELLS) == CELL_NAMES, "nextchar.core.config.CELLS must name exactly the cells defined here"
 
-__all__ = ["CELLS", "Cell", "LayerCache", "gate_blocks", "sigmoid"]
+__all__ = ["CELLS", "Cell", "LayerCache", "Product", "gate_blocks", "rowwise", "sigmoid", "together"]

@@ -25,9 +25,13 @@ caller) and the weight gradient dWhh, one (H, T*B) @ (T*B, G*H) product.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# out = a @ b for a (B, K) and b (K, N) or gate blocks (G, K, N): out (B, N) or (G, B, N)
+Product = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 def sigmoid(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -65,6 +69,20 @@ class LayerCache:
         return self.h[:-1]
 
 
+def together(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """a @ b, all of a's rows in one BLAS call (gemm): the fast product, whose rows' bits may
+    depend on how many rows there are."""
+    return np.matmul(a, b, out=out)
+
+
+def rowwise(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """a @ b, each row of a alone: a stacked matmul whose slices are (1, K) @ (K, N), so NumPy
+    calls BLAS once per row (gemv) with the same shapes and strides whatever the number of rows,
+    and a row's bits are those it has alone (nextchar.core.adapt_batch)."""
+    np.matmul(a[:, None, :], b if b.ndim == 2 else b[:, None], out=out[..., None, :])
+    return out
+
+
 def gate_blocks(W: np.ndarray, gates: int) -> np.ndarray:
     """A (K, G*H) weight (gates fused along its last axis) as G contiguous (K, H) blocks,
     (G, K, H): one batched product then writes each gate's block of a gate-major result."""
@@ -97,13 +115,21 @@ class Cell(ABC):
 
     @abstractmethod
     def forward(
-        self, xp: np.ndarray, state: np.ndarray, Whh: np.ndarray, bhn: np.ndarray | None
+        self,
+        xp: np.ndarray,
+        state: np.ndarray,
+        Whh: np.ndarray,
+        bhn: np.ndarray | None,
+        product: Product = together,
     ) -> tuple[np.ndarray, LayerCache]:
-        """Run T steps from state (B, W*H) on xp (T, G, B, H) (gate-major); returns (final state, cache)."""
+        """Run T steps from state (B, W*H) on xp (T, G, B, H) (gate-major); returns (final state, cache).
+
+        product computes the recurrent products (``rowwise``: each row's bits independent of B);
+        bhn may be one row per sample, (B, H)."""
 
     @abstractmethod
     def backward_preacts(
-        self, cache: LayerCache, dhs: np.ndarray, Whh: np.ndarray
+        self, cache: LayerCache, dhs: np.ndarray, Whh: np.ndarray, product: Product = together
     ) -> tuple[np.ndarray, np.ndarray]:
         """dL/dxp (T, B, G*H), and dL/d(h @ Whh) (T, B, G*H), which differ only where a gate
         multiplies the recurrent product (the GRU's reset gate)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from nextchar.core.cells.base import Cell, LayerCache, gate_blocks, hidden_buffer, sigmoid
+from nextchar.core.cells.base import Cell, LayerCache, Product, gate_blocks, hidden_buffer, sigmoid, together
 
 
 class GRU(Cell):
@@ -25,7 +25,12 @@ class GRU(Cell):
         return n + z * (h - n)
 
     def forward(
-        self, xp: np.ndarray, state: np.ndarray, Whh: np.ndarray, bhn: np.ndarray | None
+        self,
+        xp: np.ndarray,
+        state: np.ndarray,
+        Whh: np.ndarray,
+        bhn: np.ndarray | None,
+        product: Product = together,
     ) -> tuple[np.ndarray, LayerCache]:
         """T steps, each step's gates gate-major, (3, B, H), so every gate is one contiguous block
         (as in lstm.py). What the backward needs is computed here, per step, while it is in
@@ -43,7 +48,7 @@ class GRU(Cell):
         n = np.empty((B, H), dtype=xp.dtype)
         diff = np.empty((B, H), dtype=xp.dtype)
         for t in range(T):
-            np.matmul(h[t], Whh3, out=gh)
+            product(h[t], Whh3, gh)
             a = np.add(xp[t, :2], gh[:2], out=rz[t])  # (2, B, H)
             a *= 0.5  # sigmoid(x) = 0.5 * tanh(0.5 * x) + 0.5, as base.sigmoid
             np.tanh(a, out=a)
@@ -68,7 +73,7 @@ class GRU(Cell):
         return h[T].copy(), LayerCache(h0=state, h=h, gates={"rz": rz, "k_rz": k_rz, "k_n": k_n})
 
     def backward_preacts(
-        self, cache: LayerCache, dhs: np.ndarray, Whh: np.ndarray
+        self, cache: LayerCache, dhs: np.ndarray, Whh: np.ndarray, product: Product = together
     ) -> tuple[np.ndarray, np.ndarray]:
         T, B, H = cache.hs.shape
         rz, k_rz, k_n = cache.gates["rz"], cache.gates["k_rz"], cache.gates["k_n"]
@@ -88,7 +93,7 @@ class GRU(Cell):
             np.multiply(dh, k_rz[t, 1], out=d[1])
             np.copyto(dgh3[t, :2], d[:2])
             np.multiply(d[2], rz[t, 0], out=dgh3[t, 2])
-            np.matmul(dgh[t], WhhT, out=back)
+            product(dgh[t], WhhT, back)
             dh *= rz[t, 1]
             dh += back
         return dxp, dgh

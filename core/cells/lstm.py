@@ -13,7 +13,7 @@ import functools
 from typing import Any
 
 import numpy as np
-from nextchar.core.cells.base import Cell, LayerCache, gate_blocks, hidden_buffer
+from nextchar.core.cells.base import Cell, LayerCache, Product, gate_blocks, hidden_buffer, together
 
 GATE_SCALE = (0.5, 0.5, 1.0, 0.5)  # i, f, g, o: sigmoid, sigmoid, tanh, sigmoid
 GATE_SHIFT = (0.5, 0.5, 0.0, 0.5)
@@ -62,7 +62,12 @@ class LSTM(Cell):
         return np.concatenate([o * np.tanh(c_new), c_new], axis=1)
 
     def forward(
-        self, xp: np.ndarray, state: np.ndarray, Whh: np.ndarray, bhn: np.ndarray | None
+        self,
+        xp: np.ndarray,
+        state: np.ndarray,
+        Whh: np.ndarray,
+        bhn: np.ndarray | None,
+        product: Product = together,
     ) -> tuple[np.ndarray, LayerCache]:
         """T steps. Each step's gates are laid out gate-major, (4, B, H), so that every gate is one
         contiguous block (NumPy runs an operation on a strided (B, H) slice of a (B, 4H) row
@@ -83,7 +88,7 @@ class LSTM(Cell):
         ig = np.empty((B, H), dtype=xp.dtype)
         tc = np.empty((B, H), dtype=xp.dtype)
         for t in range(T):
-            np.matmul(h[t], Whh4, out=a)  # (4, B, H)
+            product(h[t], Whh4, a)  # (4, B, H)
             a += xp[t]
             kt = k[t]
             _activate(a, scale, shift, dact=kt)
@@ -105,7 +110,7 @@ class LSTM(Cell):
         return final, LayerCache(h0=state, h=h, gates={"k": k, "k_c": k_c, "f": fs})
 
     def backward_preacts(
-        self, cache: LayerCache, dhs: np.ndarray, Whh: np.ndarray
+        self, cache: LayerCache, dhs: np.ndarray, Whh: np.ndarray, product: Product = together
     ) -> tuple[np.ndarray, np.ndarray]:
         T, B, H = cache.hs.shape
         k, k_c, f = cache.gates["k"], cache.gates["k_c"], cache.gates["f"]
@@ -122,5 +127,5 @@ class LSTM(Cell):
             np.multiply(dc, k[t, :3], out=da4[t, :3])  # i, f, g
             np.multiply(dh, k[t, 3], out=da4[t, 3])  # o
             dc *= f[t]
-            np.matmul(da[t], WhhT, out=dh)
+            product(da[t], WhhT, dh)
         return da, da
