@@ -202,7 +202,7 @@ class BatchStats:
     compute_seconds: float = 0.0  # wall time computing batches, wherever they ran
     remote_batches: int = 0  # batches the compute process ran
 
-    def count(self, works: Sequence[PredictWork]) -> None:
+    def count(self, works: Sequence[PredictWork | AdaptWork]) -> None:
         sizes = [w.size for w in works]
         self.steps += max(sizes)
         self.chars += sum(sizes)
@@ -227,7 +227,7 @@ def rows(vectors: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(vectors).reshape(len(vectors), -1)
 
 
-def pack(works: Sequence[PredictWork]) -> Packed:
+def pack(works: Sequence[PredictWork | AdaptWork]) -> Packed:
     """One model's predictions side by side, as ``advance`` takes them (it never writes its inputs)."""
     if len(works) == 1:  # a lone stream (ping-pong): its own arrays, viewed as one column
         w = works[0]
@@ -244,7 +244,7 @@ def advance_packed(model: CharRNN, packed: Packed) -> Advanced:
     return advance(model, packed.idx, packed.lens, packed.states, packed.probs0, packed.k, packed.full)
 
 
-def unpack(works: Sequence[PredictWork], packed: Packed, out: Advanced) -> list[Rows]:
+def unpack(works: Sequence[PredictWork | AdaptWork], packed: Packed, out: Advanced) -> list[Rows]:
     """One Rows per work, in the works' order; per chunk only two row copies."""
     results: list[Rows | None] = [None] * len(works)
     one = len(works) == 1  # a lone session's rows are its own arrays: nothing else keeps them alive
@@ -276,9 +276,7 @@ def compute(batch: Sequence[Work], stats: BatchStats) -> list[Result]:
     start = time.perf_counter()
     out: list[Result | None] = [None] * len(batch)
     for i, work in enumerate(batch):
-        if isinstance(work, AdaptWork):
-            out[i] = adapted_rows(work)
-        elif isinstance(work, GenerateWork):
+        if isinstance(work, GenerateWork):
             out[i] = generated(work)
         elif isinstance(work, CompleteWork):
             net = work.net if work.adapter is None else adapt.adapted(work.net, work.adapter)
@@ -289,19 +287,40 @@ def compute(batch: Sequence[Work], stats: BatchStats) -> list[Result]:
         for i, result in zip(members, unpack(works, packed, answer), strict=True):
             out[i] = result
         stats.count(works)
+    for members, adapting in adaptive_groups(batch):
+        for i, result in zip(members, adapted_rows(adapting), strict=True):
+            out[i] = result
+        stats.count(adapting)
     stats.batches += 1
     stats.compute_seconds += time.perf_counter() - start
     return out  # type: ignore[return-value]  # every position filled above
 
 
-def adapted_rows(work: AdaptWork) -> Rows:
-    a = work.adapting
-    adapter, out = adapt.feed(
-        work.net, a.rule, a.adapter, work.state, work.probs, work.idx, work.top_k, work.full
+def adaptive_groups(batch: Sequence[Work]) -> list[tuple[list[int], list[AdaptWork]]]:
+    """The batch's adaptive chunks grouped by network (one network: one adaptation rule)."""
+    groups: dict[int, tuple[list[int], list[AdaptWork]]] = {}
+    for i, work in enumerate(batch):
+        if isinstance(work, AdaptWork):
+            members, works = groups.setdefault(id(work.net), ([], []))
+            members.append(i)
+            works.append(work)
+    return list(groups.values())
+
+
+def adapted_rows(works: Sequence[AdaptWork]) -> list[Rows]:
+    """Adaptive sessions' chunks on one network, advanced together (nextchar.core.adapt.advance_many:
+    shared products, each column with its own adapter), and each trail's base moved on."""
+    net, rule = works[0].net, works[0].adapting.rule
+    packed = pack(works)
+    adapters = [works[j].adapting.adapter for j in packed.order]
+    answer, learnt = adapt.advance_many(
+        net, rule, adapters, packed.idx, packed.lens, packed.states, packed.probs0, packed.k, packed.full
     )
-    return Rows(
-        work.idx, work.top_k, 0, out, out.states[0], out.last_probs[0], adapter, a.moved_base(work.net)
-    )
+    results = unpack(works, packed, answer)
+    for col, j in enumerate(packed.order):
+        results[j].adapter = learnt[col]
+        results[j].base = works[j].adapting.moved_base(net)
+    return results
 
 
 def generated(work: GenerateWork) -> Generated:
