@@ -327,6 +327,18 @@ def replay(model: CharRNN, rule: Rule, adapter: Adapter, idx: np.ndarray) -> Ada
     return score(model, rule, adapter, idx)[0]
 
 
+def replay_many(
+    model: CharRNN, rule: Rule, adapters: Sequence[Adapter], texts: Sequence[np.ndarray]
+) -> list[Adapter]:
+    """replay of several adapters, each through its own text, their windows stepped together
+    (each adapter what replay alone gives, bit for bit)."""
+    joined = [np.concatenate((a.window, t)) for a, t in zip(adapters, texts, strict=True)]
+    current = list(adapters)
+    for _ in _windows(model, rule, current, joined):
+        pass
+    return [_windowed(a, text, rule.config.segment) for a, text in zip(current, joined, strict=True)]
+
+
 def score(model: CharRNN, rule: Rule, adapter: Adapter, idx: np.ndarray) -> tuple[Adapter, np.ndarray]:
     """replay, and the nats of each completed window's targets, scored before its step (float64)."""
     text = np.concatenate((adapter.window, idx))

@@ -319,7 +319,16 @@ def adapted_rows(works: Sequence[AdaptWork]) -> list[Rows]:
     results = unpack(works, packed, answer)
     for col, j in enumerate(packed.order):
         results[j].adapter = learnt[col]
-        results[j].base = works[j].adapting.moved_base(net)
+        results[j].base = works[j].adapting.base
+    moving, bases, texts = [], [], []  # the works whose trail's base moves past some text
+    for j, work in enumerate(works):
+        base, replay = work.adapting.base, work.adapting.replay
+        if base is not None and len(replay):
+            moving.append(j)
+            bases.append(base)
+            texts.append(replay)
+    for j, base in zip(moving, adapt.replay_many(net, rule, bases, texts), strict=True):
+        results[j].base = base
     return results
 
 
