@@ -13,9 +13,9 @@ Every training run that produces a model tunes it so (``at_end_of_training``, ca
 by nextchar.core.train.train; the shipped default model is tuned by the same call),
 at a bounded cost: the rate is measured on at most ``TUNE_CHARS`` validation
 characters and the statistics on the training text's last ``STATS_CHARS``, so tuning
-costs at most ``len(LRS) + len(FLOORS)`` adapted passes over 120,000 characters plus
-one gradient pass over 200,000, whatever the corpus (~80 s for the default model's
-GRU-256 on one core of an AMD EPYC, a second or two for a small model). A validation text of fewer than
+costs at most ``len(LRS)`` adapted passes over 120,000 characters plus one gradient
+pass over 200,000, whatever the corpus (~1 minute for the default model's GRU-256 on
+one core of an AMD EPYC, a few seconds for a small model). A validation text of fewer than
 ``MIN_WINDOWS`` whole windows (or a training text of less than one) is too short to
 measure anything on: the run records the defaults (``AdaptConfig()``, plain SGD) and
 says so in its summary. Tuning is a pure function of the weights and the texts, so a
@@ -24,8 +24,9 @@ seeded run stays bit-reproducible.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,6 @@ from nextchar.core.evaluate import evaluate_indices
 from nextchar.core.model import CharRNN
 
 LRS = (1e-3, 1.2e-3, 1.5e-3, 2e-3, 3e-3)
-FLOORS = (0.1,)  # tried at the best rate besides adapt.FLOOR (on code 0.1 was far better than none)
 STATS_CHARS = 200_000  # of the training text's end (the shipped model: 60,000 gave 0.002 bits/char more)
 TUNE_CHARS = (
     120_000  # validation characters a training run measures its rates on: tinyshakespeare's 10% whole
@@ -112,41 +112,31 @@ def tune(
     lrs: tuple[float, ...] = LRS,
     chars: int | None = None,
     on_measured: MeasuredFn | None = None,
-    floors: tuple[float, ...] = FLOORS,
 ) -> AdaptConfig:
-    """The AdaptConfig for model: the rate that adapts best on text (its first chars, if given), then
-    at that rate the best of FLOOR and floors, with the gradient statistics of stats_text's last
-    STATS_CHARS characters (else text's first). on_measured hears each config tried and its
-    bits/char (the first of equals wins).
+    """The AdaptConfig for model: the rate that adapts best on text (its first chars, if given), with the
+    gradient statistics of stats_text's last STATS_CHARS characters (else text's first). on_measured
+    hears each config tried and its bits/char (the first of equals wins).
 
     A trainer passes its training text as stats_text, as the paper measures the statistics on
     training data: on the shipped model, statistics from the training text's last 60,000
     characters took the validation text to 2.153 bits/char (rate 0.001), from the validation
-    text itself 2.158 (rate 0.0015; bench/results/adapt-*.json); from its last 200,000, 2.150
-    (rate 0.0012), and floored at a tenth of the mean rms instead of a fifth, 2.149."""
+    text itself 2.158 (rate 0.0015; bench/results/adapt-*.json); from its last 200,000 (or all
+    of it), 2.1501 (rate 0.0012). The floor stays adapt.FLOOR: 0.1 measured 2.1491 in-domain but
+    3.45 bits/char instead of 2.99 on this repository's code (0.15: 2.1495 and 3.10)."""
     idx = model.vocab.encode(text)[:chars]
     source = idx[:STATS_CHARS] if stats_text is None else model.vocab.encode(stats_text[-STATS_CHARS:])
     stats = gradient_stats(model, source)
-    measured: list[tuple[float, AdaptConfig]] = []  # (bits/char, config) in the order tried
-
-    def best() -> AdaptConfig:
-        return min(measured, key=lambda tried: tried[0])[1]
-
-    def measure(config: AdaptConfig) -> None:
+    best, best_bpc = None, math.inf
+    for lr in lrs:
+        config = AdaptConfig(lr=lr, stats=stats)
         bpc = bits_per_char(model, config, idx)
-        measured.append((bpc, config))
         if on_measured is not None:
             on_measured(config, bpc)
-
-    if not lrs:
+        if bpc < best_bpc or best is None:
+            best, best_bpc = config, bpc
+    if best is None:
         raise ValueError("tune needs one rate at least")
-    for lr in lrs:
-        measure(AdaptConfig(lr=lr, stats=stats))
-    at_best_rate = best()
-    for floor in floors:
-        if floor != at_best_rate.floor:
-            measure(replace(at_best_rate, floor=floor))
-    return best()
+    return best
 
 
 @dataclass(frozen=True)
@@ -178,7 +168,7 @@ def at_end_of_training(
             else f"training text of {len(train_text)} characters: not one window of {SEGMENT}"
         )
         defaults = AdaptConfig()
-        return Tuned(defaults, {"chars": 0, "lr": defaults.lr, "floor": defaults.floor, "untuned": why})
+        return Tuned(defaults, {"chars": 0, "lr": defaults.lr, "untuned": why})
     if on_start is not None:
         on_start()
     text = val_text[: windows * SEGMENT + 1]  # whole windows: adapted and static score the same characters
@@ -195,7 +185,6 @@ def at_end_of_training(
         {
             "chars": windows * SEGMENT,
             "lr": config.lr,
-            "floor": config.floor,
             "static_bpc": evaluate_indices(model, model.vocab.encode(text))["bits_per_char"],
             "adapted_bpc": next(bpc for tried, bpc in measured if tried is config),
         },

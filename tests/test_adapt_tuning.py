@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from nextchar.cli.app import app
 from nextchar.core.adapt import SEGMENT, AdaptConfig
-from nextchar.core.adapt_tune import FLOORS, LRS, MIN_WINDOWS, bits_per_char, side_by_side
+from nextchar.core.adapt_tune import LRS, MIN_WINDOWS, bits_per_char, side_by_side
 from nextchar.core.config import ModelConfig, TrainConfig, split_text
 from nextchar.core.evaluate import evaluate
 from nextchar.core.modelfile import ModelPayload, load_model, save_model
@@ -44,7 +44,7 @@ def test_a_training_run_tunes_its_adaptation_on_its_validation_text(
     result, records = trained
     config, note = result.adapt, result.summary["adapt"]
     assert config is not None and config.stats is not None  # gradient statistics: the RMS rule
-    assert config.lr in LRS and config.floor in (AdaptConfig().floor, *FLOORS)
+    assert config.lr in LRS and config.floor == AdaptConfig().floor
     val_text = split_text(TEXT, CONFIG.val_fraction)[1]
     windows = (len(val_text) - 1) // SEGMENT
     assert note["chars"] == windows * SEGMENT and note["lr"] == config.lr
@@ -213,3 +213,15 @@ def test_eval_adapt_says_what_it_needs_in_one_line(tmp_path: Path) -> None:
     short = runner.invoke(app, ["eval", str(text_file), "--adapt"])  # the shipped model: 5 characters
     assert short.exit_code == 1 and "more than 20 characters" in short.stderr
     assert len(short.stderr.strip().splitlines()) == 1
+
+
+def test_a_server_installs_the_shipped_model_with_its_tuned_config(tmp_path: Path) -> None:
+    from nextchar.core.default_model import load_default_model
+    from nextchar.server.app import install_default_model
+
+    registry = Registry(tmp_path)
+    registry.load_all()
+    install_default_model(registry)
+    assert registry.default is not None
+    shipped = load_default_model().adapt
+    assert shipped.stats is not None and load_model(registry.default.path).adapt == shipped
