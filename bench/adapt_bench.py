@@ -3,11 +3,13 @@
 Run: ``make bench-adapt`` (or ``python bench/adapt_bench.py [--ood-chars N]``), a few minutes on
 one BLAS thread.
 
-The model's AdaptConfig is first tuned as a trainer would at the end of training
-(``nextchar.core.adapt_tune.tune``: gradient statistics on the training text's end,
-then the best of a few rates on the validation text; the in-domain figure is
-thus on the text its rate was picked on), then two texts are scored from a fresh
-session, each window of 20 characters before the step that learns from it:
+The model's AdaptConfig is the one its file records: tuned as every training run
+tunes at its end (``nextchar.core.adapt_tune.at_end_of_training``: gradient statistics
+on the training text's end, then the best of a few rates on the validation text; the
+in-domain figure is thus on the text its rate was picked on). ``--retune`` tunes it
+again here instead (the same call). Two texts are scored from a fresh session
+(``adapt_tune.side_by_side``, what ``nextchar eval --adapt`` prints), each window of
+20 characters before the step that learns from it:
 
 - in-domain: tinyshakespeare's last 10% (the bundled corpus's validation split);
 - out-of-domain: this repository's tracked Python and Markdown files, sorted by path
@@ -60,47 +62,39 @@ def repository_text(chars: int) -> str:
 
 
 def measure(name: str, text: str, config: Any) -> dict[str, Any]:
-    from nextchar.core.adapt_tune import bits_per_char
+    from nextchar.core.adapt_tune import side_by_side
     from nextchar.core.default_model import load_default_model
-    from nextchar.core.evaluate import evaluate
 
     model = load_default_model().model
-    idx = model.vocab.encode(text)
-    segment = config.segment
-    # whole windows only: the adapted score covers exactly the characters the static one does
-    n = (len(idx) - 1) // segment * segment + 1
-    first = FIRST // segment * segment + 1
     started = time.perf_counter()
-    adapted, adapted_first = bits_per_char(model, config, idx[:n]), bits_per_char(model, config, idx[:first])
+    scores = side_by_side(model, config, model.vocab.encode(text), FIRST)
     seconds = time.perf_counter() - started
-    static = evaluate(model, text[:n])["bits_per_char"]
-    static_first = evaluate(model, text[:first])["bits_per_char"]
     return {
         "text": name,
-        "chars": n - 1,
+        "chars": int(scores["chars"]),
         "sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "static_bpc": static,
-        "adapted_bpc": adapted,
-        "change": adapted / static - 1,
-        "first_chars": first - 1,
-        "first_static_bpc": static_first,
-        "first_adapted_bpc": adapted_first,
+        "static_bpc": scores["static_bpc"],
+        "adapted_bpc": scores["adapted_bpc"],
+        "change": scores["adapted_bpc"] / scores["static_bpc"] - 1,
+        "first_chars": int(scores["first_chars"]),
+        "first_static_bpc": scores["first_static_bpc"],
+        "first_adapted_bpc": scores["first_adapted_bpc"],
         "adapt_seconds": seconds,
     }
 
 
-def main(ood_chars: int) -> dict[str, Any]:
+def main(ood_chars: int, retune: bool = False) -> dict[str, Any]:
     from nextchar.core import adapt
-    from nextchar.core.adapt_tune import tune
-    from nextchar.core.config import split_text
-    from nextchar.core.default_model import CORPUS, data_file, load_default_model
+    from nextchar.core.adapt_tune import at_end_of_training
+    from nextchar.core.default_model import corpus, load_default_model
 
-    with data_file(CORPUS) as path:
-        training, validation = split_text(path.read_text(encoding="utf-8"), 0.1)
-    model = load_default_model().model
-    started = time.perf_counter()
-    config = tune(model, validation, stats_text=training)
-    tune_seconds = time.perf_counter() - started
+    _, training, validation = corpus()
+    shipped = load_default_model()
+    model, config, tune_seconds = shipped.model, shipped.adapt, None
+    if retune:
+        started = time.perf_counter()
+        config = at_end_of_training(model, training, validation).config
+        tune_seconds = time.perf_counter() - started
     rows = [
         measure("tinyshakespeare, last 10%", validation, config),
         measure(
@@ -118,6 +112,7 @@ def main(ood_chars: int) -> dict[str, Any]:
         "adapted_weights": list(adapt.adapted_names(model)),
         "adapter_bytes": adapt.adapter_bytes(model),
         "config": {k: v for k, v in config.to_dict().items() if k != "stats"},
+        "config_source": "tuned here (--retune)" if retune else "recorded in the shipped file",
         "tune_seconds": tune_seconds,
         "texts": rows,
         "goals": {
@@ -131,8 +126,9 @@ def main(ood_chars: int) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"lr {result['config']['lr']:g}, decay {result['config']['decay']:g}, segment "
-        f"{result['config']['segment']}, floor {result['config']['floor']:g}; adapter "
-        f"{result['adapter_bytes'] / 1024:.0f} KB; tuned in {result['tune_seconds']:.0f} s",
+        f"{result['config']['segment']}, floor {result['config']['floor']:g} ({result['config_source']}"
+        + (f", {result['tune_seconds']:.0f} s" if result["tune_seconds"] is not None else "")
+        + f"); adapter {result['adapter_bytes'] / 1024:.0f} KB",
         "| text | chars | static bits/char | adapted | change | first 1,000: static | adapted |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -148,8 +144,9 @@ def table(result: dict[str, Any]) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--ood-chars", type=int, default=OOD_CHARS)
+    parser.add_argument("--retune", action="store_true", help="tune the config here, not the file's")
     args = parser.parse_args()
-    result = main(args.ood_chars)
+    result = main(args.ood_chars, args.retune)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"adapt-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -46,6 +46,10 @@ def stats(p: Progress) -> str:
     )
 
 
+# a record of kind "tune": the training is done, the run measures its adaptation (nextchar.core.train)
+TUNING = "trained; tuning the adaptation rate on the validation text"
+
+
 def queued(job: Job) -> str:
     return f"queued, place {job.queue_position}" if job.queue_position else "queued"
 
@@ -69,7 +73,8 @@ class TrainingBar(ProgressView):
         self.task = self.bar.add_task(title, total=None, stats="starting")
 
     def update(self, p: Progress) -> None:
-        self.bar.update(self.task, total=p.total_chars, completed=p.chars, stats=stats(p))
+        shown = TUNING if p.kind == "tune" else stats(p)
+        self.bar.update(self.task, total=p.total_chars, completed=p.chars, stats=shown)
 
     def status(self, job: Job) -> None:
         waiting = f"{self.title}: {queued(job)}" if job.state == "queued" else self.title
@@ -94,6 +99,8 @@ class EpochLines(ProgressView):
         if p.kind == "epoch":
             done = f" ({p.chars / p.total_chars:.0%})" if p.total_chars else ""
             self._say(f"{stats(p)}{done}")
+        elif p.kind == "tune":
+            self._say(TUNING)
 
     def status(self, job: Job) -> None:
         waiting = queued(job) if job.state == "queued" else ""

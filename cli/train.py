@@ -205,7 +205,12 @@ def _train_here(
         typer.echo("training cancelled; nothing was saved", err=True)
         raise typer.Exit(130) from None
     mv = registry.register(
-        name, result.model, history=result.history, summary=result.summary, promote=promote
+        name,
+        result.model,
+        history=result.history,
+        summary=result.summary,
+        promote=promote,
+        adapt=result.adapt,
     )
     default = registry.default
     is_default = default is not None and (default.name, default.version) == (mv.name, mv.version)

@@ -14,6 +14,13 @@ A run can checkpoint itself (nextchar.core.checkpoint) at every epoch's end and
 every ``checkpoint_seconds``, pause (checkpoint, then stop), and resume from a
 checkpoint to the same weights an uninterrupted run ends with.
 
+At its end a run tunes the model's dynamic evaluation (nextchar.core.adapt_tune,
+``at_end_of_training``: a bounded number of adapted passes over the validation
+text) and returns the config a model file records (``TrainResult.adapt``, how it
+was chosen in the summary's ``adapt``); a progress record of kind ``"tune"`` says
+it is tuning (none when the validation text is too short to tune on: the defaults
+are recorded then). Tuning can be cancelled, not paused.
+
 Run: ``nextchar train --local FILE`` (or through the service: ``nextchar train FILE``).
 """
 
@@ -26,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from nextchar.core.adapt import AdaptConfig
+from nextchar.core.adapt_tune import at_end_of_training
 from nextchar.core.checkpoint import Checkpoint
 from nextchar.core.config import ModelConfig, TrainConfig, check_text, split_text
 from nextchar.core.evaluate import evaluate_indices
@@ -61,6 +70,7 @@ class TrainResult:
     model: CharRNN
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    adapt: AdaptConfig | None = None  # tuned at the end of train(): what its model file records
 
 
 def train(
@@ -91,7 +101,16 @@ def train(
     trainer.on_checkpoint, trainer.checkpoint_seconds = on_checkpoint, checkpoint_seconds
     if resume is not None:
         trainer.restore(resume)
-    return trainer.run(model.vocab.encode(train_text), model.vocab.encode(val_text))
+    result = trainer.run(model.vocab.encode(train_text), model.vocab.encode(val_text))
+    tuned = at_end_of_training(
+        result.model,
+        train_text,
+        val_text,
+        on_start=trainer.tuning,
+        on_measured=lambda *_: trainer.stop_if_asked(),
+    )
+    result.adapt, result.summary["adapt"] = tuned.config, tuned.note
+    return result
 
 
 class Trainer:
@@ -142,8 +161,7 @@ class Trainer:
             epoch = self.epoch
             state = model.initial_state(B) if self.state is None else self.state
             for s in range(self.offset, L, T):
-                if self.should_stop():
-                    raise TrainingCancelled("training cancelled")
+                self.stop_if_asked()
                 pause = self.should_pause()
                 if pause or (
                     self.checkpoint_seconds
@@ -224,6 +242,16 @@ class Trainer:
         for meter in meters:
             meter.add(loss, nats, x.size)
         return state
+
+    def stop_if_asked(self) -> None:
+        if self.should_stop():
+            raise TrainingCancelled("training cancelled")
+
+    def tuning(self) -> None:
+        """Say that the run goes on to tune its adaptation: the last record again, of kind "tune"
+        (progress only: the history a model file keeps has no such record)."""
+        self.stop_if_asked()
+        self.on_progress({**self.history[-1], "kind": "tune"})
 
     def _checkpoint(self) -> None:
         if self.on_checkpoint is None:

@@ -289,7 +289,9 @@ class ProgressRecord(_message.Message):
     WALL_SECONDS_FIELD_NUMBER: _builtins.int
     LR_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
-    """"step" (every log_every steps) or "epoch" (end of an epoch)."""
+    """"step" (every log_every steps), "epoch" (end of an epoch) or "tune" (after the last epoch:
+    the run tunes its adaptation on the validation text; the last epoch's figures again).
+    """
     epoch: _builtins.int
     """Epoch, 1-based."""
     step: _builtins.int

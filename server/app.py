@@ -84,7 +84,13 @@ def install_default_model(registry: Registry) -> None:
 
     shipped = load_default_model()
     if (
-        registry.install(DEFAULT_NAME, shipped.model, history=shipped.history, summary=shipped.summary)
+        registry.install(
+            DEFAULT_NAME,
+            shipped.model,
+            history=shipped.history,
+            summary=shipped.summary,
+            adapt=shipped.adapt,  # its tuned adaptation, recorded in the installed file too
+        )
         is None
     ):
         registry.refresh(force=True)  # another replica installed it first: take up its version

@@ -395,11 +395,15 @@ class Registry:
         history: list[dict[str, Any]],
         summary: dict[str, Any],
         promote: bool = False,
+        adapt: AdaptConfig | None = None,
     ) -> ModelVersion:
-        """Save as the next version of name (atomic rename) and publish it; blocking file I/O."""
+        """Save as the next version of name (atomic rename) and publish it; blocking file I/O.
+
+        adapt: the model's tuned adaptation (nextchar.core.train.TrainResult.adapt), recorded in
+        its file; without one, sessions of it adapt by the defaults (ModelFile.adapt)."""
         check_name(name)
         with self._lock:
-            mv = self._save(name, itertools.count(self._next(name)), model, history, summary, promote)
+            mv = self._save(name, itertools.count(self._next(name)), model, history, summary, promote, adapt)
         assert mv is not None  # count() never runs out
         return mv
 
@@ -421,6 +425,7 @@ class Registry:
         *,
         history: list[dict[str, Any]],
         summary: dict[str, Any],
+        adapt: AdaptConfig | None = None,
     ) -> ModelVersion | None:
         """Save and publish as exactly this version of name, or None when it is taken, here or by
         another process (the first to publish a version has it). Moves the default only into an
@@ -430,10 +435,16 @@ class Registry:
         with self._lock:
             if (name, version) in self._versions or (self.model_dir / name / f"{version}.npz").exists():
                 return None
-            return self._save(name, iter((version,)), model, history, summary, False)
+            return self._save(name, iter((version,)), model, history, summary, False, adapt)
 
     def install(
-        self, name: str, model: CharRNN, *, history: list[dict[str, Any]], summary: dict[str, Any]
+        self,
+        name: str,
+        model: CharRNN,
+        *,
+        history: list[dict[str, Any]],
+        summary: dict[str, Any],
+        adapt: AdaptConfig | None = None,
     ) -> ModelVersion | None:
         """Register as version 1 of name and make it the default, unless this registry holds a
         version of name or a shared store's version 1 is taken: None then. Two replicas that
@@ -444,7 +455,7 @@ class Registry:
         with self._lock:
             if any(n == name for (n, _) in self._versions):
                 return None
-            return self._save(name, iter((1,)), model, history, summary, True)
+            return self._save(name, iter((1,)), model, history, summary, True, adapt)
 
     def _save(
         self,
@@ -454,6 +465,7 @@ class Registry:
         history: list[dict[str, Any]],
         summary: dict[str, Any],
         promote: bool,
+        adapt: AdaptConfig | None = None,
     ) -> ModelVersion | None:
         """Save and publish as the first of versions no other process took meanwhile (None when
         each was), under the registry's lock. The file is written beside its place and renamed
@@ -462,7 +474,7 @@ class Registry:
         for version in versions:
             path = self.model_dir / name / f"{version}.npz"
             staged = path.with_name(f".{version}.{secrets.token_hex(4)}.npz.tmp")  # strays: _tidy's
-            save_model(staged, model, history=history, summary=summary)
+            save_model(staged, model, history=history, summary=summary, adapt=adapt)
             try:
                 meta = load_model(staged).meta  # read back: what sessions use is what is on disk
                 if not self.files.publish((name, version), staged):

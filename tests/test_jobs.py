@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 from job_harness import CORPUS, start_job, wait_for
+from nextchar.core.modelfile import load_model
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.server.registry import Registry
 from nextchar.server.training.trainer import NICE as TRAINER_NICE
@@ -110,9 +111,14 @@ def test_the_log_says_a_jobs_start_and_end_not_each_checkpoint(tmp_path: Path) -
         server.wait_for_line(f"job {job_id} \\(quiet\\): succeeded")
         said = [line for line in server.log if job_id in line]
         assert any("started on trainer" in line for line in said), said
+        assert any("tuning its adaptation" in line for line in said), said
         assert not [line for line in said if "checkpointed" in line], said
     finally:
         server.close()
+    registry = Registry(tmp_path)
+    registry.load_all()
+    recorded = load_model(registry.resolve("quiet", 1).path)  # the config its trainer tuned
+    assert recorded.adapt.stats is not None and recorded.summary["adapt"]["chars"] > 0
 
 
 def trainer_of(server_pid: int) -> int:

@@ -40,6 +40,7 @@ class Done:
     model: ModelPayload
     history: list[dict[str, Any]]
     summary: dict[str, Any]
+    adapt: dict[str, Any] | None = None  # the tuned AdaptConfig, as its to_dict (plain data)
 
 
 @dataclass(frozen=True, slots=True)

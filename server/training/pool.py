@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import assert_never
 
 from nextchar.core import checkpoint as ck
+from nextchar.core.adapt import AdaptConfig
 from nextchar.server.errors import ServiceError
 from nextchar.server.registry import ModelVersion, Registry
 from nextchar.server.training import pipe
@@ -262,6 +263,8 @@ class TrainerPool:
                 match message:
                     case pipe.Progress(record):
                         self._check(self.store.append(claim, record))
+                        if record.get("kind") == "tune":
+                            log.info("job %s (%s): trained; tuning its adaptation", job.id, job.model_name)
                     case pipe.Checkpointed(position):
                         self._check(self.store.keep_checkpoint(claim, checkpoint))
                         # every epoch of every job: DEBUG; INFO says when a job starts and how it ends
@@ -332,6 +335,7 @@ class TrainerPool:
     def _publish(self, claim: Claim, job: Job, done: pipe.Done) -> tuple[ModelVersion, str]:
         """The version the job registered: the reserved one, published here or found published."""
         model = done.model.model()
+        adapt = None if done.adapt is None else AdaptConfig.from_dict(done.adapt)
         summary = {**done.summary, JOB_KEY: job.id}
         while True:
             self.registry.refresh(force=True)  # the versions other replicas registered meanwhile
@@ -342,7 +346,7 @@ class TrainerPool:
                 job.version = self.registry.next_version(job.model_name)
                 self._check(self.store.save(job, claim))
             published = self.registry.register_as(
-                job.model_name, job.version, model, history=done.history, summary=summary
+                job.model_name, job.version, model, history=done.history, summary=summary, adapt=adapt
             )
             if published is not None:
                 return published, "registered"

@@ -6,8 +6,9 @@ end and every checkpoint_seconds, and pauses (checkpoint, then stop) when its po
 asks (nextchar.server.training.pool, in ``nextchar serve`` or ``nextchar trainer``).
 Progress records go to the parent over a pipe as they happen, in the messages of
 nextchar.server.training.pipe; the last is exactly one of Done, Paused, Failed or
-Cancelled. The trained model travels back over the pipe (a ModelPayload) and the
-parent writes the model file, so the registry has one writer.
+Cancelled. The trained model travels back over the pipe (a ModelPayload, with the
+adaptation train() tuned at its end) and the parent writes the model file, so the
+registry has one writer.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def run_training(
             checkpoint_seconds=checkpoint_seconds,
             resume=resume,
         )
-        pipe.send(conn, pipe.Done(ModelPayload.of(result.model), result.history, result.summary))
+        adapt = None if result.adapt is None else result.adapt.to_dict()
+        pipe.send(conn, pipe.Done(ModelPayload.of(result.model), result.history, result.summary, adapt))
     except TrainingPaused as exc:
         pipe.send(conn, pipe.Paused(str(exc)))
     except TrainingDiverged as exc:
