@@ -37,6 +37,7 @@ from nextchar.client.texts import TextFiles
 READ_BYTES = 4096  # one read of a pipe or the terminal: a paste of this size arrives at once
 
 if TYPE_CHECKING:
+    from nextchar.client.library import NextCharClient
     from nextchar.client.results import Predictions
     from nextchar.client.session import Session
 
@@ -188,84 +189,55 @@ def evaluate(
         bool,
         typer.Option(
             "--adapt",
-            help="Score a model file here, no server: static and adapted bits/char side by side "
-            "(dynamic evaluation with the file's recorded adapt config; docs/adaptation.md).",
+            help="Also score it with a session that learns the text as it goes (docs/adaptation.md): "
+            "static and adapted figures side by side.",
         ),
     ] = False,
-    model_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--model-file",
-            exists=True,
-            dir_okay=False,
-            show_default=False,
-            help="With --adapt: the model file (.npz) to score; the shipped default model when omitted.",
-        ),
-    ] = None,
     as_json: JsonOpt = False,
     server: ServerOpt = DEFAULT_TARGET,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
 ) -> None:
     """Score a model on a text: bits/char and top-1 accuracy, one hidden state carried through it.
 
-    With --adapt, a model file is scored in this process, without and with adaptation."""
+    With --adapt the text goes through two sessions of the model, one static and one that adapts,
+    and both are shown, with the change."""
     text = TextFiles.of(file)
     text.count()  # the whole file checked before anything is scored; then read as it is sent
-    if adapt or model_file is not None:
-        if model:
-            raise typer.BadParameter(
-                "--adapt scores a model file, not a server's model: give it as --model-file "
-                "(a registry keeps NAME:VERSION in MODEL_DIR/NAME/VERSION.npz)",
-                param_hint="--model",
-            )
+    with connect(server, timeout) as client:
         if not adapt:
-            raise typer.BadParameter("--model-file goes with --adapt", param_hint="--model-file")
-        _evaluate_adapted(file, text.read(), model_file, as_json)
+            print_summary({"file": str(file), **score(client, model, text, chunk, None)}, as_json)
+            return
+        static = score(client, model, text, chunk, False)
+        adapted = score(client, model, text, chunk, True)
+    change = relative(static["bits_per_char"], adapted["bits_per_char"])
+    if as_json:
+        print_json({"summary": {"file": str(file), "static": static, "adapted": adapted, "change": change}})
         return
-    with connect(server, timeout) as client, client.session(model) as session:
+    def figure(value: object) -> str:
+        return fmt_float(value) if isinstance(value, float) else "-"
+
+    rows = [
+        (name, f"{s['chars']:,}", figure(s["bits_per_char"]), figure(s["accuracy"]))
+        for name, s in (("static", static), ("adapted", adapted))
+    ]
+    rows.append(("change", "", f"{change:+.1%}" if change is not None else "-", ""))
+    print_table(f"{file} on {static['model']}", ("", "chars", "bits/char", "accuracy"), rows)
+
+
+def score(
+    client: NextCharClient, model: str, text: TextFiles, chunk: int, adapt: bool | None
+) -> dict[str, object]:
+    """text streamed through a new session of model (adaptive or not; None: the server's default):
+    its StreamStats summary."""
+    with client.session(model, adapt=adapt) as session:
         stats = StreamStats()
         for p in session.stream(text.chunks(chunk), top_k=1):
             stats.add(p)
-        print_summary({"file": str(file), **stats.summary(session)}, as_json)
+        return stats.summary(session)
 
 
-def _evaluate_adapted(file: Path, text: str, model_file: Path | None, as_json: bool) -> None:
-    """Static and adapted bits/char of a model file on text (nextchar.core.adapt_tune.side_by_side)."""
-    from nextchar.core.adapt_tune import side_by_side
-    from nextchar.core.default_model import load_default_model
-    from nextchar.core.modelfile import load_model
-
-    loaded = load_default_model() if model_file is None else load_model(model_file)
-    config = loaded.adapt
-    scores = side_by_side(loaded.model, config, loaded.model.vocab.encode(text))
-    recorded = {k: v for k, v in config.to_dict().items() if k != "stats"}
-    recorded["stats"] = config.stats is not None  # gradient statistics (RMS-normalised rule), else plain SGD
-    recorded["recorded"] = "adapt" in loaded.meta  # else the defaults of a file from before adaptation
-    if as_json:
-        print_json(
-            {
-                "file": str(file),
-                "model": "shipped default model" if model_file is None else str(model_file),
-                "adapt": recorded,
-                **{k: int(v) if k.endswith("chars") else v for k, v in scores.items()},
-            }
-        )
-        return
-    rows = [("whole text", scores["chars"], scores["static_bpc"], scores["adapted_bpc"])]
-    if "first_chars" in scores:
-        rows.append(
-            ("first chars", scores["first_chars"], scores["first_static_bpc"], scores["first_adapted_bpc"])
-        )
-    how = (
-        f"lr {config.lr:g}, segment {config.segment}, decay {config.decay:g}, floor {config.floor:g}"
-        + ("" if config.stats is not None else ", plain SGD")
-        + ("" if recorded["recorded"] else " (the defaults: the file records no adapt config)")
-    )
-    print_table(
-        f"{file}: bits/char, adapted with {how}",
-        ("", "chars", "static", "adapted", "change"),
-        [
-            (name, f"{int(n):,}", fmt_float(static), fmt_float(adapted), f"{adapted / static - 1:+.1%}")
-            for name, n, static, adapted in rows
-        ],
-    )
+def relative(static: object, adapted: object) -> float | None:
+    """The adapted bits/char against the static, as a fraction (-0.2: 20% fewer)."""
+    if isinstance(static, float) and isinstance(adapted, float) and static:
+        return adapted / static - 1
+    return None

@@ -4,8 +4,8 @@ A run with a validation text of a few windows tunes (nextchar.core.adapt_tune.at
 and says so in a "tune" progress record; the config reaches the model file the way each trainer
 writes it (``train --local``'s registry, the pool's for a job), loads back, and is the same on a
 rerun with the same seed. A run whose validation text is too short records the defaults, and a
-file from before adaptation reads as them. ``nextchar eval FILE --adapt`` scores a model file here,
-static and adapted side by side, with the file's config.
+file from before adaptation reads as them. ``nextchar eval FILE --adapt`` scores a text on a server's
+model through a static and an adaptive session, side by side.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from nextchar.core.adapt import SEGMENT, AdaptConfig
 from nextchar.core.adapt_tune import LRS, MIN_WINDOWS, bits_per_char, side_by_side
 from nextchar.core.config import ModelConfig, TrainConfig, split_text
 from nextchar.core.evaluate import evaluate
-from nextchar.core.modelfile import ModelPayload, load_model, save_model
+from nextchar.core.modelfile import ModelPayload, load_model
 from nextchar.core.train import TrainingCancelled, TrainResult, train
 from nextchar.server.registry import Registry
+from server_harness import start_server
 from typer.testing import CliRunner
 
 TEXT = "the quick brown fox jumps over the lazy dog.\nsphinx of black quartz, judge my vow.\n" * 30
@@ -153,66 +154,41 @@ def test_side_by_side_scores_whole_windows_and_the_first_characters(
         side_by_side(result.model, result.adapt, idx[:20])
 
 
-def test_eval_adapt_prints_static_and_adapted_bits_per_char(
+def test_eval_adapt_scores_a_text_static_and_adapting_side_by_side(
     tmp_path: Path, trained: tuple[TrainResult, list[dict[str, Any]]]
 ) -> None:
+    """nextchar eval FILE --adapt: the text through a static session and an adaptive one of the
+    server's model (its recorded config), both figures and the change."""
     result = trained[0]
-    assert result.adapt is not None
-    model_file, text_file = tmp_path / "m.npz", tmp_path / "text.txt"
-    save_model(model_file, result.model, adapt=result.adapt)
-    text_file.write_text(TEXT[:1234])
-    shown = runner.invoke(app, ["eval", str(text_file), "--adapt", "--model-file", str(model_file)])
-    assert shown.exit_code == 0, shown.output
-    expected = side_by_side(result.model, result.adapt, result.model.vocab.encode(TEXT[:1234]))
-    table = shown.stdout
-    assert "static" in table and "adapted" in table and f"lr {result.adapt.lr:g}" in table
-    whole = next(line for line in table.splitlines() if "whole text" in line)
-    first = next(line for line in table.splitlines() if "first chars" in line)
-    assert (
-        "1,220" in whole
-        and f"{expected['static_bpc']:.3f}" in whole
-        and f"{expected['adapted_bpc']:.3f}" in whole
-    )
-    assert "1,000" in first and f"{expected['first_adapted_bpc']:.3f}" in first
-    as_json = runner.invoke(
-        app, ["eval", str(text_file), "--adapt", "--model-file", str(model_file), "--json"]
-    )
-    assert as_json.exit_code == 0, as_json.output
-    printed = json.loads(as_json.stdout)
-    assert (
-        printed["adapted_bpc"] == expected["adapted_bpc"] and printed["static_bpc"] == expected["static_bpc"]
-    )
-    assert printed["chars"] == 1220 and printed["first_chars"] == 1000
-    assert printed["adapt"]["lr"] == result.adapt.lr and printed["adapt"]["recorded"] is True
-
-
-def test_eval_adapt_of_a_file_without_a_config_uses_the_defaults(
-    tmp_path: Path, trained: tuple[TrainResult, list[dict[str, Any]]]
-) -> None:
-    model_file, text_file = tmp_path / "old.npz", tmp_path / "text.txt"
-    save_model(model_file, trained[0].model)
-    text_file.write_text(TEXT[:300])
-    args = ["eval", str(text_file), "--adapt", "--model-file", str(model_file), "--json"]
-    printed = json.loads(runner.invoke(app, args).stdout)
-    assert printed["adapt"] == {**AdaptConfig().to_dict(), "stats": False, "recorded": False}
-    assert (
-        printed["adapted_bpc"]
-        == side_by_side(trained[0].model, AdaptConfig(), trained[0].model.vocab.encode(TEXT[:300]))[
-            "adapted_bpc"
-        ]
-    )
-
-
-def test_eval_adapt_says_what_it_needs_in_one_line(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "models")
+    registry.load_all()
+    registry.register("tuned", result.model, history=[], summary={}, adapt=result.adapt, promote=True)
     text_file = tmp_path / "text.txt"
-    text_file.write_text("short")
-    named = runner.invoke(app, ["eval", str(text_file), "--adapt", "--model", "default"])
-    assert named.exit_code == 2 and "--model-file" in named.stderr
-    alone = runner.invoke(app, ["eval", str(text_file), "--model-file", str(text_file)])
-    assert alone.exit_code == 2 and "goes with --adapt" in alone.stderr
-    short = runner.invoke(app, ["eval", str(text_file), "--adapt"])  # the shipped model: 5 characters
-    assert short.exit_code == 1 and "more than 20 characters" in short.stderr
-    assert len(short.stderr.strip().splitlines()) == 1
+    text_file.write_text("a quick black fox judges the lazy quartz. " * 30)  # its own text: it learns it
+    server = start_server(tmp_path / "models")
+    try:
+        address = ["--server", f"127.0.0.1:{server.port}"]
+        plain = json.loads(runner.invoke(app, ["eval", str(text_file), "--json", *address]).stdout)
+        args = ["eval", str(text_file), "--adapt", *address]
+        printed = json.loads(runner.invoke(app, [*args, "--json"]).stdout)["summary"]
+        static, adapted = printed["static"], printed["adapted"]
+        assert static["chars"] == adapted["chars"] == 42 * 30
+        assert static["bits_per_char"] == plain["summary"]["bits_per_char"]  # what eval alone says
+        assert not static["adaptive"] and adapted["adaptive"]
+        assert adapted["bits_per_char"] < 0.95 * static["bits_per_char"]
+        assert printed["change"] == pytest.approx(adapted["bits_per_char"] / static["bits_per_char"] - 1)
+        shown = runner.invoke(app, args)
+        assert shown.exit_code == 0, shown.output
+        lines = shown.stdout.splitlines()
+        rows = {
+            name: next(line for line in lines if f" {name} " in line)
+            for name in ("static", "adapted", "change")
+        }
+        assert f"{static['bits_per_char']:.3f}" in rows["static"]
+        assert f"{adapted['bits_per_char']:.3f}" in rows["adapted"]
+        assert f"{printed['change']:+.1%}" in rows["change"]
+    finally:
+        server.close()
 
 
 def test_a_server_installs_the_shipped_model_with_its_tuned_config(tmp_path: Path) -> None:
