@@ -110,6 +110,7 @@ def test_the_readme_walkthrough_leaves_the_make_run_server_on_the_shipped_model(
         clone = tmp_path / "clone"  # what the walkthrough reads of a clone, and nothing it could write to
         clone.mkdir()
         (clone / "core").symlink_to(ROOT / "core")
+        (clone / "README.md").symlink_to(README)
         # stop at the first failing command, and stop the walkthrough's server then too
         stopping = "set -e\ntrap 'status=$?; set +e; kill $(jobs -p) 2>/dev/null; wait; exit $status' EXIT\n"
         stdout, stderr, returncode = run_shell(f"{stopping}{script}\nwait\n", clone, env)
