@@ -5,17 +5,20 @@ unknown fields refused), so a wrong type or a misspelt field is INVALID_ARGUMENT
 naming it, as a malformed protobuf is over gRPC. Responses are protobuf's JSON form
 with one change: 64-bit integers stay JSON numbers (protobuf writes them as strings;
 offsets and counts never come near 2**53). Predictions skip the message: their
-arrays become lists directly, with each candidate's character beside its index.
+arrays are written as JSON directly (``dumps``: orjson writes a NumPy array in one
+call, float32 as the shortest text that parses back to the same float32; a
+64-character prediction's reply took 140 us with json.dumps of lists, 6 us so), with
+each candidate's character beside its index.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 from typing import Any, TypeVar
 
 import numpy as np
+import orjson
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -78,12 +81,15 @@ def _numbers(descriptor: Any, out: dict[str, Any]) -> None:
                     _numbers(field.message_type, item)
 
 
-def floats(values: np.ndarray) -> list[float | None]:
-    """float32 values as JSON numbers, exact (each parses back to the same float32); infinity as null."""
-    out: list[float | None] = list(values.astype(np.float64).ravel().tolist())
-    if not np.all(np.isfinite(values)):
-        out = [v if v is not None and math.isfinite(v) else None for v in out]
-    return out
+def dumps(value: Any) -> bytes:
+    """value as JSON (UTF-8), NumPy arrays included: float32 exact and short (each number parses
+    back to the same float32), infinity and NaN as null."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def floats(values: np.ndarray) -> np.ndarray:
+    """float32 values for ``dumps``, flat."""
+    return values.astype(np.float32, copy=False).ravel()
 
 
 @functools.lru_cache(maxsize=64)
@@ -95,8 +101,8 @@ def _chars(vocab: str) -> tuple[str, ...]:
 def candidates(vocab: str, index: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
     """Ranked candidates: their indices, probabilities and characters ("" for the unknown slot)."""
     chars = _chars(vocab)
-    flat = index.ravel().tolist()
-    return {"top_index": flat, "top_prob": floats(prob), "top_chars": [chars[i] for i in flat]}
+    flat = index.ravel()
+    return {"top_index": flat, "top_prob": floats(prob), "top_chars": [chars[i] for i in flat.tolist()]}
 
 
 def predictions(predicted: Predicted, vocab: str) -> dict[str, Any]:
@@ -106,8 +112,8 @@ def predictions(predicted: Predicted, vocab: str) -> dict[str, Any]:
     out["surprisal_bits"] = floats(rows.surprisal_bits)
     distribution = rows.distribution
     if distribution is not None:
-        out["distribution"] = floats(distribution.astype(np.float32))
+        out["distribution"] = floats(distribution)
     if predicted.unknown_chars:
-        out["unknown_positions"] = np.flatnonzero(rows.idx == UNK).tolist()
+        out["unknown_positions"] = np.flatnonzero(rows.idx == UNK)
         out["unknown_chars"] = predicted.unknown_chars
     return out

@@ -28,7 +28,7 @@ from nextchar.proto import nextchar_pb2 as pb
 from nextchar.server.config import ServerConfig
 from nextchar.server.errors import InvalidArgument, ServiceError
 from nextchar.server.httpapi.errors import error_middleware, internal, refusal
-from nextchar.server.httpapi.jsonform import candidates, json_object, parse, predictions, to_json
+from nextchar.server.httpapi.jsonform import candidates, dumps, json_object, parse, predictions, to_json
 from nextchar.server.open_calls import OpenCalls
 from nextchar.server.service import Service, adapt_choice
 from nextchar.server.sessions.stream import Rewound, SessionStream, StreamMessage
@@ -210,7 +210,7 @@ class HttpApi:
                 "predictions": predictions(predicted, vocab),
             }
             self.on_message(time.perf_counter() - start)
-            return web.json_response(body)
+            return web.Response(body=dumps(body), content_type="application/json")
         finally:
             self.sessions.written(predicted)
 
@@ -264,13 +264,13 @@ class HttpApi:
             top_i, top_p = top_k_rows(answer.probs[None, :], answer.k)
             out["rewound"] = {"offset": answer.offset, **candidates(vocab, top_i[0], top_p[0])}
             out["rewind_limit"] = answer.rewind_limit
-            await ws.send_str(json.dumps(out))
+            await ws.send_frame(dumps(out), WSMsgType.TEXT)
             return
         try:
             out["predictions"] = predictions(answer, vocab)
             out["rewind_limit"] = answer.rewind_limit
             self.on_message(time.perf_counter() - start)
-            await ws.send_str(json.dumps(out))  # waits while the client is not reading
+            await ws.send_frame(dumps(out), WSMsgType.TEXT)  # waits while the client is not reading
         finally:
             self.sessions.written(answer)
 
@@ -327,7 +327,7 @@ def token_middleware(expected: bytes, on_refused: Callable[[str, str], None]) ->
 def event(payload: dict[str, Any], kind: str = "") -> bytes:
     """One server-sent event."""
     head = f"event: {kind}\n" if kind else ""
-    return f"{head}data: {json.dumps(payload)}\n\n".encode()
+    return f"{head}data: ".encode() + dumps(payload) + b"\n\n"
 
 
 def stream_message(data: str) -> StreamMessage:
