@@ -10,7 +10,8 @@ of its own. What the page shows is checked against what the server answers over 
 the same text from a fresh state: the page must show the server's numbers, character by
 character, however the text got there (typing, Backspace, Tab, a model switch, a drop).
 
-``NEXTCHAR_SCREENSHOTS=1`` also writes docs/playground.png and docs/playground-phone.png.
+``NEXTCHAR_SCREENSHOTS=1`` also writes docs/playground.png and docs/playground-phone.png
+(adaptation on: the README shows it).
 """
 
 from __future__ import annotations
@@ -439,7 +440,8 @@ def assert_adaptation_shown(page: Page, server: PlaygroundServer, model: str = D
     assert page.text_content("#bits-static") == mean_bits(server.predict(text, model)["surprisal_bits"])
     steps = adaptive["adapt_steps"]
     page.wait_for_function(  # asked once the text has settled
-        "n => document.getElementById('steps').textContent === n", arg=f"{steps} step{'' if steps == 1 else 's'}"
+        "n => document.getElementById('steps').textContent === n",
+        arg=f"{steps} step{'' if steps == 1 else 's'}",
     )
 
 
@@ -469,7 +471,10 @@ def test_adaptation_shows_static_and_adapted_side_by_side(page: Page, server: Pl
     page.keyboard.type(REPEATED[len(start) :])  # at typing speed: keys pile up while messages are out
     wait_idle(page, len(REPEATED))
     assert_adaptation_shown(page, server)
-    adapted, static = float(page.text_content("#bits") or "nan"), float(page.text_content("#bits-static") or "nan")
+    adapted, static = (
+        float(page.text_content("#bits") or "nan"),
+        float(page.text_content("#bits-static") or "nan"),
+    )
     assert adapted < static - 0.3  # the writer's cat is learnt
     assert page.text_content("#gain") == f"−{100 * (1 - adapted / static):.0f}%"
     assert server.session(shown)["adapt_steps"] >= 5
@@ -513,7 +518,7 @@ def test_adaptation_across_a_drop_and_a_model_switch(browser: Browser, server: P
         type_each(page, "world hello world", start=len("hello world hello "))
         assert sessions_shown(page) == before
         resumed = [f for f in frames if "session_id" in f and f["expect_offset"] == len("hello world hello ")]
-        assert sorted(f["session_id"] for f in resumed) == sorted(before)
+        assert sorted(f["session_id"] for f in resumed) == sorted(str(sid) for sid in before)
         assert_adaptation_shown(page, server)
 
         page.select_option("#model", label="notebook v1")  # both move to it, the text sent again
@@ -546,12 +551,12 @@ def test_the_servers_default_turns_adaptation_on(
 
 def test_phone_width_and_screenshots(browser: Browser, server: PlaygroundServer) -> None:
     save = os.environ.get("NEXTCHAR_SCREENSHOTS") == "1"
-    passage = (
-        "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
-        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of tr"
+    passage = (  # a text the model has never read, that repeats itself: the adapter learns it
+        "The cat sat on the mat.\nThe cat sat on the hat.\nThe cat sat on the bat, and the bat sat on the cat.\n"
+        "The cat sat on the rat, and the rat sat on the cat.\nThe cat sat on the c"
     )
     sizes: dict[str, dict[str, Any]] = {
-        "playground.png": {"viewport": {"width": 1280, "height": 640}},
+        "playground.png": {"viewport": {"width": 1280, "height": 680}},
         "playground-phone.png": {
             "viewport": {"width": 390, "height": 844},
             "device_scale_factor": 2,
@@ -562,12 +567,14 @@ def test_phone_width_and_screenshots(browser: Browser, server: PlaygroundServer)
     for name, context in sizes.items():
         page = open_page(browser, server.url, **context)
         try:
+            toggle_adaptation(page, True)
             page.fill("#text", passage)
             wait_idle(page, len(passage))
             page.wait_for_selector("#completions button.best")
+            page.wait_for_function("!document.getElementById('steps').textContent.startsWith('0 ')")
             width = context["viewport"]["width"]
             assert page.evaluate("document.documentElement.scrollWidth") <= width  # nothing off screen
-            for panel in ("#text", "#next", "#completions", "#status"):
+            for panel in ("#text", "#next", "#completions", "#status", ".score", ".toggle"):
                 box = page.locator(panel).bounding_box()
                 assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width
             if not context.get("has_touch"):  # a mouse: point at the most surprising character
