@@ -22,7 +22,7 @@ from nextchar.core.adapt import AdaptConfig
 from nextchar.core.modelfile import save_model
 from nextchar.proto import nextchar_pb2 as pb
 from redis_harness import RedisServer
-from server_harness import ServerThread, make_registry, start_server, train_notebook_model
+from server_harness import ServerThread, cancel, make_registry, start_server, take, train_notebook_model
 
 KEEP = 16  # the servers' rewind_chars: marks every 4 characters, dropped (and the base replayed) often
 ALPHABET = "helo wrd"
@@ -292,13 +292,13 @@ def test_the_server_default_decides_when_a_request_does_not(model_dir: Path) -> 
             assert not c.session(adapt=False).refresh().adaptive
             stub = server.stub
             replies = stub.PredictStream(iter([pb.PredictStreamRequest(text="hello")]))
-            first = next(replies)
+            first = take(replies)
             assert c.attach(first.session_id).refresh().adaptive
-            replies.cancel()
+            cancel(replies)
             replies = stub.PredictStream(iter([pb.PredictStreamRequest(text="hello", adapt=False)]))
-            first = next(replies)
+            first = take(replies)
             assert not c.attach(first.session_id).refresh().adaptive
-            replies.cancel()
+            cancel(replies)
     finally:
         server.close()
 

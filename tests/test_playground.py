@@ -10,7 +10,8 @@ of its own. What the page shows is checked against what the server answers over 
 the same text from a fresh state: the page must show the server's numbers, character by
 character, however the text got there (typing, Backspace, Tab, a model switch, a drop).
 
-``NEXTCHAR_SCREENSHOTS=1`` also writes docs/playground.png and docs/playground-phone.png.
+``NEXTCHAR_SCREENSHOTS=1`` also writes docs/playground.png and docs/playground-phone.png
+(adaptation on: the README shows it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import re
 import shutil
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,9 +49,12 @@ pytestmark = pytest.mark.skipif(
 class PlaygroundServer(ServerProcess):
     """``nextchar serve`` with its HTTP port too; ``url`` is the HTTP side's base URL."""
 
-    def __init__(self, model_dir: Path) -> None:
-        super().__init__(model_dir, "--http-port", "0", "--token", TOKEN, "--rewind-chars", str(REWIND_CHARS))
+    def __init__(self, model_dir: Path, *args: str) -> None:
+        super().__init__(
+            model_dir, "--http-port", "0", "--token", TOKEN, "--rewind-chars", str(REWIND_CHARS), *args
+        )
         self.url = self.http_url
+        self.model_dir = model_dir
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -62,11 +67,16 @@ class PlaygroundServer(ServerProcess):
         with urllib.request.urlopen(request, timeout=30) as resp:
             return json.loads(resp.read())
 
-    def predict(self, text: str, model: str = DEFAULT_NAME) -> dict[str, Any]:
-        """The predictions for text from a fresh state of model, in no session."""
-        reply = self.call("POST", "/v1/predict", {"text": text, "top_k": 8, "model": {"name": model}})
-        predictions: dict[str, Any] = reply["predictions"]
+    def predict(self, text: str, model: str = DEFAULT_NAME, adapt: bool = False) -> dict[str, Any]:
+        """The predictions for text from a fresh state of model, in no session (adapting to the
+        text as it goes, as an adaptive session would, if asked)."""
+        body = {"text": text, "top_k": 8, "model": {"name": model}, "adapt": adapt}
+        predictions: dict[str, Any] = self.call("POST", "/v1/predict", body)["predictions"]
         return predictions
+
+    def session(self, session_id: str | None) -> dict[str, Any]:
+        info: dict[str, Any] = self.call("GET", f"/v1/sessions/{session_id}")["session"]
+        return info
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +185,13 @@ def bits_shown(surprisal: list[float | None]) -> list[str]:
     return ["∞" if b is None else f"{b:.1f}" for b in surprisal]
 
 
-def assert_page_matches_server(page: Page, server: PlaygroundServer, model: str = DEFAULT_NAME) -> None:
-    """The page's text, heat map and next-character panel are the server's for that text, fed fresh."""
+def assert_page_matches_server(
+    page: Page, server: PlaygroundServer, model: str = DEFAULT_NAME, adapt: bool = False
+) -> None:
+    """The page's text, heat map and next-character panel are the server's for that text, fed fresh
+    (to an adaptive session, if adapt)."""
     text = page.input_value("#text")
-    predictions = server.predict(text, model)
+    predictions = server.predict(text, model, adapt)
     cells = heat(page)
     assert "".join(ch for ch, _, _ in cells) == text
     assert [bits for _, bits, _ in cells] == bits_shown(predictions["surprisal_bits"])
@@ -398,17 +411,152 @@ def test_reconnects_after_a_dropped_socket(browser: Browser, server: PlaygroundS
         proxy.close()
 
 
+# ---------------------------------------------------------------- adaptation
+
+REPEATED = "The cat sat on the mat. " * 5  # 120 characters, 6 steps: the model knows English, not this cat
+
+
+def mean_bits(surprisal: list[float | None]) -> str:
+    """A bits/char figure as the page shows it."""
+    return "∞" if None in surprisal else f"{sum(b for b in surprisal if b is not None) / len(surprisal):.2f}"
+
+
+def sessions_shown(page: Page) -> tuple[str | None, str | None]:
+    """The ids of the session the page shows and of its static twin ("" with adaptation off)."""
+    return page.get_attribute("#session", "title"), page.get_attribute("#twin-session", "title")
+
+
+def assert_adaptation_shown(page: Page, server: PlaygroundServer, model: str = DEFAULT_NAME) -> None:
+    """Two sessions at the textarea's text, one adaptive, one static; the page shows the adaptive
+    one's predictions and heat map, both figures (the static one is the twin's), and the steps."""
+    text = page.input_value("#text")
+    shown, twin = sessions_shown(page)
+    adaptive, static = server.session(shown), server.session(twin)
+    assert (adaptive["adaptive"], static["adaptive"]) == (True, False)
+    assert adaptive["offset"] == static["offset"] == len(text)
+    assert adaptive["model"]["name"] == static["model"]["name"] == model
+    assert_page_matches_server(page, server, model, adapt=True)
+    assert page.text_content("#bits") == mean_bits(server.predict(text, model, adapt=True)["surprisal_bits"])
+    assert page.text_content("#bits-static") == mean_bits(server.predict(text, model)["surprisal_bits"])
+    steps = adaptive["adapt_steps"]
+    page.wait_for_function(  # asked once the text has settled
+        "n => document.getElementById('steps').textContent === n",
+        arg=f"{steps} step{'' if steps == 1 else 's'}",
+    )
+
+
+def toggle_adaptation(page: Page, on: bool) -> None:
+    """Click the switch, as a person would, and wait until the page is settled on its sessions."""
+    page.click("label.toggle")
+    assert page.is_checked("#adapt") == on
+    page.wait_for_function("on => document.body.classList.contains('adapting') === on", arg=on)
+    wait_idle(page, len(page.input_value("#text")))
+
+
+def test_adaptation_shows_static_and_adapted_side_by_side(page: Page, server: PlaygroundServer) -> None:
+    assert not page.is_checked("#adapt")  # the server's default: off
+    assert not page.is_visible("#bits-static") and not page.is_visible("#twin-session")
+    start = "The cat "
+    type_each(page, start)
+    static_session = page.get_attribute("#session", "title")
+
+    # on: a new adaptive session is fed the text; the static one carries on beside it
+    toggle_adaptation(page, True)
+    shown, twin = sessions_shown(page)
+    assert twin == static_session and shown != static_session
+    assert page.is_visible("#bits-static") and page.is_visible("#gain")
+    assert page.text_content("#bits-label") == "adapted"
+    assert page.input_value("#text") == start
+
+    page.keyboard.type(REPEATED[len(start) :])  # at typing speed: keys pile up while messages are out
+    wait_idle(page, len(REPEATED))
+    assert_adaptation_shown(page, server)
+    adapted, static = (
+        float(page.text_content("#bits") or "nan"),
+        float(page.text_content("#bits-static") or "nan"),
+    )
+    assert adapted < static - 0.3  # the writer's cat is learnt
+    assert page.text_content("#gain") == f"−{100 * (1 - adapted / static):.0f}%"
+    assert server.session(shown)["adapt_steps"] >= 5
+
+    # Backspace: both sessions take the characters back
+    for _ in range(4):
+        page.keyboard.press("Backspace")
+    wait_idle(page, len(REPEATED) - 4)  # "... on the m"
+    assert_adaptation_shown(page, server)
+
+    # Tab: the adaptive session's best completion, fed to both
+    page.wait_for_selector("#completions button.best:not([disabled])")
+    offered = server.call("POST", "/v1/complete", {"session_id": shown, "n": 3})["completions"]
+    best = next(c["text"] for c in offered if c["text"])
+    page.keyboard.press("Tab")
+    text = REPEATED[:-4] + best
+    wait_idle(page, len(text))
+    assert page.input_value("#text") == text
+    assert_adaptation_shown(page, server)
+
+    # off: the adaptive session is closed, the static one shown again, nothing retyped
+    toggle_adaptation(page, False)
+    assert sessions_shown(page) == (static_session, "")
+    assert not page.is_visible("#bits-static")
+    assert page.text_content("#bits-label") == "bits/char"
+    assert_page_matches_server(page, server)
+    with pytest.raises(urllib.error.HTTPError) as gone:
+        server.session(shown)
+    assert gone.value.code == 404
+
+
+def test_adaptation_across_a_drop_and_a_model_switch(browser: Browser, server: PlaygroundServer) -> None:
+    proxy = DroppingProxy(server.url.removeprefix("http://"))
+    frames: list[dict[str, Any]] = []
+    page = open_page(browser, f"http://{proxy.address}", frames)
+    try:
+        toggle_adaptation(page, True)
+        type_each(page, "hello world hello ")
+        before = sessions_shown(page)
+        proxy.drop()  # both sockets: each lane resumes its own session where it was
+        type_each(page, "world hello world", start=len("hello world hello "))
+        assert sessions_shown(page) == before
+        resumed = [f for f in frames if "session_id" in f and f["expect_offset"] == len("hello world hello ")]
+        assert sorted(f["session_id"] for f in resumed) == sorted(str(sid) for sid in before)
+        assert_adaptation_shown(page, server)
+
+        page.select_option("#model", label="notebook v1")  # both move to it, the text sent again
+        page.wait_for_function("document.getElementById('conn').textContent.startsWith('notebook')")
+        wait_idle(page, len("hello world hello world hello world"))
+        assert set(sessions_shown(page)).isdisjoint(before)
+        assert_adaptation_shown(page, server, model="notebook")
+    finally:
+        page.context.close()
+        proxy.close()
+
+
+def test_the_servers_default_turns_adaptation_on(
+    browser: Browser, server: PlaygroundServer, tmp_path: Path
+) -> None:
+    """A server that adapts sessions that do not say: the page opens with the switch on, and a twin."""
+    adapting = PlaygroundServer(shutil.copytree(server.model_dir, tmp_path / "models"), "--adapt")
+    page = open_page(browser, adapting.url)
+    try:
+        assert page.is_checked("#adapt")
+        type_each(page, "To be, or")
+        assert_adaptation_shown(page, adapting)
+    finally:
+        page.context.close()
+        adapting.close()
+
+
 # ---------------------------------------------------------------- phone width, screenshots
 
 
 def test_phone_width_and_screenshots(browser: Browser, server: PlaygroundServer) -> None:
     save = os.environ.get("NEXTCHAR_SCREENSHOTS") == "1"
-    passage = (
-        "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
-        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of tr"
+    passage = (  # a text the model has never read, that repeats itself: the adapter learns it
+        "The cat sat on the mat.\nThe cat sat on the hat.\nThe cat sat on the bat, and the bat sat on the cat.\n"
+        "The cat sat on the rat, and the rat sat on the cat.\nThe cat sat on the c"
     )
     sizes: dict[str, dict[str, Any]] = {
-        "playground.png": {"viewport": {"width": 1280, "height": 640}},
+        "playground.png": {"viewport": {"width": 1280, "height": 680}},
         "playground-phone.png": {
             "viewport": {"width": 390, "height": 844},
             "device_scale_factor": 2,
@@ -419,12 +567,14 @@ def test_phone_width_and_screenshots(browser: Browser, server: PlaygroundServer)
     for name, context in sizes.items():
         page = open_page(browser, server.url, **context)
         try:
+            toggle_adaptation(page, True)
             page.fill("#text", passage)
             wait_idle(page, len(passage))
             page.wait_for_selector("#completions button.best")
+            page.wait_for_function("!document.getElementById('steps').textContent.startsWith('0 ')")
             width = context["viewport"]["width"]
             assert page.evaluate("document.documentElement.scrollWidth") <= width  # nothing off screen
-            for panel in ("#text", "#next", "#completions", "#status"):
+            for panel in ("#text", "#next", "#completions", "#status", ".score", ".toggle"):
                 box = page.locator(panel).bounding_box()
                 assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width
             if not context.get("has_touch"):  # a mouse: point at the most surprising character

@@ -1,8 +1,8 @@
 /*
  * nextchar playground: type, and see what the model expects next.
  *
- * The page keeps one session on the server and one WebSocket (/v1/stream) on it. The session's
- * text is mirrored here as `confirmed` (the characters the server has consumed, as far as its
+ * A `Lane` is one session on the server and one WebSocket (/v1/stream) on it. The session's
+ * text is mirrored as `confirmed` (the characters the server has consumed, as far as its
  * replies have told us, with the surprisal of each); the textarea holds what the writer wants.
  * One message is in flight at a time: `pump` sends the difference between the two (take back the
  * characters after their common prefix, then feed the rest), and its reply moves `confirmed` on.
@@ -12,8 +12,17 @@
  * right. Characters are counted in code points, as the server counts them.
  *
  * When the server cannot take back that far (rewind_limit), or its session is not where the
- * page thinks (a refused expect_offset after a dropped socket), the page starts over cleanly:
+ * page thinks (a refused expect_offset after a dropped socket), the lane starts over cleanly:
  * it resets the session and sends the whole text again.
+ *
+ * Adaptation. With "adapt" on, the page keeps two lanes on the same model, both following the
+ * one textarea: `main`, an adaptive session (its predictions, heat map and completions are what
+ * the page shows), and `twin`, a static session whose only use is the bits/char beside the
+ * adapted one. Since each lane converges on the textarea by itself, Backspace, Tab, a paste, a
+ * dropped socket or a start-over keep both on the same text with no code of their own. Turning
+ * adaptation on opens an adaptive session and feeds it the text (the static session carries on
+ * as the twin); turning it off closes the adaptive session and the twin becomes `main`. The text
+ * is the textarea's throughout: never retyped, never lost.
  *
  * Plain script, no build step, no network beyond the page's own server.
  */
@@ -34,40 +43,35 @@
     text: $("text"),
     backdrop: $("backdrop"),
     model: $("model"),
+    adapt: $("adapt"),
+    adaptNote: $("adapt-note"),
     bits: $("bits"),
+    bitsLabel: $("bits-label"),
+    bitsStatic: $("bits-static"),
+    gain: $("gain"),
+    steps: $("steps"),
     next: $("next"),
     completions: $("completions"),
     conn: $("conn"),
     offset: $("offset"),
     rewindLimit: $("rewind-limit"),
     session: $("session"),
+    twinSession: $("twin-session"),
     legend: $("legend-scale"),
+    legendNote: $("legend-note"),
     detail: $("detail"),
   };
   const token = new URLSearchParams(location.hash.slice(1)).get("token");
 
-  const state = {
-    model: null, // {name, version} of the session
-    sessionId: "",
-    confirmed: [], // the session's text, one code point per entry
-    bits: [], // surprisal of each confirmed character, bits (null: infinite)
-    rewindLimit: 0,
-    topK: TOP_K, // what the session's model allows: at most its vocabulary (with the unknown slot)
-    rows: [], // rows[i]: the prediction after confirmed[i], as [{ch, p}], likeliest first
-    start: [], // the prediction before the first character, once the server has told it (a rewind to 0)
+  const view = {
+    main: null, // the Lane the page shows
+    twin: null, // with adaptation on, the static Lane beside it (else null)
+    steps: { session: "", offset: -1, count: 0, resets: 0 }, // main's adaptation steps, as last asked
+    asking: false, // a GetSession for them is under way
     hover: -1, // the character under the mouse, if any
-    ws: null,
-    open: false,
-    attached: false, // the socket's first frame (naming the session) has gone out
-    inflight: null, // the message awaiting its reply: {rewind, text, expect}
-    busy: false, // a reset or a new session is under way: nothing is sent
-    needs: "", // after the socket closed: "" resend, "reset" start over, "session" a new session
-    retries: 0,
-    generation: 0, // bumped when the page moves to another session: late answers are dropped
     completions: [], // [{text, prob, complete}] for completionsKey
     completionsKey: null,
     completing: false,
-    fatal: "", // what went wrong, shown in the status line (until the socket is up again)
     rendered: [], // the backdrop's character spans, as [{ch, bin}]
   };
 
@@ -99,7 +103,9 @@
     return url.href;
   }
 
-  // ---------------------------------------------------------------- the session
+  function describe(err) {
+    return err instanceof ApiError && err.status === 401 ? "unauthorized: open the page as …/#token=YOUR_TOKEN" : String(err.message || err);
+  }
 
   async function loadModels() {
     const data = await api("GET", "v1/models");
@@ -115,215 +121,375 @@
     return data.default_model;
   }
 
-  /** A new session on model, the text so far sent to it again (a model switch, or the old one expired). */
-  async function newSession(model) {
-    const old = state.sessionId;
-    state.generation += 1;
-    const generation = state.generation;
-    detach();
-    forget();
-    state.busy = true;
-    render();
-    if (old) api("DELETE", `v1/sessions/${encodeURIComponent(old)}`).catch(() => {});
-    try {
-      const data = await api("POST", "v1/sessions", { model });
-      if (generation !== state.generation) return;
-      state.sessionId = data.session.session_id;
-      state.model = data.session.model;
-      state.rewindLimit = data.session.rewind_limit;
-      state.topK = Math.min(TOP_K, data.vocab.length + 1);
-    } catch (err) {
-      if (generation === state.generation) failed(err);
+  // ---------------------------------------------------------------- a lane: one session, one socket
+
+  class Lane {
+    /** adapt: whether the session learns from its text; null asks for the server's default (and
+     * is replaced by what the new session reports). */
+    constructor(adapt) {
+      this.adapt = adapt;
+      this.model = null; // {name, version} of the session
+      this.sessionId = "";
+      this.topK = TOP_K; // what the session's model allows: at most its vocabulary (with the unknown slot)
+      this.ws = null;
+      this.open = false;
+      this.attached = false; // the socket's first frame (naming the session) has gone out
+      this.busy = false; // a reset or a new session is under way: nothing is sent
+      this.needs = ""; // after the socket closed: "" resend, "reset" start over, "session" a new session
+      this.retries = 0;
+      this.generation = 0; // bumped when the lane moves to another session: late answers are dropped
+      this.fatal = ""; // what went wrong, shown in the status line (until the socket is up again)
+      this.closed = false;
+      this.forget();
+    }
+
+    /** What the lane knew of the session's text: nothing, until the server says again. */
+    forget() {
+      this.confirmed = []; // the session's text, one code point per entry
+      this.bits = []; // surprisal of each confirmed character, bits (null: infinite)
+      this.rows = []; // rows[i]: the prediction after confirmed[i], as [{ch, p}], likeliest first
+      this.start = []; // the prediction before the first character, once the server has told it (a rewind to 0)
+      this.rewindLimit = 0;
+      this.inflight = null; // the message awaiting its reply: {rewind, text, expect}
+    }
+
+    /** The session has consumed exactly the textarea's text, and nothing is under way. */
+    idle() {
+      return this.open && !this.busy && !this.inflight && this.confirmed.join("") === ui.text.value;
+    }
+
+    /** How many of the textarea's characters the lane has scores for. */
+    scored() {
+      return commonPrefix(this.confirmed, Array.from(ui.text.value));
+    }
+
+    /** A new session on model, the text so far sent to it again (the page's first, a model
+     * switch, or the old one expired). Resolves to true when the server made one, false when it
+     * refused, null when the lane moved on meanwhile (closed, or another begin). */
+    async begin(model) {
+      const old = this.sessionId;
+      const generation = this.moveOn();
+      this.busy = true;
+      changed(this);
+      if (old) api("DELETE", `v1/sessions/${encodeURIComponent(old)}`).catch(() => {});
+      const body = { model };
+      if (this.adapt !== null) body.adapt = this.adapt;
+      try {
+        const data = await api("POST", "v1/sessions", body);
+        if (generation !== this.generation) {
+          api("DELETE", `v1/sessions/${encodeURIComponent(data.session.session_id)}`).catch(() => {}); // nobody's
+          return null;
+        }
+        this.sessionId = data.session.session_id;
+        this.model = data.session.model;
+        this.rewindLimit = data.session.rewind_limit;
+        this.topK = Math.min(TOP_K, data.vocab.length + 1);
+        const asked = this.adapt;
+        this.adapt = Boolean(data.session.adaptive);
+        if (asked === null) defaultKnown(this);
+      } catch (err) {
+        if (generation !== this.generation) return null;
+        this.failed(err);
+        return false;
+      } finally {
+        if (generation === this.generation) this.busy = false;
+      }
+      this.connect();
+      return true;
+    }
+
+    /** Start over on the same session: reset it, and let pump send the whole text again. */
+    async startOver() {
+      const generation = this.generation;
+      this.busy = true;
+      this.forget();
+      changed(this);
+      try {
+        await api("POST", `v1/sessions/${encodeURIComponent(this.sessionId)}/reset`);
+      } catch (err) {
+        if (generation !== this.generation) return;
+        if (err.status === 404) return this.begin(this.model); // expired meanwhile
+        this.busy = false;
+        return this.failed(err);
+      }
+      if (generation !== this.generation) return;
+      this.busy = false;
+      changed(this);
+      if (this.ws) this.pump();
+      else this.connect();
+    }
+
+    /** Close the session for good (adaptation turned off): its socket, and the session itself. */
+    close() {
+      this.moveOn();
+      this.closed = true;
+      if (this.sessionId) api("DELETE", `v1/sessions/${encodeURIComponent(this.sessionId)}`).catch(() => {});
+    }
+
+    /** Leave the current session behind: its socket closed, its late answers dropped. */
+    moveOn() {
+      this.generation += 1;
+      this.detach();
+      this.forget();
+      return this.generation;
+    }
+
+    failed(err) {
+      this.fatal = describe(err);
+      changed(this);
+    }
+
+    connect() {
+      const ws = new WebSocket(streamUrl());
+      this.ws = ws;
+      this.attached = false;
+      ws.onopen = () => {
+        this.open = true;
+        this.fatal = "";
+        changed(this);
+        if (this.inflight) this.send(this.inflight); // its reply was lost: the same message again
+        else this.pump();
+      };
+      ws.onmessage = (event) => {
+        this.retries = 0;
+        this.onReply(JSON.parse(event.data));
+      };
+      ws.onclose = (event) => this.onClose(ws, event);
+    }
+
+    detach() {
+      const ws = this.ws;
+      this.ws = null;
+      this.open = false;
+      if (ws) {
+        ws.onclose = ws.onmessage = ws.onopen = null;
+        ws.close();
+      }
+    }
+
+    send(msg) {
+      const frame = { top_k: this.topK, expect_offset: msg.expect };
+      if (msg.rewind) frame.rewind = msg.rewind;
+      if (msg.text) frame.text = msg.text;
+      if (!this.attached) frame.session_id = this.sessionId;
+      this.attached = true;
+      this.inflight = msg;
+      this.ws.send(JSON.stringify(frame));
+      changed(this);
+    }
+
+    /** Send what the textarea has and the session has not, if nothing else is under way. */
+    pump() {
+      if (!this.open || this.inflight || this.busy) return;
+      const target = Array.from(ui.text.value);
+      const common = commonPrefix(this.confirmed, target);
+      const rewind = this.confirmed.length - common;
+      const text = target.slice(common, common + CHUNK).join("");
+      if (!rewind && !text) {
+        settled(this);
+        return;
+      }
+      if (rewind > this.rewindLimit) {
+        this.startOver();
+        return;
+      }
+      this.send({ rewind, text, expect: this.confirmed.length });
+    }
+
+    onReply(data) {
+      if (data.error) {
+        this.fatal = data.error.message; // the socket closes next, with the reason's code
+        return;
+      }
+      const msg = this.inflight;
+      this.inflight = null;
+      this.rewindLimit = data.rewind_limit;
+      if (data.rewound) {
+        const at = data.rewound.offset;
+        this.confirmed = this.confirmed.slice(0, at);
+        this.bits = this.bits.slice(0, at);
+        this.rows = this.rows.slice(0, at);
+        const next = row(data.rewound.top_chars, data.rewound.top_prob, 0, data.rewound.top_chars.length);
+        if (at === 0) this.start = next;
+      }
+      if (data.predictions) {
+        const p = data.predictions;
+        const at = p.start_offset;
+        this.confirmed = this.confirmed.slice(0, at).concat(Array.from(msg.text));
+        this.bits = this.bits.slice(0, at).concat(p.surprisal_bits);
+        this.rows = this.rows.slice(0, at);
+        for (let i = 0; i < p.count; i++) this.rows.push(row(p.top_chars, p.top_prob, i, p.top_k));
+      }
+      changed(this);
+      this.pump();
+    }
+
+    onClose(ws, event) {
+      if (ws !== this.ws) return;
+      this.ws = null;
+      this.open = false;
+      const code = event.code;
+      if (code === 4401 || code === 4400 || code === 4413) {
+        this.fatal = `${this.fatal || "refused"} (close ${code}); reload the page to try again`;
+        changed(this);
+        return;
+      }
+      // 4404: the session expired or was evicted. 4412: it is not where this page thinks (a message
+      // applied before the drop, or a rewind past its limit). Anything else (a drop, a restart,
+      // 4429, 4503): the same session, the unanswered message again.
+      if (code === 4404) this.needs = "session";
+      else if (code === 4412) this.needs = "reset";
+      const delay = RETRY_MS[Math.min(this.retries, RETRY_MS.length - 1)];
+      this.retries += 1;
+      this.fatal = this.fatal || `connection lost (${code}); reconnecting`;
+      changed(this);
+      const generation = this.generation;
+      setTimeout(() => {
+        if (generation === this.generation) this.reconnect();
+      }, delay);
+    }
+
+    reconnect() {
+      const needs = this.needs;
+      this.needs = "";
+      if (needs === "session") this.begin(this.model);
+      else if (needs === "reset") {
+        this.ws = null;
+        this.startOver();
+      } else this.connect();
+    }
+  }
+
+  /** Every lane, the shown one first. */
+  function lanes() {
+    return view.twin ? [view.main, view.twin] : [view.main];
+  }
+
+  /** A lane's session or text moved: redraw (a closed lane has nothing to show). */
+  function changed(lane) {
+    if (!lane.closed) render();
+  }
+
+  /** A lane has caught up with the textarea: the shown one fetches what depends on its text. */
+  function settled(lane) {
+    if (lane !== view.main) return;
+    complete();
+    askSteps();
+  }
+
+  // ---------------------------------------------------------------- adaptation on and off
+
+  /** The page's first session asks for the server's default on adaptation: the toggle shows what
+   * it got (and is usable from then on), and an adaptive one gets its twin. */
+  function defaultKnown(lane) {
+    if (lane !== view.main) return;
+    ui.adapt.disabled = false;
+    ui.adapt.checked = lane.adapt;
+    if (lane.adapt && !view.twin) startTwin();
+  }
+
+  /** A static session beside the adaptive one, on its model, fed the same text from the start. */
+  function startTwin() {
+    view.twin = new Lane(false);
+    view.twin.begin(view.main.model);
+  }
+
+  /** The toggle: on, a new adaptive session is fed the text and the static one becomes its twin;
+   * off, the adaptive one is closed and the static twin is shown again, as far as it had got. */
+  async function setAdapt(on) {
+    ui.adaptNote.textContent = "";
+    if (on === Boolean(view.twin)) return;
+    if (!on) {
+      const adaptive = view.main;
+      view.main = view.twin;
+      view.twin = null;
+      adaptive.close();
+      resetShown();
       return;
+    }
+    const adaptive = new Lane(true);
+    view.twin = view.main;
+    view.main = adaptive;
+    resetShown();
+    const made = await adaptive.begin(view.twin.model);
+    if (made !== false || adaptive !== view.main) return; // made; or turned off, or another model, meanwhile
+    // refused (past the server's max_adaptive_sessions, say): say so, and stay static
+    ui.adaptNote.textContent = `not available: ${adaptive.fatal}`;
+    adaptive.close();
+    view.main = view.twin;
+    view.twin = null;
+    ui.adapt.checked = false;
+    resetShown();
+  }
+
+  /** The shown session changed: what was drawn for the old one goes (its completions, steps). */
+  function resetShown() {
+    view.completions = [];
+    view.completionsKey = null;
+    view.steps = { session: "", offset: -1, count: 0, resets: 0 };
+    render();
+    view.main.pump(); // caught up already (adaptation turned off): its completions again
+  }
+
+  /** Another model: both lanes move to it, the text sent to each again. */
+  function switchModel(model) {
+    view.completions = [];
+    view.completionsKey = null;
+    for (const lane of lanes()) lane.begin(model);
+  }
+
+  /** How many steps the shown session's adapter has taken: the session's own count, asked when
+   * its text has settled (no stream reply carries it), once per offset. */
+  async function askSteps() {
+    const lane = view.main;
+    const known = view.steps.session === lane.sessionId && view.steps.offset === lane.confirmed.length;
+    if (!lane.adapt || !lane.sessionId || view.asking || known) return;
+    view.asking = true;
+    let answered = false;
+    try {
+      const { session } = await api("GET", `v1/sessions/${encodeURIComponent(lane.sessionId)}`);
+      answered = lane === view.main && session.session_id === lane.sessionId;
+      if (answered) {
+        view.steps = { session: session.session_id, offset: session.offset, count: session.adapt_steps, resets: session.adapt_resets };
+        drawScore();
+      }
+    } catch (err) {
+      // the next settled text asks again; the count is never worth an error
     } finally {
-      if (generation === state.generation) state.busy = false;
+      view.asking = false;
     }
-    connect();
-  }
-
-  /** Start over on the same session: reset it, and let pump send the whole text again. */
-  async function startOver() {
-    const generation = state.generation;
-    state.busy = true;
-    forget();
-    render();
-    try {
-      await api("POST", `v1/sessions/${encodeURIComponent(state.sessionId)}/reset`);
-    } catch (err) {
-      if (generation !== state.generation) return;
-      if (err.status === 404) return newSession(state.model); // expired meanwhile
-      state.busy = false;
-      return failed(err);
-    }
-    if (generation !== state.generation) return;
-    state.busy = false;
-    render();
-    if (state.ws) pump();
-    else connect();
-  }
-
-  /** What the page knew of the session's text: nothing, until the server says again. */
-  function forget() {
-    state.confirmed = [];
-    state.bits = [];
-    state.rows = [];
-    state.start = [];
-    state.rewindLimit = 0;
-    state.inflight = null;
-    state.completions = [];
-    state.completionsKey = null;
-  }
-
-  function failed(err) {
-    state.fatal = err instanceof ApiError && err.status === 401 ? "unauthorized: open the page as …/#token=YOUR_TOKEN" : String(err.message || err);
-    render();
-  }
-
-  // ---------------------------------------------------------------- the socket
-
-  function connect() {
-    const ws = new WebSocket(streamUrl());
-    state.ws = ws;
-    state.attached = false;
-    ws.onopen = () => {
-      state.open = true;
-      state.fatal = "";
-      render();
-      if (state.inflight) send(state.inflight); // its reply was lost: the same message again
-      else pump();
-    };
-    ws.onmessage = (event) => {
-      state.retries = 0;
-      onReply(JSON.parse(event.data));
-    };
-    ws.onclose = (event) => onClose(ws, event);
-  }
-
-  function detach() {
-    const ws = state.ws;
-    state.ws = null;
-    state.open = false;
-    if (ws) {
-      ws.onclose = ws.onmessage = ws.onopen = null;
-      ws.close();
-    }
-  }
-
-  function send(msg) {
-    const frame = { top_k: state.topK, expect_offset: msg.expect };
-    if (msg.rewind) frame.rewind = msg.rewind;
-    if (msg.text) frame.text = msg.text;
-    if (!state.attached) frame.session_id = state.sessionId;
-    state.attached = true;
-    state.inflight = msg;
-    state.ws.send(JSON.stringify(frame));
-    render();
-  }
-
-  /** Send what the textarea has and the session has not, if nothing else is under way. */
-  function pump() {
-    if (!state.open || state.inflight || state.busy) return;
-    const target = Array.from(ui.text.value);
-    const common = commonPrefix(state.confirmed, target);
-    const rewind = state.confirmed.length - common;
-    const text = target.slice(common, common + CHUNK).join("");
-    if (!rewind && !text) {
-      complete();
-      return;
-    }
-    if (rewind > state.rewindLimit) {
-      startOver();
-      return;
-    }
-    send({ rewind, text, expect: state.confirmed.length });
-  }
-
-  function onReply(data) {
-    if (data.error) {
-      state.fatal = data.error.message; // the socket closes next, with the reason's code
-      return;
-    }
-    const msg = state.inflight;
-    state.inflight = null;
-    state.rewindLimit = data.rewind_limit;
-    if (data.rewound) {
-      const at = data.rewound.offset;
-      state.confirmed = state.confirmed.slice(0, at);
-      state.bits = state.bits.slice(0, at);
-      state.rows = state.rows.slice(0, at);
-      const next = row(data.rewound.top_chars, data.rewound.top_prob, 0, data.rewound.top_chars.length);
-      if (at === 0) state.start = next;
-    }
-    if (data.predictions) {
-      const p = data.predictions;
-      const at = p.start_offset;
-      state.confirmed = state.confirmed.slice(0, at).concat(Array.from(msg.text));
-      state.bits = state.bits.slice(0, at).concat(p.surprisal_bits);
-      state.rows = state.rows.slice(0, at);
-      for (let i = 0; i < p.count; i++) state.rows.push(row(p.top_chars, p.top_prob, i, p.top_k));
-    }
-    render();
-    pump();
-  }
-
-  function onClose(ws, event) {
-    if (ws !== state.ws) return;
-    state.ws = null;
-    state.open = false;
-    const code = event.code;
-    if (code === 4401 || code === 4400 || code === 4413) {
-      state.fatal = `${state.fatal || "refused"} (close ${code}); reload the page to try again`;
-      render();
-      return;
-    }
-    // 4404: the session expired or was evicted. 4412: it is not where this page thinks (a message
-    // applied before the drop, or a rewind past its limit). Anything else (a drop, a restart,
-    // 4429, 4503): the same session, the unanswered message again.
-    if (code === 4404) state.needs = "session";
-    else if (code === 4412) state.needs = "reset";
-    const delay = RETRY_MS[Math.min(state.retries, RETRY_MS.length - 1)];
-    state.retries += 1;
-    state.fatal = state.fatal || `connection lost (${code}); reconnecting`;
-    render();
-    setTimeout(reconnect, delay);
-  }
-
-  function reconnect() {
-    const needs = state.needs;
-    state.needs = "";
-    if (needs === "session") newSession(state.model);
-    else if (needs === "reset") {
-      state.ws = null;
-      startOver();
-    } else connect();
+    if (answered && lane.idle()) askSteps(); // the text settled elsewhere while this was under way
   }
 
   // ---------------------------------------------------------------- completions
 
+  /** The shown session's completions of its text (an adaptive session's come from its adapter). */
   async function complete() {
-    const key = state.confirmed.join("");
-    if (!key || key === state.completionsKey || state.completing) return;
-    const generation = state.generation;
-    state.completing = true;
+    const lane = view.main;
+    const key = lane.confirmed.join("");
+    if (!key || key === view.completionsKey || view.completing) return;
+    const generation = lane.generation;
+    const current = () => lane === view.main && generation === lane.generation;
+    view.completing = true;
     try {
-      const data = await api("POST", "v1/complete", { session_id: state.sessionId, n: COMPLETIONS });
-      if (generation === state.generation && data.offset === state.confirmed.length && key === state.confirmed.join("")) {
-        state.completions = data.completions;
-        state.completionsKey = key;
+      const data = await api("POST", "v1/complete", { session_id: lane.sessionId, n: COMPLETIONS });
+      if (current() && data.offset === lane.confirmed.length && key === lane.confirmed.join("")) {
+        view.completions = data.completions;
+        view.completionsKey = key;
         render();
       }
     } catch (err) {
       // the next character asks again; a failed completion never stops the typing
     } finally {
-      state.completing = false;
+      view.completing = false;
     }
-    if (generation === state.generation && state.completionsKey !== state.confirmed.join("")) pump();
+    if (view.completionsKey !== view.main.confirmed.join("")) view.main.pump(); // the text moved on meanwhile
   }
 
   /** The likeliest completion that adds something (one that is empty means "the word ends here"). */
   function best() {
-    if (state.completionsKey === null || state.completionsKey !== ui.text.value) return null;
-    return state.completions.find((c) => c.text) || null;
+    if (view.completionsKey === null || view.completionsKey !== ui.text.value) return null;
+    return view.completions.find((c) => c.text) || null;
   }
 
   function accept(text) {
@@ -342,9 +508,9 @@
     return out;
   }
 
-  /** What the model expected at offset i (before the session's i-th character), as far as known. */
+  /** What the model expected at offset i (before the shown session's i-th character), as far as known. */
   function expected(i) {
-    return (i ? state.rows[i - 1] : state.start) || [];
+    return (i ? view.main.rows[i - 1] : view.main.start) || [];
   }
 
   function commonPrefix(a, b) {
@@ -372,16 +538,23 @@
     return bits === null ? "∞" : bits.toFixed(1);
   }
 
+  /** The mean of bits' first n surprisals (null: infinite), as shown; "–" for none. */
+  function meanBits(bits, n) {
+    if (!n) return "–";
+    const total = bits.slice(0, n).reduce((sum, b) => sum + (b === null ? Infinity : b), 0);
+    return Number.isFinite(total) ? (total / n).toFixed(2) : "∞";
+  }
+
   function pct(p) {
     return p >= 0.995 ? "100%" : p >= 0.095 ? `${Math.round(p * 100)}%` : `${(p * 100).toFixed(1)}%`;
   }
 
   /** The backdrop under the textarea: the same text, each scored character shaded by its bin. */
   function drawText() {
-    const target = Array.from(ui.text.value);
-    const common = commonPrefix(state.confirmed, target);
-    const want = target.map((ch, i) => ({ ch, bin: i < common ? bin(state.bits[i]) : -1 }));
-    const have = state.rendered;
+    const { bits } = view.main;
+    const common = view.main.scored();
+    const want = Array.from(ui.text.value, (ch, i) => ({ ch, bin: i < common ? bin(bits[i]) : -1 }));
+    const have = view.rendered;
     let same = 0;
     while (same < have.length && same < want.length && have[same].ch === want[same].ch && have[same].bin === want[same].bin) same++;
     const spans = ui.backdrop.children;
@@ -392,7 +565,7 @@
       span.textContent = want[i].ch;
       if (want[i].bin >= 0) {
         span.className = `c b${want[i].bin}`;
-        span.dataset.bits = fmtBits(state.bits[i]);
+        span.dataset.bits = fmtBits(bits[i]);
       } else span.className = "pending";
       fragment.append(span);
     }
@@ -403,34 +576,42 @@
     ghost.textContent = (suggestion && atEnd ? suggestion.text : "") + "\u200b"; // keeps a last empty line's height
     fragment.append(ghost);
     ui.backdrop.append(fragment);
-    state.rendered = want;
+    view.rendered = want;
   }
 
   /** The character to explain: the one under the mouse, else the one before the caret. */
   function inspected() {
-    if (state.hover >= 0) return state.hover;
+    if (view.hover >= 0) return view.hover;
     return Array.from(ui.text.value.slice(0, ui.text.selectionEnd)).length - 1;
   }
 
-  /** One line under the editor: how surprising the inspected character was, and what the model
-   * expected in its place, so a red square can be read without guessing. */
+  /** One line under the editor: how surprising the inspected character was (and, adapting, how
+   * surprising it was to the model alone), and what the model expected in its place, so a red
+   * square can be read without guessing. */
   function drawDetail() {
     for (const span of ui.backdrop.querySelectorAll(".inspect")) span.classList.remove("inspect");
     ui.detail.textContent = "";
+    const { confirmed, bits } = view.main;
     const i = inspected();
-    if (i < 0 || i >= commonPrefix(state.confirmed, Array.from(ui.text.value))) {
+    if (i < 0 || i >= view.main.scored()) {
       ui.detail.textContent = "Point at a character, or put the cursor after it, to see what the model expected there.";
       return;
     }
     const caretAtEnd = ui.text.selectionEnd === ui.text.value.length;
-    if (state.hover >= 0 || !caretAtEnd) ui.backdrop.children[i].classList.add("inspect"); // not while typing on
-    const ch = state.confirmed[i];
+    if (view.hover >= 0 || !caretAtEnd) ui.backdrop.children[i].classList.add("inspect"); // not while typing on
+    const ch = confirmed[i];
     const glyph = document.createElement("span");
-    glyph.className = `cell c b${bin(state.bits[i])}`;
+    glyph.className = `cell c b${bin(bits[i])}`;
     glyph.textContent = label(ch);
     const said = document.createElement("span");
-    said.textContent = ` ${fmtBits(state.bits[i])} bits of surprise`;
+    said.textContent = ` ${fmtBits(bits[i])} bits of surprise`;
     ui.detail.append(glyph, said);
+    if (view.twin && i < view.twin.scored()) {
+      const alone = document.createElement("span");
+      alone.className = "alone";
+      alone.textContent = `${fmtBits(view.twin.bits[i])} static`;
+      ui.detail.append(alone);
+    }
     const guesses = expected(i).filter((c) => c.p >= 0.0005).slice(0, 3);
     if (!guesses.length) return;
     ui.detail.append(" · the model expected ");
@@ -444,11 +625,11 @@
 
   function drawNext() {
     ui.next.textContent = "";
-    const shown = expected(state.confirmed.length).filter((c) => c.p >= 0.0005).slice(0, SHOWN);
+    const shown = expected(view.main.confirmed.length).filter((c) => c.p >= 0.0005).slice(0, SHOWN);
     if (!shown.length) {
       const li = document.createElement("li");
       li.className = "empty";
-      li.textContent = state.confirmed.length ? "…" : "Start typing to see the model's guesses.";
+      li.textContent = view.main.confirmed.length ? "…" : "Start typing to see the model's guesses.";
       ui.next.append(li);
       return;
     }
@@ -475,10 +656,10 @@
    * ones stay in view, faded and inert, so the panel does not flicker at every key. */
   function drawCompletions() {
     ui.completions.textContent = "";
-    if (!ui.text.value) state.completions = [];
-    const fresh = state.completionsKey === ui.text.value;
+    if (!ui.text.value) view.completions = [];
+    const fresh = view.completionsKey === ui.text.value;
     ui.completions.classList.toggle("stale", !fresh);
-    if (!state.completions.length) {
+    if (!view.completions.length) {
       const li = document.createElement("li");
       li.className = "empty";
       li.textContent = ui.text.value ? "…" : "Words the model would finish yours with.";
@@ -486,7 +667,7 @@
       return;
     }
     const first = best();
-    for (const c of state.completions) {
+    for (const c of view.completions) {
       const li = document.createElement("li");
       const button = document.createElement("button");
       button.type = "button";
@@ -510,18 +691,44 @@
     }
   }
 
+  /** The running bits/char; adapting, the static twin's beside the adapted one, both over the
+   * characters both have scored (the twin may be a message behind), and the adapter's steps. */
+  function drawScore() {
+    const { main, twin } = view;
+    document.body.classList.toggle("adapting", Boolean(twin));
+    ui.legendNote.textContent = twin ? "bits per character: how unexpected each one was to the adapted model" : "bits per character: how unexpected each one was to the model";
+    if (!twin) {
+      ui.bits.textContent = meanBits(main.bits, main.scored());
+      ui.bitsLabel.textContent = "bits/char";
+      return;
+    }
+    const n = Math.min(main.scored(), twin.scored());
+    const adapted = meanBits(main.bits, n);
+    const alone = meanBits(twin.bits, n);
+    ui.bits.textContent = adapted;
+    ui.bitsLabel.textContent = "adapted";
+    ui.bitsStatic.textContent = alone;
+    const change = Number(adapted) / Number(alone) - 1; // NaN or infinite when either is not a number
+    ui.gain.textContent = Number.isFinite(change) ? `${change < 0 ? "−" : "+"}${Math.abs(100 * change).toFixed(0)}%` : "–";
+    ui.gain.className = change < -0.005 ? "better" : change > 0.005 ? "worse" : "";
+    const { count, resets } = view.steps.session === main.sessionId ? view.steps : { count: 0, resets: 0 };
+    ui.steps.textContent = `${count} step${count === 1 ? "" : "s"}${resets ? `, ${resets} reset` : ""}`;
+  }
+
   function drawStatus() {
-    const n = state.bits.length;
-    const total = state.bits.reduce((sum, b) => sum + (b === null ? Infinity : b), 0);
-    ui.bits.textContent = n ? (Number.isFinite(total) ? (total / n).toFixed(2) : "∞") : "–";
-    ui.offset.textContent = String(state.confirmed.length);
-    ui.rewindLimit.textContent = String(state.rewindLimit);
-    ui.session.textContent = state.sessionId ? `session ${state.sessionId.slice(0, 8)}` : "";
-    ui.session.title = state.sessionId;
-    const idle = state.open && !state.busy && !state.inflight && state.confirmed.join("") === ui.text.value;
+    const { main, twin } = view;
+    ui.offset.textContent = String(main.confirmed.length);
+    ui.rewindLimit.textContent = String(main.rewindLimit);
+    ui.session.textContent = main.sessionId ? `session ${main.sessionId.slice(0, 8)}` : "";
+    ui.session.title = main.sessionId;
+    ui.twinSession.textContent = twin && twin.sessionId ? `static twin ${twin.sessionId.slice(0, 8)}` : "";
+    ui.twinSession.title = twin ? twin.sessionId : "";
+    const idle = lanes().every((lane) => lane.idle());
     document.body.dataset.state = idle ? "idle" : "busy"; // for people (and the browser test) to wait on
-    ui.conn.className = `conn ${state.open ? "up" : "down"}`;
-    ui.conn.textContent = state.fatal || (state.open ? (state.model ? `${state.model.name} v${state.model.version}` : "connected") : "connecting…");
+    const open = lanes().every((lane) => lane.open);
+    const fatal = lanes().map((lane) => lane.fatal).find(Boolean);
+    ui.conn.className = `conn ${open ? "up" : "down"}`;
+    ui.conn.textContent = fatal || (open ? (main.model ? `${main.model.name} v${main.model.version}` : "connected") : "connecting…");
   }
 
   function render() {
@@ -529,6 +736,7 @@
     drawDetail();
     drawNext();
     drawCompletions();
+    drawScore();
     drawStatus();
   }
 
@@ -546,7 +754,7 @@
   function onInput() {
     fit();
     render();
-    pump();
+    for (const lane of lanes()) lane.pump();
   }
 
   /** The textarea grows with its text, so it and the backdrop never scroll apart. */
@@ -573,22 +781,27 @@
     const under = document.elementsFromPoint(event.clientX, event.clientY);
     const span = under.find((el) => el.parentElement === ui.backdrop && el.classList.contains("c"));
     const i = span ? Array.prototype.indexOf.call(ui.backdrop.children, span) : -1;
-    if (i !== state.hover) {
-      state.hover = i;
+    if (i !== view.hover) {
+      view.hover = i;
       drawDetail();
     }
   });
   ui.text.addEventListener("mouseleave", () => {
-    state.hover = -1;
+    view.hover = -1;
     drawDetail();
   });
-  ui.model.addEventListener("change", () => newSession(JSON.parse(ui.model.value)));
+  ui.model.addEventListener("change", () => switchModel(JSON.parse(ui.model.value)));
+  ui.adapt.addEventListener("change", () => {
+    ui.text.focus(); // back to the writing: the switch is flipped mid-text, and typing goes on
+    setAdapt(ui.adapt.checked);
+  });
   window.addEventListener("resize", fit);
 
   drawLegend();
   fit();
+  view.main = new Lane(null); // the server's default on adaptation: defaultKnown sets the toggle
   render();
   loadModels()
-    .then((model) => newSession(model))
-    .catch(failed);
+    .then((model) => view.main.begin(model))
+    .catch((err) => view.main.failed(err));
 })();
