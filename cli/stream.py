@@ -213,6 +213,7 @@ def evaluate(
     if as_json:
         print_json({"summary": {"file": str(file), "static": static, "adapted": adapted, "change": change}})
         return
+
     def figure(value: object) -> str:
         return fmt_float(value) if isinstance(value, float) else "-"
 
