@@ -102,6 +102,20 @@ def start_server(model_dir: Path, **overrides: Any) -> ServerThread:
     return ServerThread(config)
 
 
+@contextlib.contextmanager
+def replicas(model_dir: Path, store: str, **overrides: Any) -> Iterator[tuple[ServerThread, ServerThread]]:
+    """Two replicas sharing one Redis session store (their models each from model_dir)."""
+    a = start_server(model_dir, store=store, shared_models=False, **overrides)
+    try:
+        b = start_server(model_dir, store=store, shared_models=False, **overrides)
+        try:
+            yield a, b
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
 class LoggedProcess:
     """``python -m nextchar.cli *args`` in a subprocess, its log (stderr) collected as it comes."""
 

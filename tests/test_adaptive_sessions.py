@@ -22,7 +22,15 @@ from nextchar.core.adapt import AdaptConfig
 from nextchar.core.modelfile import save_model
 from nextchar.proto import nextchar_pb2 as pb
 from redis_harness import RedisServer
-from server_harness import ServerThread, cancel, make_registry, start_server, take, train_notebook_model
+from server_harness import (
+    ServerThread,
+    cancel,
+    make_registry,
+    replicas,
+    start_server,
+    take,
+    train_notebook_model,
+)
 
 KEEP = 16  # the servers' rewind_chars: marks every 4 characters, dropped (and the base replayed) often
 ALPHABET = "helo wrd"
@@ -50,11 +58,8 @@ def memory_server(model_dir: Path) -> Iterator[ServerThread]:
 
 @pytest.fixture(scope="module")
 def redis_pair(model_dir: Path, redis_server: RedisServer) -> Iterator[tuple[ServerThread, ServerThread]]:
-    a = start_server(model_dir, store=redis_server.url, shared_models=False, rewind_chars=KEEP)
-    b = start_server(model_dir, store=redis_server.url, shared_models=False, rewind_chars=KEEP)
-    yield a, b
-    a.close()
-    b.close()
+    with replicas(model_dir, redis_server.url, rewind_chars=KEEP) as pair:
+        yield pair
 
 
 def client_of(server: ServerThread) -> NextCharClient:

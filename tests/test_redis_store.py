@@ -26,6 +26,7 @@ from server_harness import (
     ServerThread,
     expected,
     make_registry,
+    replicas,
     start_server,
     stream_chars,
     surprisals,
@@ -43,11 +44,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pair(model_dir: Path, redis_server: RedisServer) -> Iterator[tuple[ServerThread, ServerThread]]:
-    a = start_server(model_dir, store=redis_server.url, shared_models=False)
-    b = start_server(model_dir, store=redis_server.url, shared_models=False)
-    yield a, b
-    a.close()
-    b.close()
+    with replicas(model_dir, redis_server.url) as both:
+        yield both
 
 
 @pytest.fixture(scope="module")

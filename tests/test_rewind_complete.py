@@ -32,7 +32,7 @@ from nextchar.core.model import CharRNN
 from nextchar.core.vocab import UNK, Vocab
 from nextchar.proto import nextchar_pb2 as pb
 from redis_harness import RedisServer
-from server_harness import ServerThread, make_registry, start_server
+from server_harness import ServerThread, make_registry, replicas, start_server
 
 KEEP = 16  # the servers' rewind_chars here: marks every 4 characters
 ALPHABET = "helo wrd"
@@ -54,11 +54,8 @@ def memory_server(model_dir: Path) -> Iterator[ServerThread]:
 
 @pytest.fixture(scope="module")
 def redis_pair(model_dir: Path, redis_server: RedisServer) -> Iterator[tuple[ServerThread, ServerThread]]:
-    a = start_server(model_dir, store=redis_server.url, shared_models=False, rewind_chars=KEEP)
-    b = start_server(model_dir, store=redis_server.url, shared_models=False, rewind_chars=KEEP)
-    yield a, b
-    a.close()
-    b.close()
+    with replicas(model_dir, redis_server.url, rewind_chars=KEEP) as pair:
+        yield pair
 
 
 def client_of(server: ServerThread) -> NextCharClient:

@@ -21,7 +21,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 from nextchar.core import adapt
@@ -188,6 +188,7 @@ class CompleteWork:
 
 
 Work = PredictWork | AdaptWork | GenerateWork | CompleteWork
+W = TypeVar("W", PredictWork, AdaptWork)
 Result = Rows | Generated | list[Continuation]
 
 
@@ -262,9 +263,14 @@ def prediction_groups(batch: Sequence[Work]) -> list[tuple[list[int], list[Predi
     net = batch[0].net
     if all(isinstance(w, PredictWork) and w.net is net for w in batch):
         return [(list(range(len(batch))), list(batch))]  # type: ignore[arg-type]  # all PredictWork, checked
-    groups: dict[int, tuple[list[int], list[PredictWork]]] = {}
+    return grouped(batch, PredictWork)
+
+
+def grouped(batch: Sequence[Work], kind: type[W]) -> list[tuple[list[int], list[W]]]:
+    """The batch's works of one kind grouped by network: (positions, works) per group."""
+    groups: dict[int, tuple[list[int], list[W]]] = {}
     for i, work in enumerate(batch):
-        if isinstance(work, PredictWork):
+        if isinstance(work, kind):
             members, works = groups.setdefault(id(work.net), ([], []))
             members.append(i)
             works.append(work)
@@ -287,24 +293,13 @@ def compute(batch: Sequence[Work], stats: BatchStats) -> list[Result]:
         for i, result in zip(members, unpack(works, packed, answer), strict=True):
             out[i] = result
         stats.count(works)
-    for members, adapting in adaptive_groups(batch):
+    for members, adapting in grouped(batch, AdaptWork):  # (one network: one adaptation rule)
         for i, result in zip(members, adapted_rows(adapting), strict=True):
             out[i] = result
         stats.count(adapting)
     stats.batches += 1
     stats.compute_seconds += time.perf_counter() - start
     return out  # type: ignore[return-value]  # every position filled above
-
-
-def adaptive_groups(batch: Sequence[Work]) -> list[tuple[list[int], list[AdaptWork]]]:
-    """The batch's adaptive chunks grouped by network (one network: one adaptation rule)."""
-    groups: dict[int, tuple[list[int], list[AdaptWork]]] = {}
-    for i, work in enumerate(batch):
-        if isinstance(work, AdaptWork):
-            members, works = groups.setdefault(id(work.net), ([], []))
-            members.append(i)
-            works.append(work)
-    return list(groups.values())
 
 
 def adapted_rows(works: Sequence[AdaptWork]) -> list[Rows]:
