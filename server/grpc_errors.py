@@ -21,7 +21,7 @@ import grpc
 from grpc._cython.cygrpc import ExecuteBatchError  # what a call whose client is gone raises
 from nextchar.server.errors import Code, ServiceError
 from nextchar.server.logs import CALLS_LOGGER
-from nextchar.server.open_calls import OpenCalls
+from nextchar.server.open_calls import OpenCalls, calls_client
 from nextchar.server.wire import Refused
 
 METADATA_PREFIX = "nextchar-"  # trailing metadata keys of an error's details
@@ -53,7 +53,9 @@ def trailing_metadata(exc: ServiceError) -> tuple[tuple[str, str], ...]:
 
 @contextlib.asynccontextmanager
 async def guarded(edge: Edge, method: str, context: Ctx) -> AsyncIterator[None]:
-    """The one error boundary of a call: a refusal answers with its status, a bug with INTERNAL."""
+    """The one error boundary of a call: a refusal answers with its status, a bug with INTERNAL.
+    Also names the call's connection for OpenCalls (its fair share of max_streams)."""
+    calls_client.set(context.peer())
     try:
         yield
     except ServiceError as exc:

@@ -545,6 +545,47 @@ def test_past_max_streams_the_longest_idle_call_makes_room_and_active_streams_st
         server.close()
 
 
+def test_past_max_streams_the_connection_holding_the_most_calls_loses_one(tmp_path: Path) -> None:
+    """A well-behaved client's 10 streams, each a message in and then quiet (a user thinking), and
+    then a flood of 300 streams that never send on another connection, max_streams 100: the flood's
+    own oldest calls are closed for room, not the older, quieter streams of the other client (when
+    the call idle the longest of all went, a flood arriving faster than the server read first
+    messages closed every stream a well-behaved client opened meanwhile: make bench-abuse)."""
+    make_registry(tmp_path, versions=1)
+    server = ServerProcess(tmp_path, "--max-streams", "100")
+
+    async def attack() -> None:
+        own = [("grpc.use_local_subchannel_pool", 1)]  # two connections (channels share one otherwise)
+        calm: Any = grpc.aio.insecure_channel(server.address, options=own)
+        flood: Any = grpc.aio.insecure_channel(server.address, options=own)
+        try:
+            stub, flooder = pb_grpc.NextCharServiceStub(calm), pb_grpc.NextCharServiceStub(flood)
+            streams = [stub.PredictStream() for _ in range(10)]
+            for call in streams:
+                await call.write(pb.PredictStreamRequest(text="h"))
+                await call.read()
+            idle = [flooder.PredictStream() for _ in range(300)]
+            for call in idle[:10]:  # the flood's first ones: closed once its later ones arrive
+                assert await asyncio.wait_for(call.code(), 30) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            deadline = time.monotonic() + 30
+            while sum(c.done() for c in idle) < 210:  # 10 + 300 open, 100 kept
+                assert time.monotonic() < deadline, f"{sum(c.done() for c in idle)} of the flood closed"
+                await asyncio.sleep(0.1)
+            for call in streams:  # the quiet client's streams all stayed
+                await call.write(pb.PredictStreamRequest(text="e"))
+                assert (await call.read()).predictions.count == 1
+            for call in (*streams, *idle):
+                call.cancel()
+        finally:
+            await calm.close()
+            await flood.close()
+
+    try:
+        asyncio.run(attack())
+    finally:
+        server.close()
+
+
 def test_uploads_cancelled_before_their_first_piece_leave_no_coroutine_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,6 +7,8 @@ vanished are not committed as texts; thousands of kept texts do not make every
 upload start slow the calls beside it; and a trainer paused while it registers a
 model, after another trainer took its job over, adds no second version and does
 not move the default (a real redis-server and real ``nextchar trainer`` processes).
+A trainer that loses its job says which, who has it now and what becomes of its
+work: taken over by a named trainer, or gone from a store that lost its data.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from job_harness import TrainerProcess, wait_for
+from job_harness import TrainerProcess, start_job, wait_for
 from nextchar.core.demo import NOTEBOOK_TEXT
 from nextchar.proto import nextchar_pb2 as pb
 from redis_harness import RedisServer
@@ -194,7 +196,9 @@ def test_a_trainer_paused_while_it_registers_adds_no_version_and_moves_no_defaul
         )
 
         os.kill(first.proc.pid, signal.SIGCONT)
-        first.wait_for_line("taken over by another trainer")
+        first.wait_for_line(
+            f"job {job_id} \\(fenced\\): taken over by another trainer, [^ ]+:{second.proc.pid},"
+        )
         listed = replica.stub.ListModels(pb.ListModelsRequest(), timeout=10)
         versions = sorted((m.model.name, m.model.version) for m in listed.models)
         assert versions == [("default", 1), ("fenced", 1)], versions
@@ -210,4 +214,61 @@ def test_a_trainer_paused_while_it_registers_adds_no_version_and_moves_no_defaul
         first.close()
         if second is not None:
             second.close()
+        replica.close()
+
+
+def test_a_trainer_whose_job_was_taken_over_mid_run_names_the_trainer_that_has_it(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Trainer A is paused (SIGSTOP) mid-run past its lease; B resumes the job. A, continued,
+    says which job it lost, to which trainer, and that B resumes it from its last checkpoint."""
+    redis.Redis(port=redis_server.port, db=9).flushdb()
+    url = f"redis://127.0.0.1:{redis_server.port}/9"
+    replica = ServerProcess(tmp_path / "serve", "--store", url, "--trainers", "0", "--compute-in-thread")
+    args = ("--checkpoint-seconds", "0.3", "--job-lease", "1")
+    first = TrainerProcess(url, tmp_path / "a", *args)
+    second = None
+    try:
+        job_id = start_job(replica, "taken")
+        wait_for(replica, job_id, step=20)
+        os.kill(first.proc.pid, signal.SIGSTOP)
+        second = TrainerProcess(url, tmp_path / "b", *args)
+        second.wait_for_line(f"job {job_id} \\(taken\\): (started|resumed from its checkpoint) on ")
+        os.kill(first.proc.pid, signal.SIGCONT)
+        _, lost = first.wait_for_line(f"job {job_id} \\(taken\\): taken over by another trainer")
+        print(lost.string.strip())
+        assert f":{second.proc.pid}, after this trainer (" in lost.string
+        assert f":{second.proc.pid} resumes the job from its last checkpoint" in lost.string
+        assert wait_for(replica, job_id).state == pb.JOB_STATE_SUCCEEDED
+    finally:
+        if first.proc.poll() is None:
+            os.kill(first.proc.pid, signal.SIGCONT)
+        first.close()
+        if second is not None:
+            second.close()
+        replica.close()
+
+
+def test_a_trainer_whose_job_vanished_says_so_and_not_that_it_was_taken_over(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Redis loses every key under a running job (a restart without persistence, here FLUSHDB):
+    the trainer once said "taken over by another trainer". It says the job is gone from the
+    store, that it stopped, and that nobody will resume it."""
+    store = redis.Redis(port=redis_server.port, db=10)
+    store.flushdb()
+    url = f"redis://127.0.0.1:{redis_server.port}/10"
+    replica = ServerProcess(tmp_path / "serve", "--store", url, "--trainers", "0", "--compute-in-thread")
+    trainer = TrainerProcess(url, tmp_path / "t", "--checkpoint-seconds", "0.3", "--job-lease", "2")
+    try:
+        job_id = start_job(replica, "vanishing")
+        wait_for(replica, job_id, step=20)
+        store.flushdb()
+        _, gone = trainer.wait_for_line(f"job {job_id} \\(vanishing\\): gone from the job store")
+        print(gone.string.strip())
+        assert "terminated its run" in gone.string and "no trainer will resume it" in gone.string
+        assert "taken over" not in "".join(trainer.log)
+        assert trainer.proc.poll() is None  # and it goes on taking jobs
+    finally:
+        trainer.close()
         replica.close()

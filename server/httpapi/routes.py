@@ -29,7 +29,7 @@ from nextchar.server.config import ServerConfig
 from nextchar.server.errors import InvalidArgument, ServiceError
 from nextchar.server.httpapi.errors import error_middleware, internal, refusal
 from nextchar.server.httpapi.jsonform import candidates, dumps, json_object, parse, predictions, to_json
-from nextchar.server.open_calls import OpenCalls
+from nextchar.server.open_calls import OpenCalls, calls_client
 from nextchar.server.service import Service, adapt_choice
 from nextchar.server.sessions.stream import Rewound, SessionStream, StreamMessage
 from nextchar.server.wire import SMALL, request_limits
@@ -224,6 +224,7 @@ class HttpApi:
         stream = SessionStream(self.sessions)
         task = asyncio.current_task()
         assert task is not None
+        calls_client.set(f"ws:{request.transport.get_extra_info('peername') if request.transport else ''}")
         try:
             async with self.open_calls.hold():
                 async for frame in ws:

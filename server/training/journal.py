@@ -181,6 +181,13 @@ class LocalJobStore:
     def renew(self, claim: Claim) -> bool:
         return True  # this server's own trainers: its pool sees a dead one at once
 
+    def holder(self, job_id: str) -> str | None:
+        with self._lock:
+            if job_id not in self._jobs:
+                return None
+            claim = self._held.get(job_id)
+            return claim.trainer if claim else ""
+
     def release(self, claim: Claim, requeue: bool) -> None:
         with self._lock:
             if self._held.get(claim.job_id) == claim:

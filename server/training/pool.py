@@ -18,7 +18,9 @@ pool that dies (SIGKILL, a lost machine) takes its trainers with it (they die
 with their parent), and its jobs come back through their leases. ``shutdown``
 pauses every trainer (it checkpoints and stops) and puts its job back in the
 queue. A pool whose claim was taken over (its lease ran out while it was stuck)
-terminates that trainer and writes nothing more.
+terminates that trainer and writes nothing more; its log says which job, who holds it
+now (another trainer, nobody, or nobody because the job is gone from the store) and
+what becomes of the work (``_lost``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import assert_never
 
 from nextchar.core import checkpoint as ck
 from nextchar.core.adapt import AdaptConfig
-from nextchar.server.errors import ServiceError
+from nextchar.server.errors import NotFound, ServiceError
 from nextchar.server.registry import ModelVersion, Registry
 from nextchar.server.training import pipe
 from nextchar.server.training.store import (
@@ -99,6 +101,7 @@ class TrainerPool:
     ) -> None:
         self.store, self.registry, self.slots = store, registry, slots
         self.checkpoint_seconds = checkpoint_seconds
+        self.lease = lease
         self.renew_every = lease / 3
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.running: dict[str, Running] = {}  # by job id
@@ -184,7 +187,10 @@ class TrainerPool:
             job.state, job.attempts, job.trainer = RUNNING, job.attempts + 1, self.name
             job.started = job.started or time.time()
             self._check(self.store.save(job, claim))
-        except (ServiceError, LostClaim) as exc:  # the claim's lease runs out and the job comes back
+        except LostClaim:  # another trainer took it between the take and the start, or it went
+            log.warning("%s", self._lost(claim.job_id, "did not start its run"))
+            return
+        except ServiceError as exc:  # the claim's lease runs out and the job comes back
             log.warning("job %s: could not be taken up (%s); it stays in the queue", claim.job_id, exc)
             return
         parent, child = self._ctx.Pipe(duplex=False)
@@ -229,11 +235,14 @@ class TrainerPool:
             final = self._watch(claim, job, checkpoint, conn, running)
             self._end(claim, job, final)
         except LostClaim:
-            log.warning("job %s: taken over by another trainer; this one (%s) stops", job.id, self.name)
             running.process.terminate()
+            log.warning("%s", self._lost(job.id, "terminated its run", job.model_name))
         except ServiceError as exc:  # the store went away: the lease runs out, another trainer resumes
-            log.warning("job %s: the job store failed (%s); the job resumes elsewhere", job.id, exc)
             running.process.terminate()
+            if self._gone(job.id):  # the store answers again, without the job (e.g. restarted empty)
+                log.warning("%s", self._lost(job.id, "terminated its run", job.model_name))
+            else:
+                log.warning("job %s: the job store failed (%s); the job resumes elsewhere", job.id, exc)
         finally:
             conn.close()
             running.process.join(10)
@@ -244,6 +253,69 @@ class TrainerPool:
     def _check(held: bool) -> None:
         if not held:
             raise LostClaim
+
+    def _gone(self, job_id: str) -> bool:
+        """The store answers, and has no such job."""
+        try:
+            return self.store.holder(job_id) is None
+        except ServiceError:
+            return False
+
+    def _lost(self, job_id: str, stopped: str, model_name: str = "") -> str:
+        """The log line of a trainer whose write was refused: which job, who holds it now (asked
+        of the store), and what becomes of the work this trainer had done (stopped: what this
+        trainer did about it, "terminated its run")."""
+        job = f"job {job_id}" + (f" ({model_name})" if model_name else "")
+        this = f"this trainer ({self.name})"
+        try:
+            holder = self.store.holder(job_id)
+            record = self.store.get(job_id) if holder == "" else None
+        except NotFound:  # removed between the two questions
+            holder, record = None, None
+        except ServiceError as exc:
+            return (
+                f"{job}: {this} no longer holds it: it {stopped} and writes nothing more for it; "
+                f"who holds it now is unknown (the job store failed: {exc})"
+            )
+        if holder is None:
+            return (
+                f"{job}: gone from the job store (removed, or the store lost its data, e.g. a "
+                f"Redis restarted empty); {this} {stopped} and dropped its work, writing nothing "
+                "more for the job, and no trainer will resume it"
+            )
+        if holder == self.name:
+            return (
+                f"{job}: {this} let its lease run out ({self.lease:g} s without renewal) and took the "
+                f"job up again itself; it {stopped} of the earlier claim, which writes nothing more: "
+                "the new run resumes from the job's last checkpoint"
+            )
+        if holder:
+            return (
+                f"{job}: taken over by another trainer, {holder}, after {this} let its lease run out "
+                f"({self.lease:g} s without renewal: paused or stuck); {this} {stopped} and writes "
+                f"nothing more: {holder} resumes the job from its last checkpoint (the start if "
+                "none), so what this run did since then is redone there (the model is registered "
+                "once, by whichever finishes)"
+            )
+        assert record is not None
+        if record.done:
+            ended = record.state + (
+                f", registered as {record.result[0]} v{record.result[1]}" if record.result else ""
+            )
+            by = (
+                f"taken over by another trainer, {record.trainer}, which ran it to its end ({ended})"
+                if record.trainer and record.trainer != self.name
+                else f"ended meanwhile ({ended})"
+            )
+            return (
+                f"{job}: {by}, after {this} let its lease run out ({self.lease:g} s without renewal: "
+                f"paused or stuck); {this} {stopped} and dropped its work, writing nothing more"
+            )
+        return (
+            f"{job}: {this} let its lease run out ({self.lease:g} s without renewal) and no "
+            f"trainer holds the job now ({record.state}); {this} {stopped} and writes nothing "
+            "more: the next trainer to take it resumes from its last checkpoint"
+        )
 
     def _watch(self, claim: Claim, job: Job, checkpoint: Path, conn: Connection, running: Running) -> Final:
         """Follow the trainer until its pipe closes; its final state."""

@@ -312,6 +312,13 @@ class RedisJobStore:
                 self._renew([QUEUE, job_key(claim.job_id)], [GROUP, claim.trainer, claim.entry, owner(claim)])
             )
 
+    def holder(self, job_id: str) -> str | None:
+        with reaching(str(self)):
+            rec, held = cast(list[bytes | None], self.redis.hmget(job_key(job_id), ["rec", "owner"]))
+        if rec is None:
+            return None
+        return (held or b"").decode().rpartition("/")[0]  # owner() is "trainer/entry"
+
     def release(self, claim: Claim, requeue: bool) -> None:
         with reaching(str(self)):
             pipe = self.redis.pipeline()

@@ -134,6 +134,11 @@ class JobStore(Protocol):
     def renew(self, claim: Claim) -> bool:
         """Keep the claim's lease; False when another trainer has taken the job over."""
 
+    def holder(self, job_id: str) -> str | None:
+        """The name of the trainer that holds the job now; "" when no trainer does (it waits in the
+        queue, or has ended); None when the store has no such job (removed, or a shared store that
+        lost its data). What a trainer whose write was refused asks, to say why."""
+
     def release(self, claim: Claim, requeue: bool) -> None:
         """The trainer is done with the job; requeue puts it back in the queue (a drain, a dead
         trainer process) for any trainer to resume from its checkpoint."""
