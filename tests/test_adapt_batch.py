@@ -39,7 +39,7 @@ def test_batched_gradients_match_finite_differences(cell: str, layers: int, loss
     adapters.insert(1, random_adapter(model, rng))
     segments = rng.integers(0, vocab.size, (3, 7))
     starts = np.stack([a.start for a in adapters])
-    nats, grads, states = adapt_batch.gradients(model, [a.deltas for a in adapters], starts, segments)
+    nats, grads, states, _ = adapt_batch.gradients(model, [a.deltas for a in adapters], starts, segments)
     zeros = tuple(np.zeros(shape) for shape in adapt.delta_shapes(model))
     for n, adapter in enumerate(adapters):
         x, y = segments[n, :-1].reshape(-1, 1), segments[n, 1:].reshape(-1, 1)
