@@ -228,16 +228,19 @@ def _learnt(
         ], logits
     deltas = []
     for i, (grad, rate, keep) in enumerate(zip(grads, rule.rate, rule.keep, strict=True)):
-        new = np.zeros_like(grad)  # a fresh adapter's deltas are zeros
+        grad *= rate  # in place: no (k, *shape) temporary
+        new = np.empty_like(grad)
         for n, adapter in enumerate(adapters):
             if adapter.deltas:
-                new[n] = adapter.deltas[i]
-        new *= keep
-        new -= rate * grad
+                np.multiply(adapter.deltas[i], keep, out=new[n])
+            else:
+                new[n] = 0.0  # a fresh adapter's deltas are zeros
+        new -= grad
         deltas.append(new)
-    within = np.isfinite(nats)  # and every new delta inside +-LIMIT (NaN fails the comparison)
+    within = np.isfinite(nats)  # and every new delta inside +-LIMIT (NaN fails the comparisons)
     for new in deltas:
-        within &= np.abs(new).reshape(len(adapters), -1).max(axis=1, initial=0.0) <= LIMIT
+        rows = new.reshape(len(adapters), -1)
+        within &= (rows.max(axis=1, initial=0.0) <= LIMIT) & (rows.min(axis=1, initial=0.0) >= -LIMIT)
     return [
         (
             Adapter(
