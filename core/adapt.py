@@ -302,7 +302,7 @@ def advance_many(
         out = inference.advance(model, idx, lens, states, probs0, k, full)
         return out, [_windowed(a, text, segment) for a, text in zip(current, texts, strict=True)]
     V = probs0.shape[1]
-    probs_seq = np.empty((T + 1, N, V), dtype=probs0.dtype)  # [t + 1]: after character t
+    probs_seq = np.zeros((T + 1, N, V), dtype=probs0.dtype)  # [t + 1]: after character t; padding 0
     probs_seq[0] = probs0
     tail = np.zeros(N, dtype=np.int64)  # where each column's tail starts in the chunk
     starts = states.copy()  # and the state it starts from
