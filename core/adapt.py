@@ -301,20 +301,27 @@ def advance_many(
             pass
         out = inference.advance(model, idx, lens, states, probs0, k, full)
         return out, [_windowed(a, text, segment) for a, text in zip(current, texts, strict=True)]
-    V = probs0.shape[1]
-    probs_seq = np.zeros((T + 1, N, V), dtype=probs0.dtype)  # [t + 1]: after character t; padding 0
-    probs_seq[0] = probs0
+    probs_seq = None  # [t + 1]: after character t; a single character needs none (a step)
+    if T > 1:
+        probs_seq = np.zeros((T + 1, N, probs0.shape[1]), dtype=probs0.dtype)
+        probs_seq[0] = probs0
     tail = np.zeros(N, dtype=np.int64)  # where each column's tail starts in the chunk
     starts = states.copy()  # and the state it starts from
     for j, group, learnt, logits in _windows(model, rule, current, texts):
         cols = np.asarray(group)
         tail[cols] = (j + 1) * segment - held[cols]  # the character after the window
         starts[cols] = np.stack([adapter.start for adapter, _ in learnt])
-        if T > 1:  # the window's predictions: after its inputs i, chunk position tail - segment + i
+        if (
+            probs_seq is not None
+        ):  # the window's predictions: after its inputs i, chunk position tail - segment + i
             after = tail[cols, None] - segment + 1 + np.arange(segment)  # (k, segment) rows of probs_seq
             inside = after >= 1
             probs = losses.probabilities(model.config.loss, logits[inside])
             probs_seq[after[inside], np.broadcast_to(cols[:, None], after.shape)[inside]] = probs
+    if probs_seq is None:  # every tail is the chunk's one character: a step
+        new_states, probs = adapt_batch.forward(model, [a.deltas for a in current], idx, lens, starts)
+        out = inference.stepped(probs0, probs[0], idx, new_states, k, full)
+        return out, [_windowed(a, text, segment) for a, text in zip(current, texts, strict=True)]
     length = np.asarray(lens) - tail  # (N,) each tail's
     order = np.argsort(-length, kind="stable")  # packed longest first, as adapt_batch.forward takes them
     at = tail[order] + np.arange(length.max())[:, None]  # (L, N) chunk positions of the packed tails
@@ -323,12 +330,9 @@ def advance_many(
     tail_states, probs = adapt_batch.forward(model, deltas, x, length[order].tolist(), starts[order])
     new_states = np.empty_like(states)
     new_states[order] = tail_states
-    if T == 1:  # every tail is the chunk's one character
-        out = inference.stepped(probs0, probs[0][np.argsort(order)], idx, new_states, k, full)
-    else:
-        inside = np.arange(length.max())[:, None] < length[order]
-        probs_seq[at[inside] + 1, np.broadcast_to(order, at.shape)[inside]] = probs[inside]
-        out = inference.scored(probs_seq, idx, lens, new_states, k, full)
+    inside = np.arange(length.max())[:, None] < length[order]
+    probs_seq[at[inside] + 1, np.broadcast_to(order, at.shape)[inside]] = probs[inside]
+    out = inference.scored(probs_seq, idx, lens, new_states, k, full)
     return out, [_windowed(a, text, segment) for a, text in zip(current, texts, strict=True)]
 
 
