@@ -4,12 +4,12 @@ A session's deltas come in ``adapt.adapted_names``' order: Why (H, V), by (V,), 
 candidate gate's columns of l0.Wxh (V, H), l0.bh (G*H,), and the GRU's l0.bhn (H,);
 ``()`` while it has none. Deeper layers and every Whh are the shared ones.
 
-``forward`` serves a batch's columns: the shared weights' products for all of them at
-once, plus each column's corrections. Layer 0's input is one-hot, so its input delta
-is a row gather per column; bias deltas are adds (the GRU's bhn one row per column,
-inside the recurrence); the read-out's delta is one (T, H) @ (H, V) product per column,
-a stacked matmul. A batch without deltas is the static model's, bit for bit
-(``inference.shared_forward``).
+``forward`` serves a batch's columns, each under one adapter (adapt.advance_many serves
+what precedes a column's last step from the step's own forward): the shared weights'
+products for all of them at once, plus each column's corrections. Layer 0's input is
+one-hot, so its input delta is a row gather per column; bias deltas are adds (the GRU's
+bhn one row per column, inside the recurrence); the read-out's delta is one
+(len, H) @ (H, V) product per column, over its own positions.
 
 ``gradients`` differentiates a window's loss with respect to each session's deltas:
 BPTT through every layer's Whh (and the upper layers' Wxh) under the session's own
