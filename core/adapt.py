@@ -68,8 +68,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
-from nextchar.core import adapt_batch, inference
-from nextchar.core.adapt_batch import Deltas
+from nextchar.core import adapt_batch, inference, losses
 from nextchar.core.inference import Advanced
 from nextchar.core.model import CharRNN
 
@@ -211,26 +210,37 @@ def learn_many(
     new one (its window empty, starting where the old window's inputs end) and the nats the
     window's targets cost before the step (its score). Each is what it would be alone, bit for
     bit (nextchar.core.adapt_batch)."""
-    nats, grads, states = adapt_batch.gradients(
+    return _learnt(model, rule, adapters, segments)[0]
+
+
+def _learnt(
+    model: CharRNN, rule: Rule, adapters: Sequence[Adapter], segments: np.ndarray
+) -> tuple[list[tuple[Adapter, float]], np.ndarray]:
+    """learn_many, and the logits (k, segment, V) after each of the windows' inputs under the
+    adapters before the step: a window's predictions, which advance_many serves."""
+    nats, grads, states, logits = adapt_batch.gradients(
         model, [a.deltas for a in adapters], np.stack([a.start for a in adapters]), segments
     )
     if rule.config.lr == 0:  # the static model, bit for bit: no delta is ever added
         return [
             (Adapter(a.deltas, _frozen(s), NO_TEXT, a.steps + 1, a.resets), float(n))
             for a, s, n in zip(adapters, states, nats, strict=True)
-        ]
+        ], logits
     deltas = []
     for i, (grad, rate, keep) in enumerate(zip(grads, rule.rate, rule.keep, strict=True)):
-        new = np.zeros_like(grad)  # a fresh adapter's deltas are zeros
+        grad *= rate  # in place: no (k, *shape) temporary
+        new = np.empty_like(grad)
         for n, adapter in enumerate(adapters):
             if adapter.deltas:
-                new[n] = adapter.deltas[i]
-        new *= keep
-        new -= rate * grad
+                np.multiply(adapter.deltas[i], keep, out=new[n])
+            else:
+                new[n] = 0.0  # a fresh adapter's deltas are zeros
+        new -= grad
         deltas.append(new)
-    within = np.isfinite(nats)  # and every new delta inside +-LIMIT (NaN fails the comparison)
+    within = np.isfinite(nats)  # and every new delta inside +-LIMIT (NaN fails the comparisons)
     for new in deltas:
-        within &= np.abs(new).reshape(len(adapters), -1).max(axis=1, initial=0.0) <= LIMIT
+        rows = new.reshape(len(adapters), -1)
+        within &= (rows.max(axis=1, initial=0.0) <= LIMIT) & (rows.min(axis=1, initial=0.0) >= -LIMIT)
     return [
         (
             Adapter(
@@ -243,7 +253,7 @@ def learn_many(
             float(nats[n]),
         )
         for n, a in enumerate(adapters)
-    ]
+    ], logits
 
 
 def learn(model: CharRNN, rule: Rule, adapter: Adapter, segment: np.ndarray) -> tuple[Adapter, float]:
@@ -273,30 +283,56 @@ def advance_many(
 
     The steps come first: a window's gradient needs its text and the adapter before it, not the
     predictions, so every column's j-th window in this chunk steps with the others'
-    (``learn_many``). The predictions then run as one batch, cut where some column's deltas
-    change (a rate of 0 changes none: the static path, bit for bit), each piece with every
-    column's deltas at its start (adapt_batch.forward)."""
+    (``learn_many``). A step's forward runs from the window's start under the adapter in force
+    through the window's inputs: it IS those characters' predictions, so they are served from it
+    (row by row, each column's bits whatever the batch). What follows a column's last step (its
+    tail, one character at least) is under one adapter, the newest, and every column's tail runs
+    in one adapt_batch.forward. A rate of 0 never changes a weight: inference.advance, bit for bit."""
     segment = rule.config.segment
+    T, N = idx.shape
+    held = np.array([len(a.window) for a in adapters])  # (N,) inputs each window held before the chunk
     texts = [
         np.concatenate((a.window, idx[:length, n]))
         for n, (a, length) in enumerate(zip(adapters, lens, strict=True))
     ]
     current = list(adapters)
-    changes: list[list[tuple[int, Deltas]]] = [
-        [(0, a.deltas)] for a in adapters
-    ]  # (position, deltas from it)
-    for j, group, learnt in _windows(model, rule, current, texts):
-        for n, (adapter, _) in zip(group, learnt, strict=True):
-            changes[n].append(((j + 1) * segment - len(adapters[n].window), adapter.deltas))
-    cuts = {at for history in changes for at, _ in history[1:]} if rule.config.lr > 0 else set()
-
-    def forward(x: np.ndarray, start: int, cols: slice, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        deltas = [
-            next(d for at, d in reversed(changes[n]) if at <= start) for n in range(cols.start, cols.stop)
-        ]
-        return adapt_batch.forward(model, deltas, x, s)
-
-    out = inference.advance_by(forward, idx, lens, states, probs0, k, full, cuts)
+    if rule.config.lr == 0:
+        for _ in _windows(model, rule, current, texts):
+            pass
+        out = inference.advance(model, idx, lens, states, probs0, k, full)
+        return out, [_windowed(a, text, segment) for a, text in zip(current, texts, strict=True)]
+    probs_seq = None  # [t + 1]: after character t; a single character needs none (a step)
+    if T > 1:
+        probs_seq = np.zeros((T + 1, N, probs0.shape[1]), dtype=probs0.dtype)
+        probs_seq[0] = probs0
+    tail = np.zeros(N, dtype=np.int64)  # where each column's tail starts in the chunk
+    starts = states.copy()  # and the state it starts from
+    for j, group, learnt, logits in _windows(model, rule, current, texts):
+        cols = np.asarray(group)
+        tail[cols] = (j + 1) * segment - held[cols]  # the character after the window
+        starts[cols] = np.stack([adapter.start for adapter, _ in learnt])
+        if (
+            probs_seq is not None
+        ):  # the window's predictions: after its inputs i, chunk position tail - segment + i
+            after = tail[cols, None] - segment + 1 + np.arange(segment)  # (k, segment) rows of probs_seq
+            inside = after >= 1
+            probs = losses.probabilities(model.config.loss, logits[inside])
+            probs_seq[after[inside], np.broadcast_to(cols[:, None], after.shape)[inside]] = probs
+    if probs_seq is None:  # every tail is the chunk's one character: a step
+        new_states, probs = adapt_batch.forward(model, [a.deltas for a in current], idx, lens, starts)
+        out = inference.stepped(probs0, probs[0], idx, new_states, k, full)
+        return out, [_windowed(a, text, segment) for a, text in zip(current, texts, strict=True)]
+    length = np.asarray(lens) - tail  # (N,) each tail's
+    order = np.argsort(-length, kind="stable")  # packed longest first, as adapt_batch.forward takes them
+    at = tail[order] + np.arange(length.max())[:, None]  # (L, N) chunk positions of the packed tails
+    x = idx[np.minimum(at, T - 1), order]  # past a tail's end: padding
+    deltas = [current[n].deltas for n in order]
+    tail_states, probs = adapt_batch.forward(model, deltas, x, length[order].tolist(), starts[order])
+    new_states = np.empty_like(states)
+    new_states[order] = tail_states
+    inside = np.arange(length.max())[:, None] < length[order]
+    probs_seq[at[inside] + 1, np.broadcast_to(order, at.shape)[inside]] = probs[inside]
+    out = inference.scored(probs_seq, idx, lens, new_states, k, full)
     return out, [_windowed(a, text, segment) for a, text in zip(current, texts, strict=True)]
 
 
@@ -343,25 +379,26 @@ def score(model: CharRNN, rule: Rule, adapter: Adapter, idx: np.ndarray) -> tupl
     """replay, and the nats of each completed window's targets, scored before its step (float64)."""
     text = np.concatenate((adapter.window, idx))
     current = [adapter]
-    nats = [float(learnt[0][1]) for _, _, learnt in _windows(model, rule, current, [text])]
+    nats = [float(learnt[0][1]) for _, _, learnt, _ in _windows(model, rule, current, [text])]
     return _windowed(current[0], text, rule.config.segment), np.array(nats)
 
 
 def _windows(
     model: CharRNN, rule: Rule, current: list[Adapter], texts: list[np.ndarray]
-) -> Iterator[tuple[int, list[int], list[tuple[Adapter, float]]]]:
+) -> Iterator[tuple[int, list[int], list[tuple[Adapter, float]], np.ndarray]]:
     """Every window that texts[n] (adapter n's window, then what follows) completes, stepped in
     rounds: round j steps the j-th window of each column that has one, together. current[n] is
-    adapter n, updated as it steps; yields (j, the columns stepped, learn_many's results)."""
+    adapter n, updated as it steps; yields (j, the columns stepped, learn_many's results, the
+    windows' logits)."""
     segment = rule.config.segment
     counts = [max(len(text) - 1, 0) // segment for text in texts]
     for j in range(max(counts, default=0)):
         group = [n for n, count in enumerate(counts) if count > j]
         windows = np.stack([texts[n][j * segment : (j + 1) * segment + 1] for n in group])
-        learnt = learn_many(model, rule, [current[n] for n in group], windows)
+        learnt, logits = _learnt(model, rule, [current[n] for n in group], windows)
         for n, (adapter, _) in zip(group, learnt, strict=True):
             current[n] = adapter
-        yield j, group, learnt
+        yield j, group, learnt, logits
 
 
 def _windowed(adapter: Adapter, text: np.ndarray, segment: int) -> Adapter:

@@ -65,7 +65,7 @@ def gradient_stats(model: CharRNN, idx: np.ndarray, segment: int = SEGMENT) -> S
         raise ValueError(f"gradient statistics need more than {segment} characters")
     for i in range(windows):
         window = idx[None, i * segment : (i + 1) * segment + 1]
-        _, grads, state = adapt_batch.gradients(model, [()], state, window)
+        _, grads, state, _ = adapt_batch.gradients(model, [()], state, window)
         squares = [np.square(g[0], dtype=np.float64) for g in grads]
         sums = squares if not sums else [s + q for s, q in zip(sums, squares, strict=True)]
     stats: Stats = {}

@@ -13,7 +13,7 @@ of the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,15 +96,11 @@ def surprisal_bits(p: np.ndarray) -> np.ndarray:
         return (-np.log2(p)).astype(np.float32, copy=False)
 
 
-# advances the columns cols of a batch from states (w, S) through x (t, w), x[0] at position start of
-# the chunk: (new states (w, S), probs (t * w, V) after each character), as model.step
-Forward = Callable[[np.ndarray, int, slice, np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
 def shared_forward(model: CharRNN, x: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The shared weights' Forward: one position is one ``model.step`` (which skips forward's BPTT
-    cache), more are ONE ``model.forward``: one (w, H) @ (H, H) product per position, the read-out
-    one product for the whole piece."""
+    """The shared weights over x (t, w) from states (w, S): (new states, probs (t * w, V) after each
+    character). One position is one ``model.step`` (which skips forward's BPTT cache), more are ONE
+    ``model.forward``: one (w, H) @ (H, H) product per position, the read-out one product for the
+    whole piece."""
     if x.shape[0] == 1:
         return model.step(states, x[0])
     _, logits, new_states = model.forward(x, states)
@@ -120,50 +116,53 @@ def advance(
     k: int,
     full: bool,
 ) -> Advanced:
-    """Advance N sessions (states (N, S), predictions probs0 (N, V)) through the chunks in idx (T, N)."""
-    return advance_by(
-        lambda x, start, cols, s: shared_forward(model, x, s), idx, lens, states, probs0, k, full
-    )
-
-
-def advance_by(
-    forward: Forward,
-    idx: np.ndarray,
-    lens: list[int],
-    states: np.ndarray,
-    probs0: np.ndarray,
-    k: int,
-    full: bool,
-    cuts: Iterable[int] = (),
-) -> Advanced:
-    """advance, each piece computed by forward: between two distinct chunk lengths the active
-    prefix is fixed, and that piece is one forward call per COLUMN_BLOCK columns. cuts are more
-    positions where a piece must end (where an adaptive session's weights change, adapt)."""
+    """Advance N sessions (states (N, S), predictions probs0 (N, V)) through the chunks in idx (T, N):
+    between two distinct chunk lengths the active prefix is fixed, and that piece is one forward
+    call per COLUMN_BLOCK columns."""
     T, N = idx.shape
     if T == 1:
-        new_states, probs = forward(idx, 0, slice(0, N), states)
-        before = probs0[np.arange(N), idx[0]]  # (N,) p of each character
-        top_i, top_p = top_k_rows(probs, k)
-        return Advanced(
-            top_i.reshape(1, N, k),
-            top_p.reshape(1, N, k).astype(np.float32, copy=False),
-            surprisal_bits(before).reshape(1, N),
-            np.stack([probs0, probs]) if full else None,
-            new_states,
-            probs,
-        )
+        new_states, probs = model.step(states, idx[0])
+        return stepped(probs0, probs, idx, new_states, k, full)
     V = probs0.shape[1]
     states = states.copy()
     probs_seq = np.empty((T + 1, N, V), dtype=probs0.dtype)  # [0]: before the chunk; [t+1]: after char t
     probs_seq[0] = probs0
     start = 0
-    for end in sorted({*lens, *(c for c in cuts if 0 < c < T)}):
+    for end in sorted(set(lens)):
         n = sum(1 for length in lens if length >= end)  # the active prefix
         for b in range(0, n, COLUMN_BLOCK):
             cols = slice(b, min(n, b + COLUMN_BLOCK))
-            states[cols], probs = forward(idx[start:end, cols], start, cols, states[cols])
+            states[cols], probs = shared_forward(model, idx[start:end, cols], states[cols])
             probs_seq[start + 1 : end + 1, cols] = probs.reshape(end - start, -1, V)
         start = end
+    return scored(probs_seq, idx, lens, states, k, full)
+
+
+def stepped(
+    probs0: np.ndarray, probs: np.ndarray, idx: np.ndarray, states: np.ndarray, k: int, full: bool
+) -> Advanced:
+    """advance's outputs for one character per column, idx (1, N), from the predictions before it
+    (probs0 (N, V)) and after it (probs (N, V)): no (T + 1, N, V) array to fill (ping-pong)."""
+    N = idx.shape[1]
+    before = probs0[np.arange(N), idx[0]]  # (N,) p of each character
+    top_i, top_p = top_k_rows(probs, k)
+    return Advanced(
+        top_i.reshape(1, N, k),
+        top_p.reshape(1, N, k).astype(np.float32, copy=False),
+        surprisal_bits(before).reshape(1, N),
+        np.stack([probs0, probs]) if full else None,
+        states,
+        probs,
+    )
+
+
+def scored(
+    probs_seq: np.ndarray, idx: np.ndarray, lens: list[int], states: np.ndarray, k: int, full: bool
+) -> Advanced:
+    """advance's outputs from every prediction of a chunk idx (T, N): probs_seq (T + 1, N, V), [0]
+    before the chunk, [t + 1] after character t (rows past a column's length are padding)."""
+    T, N = idx.shape
+    V = probs_seq.shape[2]
     # padding (past a short chunk's end) holds garbage; it is computed, never read
     with np.errstate(invalid="ignore", over="ignore"):
         before = probs_seq[:T].reshape(T * N, V)[np.arange(T * N), idx.ravel()]  # (T*N,)

@@ -182,7 +182,7 @@ class CharRNN:
                 dhs = (dxp2 @ p[f"l{layer}.Wxh"].T).reshape(T, B, H)
         return loss, grads, new_state, nats
 
-    def _input_projection(self, layer: int, inputs: np.ndarray, below: np.ndarray | None) -> np.ndarray:
+    def input_projection(self, layer: int, inputs: np.ndarray, below: np.ndarray | None) -> np.ndarray:
         """xp = x @ Wxh + bh (N, G*H) for a step of N sessions: a row gather at layer 0, the bias
         added to whichever is smaller, the gathered rows or Wxh ((V, G*H): once per character of
         the vocabulary, not per character of a long input). Both give the same bits."""
@@ -222,7 +222,7 @@ class CharRNN:
         layers: list[np.ndarray] = []
         x: np.ndarray | None = None
         for layer in range(cfg.layers):
-            xp = self._input_projection(layer, inputs, x)
+            xp = self.input_projection(layer, inputs, x)
             s = self.cell.step(
                 xp,
                 state[:, layer * W : (layer + 1) * W],

@@ -39,7 +39,7 @@ def test_batched_gradients_match_finite_differences(cell: str, layers: int, loss
     adapters.insert(1, random_adapter(model, rng))
     segments = rng.integers(0, vocab.size, (3, 7))
     starts = np.stack([a.start for a in adapters])
-    nats, grads, states = adapt_batch.gradients(model, [a.deltas for a in adapters], starts, segments)
+    nats, grads, states, _ = adapt_batch.gradients(model, [a.deltas for a in adapters], starts, segments)
     zeros = tuple(np.zeros(shape) for shape in adapt.delta_shapes(model))
     for n, adapter in enumerate(adapters):
         x, y = segments[n, :-1].reshape(-1, 1), segments[n, 1:].reshape(-1, 1)
@@ -141,12 +141,14 @@ def test_advance_many_adapts_each_column_as_alone(shipped: CharRNN) -> None:
         np.testing.assert_allclose(states[n], out.states[0], rtol=1e-4, atol=1e-5)
 
 
-def test_adapted_columns_predict_as_their_adapted_model(shipped: CharRNN) -> None:
+@pytest.mark.parametrize("T", [1, 12])
+def test_adapted_columns_predict_as_their_adapted_model(shipped: CharRNN, T: int) -> None:
     """Within a window, a batch of 100 columns (a third without deltas) predicts what each column's
-    whole adapted model (adapt.adapted) predicts alone: top k, surprisal, states, distributions."""
+    whole adapted model (adapt.adapted) predicts alone: top k, surprisal, states, distributions;
+    one character each (a step) or up to 12 (a packed forward)."""
     rule = adapt.rule(shipped, AdaptConfig(lr=3e-3))
     rng = np.random.default_rng(4)
-    N, T = 100, 12
+    N = 100
     adapters = adapters_of(shipped, N, rng)
     states = np.stack([a.start for a in adapters])
     probs = np.stack([adapt.adapted(shipped, a).predict_from(a.start[None, :])[0] for a in adapters])
@@ -198,3 +200,39 @@ def test_rate_zero_batches_are_the_static_batches_bit_for_bit(shipped: CharRNN, 
 def replace_window(adapter: Adapter, window: np.ndarray) -> Adapter:
     window.flags.writeable = False
     return Adapter(adapter.deltas, adapter.start, window, adapter.steps, adapter.resets)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_predictions_across_steps_are_each_adapter_in_force(cell: str, layers: int) -> None:
+    """Columns whose windows complete mid-chunk, at staggered offsets (several steps each, tails of
+    every length): the prediction after each character is that of the column's own adapted model
+    (adapt.adapted) with the adapter in force at that character, stepped one character at a time."""
+    vocab = Vocab.from_text("abcdefgh ")
+    model = CharRNN.create(ModelConfig(cell=cell, hidden=8, layers=layers, dtype="float64"), vocab, seed=2)
+    rule = adapt.rule(model, AdaptConfig(lr=0.5, segment=5))
+    rng = np.random.default_rng(6)
+    N, T = 9, 23
+    adapters, states = [], np.empty((N, model.state_size))
+    for n, adapter in enumerate(adapters_of(model, N, rng)):  # each session's state: its window's end
+        adapters.append(replace_window(adapter, rng.integers(0, vocab.size, n % 6)))
+        states[n] = adapt.adapted(model, adapter).forward(
+            adapters[-1].window[:, None], adapter.start[None, :]
+        )[2][0]
+    probs = np.stack(
+        [adapt.adapted(model, a).predict_from(s[None, :])[0] for a, s in zip(adapters, states, strict=True)]
+    )
+    lens = sorted(rng.integers(1, T + 1, N).tolist(), reverse=True)
+    lens[0] = T
+    idx = rng.integers(0, vocab.size, (T, N)) * (np.arange(T)[:, None] < np.array(lens))
+    out, new = adapt.advance_many(model, rule, adapters, idx, lens, states, probs, 2, True)
+    assert out.probs_seq is not None
+    assert sum(a.steps for a in new) >= 2 * N
+    for n, adapter in enumerate(adapters):
+        state = states[n : n + 1]
+        for t in range(lens[n]):
+            in_force = adapt.replay(model, rule, adapter, idx[: t + 1, n])  # a step at t is in force at t
+            state, want = adapt.adapted(model, in_force).step(state, idx[t : t + 1, n])
+            np.testing.assert_allclose(out.probs_seq[t + 1, n], want[0], rtol=1e-9, err_msg=f"{n} at {t}")
+        np.testing.assert_allclose(out.states[n], state[0], rtol=1e-9, atol=1e-12)
+        assert identical(new[n], adapt.replay(model, rule, adapter, idx[: lens[n], n]))
