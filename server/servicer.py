@@ -146,6 +146,9 @@ class NextCharServicer:
     ) -> pb.UploadTextResponse:
         async with self.open_calls.hold():
             text_id, chars, size = await self.service.texts.receive(upload_pieces(request_iterator))
+        texts = self.service.texts
+        # a client gone as its pieces ended can be told apart only once the call is over
+        context.add_done_callback(lambda call: texts.unanswered(text_id) if call.cancelled() else None)  # type: ignore[arg-type]  # stubs: a callable works
         return pb.UploadTextResponse(text_id=text_id, chars=chars, bytes=size)
 
 

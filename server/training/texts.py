@@ -62,6 +62,7 @@ class TextStore:
         self._kept: dict[str, int] | None = None  # bytes of each text kept here, by id; None: not counted
         self._held = 0  # bytes of the texts kept here and of the uploads under way, together
         self._counting: asyncio.Future[dict[str, int]] | None = None  # the first count of _kept
+        self._removing: set[asyncio.Task[None]] = set()  # unanswered uploads' removals under way
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._files, fn, *args)
@@ -194,6 +195,18 @@ class TextStore:
         with self._lock:
             if self._kept is not None:
                 self._kept[text_id] = size
+
+    def unanswered(self, text_id: str) -> None:
+        """The upload of text_id was committed but its answer never reached the client (its call
+        ended cancelled: the connection went away as the pieces ended, and the cancel came after
+        receive's window for it): nobody knows the id, so the text goes, off the loop."""
+
+        def remove() -> None:
+            self.taken(self.directory / f"{text_id}.txt")
+            self.forget(text_id)
+
+        self._removing.add(task := asyncio.get_running_loop().create_task(self._run(remove)))
+        task.add_done_callback(self._removing.discard)
 
     def forget(self, text_id: str) -> None:
         """A job took the text (into its own store): the shared copy is nobody's any more (should
