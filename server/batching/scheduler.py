@@ -25,13 +25,19 @@ The policy, all of it here:
   work that caused it and never fails the callers batched beside it.
 - Adaptive work (an adapter's gradient steps) never runs on the loop: it is cut
   into a batch of its own and computed off it.
+- While callers settle what a batch answered (``settling``: a shared store's commit
+  round trip), the next batch waits for them, SETTLE_LIMIT at most: the streams that
+  just came back and those still settling then share one batch. (Cutting a batch from the first few
+  messages to arrive made batches on Redis 5.7 sessions wide instead of 7.9 for 16
+  streams, and the throughput 15% lower.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from nextchar.core.adapt import Adapter
@@ -55,6 +61,7 @@ LONE_WINDOW = 0.002  # seconds: another caller asking within this means streams 
 GATHER_LIMIT = 4096  # chunks per batch cut
 MAX_IN_FLIGHT = 2  # big batches at once: one computing, the next queued behind it (each for long work)
 LONG_CHARS = 256  # characters that make a work long (see the module's docstring)
+SETTLE_LIMIT = 0.005  # seconds the next batch waits for callers settling (a Redis round trip: ~0.5 ms)
 
 
 class Scheduler:
@@ -83,6 +90,9 @@ class Scheduler:
         self._last_key: object = None
         self._last_time = 0.0
         self._last_batch = 0  # works in the batch cut last
+        self._settling = 0  # callers settling a result (see ``settling``)
+        self._settled = asyncio.Event()
+        self._settled.set()
 
     @property
     def compute_pid(self) -> int | None:
@@ -158,6 +168,19 @@ class Scheduler:
         self._queue(CompleteWork(key, net, state, probs, n, max_chars, future, adapter))
         return await future
 
+    @contextlib.contextmanager
+    def settling(self) -> Iterator[None]:
+        """A caller settles the result it was given (a shared store's commit): the next batch
+        waits until no caller is settling, so the batch answered together comes back together."""
+        self._settling += 1
+        self._settled.clear()
+        try:
+            yield
+        finally:
+            self._settling -= 1
+            if not self._settling:
+                self._settled.set()
+
     def _queue(self, work: Work) -> None:
         self._pending.append(work)
         self._wake.set()
@@ -187,6 +210,9 @@ class Scheduler:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self._settling:  # (bounded: a store that stopped answering holds nobody else up)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._settled.wait(), SETTLE_LIMIT)
             short_offloaded = len(self._offloaded) - len(self._long)
             if not short_offloaded and sum(w.size for w in self._pending) <= self.inline_chars:
                 await self._gather()  # small work: wait for more to share the step

@@ -279,7 +279,8 @@ class SessionManager:
                 after, answer = await compute(before)
                 try:
                     if not self.store.commit_now(session, before, after, full=full):
-                        await self.store.commit(session, before, after, full=full)
+                        with self.scheduler.settling():
+                            await self.store.commit(session, before, after, full=full)
                     return before, after, answer
                 except StaleSession:  # another replica moved it on: never answer from the old value
                     if attempt == retries:
