@@ -85,8 +85,8 @@ def side_by_side(
 ) -> dict[str, float]:
     """Static and adapted bits/char from a fresh session over idx's whole windows (the characters both
     score: a tail shorter than a window is left out), and over the first ``first`` characters of them
-    (rounded down to whole windows; absent when idx holds no more). ``nextchar eval --adapt`` and
-    bench/adapt_bench.py report these."""
+    (rounded down to whole windows; absent when idx holds no more). bench/adapt_bench.py reports
+    these (``nextchar eval --adapt`` measures the same on a server, through two sessions)."""
     segment = config.segment
     windows = max(len(idx) - 1, 0) // segment
     if windows == 0:
