@@ -8,7 +8,7 @@ tunes at its end (``nextchar.core.adapt_tune.at_end_of_training``: gradient stat
 on the training text's end, then the best of a few rates on the validation text; the
 in-domain figure is thus on the text its rate was picked on). ``--retune`` tunes it
 again here instead (the same call). Two texts are scored from a fresh session
-(``adapt_tune.side_by_side``; ``nextchar eval --adapt`` gives the same on a server), each window of
+(``adapt_tune.side_by_side``; ``nextchar eval --adapt`` measures the same thing on a server), each window of
 20 characters before the step that learns from it:
 
 - in-domain: tinyshakespeare's last 10% (the bundled corpus's validation split);
