@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -461,3 +462,36 @@ def test_one_character_work_is_not_held_behind_a_long_chunk() -> None:
     assert answered_first and rounds >= 3, (
         f"{rounds} rounds of one-character messages while the long chunk computed"
     )
+
+
+def test_adaptive_steps_never_run_on_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An adaptive session's chunks that complete a window (a gradient step) are computed off the
+    loop; the one-character chunks between steps may run on it, like static ones (a lone one at
+    once, inline)."""
+    from nextchar.core import adapt
+
+    mv = version(cell="gru")
+    threads: list[bool] = []  # per gradient step: was it computed on the loop's thread?
+    learnt = adapt._learnt
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        threads.append(threading.get_ident() == loop_thread)
+        return learnt(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(adapt, "_learnt", recorded)  # every step, served or replayed, goes through it
+    loop_thread = threading.get_ident()
+
+    async def main() -> tuple[int, int]:
+        scheduler = Scheduler()
+        scheduler.start()
+        sessions = manager(scheduler)
+        session = await sessions.create("", mv, adapt=True)
+        for ch in "hello world, hello there, hello again " * 2:  # 76 characters: 3 steps
+            await sessions.predict(session, ch, 1, False)
+        await scheduler.close()
+        assert session.value.adapter is not None
+        return session.value.adapter.steps, scheduler.stats.batches
+
+    steps, batches = asyncio.run(main())
+    assert steps == 3 and threads and not any(threads)
+    assert batches >= 70  # the rest ran as one-character batches (inline while alone)

@@ -23,8 +23,9 @@ The policy, all of it here:
   one-character messages batched with a 4,096-character chunk waited for all of it.
 - A batch that fails is computed again work by work, so an error stays with the
   work that caused it and never fails the callers batched beside it.
-- Adaptive work (an adapter's gradient steps) never runs on the loop: it is cut
-  into a batch of its own and computed off it.
+- Work that learns (an adapter's gradient steps) never runs on the loop: it is cut
+  into a batch of its own and computed off it. An adaptive chunk that completes no
+  window is like any other.
 - While callers settle what a batch answered (``settling``: a shared store's commit
   round trip), the next batch waits for them, SETTLE_LIMIT at most: the streams that
   just came back and those still settling then share one batch. (Cutting a batch from the first few
@@ -129,11 +130,12 @@ class Scheduler:
         """The rows of chunk idx (n,) fed from state (S,) with prediction probs (V,); adapting: an
         adaptive session's (the rows carry its adapters after the chunk)."""
         future: asyncio.Future[Rows] = asyncio.get_running_loop().create_future()
-        if adapting is not None:
-            self._queue(AdaptWork(key, net, idx, state, probs, top_k, full, adapting, future))
-            return await future
-        work = PredictWork(key, net, idx, state, probs, top_k, full, future)
-        if self._alone(key, len(idx)):
+        work: PredictWork | AdaptWork
+        if adapting is None:
+            work = PredictWork(key, net, idx, state, probs, top_k, full, future)
+        else:
+            work = AdaptWork(key, net, idx, state, probs, top_k, full, adapting, future)
+        if not work.learns and self._alone(key, len(idx)):
             await self._run_inline([work])
         else:
             self._queue(work)
@@ -225,10 +227,10 @@ class Scheduler:
             if long:
                 self._offload(long, sum(w.size for w in long), long=True)
                 batch = [w for w in batch if w.size < LONG_CHARS]
-            adaptive = [w for w in batch if w.adaptive]
-            if adaptive:
-                self._offload(adaptive, sum(w.size for w in adaptive))
-                batch = [w for w in batch if not w.adaptive]
+            learning = [w for w in batch if w.learns]
+            if learning:
+                self._offload(learning, sum(w.size for w in learning))
+                batch = [w for w in batch if not w.learns]
             if not batch:
                 continue
             self._last_batch = len(batch)

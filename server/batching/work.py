@@ -111,7 +111,7 @@ class PredictWork:
     full: bool
     future: asyncio.Future[Rows]
     size: int = field(init=False)  # characters: read several times per work by the scheduler
-    adaptive: ClassVar[bool] = False  # steps an adapter: computed off the event loop
+    learns: ClassVar[bool] = False  # takes an adapter's gradient steps: computed off the event loop
 
     def __post_init__(self) -> None:
         self.size = len(self.idx)
@@ -119,8 +119,10 @@ class PredictWork:
 
 @dataclass(slots=True)
 class AdaptWork:
-    """An adaptive session's chunk: PredictWork's fields, and its adapter (never batched with
-    static chunks, never computed on the event loop)."""
+    """An adaptive session's chunk: PredictWork's fields, and its adapter. A chunk that completes
+    no window (and moves no trail base) takes no gradient step: it runs where a static chunk of
+    its size would (a lone one-character message inline, at once); one that steps runs off the
+    event loop."""
 
     key: object
     net: CharRNN
@@ -132,10 +134,13 @@ class AdaptWork:
     adapting: Adapting
     future: asyncio.Future[Rows]
     size: int = field(init=False)
-    adaptive: ClassVar[bool] = True
+    learns: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.size = len(self.idx)
+        a = self.adapting
+        # a step comes when a character arrives after a full window (nextchar.core.adapt)
+        self.learns = len(a.adapter.window) + self.size > a.rule.config.segment or len(a.replay) > 0
 
 
 @dataclass(slots=True)
@@ -160,7 +165,7 @@ class GenerateWork:
         return self.length
 
     @property
-    def adaptive(self) -> bool:
+    def learns(self) -> bool:
         return self.adapting is not None
 
 
@@ -183,7 +188,7 @@ class CompleteWork:
         return self.n * self.max_chars
 
     @property
-    def adaptive(self) -> bool:
+    def learns(self) -> bool:  # (no step: the adapted weights' copy is what goes off the loop)
         return self.adapter is not None
 
 
