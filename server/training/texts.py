@@ -38,6 +38,10 @@ T = TypeVar("T")
 TEXT_TTL = 3600.0  # seconds an uploaded text is kept for a Train to name it
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 FILE_WORKERS = 4  # threads for the texts' file work, apart from the pool every other RPC uses
+# seconds a committed upload waits for a cancel before it answers: a client that went away looks,
+# to the pieces, like one that finished, and the cancel that tells them apart comes behind; with
+# a busy loop (300 uploads dropped at once, on a loaded machine) it came after two loop turns
+SETTLE = 0.1
 
 
 def shared_key(text_id: str) -> str:
@@ -66,6 +70,23 @@ class TextStore:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._files, fn, *args)
+
+    async def _through(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn in the file threads, run to its end even when the caller is cancelled meanwhile (the
+        cancel is raised after it). A cancelled ``_run`` drops a job still queued, or lets one
+        already running finish unseen: with 300 uploads dropped at once (4 file threads), a second
+        cancel during an upload's cleanup left its partial file, and one during its rename left a
+        text that its cleanup, believing it uncommitted, never removed."""
+        job = asyncio.ensure_future(self._run(fn, *args))
+        cancelled = False
+        while not job.done():
+            try:
+                await asyncio.shield(job)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+        return job.result()
 
     def path(self, text_id: str) -> Path:
         """The file of an uploaded text (blocking: with a shared store, a text another replica took
@@ -122,14 +143,15 @@ class TextStore:
         upload that ends empty, or whose call is cancelled before its answer, leaves nothing: a
         client that goes away mid-upload looks, to the pieces, like one that finished (gRPC ends
         a broken stream's messages, then cancels the call), so the cancellation, which comes
-        right behind, is let in before the text is committed and undoes it after."""
+        right behind, is let in before the text is committed and, for SETTLE seconds, undoes it
+        after."""
         await self._count()
         text_id = secrets.token_hex(16)
         tmp, path = self.directory / f".{text_id}.txt.tmp", self.directory / f"{text_id}.txt"
         chars = size = 0
         committed = False
         try:
-            f = await self._run(_open, tmp)
+            f = await self._through(_open, tmp)
             try:
                 async for piece in pieces:
                     data = piece.encode()
@@ -142,21 +164,26 @@ class TextStore:
                     raise InvalidArgument("text: empty; send the text in one or more pieces")
                 await self._run(_flush, f)
             finally:
-                await self._run(f.close)
+                await self._through(f.close)
             await asyncio.sleep(0)
-            await self._run(tmp.replace, path)
+            try:
+                await self._through(tmp.replace, path)
+            except asyncio.CancelledError:  # raised after the rename: the text is there, and goes below
+                self._keep(text_id, size)
+                committed = True
+                raise
             self._keep(text_id, size)
             committed = True
-            await asyncio.sleep(0)
+            await asyncio.sleep(SETTLE)
             if self.shared is not None:
                 with reaching("upload store"):
                     await self._run(self.shared.put, shared_key(text_id), path, TEXT_TTL)
         except BaseException:
             if committed:
-                await self._run(self.taken, path)
+                await self._through(self.taken, path)
             else:
                 self._hold(-size, check=False)
-                await self._run(functools.partial(tmp.unlink, missing_ok=True))
+                await self._through(functools.partial(tmp.unlink, missing_ok=True))
             raise
         return text_id, chars, size
 
