@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from nextchar.client import NextCharClient
 from nextchar.core import losses
 from nextchar.core.demo import NOTEBOOK_TEXT, notebook_configs
 from nextchar.core.model import CharRNN
@@ -100,6 +101,11 @@ class ServerThread:
 def start_server(model_dir: Path, **overrides: Any) -> ServerThread:
     config = replace(ServerConfig(port=0, model_dir=model_dir, sweep_interval=0.2), **overrides)
     return ServerThread(config)
+
+
+def client_of(server: ServerThread, timeout: float = 10.0) -> NextCharClient:
+    """A client library connection to a server started here."""
+    return NextCharClient(f"127.0.0.1:{server.port}", timeout=timeout)
 
 
 @contextlib.contextmanager

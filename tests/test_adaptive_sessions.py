@@ -25,6 +25,7 @@ from redis_harness import RedisServer
 from server_harness import (
     ServerThread,
     cancel,
+    client_of,
     make_registry,
     replicas,
     start_server,
@@ -60,10 +61,6 @@ def memory_server(model_dir: Path) -> Iterator[ServerThread]:
 def redis_pair(model_dir: Path, redis_server: RedisServer) -> Iterator[tuple[ServerThread, ServerThread]]:
     with replicas(model_dir, redis_server.url, rewind_chars=KEEP) as pair:
         yield pair
-
-
-def client_of(server: ServerThread) -> NextCharClient:
-    return NextCharClient(f"127.0.0.1:{server.port}", timeout=30)
 
 
 def snapshot_of(session: Session) -> pb.SessionSnapshot:
@@ -118,7 +115,7 @@ def check_random_rewinds(fed: Session, other: Session | None, client: NextCharCl
 
 def test_an_adaptive_session_adapts_and_says_so(memory_server: ServerThread) -> None:
     text = "hello world " * 12
-    with client_of(memory_server) as c, c.session(adapt=True) as s, c.session() as plain:
+    with client_of(memory_server, 30) as c, c.session(adapt=True) as s, c.session() as plain:
         adapted, static = s.feed(text), plain.feed(text)
         info = s.refresh()
         assert info.adaptive and info.adapt_steps == len(text) // 20 and info.adapt_resets == 0
@@ -134,7 +131,7 @@ def test_an_adaptive_session_adapts_and_says_so(memory_server: ServerThread) -> 
 def test_chunking_does_not_change_the_adapter(memory_server: ServerThread) -> None:
     rng = random.Random(5)
     text = "".join(rng.choice(ALPHABET) for _ in range(230))
-    with client_of(memory_server) as c, c.session(adapt=True) as s:
+    with client_of(memory_server, 30) as c, c.session(adapt=True) as s:
         at = 0
         while at < len(text):
             n = rng.choice((1, 2, 19, 20, 21, 64))
@@ -144,7 +141,7 @@ def test_chunking_does_not_change_the_adapter(memory_server: ServerThread) -> No
 
 
 def test_rewind_in_memory_is_exact_for_the_adapter(memory_server: ServerThread) -> None:
-    with client_of(memory_server) as c, c.session(adapt=True) as s:
+    with client_of(memory_server, 30) as c, c.session(adapt=True) as s:
         check_random_rewinds(s, None, c, seed=1)
 
 
@@ -152,7 +149,7 @@ def test_rewind_on_redis_across_replicas_is_exact_for_the_adapter(
     redis_pair: tuple[ServerThread, ServerThread],
 ) -> None:
     a, b = redis_pair
-    with client_of(a) as ca, client_of(b) as cb, ca.session(adapt=True) as s:
+    with client_of(a, 30) as ca, client_of(b, 30) as cb, ca.session(adapt=True) as s:
         check_random_rewinds(s, cb.attach(s.id), ca, seed=2)
 
 
@@ -164,7 +161,7 @@ def test_a_replica_takes_over_a_stream_with_the_same_adapter(
     a, b = redis_pair
     rng = random.Random(3)
     chunks = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 30))) for _ in range(16)]
-    with client_of(a) as ca, client_of(b) as cb, ca.session(adapt=True) as s:
+    with client_of(a, 30) as ca, client_of(b, 30) as cb, ca.session(adapt=True) as s:
         list(s.stream(chunks[:8]))
         there = cb.attach(s.id)
         list(there.stream(chunks[8:]))
@@ -175,7 +172,7 @@ def test_a_replica_takes_over_a_stream_with_the_same_adapter(
 
 def test_fork_export_import_and_reset(memory_server: ServerThread) -> None:
     text = "hello world hello word held " * 3
-    with client_of(memory_server) as c, c.session(adapt=True) as s:
+    with client_of(memory_server, 30) as c, c.session(adapt=True) as s:
         s.feed(text)
         twin = s.fork()
         assert twin.refresh().adaptive
@@ -200,7 +197,7 @@ def test_fork_export_import_and_reset(memory_server: ServerThread) -> None:
 def test_imported_adapters_are_checked(memory_server: ServerThread) -> None:
     """A blob's adapter is refused when it could not have come from the model: bad sizes, values
     beyond the limit a diverging adapter is reset at, NaN, characters outside the vocabulary."""
-    with client_of(memory_server) as c, c.session(adapt=True) as s:
+    with client_of(memory_server, 30) as c, c.session(adapt=True) as s:
         s.feed("hello world " * 4)
         snap = snapshot_of(s)
     adapter = snap.adapter
@@ -232,7 +229,7 @@ def test_hostile_texts_cannot_make_predictions_non_finite(memory_server: ServerT
         "one character repeated": "l" * 20_000,
         "nothing the model knows": "ЖЖЖЖ" * 500,
     }
-    with client_of(memory_server) as c:
+    with client_of(memory_server, 30) as c:
         for text in texts.values():
             with c.session(adapt=True) as s:
                 for at in range(0, len(text), 4096):
@@ -244,7 +241,7 @@ def test_hostile_texts_cannot_make_predictions_non_finite(memory_server: ServerT
 
 
 def test_generate_and_complete_use_the_adapted_weights(memory_server: ServerThread) -> None:
-    with client_of(memory_server) as c, c.session(adapt=True) as s:
+    with client_of(memory_server, 30) as c, c.session(adapt=True) as s:
         s.feed("hello world " * 5)
         text = s.generate(70, seed=4).text
         assert len(text) == 70 and s.refresh().offset == 60 + 70
@@ -255,7 +252,7 @@ def test_generate_and_complete_use_the_adapted_weights(memory_server: ServerThre
 
 def test_session_less_predict_adapts_to_its_text(memory_server: ServerThread) -> None:
     text = "hello world " * 6
-    with client_of(memory_server) as c, fed_fresh(c, "") as s:
+    with client_of(memory_server, 30) as c, fed_fresh(c, "") as s:
         once = c.predict(text, adapt=True)
         fed = s.feed(text)
         np.testing.assert_allclose(
@@ -267,7 +264,7 @@ def test_session_less_predict_adapts_to_its_text(memory_server: ServerThread) ->
 def test_the_adaptive_cap_refuses_adaptive_sessions_only(model_dir: Path) -> None:
     server = start_server(model_dir, max_adaptive_sessions=2)
     try:
-        with client_of(server) as c:
+        with client_of(server, 30) as c:
             first, second = c.session(adapt=True), c.session(adapt=True)
             with pytest.raises(Overloaded, match="adaptive session cap of 2"):
                 c.session(adapt=True)
@@ -292,7 +289,7 @@ def test_the_adaptive_cap_refuses_adaptive_sessions_only(model_dir: Path) -> Non
 def test_the_server_default_decides_when_a_request_does_not(model_dir: Path) -> None:
     server = start_server(model_dir, adapt=True)
     try:
-        with client_of(server) as c:
+        with client_of(server, 30) as c:
             assert c.session().refresh().adaptive
             assert not c.session(adapt=False).refresh().adaptive
             stub = server.stub
@@ -315,7 +312,7 @@ def test_rate_zero_is_a_static_session_bit_for_bit(memory_server: ServerThread) 
     chunks = [
         "".join(rng.choice(ALPHABET) for _ in range(rng.choice((1, 3, 19, 20, 21, 50)))) for _ in range(12)
     ]
-    with client_of(memory_server) as c, c.session("still", adapt=True) as s, c.session("still") as plain:
+    with client_of(memory_server, 30) as c, c.session("still", adapt=True) as s, c.session("still") as plain:
         for chunk in chunks:
             got, want = s.feed(chunk), plain.feed(chunk)
             assert [(p.top, p.surprisal_bits) for p in got] == [(p.top, p.surprisal_bits) for p in want]
@@ -327,7 +324,7 @@ def test_a_diverging_adapter_is_reset_counted_and_harmless(memory_server: Server
     text = "hello world " * 10
     metrics = memory_server.server.metrics.registry
     before = metrics.get_sample_value("nextchar_adapter_resets_total") or 0.0
-    with client_of(memory_server) as c, c.session("wild", adapt=True) as s:
+    with client_of(memory_server, 30) as c, c.session("wild", adapt=True) as s:
         out = s.feed(text)
         assert all(np.isfinite(p.surprisal_bits) for p in out)
         resets = s.refresh().adapt_resets

@@ -32,7 +32,7 @@ from nextchar.core.model import CharRNN
 from nextchar.core.vocab import UNK, Vocab
 from nextchar.proto import nextchar_pb2 as pb
 from redis_harness import RedisServer
-from server_harness import ServerThread, make_registry, replicas, start_server
+from server_harness import ServerThread, client_of, make_registry, replicas, start_server
 
 KEEP = 16  # the servers' rewind_chars here: marks every 4 characters
 ALPHABET = "helo wrd"
@@ -56,10 +56,6 @@ def memory_server(model_dir: Path) -> Iterator[ServerThread]:
 def redis_pair(model_dir: Path, redis_server: RedisServer) -> Iterator[tuple[ServerThread, ServerThread]]:
     with replicas(model_dir, redis_server.url, rewind_chars=KEEP) as pair:
         yield pair
-
-
-def client_of(server: ServerThread) -> NextCharClient:
-    return NextCharClient(f"127.0.0.1:{server.port}", timeout=10)
 
 
 def same_prediction(got: tuple[Candidate, ...], want: tuple[Candidate, ...]) -> None:
