@@ -547,10 +547,12 @@ def test_past_max_streams_the_longest_idle_call_makes_room_and_active_streams_st
 
 def test_past_max_streams_the_connection_holding_the_most_calls_loses_one(tmp_path: Path) -> None:
     """A well-behaved client's 10 streams, each a message in and then quiet (a user thinking), and
-    then a flood of 300 streams that never send on another connection, max_streams 100: the flood's
-    own oldest calls are closed for room, not the older, quieter streams of the other client (when
-    the call idle the longest of all went, a flood arriving faster than the server read first
-    messages closed every stream a well-behaved client opened meanwhile: make bench-abuse)."""
+    then a flood of 300 streams on another connection (10 answered once, 290 that never send),
+    max_streams 100: the flood's own oldest calls are closed for room, not the older, quieter
+    streams of the other client (when the call idle the longest of all went, a flood arriving
+    faster than the server read first messages closed every stream a well-behaved client opened
+    meanwhile: make bench-abuse). The flood's 10 answered calls are its oldest on the server; the
+    290 silent ones reach it in no set order (their handlers start as gRPC hands them over)."""
     make_registry(tmp_path, versions=1)
     server = ServerProcess(tmp_path, "--max-streams", "100")
 
@@ -564,13 +566,20 @@ def test_past_max_streams_the_connection_holding_the_most_calls_loses_one(tmp_pa
             for call in streams:
                 await call.write(pb.PredictStreamRequest(text="h"))
                 await call.read()
-            idle = [flooder.PredictStream() for _ in range(300)]
-            for call in idle[:10]:  # the flood's first ones: closed once its later ones arrive
+            idle = [flooder.PredictStream() for _ in range(10)]
+            for call in idle:  # the flood's first ones, surely its oldest on the server: answered once
+                await call.write(pb.PredictStreamRequest(text="h"))
+                await call.read()
+            idle += [flooder.PredictStream() for _ in range(290)]  # reach the server in any order
+            for call in idle[:10]:  # the flood's oldest: closed once its later ones arrive
                 assert await asyncio.wait_for(call.code(), 30) == grpc.StatusCode.RESOURCE_EXHAUSTED
             deadline = time.monotonic() + 30
             while sum(c.done() for c in idle) < 210:  # 10 + 300 open, 100 kept
                 assert time.monotonic() < deadline, f"{sum(c.done() for c in idle)} of the flood closed"
                 await asyncio.sleep(0.1)
+            for call in idle:
+                if call.done():
+                    assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             for call in streams:  # the quiet client's streams all stayed
                 await call.write(pb.PredictStreamRequest(text="e"))
                 assert (await call.read()).predictions.count == 1
