@@ -67,3 +67,32 @@ def test_a_stored_value_reads_back_whole(model: tuple[ModelVersion, CharRNN]) ->
     for got, want in ((back.adapter, value.adapter), (back.base, value.base)):
         assert got is not None and want is not None
         assert snapshot.encode_adapter(got) == snapshot.encode_adapter(want)
+
+
+def test_a_trail_written_after_every_message_reads_back_as_written(
+    model: tuple[ModelVersion, CharRNN],
+) -> None:
+    """A trail keeps its marks' bytes once written and carries them while its marks stay the same
+    (a Redis store writes a session after every message): after each message of every length,
+    as marks are added and dropped, the trail written is the one a fresh encoding gives, and it
+    reads back to the same marks and text."""
+    mv, net = model
+    value = start_value(mv, net, KEEP, adaptive=False)
+    idx = net.vocab.encode(TEXT * 2)
+    rng = np.random.default_rng(0)
+    at = 0
+    while at < len(idx):
+        chunk = idx[at : at + int(rng.integers(1, 12))]
+        state, probs = net.step(value.state[None], chunk[:1])
+        value = value.advanced(chunk, state[0], probs[0])
+        at += len(chunk)
+        trail = value.trail
+        written = snapshot.encode_trail(trail)
+        assert trail.marks_bytes is not None
+        assert written == snapshot.encode_trail(type(trail)(trail.keep, trail.marks, trail.text))
+        back = snapshot.decode_trail(net, KEEP, written, value.offset)
+        assert [m.offset for m in back.marks] == [m.offset for m in trail.marks]
+        for got, want in zip(back.marks, trail.marks, strict=True):
+            np.testing.assert_array_equal(got.state, want.state)
+            np.testing.assert_array_equal(got.probs, want.probs)
+        np.testing.assert_array_equal(back.text, trail.text)

@@ -48,12 +48,22 @@ class Trail:
     """Immutable: advancing or rewinding gives a new trail, so a write-back can carry the trail
     its session will have without touching the one it has."""
 
-    __slots__ = ("keep", "marks", "text")
+    __slots__ = ("keep", "marks", "marks_bytes", "text")
 
-    def __init__(self, keep: int, marks: tuple[Mark, ...] = (), text: np.ndarray = NO_TEXT) -> None:
+    def __init__(
+        self,
+        keep: int,
+        marks: tuple[Mark, ...] = (),
+        text: np.ndarray = NO_TEXT,
+        marks_bytes: bytes | None = None,
+    ) -> None:
         self.keep = keep  # characters a rewind is guaranteed to reach back (once consumed)
         self.marks = marks  # oldest first
         self.text = text  # (n,) uint16 indices consumed since marks[0]
+        # the marks as the snapshot codec writes them, left here by the codec and carried while
+        # the marks stay the same: a store that writes a session after every message would
+        # otherwise encode the same marks every time (nextchar.server.sessions.snapshot)
+        self.marks_bytes = marks_bytes
 
     @property
     def end(self) -> int:
@@ -81,7 +91,7 @@ class Trail:
         if drop:
             text = text[marks[drop].offset - marks[0].offset :]
             marks = marks[drop:]
-        return Trail(keep, marks, text)
+        return Trail(keep, marks, text, self.marks_bytes if marks is self.marks else None)
 
     def replay(self, offset: int, chars: int, *, oldest: bool = False) -> Replay:
         """How to take chars back from a session at offset; the caller checked rewind_limit().
