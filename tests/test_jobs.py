@@ -16,10 +16,14 @@ import signal
 from pathlib import Path
 
 import grpc
+import pytest
 from job_harness import CORPUS, start_job, wait_for
+from nextchar.core.config import TrainConfig
 from nextchar.core.modelfile import load_model
 from nextchar.proto import nextchar_pb2 as pb
+from nextchar.server.errors import InvalidArgument
 from nextchar.server.registry import Registry
+from nextchar.server.training.jobs import READ_PIECE, validate
 from nextchar.server.training.trainer import NICE as TRAINER_NICE
 from server_harness import ServerProcess
 
@@ -202,3 +206,20 @@ def test_a_job_that_finishes_again_after_registering_registers_no_second_version
         id="b" * 32, model_name="tiny", promote=False, model_config=ModelConfig(), train_config=TrainConfig()
     )
     assert pool._register(claimed(other_job), other_job, body) == (SUCCEEDED, "", ("tiny", 2))
+
+
+def test_the_text_check_counts_distinct_characters_exactly_across_pieces(tmp_path: Path) -> None:
+    """validate counts the distinct characters of a text read in pieces (a character split between
+    two pieces, astral ones, ASCII and not): exactly max_vocab is taken, one more is refused, and a
+    text that is not UTF-8 is refused naming where."""
+    wide = "".join(chr(c) for c in (*range(0x4E00, 0x4E00 + 40), *range(0x1F600, 0x1F600 + 40)))
+    body = "a" * (READ_PIECE - 1) + "é" + "abc" * 50_000 + wide  # "é" straddles the first piece's end
+    text = tmp_path / "t.txt"
+    text.write_text(body, encoding="utf-8")
+    distinct = len(set(body))
+    validate(text, TrainConfig(), distinct)
+    with pytest.raises(InvalidArgument, match=f"{distinct} distinct characters exceed max_vocab"):
+        validate(text, TrainConfig(), distinct - 1)
+    text.write_bytes(body.encode()[: READ_PIECE + 5] + b"\xff" + b"abc" * 100)
+    with pytest.raises(InvalidArgument, match="not UTF-8"):
+        validate(text, TrainConfig(), 1000)
