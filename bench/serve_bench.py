@@ -160,7 +160,8 @@ class Window:
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
             # fraction of one core the load process used
             "client_cpu": (time.process_time() - self.cpu0) / (time.perf_counter() - self.t0),
-            "errors": self.errors[:3],
+            "error_count": len(self.errors),  # streams or calls that ended in an error
+            "errors": self.errors[:3],  # the first few, as examples
         }
 
 
@@ -418,6 +419,7 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(value, float | int) and all(r.get(key) is not None for r in runs):
             out[key] = float(np.median([r[key] for r in runs]))
     out["errors"] = [e for r in runs for e in r["errors"]][:3]
+    out["error_count"] = sum(r["error_count"] for r in runs)
     return out
 
 
