@@ -595,6 +595,53 @@ def test_past_max_streams_the_connection_holding_the_most_calls_loses_one(tmp_pa
         server.close()
 
 
+def test_one_connection_holds_at_most_max_streams_per_connection_and_others_still_get_in(
+    tmp_path: Path,
+) -> None:
+    """max_streams_per_connection is HTTP/2's MAX_CONCURRENT_STREAMS: of 80 streams one connection
+    opens (each sends a message), 30 are answered, the rest wait in the client until one of those
+    ends; meanwhile another connection's stream is served at once. (Unbounded, one connection
+    opening thousands of streams filled gRPC's queue of calls not yet handed to the server, and
+    gRPC cancelled the new calls of every other client: make bench-abuse.)"""
+    make_registry(tmp_path, versions=1)
+    server = ServerProcess(tmp_path, "--max-streams-per-connection", "30")
+
+    async def attack() -> None:
+        own = [("grpc.use_local_subchannel_pool", 1)]  # two connections (channels share one otherwise)
+        greedy: Any = grpc.aio.insecure_channel(server.address, options=own)
+        other: Any = grpc.aio.insecure_channel(server.address, options=own)
+        try:
+            stub = pb_grpc.NextCharServiceStub(greedy)
+            calls = [stub.PredictStream() for _ in range(80)]
+            # a stream waiting for a slot waits in its write: all are written at once
+            writes = [asyncio.ensure_future(call.write(pb.PredictStreamRequest(text="h"))) for call in calls]
+            replies = [asyncio.ensure_future(call.read()) for call in calls]
+            await asyncio.wait(replies, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.sleep(1.0)  # every stream that can be served by now is
+            answered = [i for i, r in enumerate(replies) if r.done()]
+            assert len(answered) == 30, f"{len(answered)} of one connection's streams were served"
+            newcomer = pb_grpc.NextCharServiceStub(other).PredictStream()
+            await newcomer.write(pb.PredictStreamRequest(text="h"))
+            assert (await asyncio.wait_for(newcomer.read(), 10)).predictions.count == 1
+            for i in answered[:10]:  # ten end: ten of the waiting ones are served
+                calls[i].cancel()
+            deadline = time.monotonic() + 10
+            while sum(r.done() and not r.cancelled() for r in replies) < 40:
+                assert time.monotonic() < deadline, "the waiting streams were not served"
+                await asyncio.sleep(0.05)
+            for call in (*calls, newcomer):
+                call.cancel()
+            await asyncio.gather(*writes, *replies, return_exceptions=True)
+        finally:
+            await greedy.close()
+            await other.close()
+
+    try:
+        asyncio.run(attack())
+    finally:
+        server.close()
+
+
 def test_uploads_cancelled_before_their_first_piece_leave_no_coroutine_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
