@@ -3,9 +3,10 @@
     python bench/store_bench.py [--seconds 4] [--streams 16]
 
 Starts a throwaway redis-server (no persistence) and, per store mode, one server
-process (``python -m nextchar.cli serve --compute-in-thread``, the notebook model) on
+process (``python -m nextchar.cli serve --compute-in-thread``, the shipped default model) on
 loopback; measures a 1-character ping-pong stream (p50/p99 per message) and
-64-character chunks from --streams concurrent streams (characters/s). Modes:
+64-character chunks from --streams concurrent streams (characters/s), and the server's CPU
+per message for each (its threads included; the figure to compare builds by). Modes:
 memory, redis (state written after every message), redis with
 --store-write-every 256. Under a minute; JSON lands in bench/results/.
 """
@@ -33,6 +34,7 @@ import numpy as np
 from bench_env import unpin_this_process
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.proto import nextchar_pb2_grpc as pb_grpc
+from serve_bench import cpu_seconds
 
 RESULTS = Path(__file__).parent / "results"
 TEXT = "hello world " * 64
@@ -115,15 +117,26 @@ def measure(model_dir: Path, args: list[str], seconds: float, streams: int) -> d
     try:
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.NextCharServiceStub(channel)
+            cpu0 = cpu_seconds(proc.pid)
             lat = np.array(ping_pong(stub, 1500)) * 1000
+            cpu1, t1 = cpu_seconds(proc.pid), time.perf_counter()
             throughput = chunks(stub, streams, seconds)
+            cpu2, t2 = cpu_seconds(proc.pid), time.perf_counter()
     finally:
         proc.terminate()
         proc.wait(30)
+    # the server's CPU per message varies far less between runs than latency or throughput on a
+    # shared machine: the figure to compare builds by
+    ping_pong_cpu = (cpu1 - cpu0) / 1500 if cpu0 is not None and cpu1 is not None else None
+    chunk_cpu = (
+        (cpu2 - cpu1) / (throughput * (t2 - t1) / 64) if cpu1 is not None and cpu2 is not None else None
+    )
     return {
         "ping_pong_p50_ms": float(np.percentile(lat, 50)),
         "ping_pong_p99_ms": float(np.percentile(lat, 99)),
         "chunk64_chars_per_sec": throughput,
+        "ping_pong_server_us_per_message": ping_pong_cpu * 1e6 if ping_pong_cpu is not None else None,
+        "chunk64_server_us_per_message": chunk_cpu * 1e6 if chunk_cpu is not None else None,
     }
 
 
@@ -172,7 +185,9 @@ def main() -> None:
     for name, r in out.items():
         print(
             f"{name:24s} ping-pong p50 {r['ping_pong_p50_ms']:.3f} ms  p99 {r['ping_pong_p99_ms']:.3f} ms  "
-            f"64-char chunks x{args.streams}: {r['chunk64_chars_per_sec']:,.0f} chars/s"
+            f"64-char chunks x{args.streams}: {r['chunk64_chars_per_sec']:,.0f} chars/s  server CPU per "
+            f"message: ping-pong {r['ping_pong_server_us_per_message'] or 0:.0f} us, "
+            f"chunks {r['chunk64_server_us_per_message'] or 0:.0f} us"
         )
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"store-{time.strftime('%Y%m%d-%H%M%S')}.json"
