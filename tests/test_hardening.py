@@ -631,6 +631,8 @@ def test_one_connection_holds_at_most_max_streams_per_connection_and_others_stil
                 await asyncio.sleep(0.05)
             for call in (*calls, newcomer):
                 call.cancel()
+            for task in (*writes, *replies):  # (a write still waiting for its stream's slot)
+                task.cancel()
             await asyncio.gather(*writes, *replies, return_exceptions=True)
         finally:
             await greedy.close()
