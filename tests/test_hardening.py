@@ -10,6 +10,7 @@ messages. Real servers on real ports (a subprocess where a signal is involved).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -545,6 +546,18 @@ def test_past_max_streams_the_longest_idle_call_makes_room_and_active_streams_st
         server.close()
 
 
+@contextlib.asynccontextmanager
+async def two_connections(address: str) -> AsyncIterator[tuple[Any, Any]]:
+    """Two stubs, each on a connection of its own (grpc.aio channels share one otherwise)."""
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    channels: list[Any] = [grpc.aio.insecure_channel(address, options=own) for _ in range(2)]
+    try:
+        yield pb_grpc.NextCharServiceStub(channels[0]), pb_grpc.NextCharServiceStub(channels[1])
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
 def test_past_max_streams_the_connection_holding_the_most_calls_loses_one(tmp_path: Path) -> None:
     """A well-behaved client's 10 streams, each a message in and then quiet (a user thinking), and
     then a flood of 300 streams on another connection (10 answered once, 290 that never send),
@@ -557,11 +570,7 @@ def test_past_max_streams_the_connection_holding_the_most_calls_loses_one(tmp_pa
     server = ServerProcess(tmp_path, "--max-streams", "100")
 
     async def attack() -> None:
-        own = [("grpc.use_local_subchannel_pool", 1)]  # two connections (channels share one otherwise)
-        calm: Any = grpc.aio.insecure_channel(server.address, options=own)
-        flood: Any = grpc.aio.insecure_channel(server.address, options=own)
-        try:
-            stub, flooder = pb_grpc.NextCharServiceStub(calm), pb_grpc.NextCharServiceStub(flood)
+        async with two_connections(server.address) as (stub, flooder):
             streams = [stub.PredictStream() for _ in range(10)]
             for call in streams:
                 await call.write(pb.PredictStreamRequest(text="h"))
@@ -585,9 +594,6 @@ def test_past_max_streams_the_connection_holding_the_most_calls_loses_one(tmp_pa
                 assert (await call.read()).predictions.count == 1
             for call in (*streams, *idle):
                 call.cancel()
-        finally:
-            await calm.close()
-            await flood.close()
 
     try:
         asyncio.run(attack())
@@ -607,11 +613,7 @@ def test_one_connection_holds_at_most_max_streams_per_connection_and_others_stil
     server = ServerProcess(tmp_path, "--max-streams-per-connection", "30")
 
     async def attack() -> None:
-        own = [("grpc.use_local_subchannel_pool", 1)]  # two connections (channels share one otherwise)
-        greedy: Any = grpc.aio.insecure_channel(server.address, options=own)
-        other: Any = grpc.aio.insecure_channel(server.address, options=own)
-        try:
-            stub = pb_grpc.NextCharServiceStub(greedy)
+        async with two_connections(server.address) as (stub, other):
             calls = [stub.PredictStream() for _ in range(80)]
             # a stream waiting for a slot waits in its write: all are written at once
             writes = [asyncio.ensure_future(call.write(pb.PredictStreamRequest(text="h"))) for call in calls]
@@ -620,7 +622,7 @@ def test_one_connection_holds_at_most_max_streams_per_connection_and_others_stil
             await asyncio.sleep(1.0)  # every stream that can be served by now is
             answered = [i for i, r in enumerate(replies) if r.done()]
             assert len(answered) == 30, f"{len(answered)} of one connection's streams were served"
-            newcomer = pb_grpc.NextCharServiceStub(other).PredictStream()
+            newcomer = other.PredictStream()
             await newcomer.write(pb.PredictStreamRequest(text="h"))
             assert (await asyncio.wait_for(newcomer.read(), 10)).predictions.count == 1
             for i in answered[:10]:  # ten end: ten of the waiting ones are served
@@ -634,9 +636,6 @@ def test_one_connection_holds_at_most_max_streams_per_connection_and_others_stil
             for task in (*writes, *replies):  # (a write still waiting for its stream's slot)
                 task.cancel()
             await asyncio.gather(*writes, *replies, return_exceptions=True)
-        finally:
-            await greedy.close()
-            await other.close()
 
     try:
         asyncio.run(attack())
