@@ -20,6 +20,11 @@ gRPC unary against POST /v1/predict, 100 callers. ``--adapt`` also runs every ca
 server whose sessions all adapt (issue 22: its chars/s against the static server's, goals
 >= 0.6 for 100 streams x 1 character and >= 0.5 for 100 x 64; ping-pong p50 <= 1.5x);
 ``make bench-adapt`` runs that on the default model's cell (``--cell gru``).
+``--baseline DIR`` also runs every case against another checkout's server (``DIR/.venv``'s
+Python, e.g. a worktree of the previous build), alternated with this one in every round: the
+before/after comparison of one sitting, reported as this build's CPU per message over the
+baseline's. ``--server-args "..."`` adds options to this build's server (e.g. a setting whose cost
+is in question, with ``--baseline .`` for the same build without it).
 Results go to ``bench/results/serve-<time>.json``; a short table is printed.
 
 The machine is shared and noisy (±15%, and slow spells that last seconds): each case
@@ -394,13 +399,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def server_command(model_dir: str) -> list[str]:
-    """A nextchar server process on a free port, serving make_model() as the default model."""
+def server_command(model_dir: str, python: str = sys.executable) -> list[str]:
+    """A nextchar server process on a free port, serving make_model() as the default model
+    (``python``: the interpreter whose nextchar runs, this checkout's unless a baseline's)."""
     from nextchar.server.registry import Registry
 
-    Registry(Path(model_dir)).register("default", make_model(), history=[], summary={}, promote=True)
+    if not (Path(model_dir) / "default").exists():
+        Registry(Path(model_dir)).register("default", make_model(), history=[], summary={}, promote=True)
     return [
-        sys.executable,
+        python,
         "-m",
         "nextchar.cli",
         "serve",
@@ -441,9 +448,11 @@ def main(
     with_thread: bool,
     web: bool,
     adapt: bool = False,
+    baseline: Path | None = None,
+    server_args: list[str] | None = None,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        serve = server_command(tmp)
+        serve = server_command(tmp) + (server_args or [])
         if web:  # the same server answers the WebSocket and HTTP cases on its HTTP port
             serve += ["--http-port", "0"]
         servers = {"nextchar": start(serve), "echo": start([sys.executable, __file__, "--echo"])}
@@ -451,11 +460,14 @@ def main(
             servers["nextchar_thread"] = start([*serve, "--compute-in-thread"])
         if adapt:  # every session adapts (the same model)
             servers["nextchar_adapt"] = start([*serve, "--adapt", "--max-adaptive-sessions", "5000"])
+        if baseline is not None:  # another build, alternated with this one in every round
+            servers["baseline"] = start(server_command(tmp, str(baseline / ".venv" / "bin" / "python")))
         rows: list[dict[str, Any]] = []
         try:
             for streams, chunk in cases:
                 names = ["echo", "nextchar"] + (["nextchar_thread"] if chunk > 1 and with_thread else [])
                 names += ["nextchar_adapt"] if adapt else []
+                names += ["baseline"] if baseline is not None else []
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
                 if web:
                     runs["nextchar_ws"] = []
@@ -477,6 +489,10 @@ def main(
                     )
                     row["ws_chars_vs_grpc"] = median_ratio(
                         runs["nextchar_ws"], runs["nextchar"], "chars_per_sec"
+                    )
+                if baseline is not None:
+                    row["cpu_vs_baseline"] = median_ratio(
+                        runs["nextchar"], runs["baseline"], "server_us_per_message"
                     )
                 if adapt:
                     for key, field in (
@@ -509,6 +525,8 @@ def main(
     for row in rows:
         row["arithmetic_us_per_message"] = arith[f"{row['streams']}x{row['chunk']}"]
         row["overhead_us_per_message"] = overhead(row)
+        if baseline is not None:
+            row["baseline_overhead_us_per_message"] = overhead(row, "baseline")
     return {
         "benchmark": "serve",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -521,6 +539,8 @@ def main(
             **blas_info(),
         },
         "model": {**MODEL, "top_k": TOP_K},
+        "server_args": server_args or [],
+        "baseline": str(baseline) if baseline is not None else None,
         "duration_s": duration,
         "rounds": rounds,
         "cases": rows,
@@ -558,12 +578,12 @@ def unary_cases(
     return out
 
 
-def overhead(row: dict[str, Any]) -> float | None:
-    """nextchar's server CPU per message minus the echo server's and minus the in-process
+def overhead(row: dict[str, Any], server: str = "nextchar") -> float | None:
+    """A nextchar server's CPU per message minus the echo server's and minus the in-process
     arithmetic of the same predictions: the median over rounds, each round's pair back to back."""
     values = [
         ours["server_us_per_message"] - echo["server_us_per_message"] - row["arithmetic_us_per_message"]
-        for ours, echo in zip(row["runs"]["nextchar"], row["runs"]["echo"], strict=True)
+        for ours, echo in zip(row["runs"][server], row["runs"]["echo"], strict=True)
         if ours.get("server_us_per_message") is not None and echo.get("server_us_per_message") is not None
     ]
     return float(np.median(values)) if values else None
@@ -628,6 +648,14 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{'':>9}   every session adaptive: {num(a['chars_per_sec'], 12)} c/s, p50 {num(a['p50_ms'], 6, 2)} ms, "
                 f"{num(a.get('server_us_per_message'), 6)} µs/msg ({num(c['adapt_chars_vs_static'], 4, 2)}x the static c/s)"
             )
+        if "baseline" in c:
+            b = c["baseline"]
+            print(
+                f"{'':>9}   baseline: {num(b['chars_per_sec'], 12)} c/s, p50 {num(b['p50_ms'], 6, 2)} ms, "
+                f"{num(b.get('server_us_per_message'), 6)} µs/msg, overhead "
+                f"{num(c['baseline_overhead_us_per_message'], 6, 1)} (this build's CPU "
+                f"{num(c['cpu_vs_baseline'], 4, 2)}x the baseline's)"
+            )
         if "nextchar_ws" in c:
             w = c["nextchar_ws"]
             print(
@@ -679,6 +707,10 @@ if __name__ == "__main__":
         parser.add_argument(
             "--adapt", action="store_true", help="also a server whose sessions all adapt (issue 22)"
         )
+        parser.add_argument(
+            "--baseline", type=Path, help="another checkout (with its .venv) to alternate with this build"
+        )
+        parser.add_argument("--server-args", default="", help="more options for this build's server")
         parser.add_argument("--cell", default=MODEL["cell"], help="the served model's cell")
         parser.add_argument(
             "--hidden", type=int, default=MODEL["hidden"], help="the served model's hidden size"
@@ -690,7 +722,17 @@ if __name__ == "__main__":
             f"nextchar serve benchmark: {len(cases)} cases x {args.rounds} rounds x 2-3 servers"
             f" x {args.duration + args.warmup:.0f} s"
         )
-        result = main(args.duration, args.warmup, args.rounds, cases, args.with_thread, args.web, args.adapt)
+        result = main(
+            args.duration,
+            args.warmup,
+            args.rounds,
+            cases,
+            args.with_thread,
+            args.web,
+            args.adapt,
+            args.baseline.resolve() if args.baseline else None,
+            args.server_args.split(),
+        )
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
         path.write_text(json.dumps(result, indent=2))

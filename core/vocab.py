@@ -17,6 +17,12 @@ _TABLE_SIZE = 0x110000  # every Unicode code point, so encoding is one table loo
 _SHORT_TEXT = 8
 
 
+def _frozen(indices: list[int]) -> np.ndarray:
+    a = np.array(indices, dtype=np.int64)
+    a.flags.writeable = False
+    return a
+
+
 class Vocab:
     """Maps characters to indices and back; immutable once built."""
 
@@ -34,6 +40,10 @@ class Vocab:
         self._table = np.zeros(_TABLE_SIZE, dtype=np.uint16 if len(alphabet) < 65535 else np.int32)
         codes = np.frombuffer(alphabet.encode("utf-32-le"), dtype=np.uint32)
         self._table[codes] = np.arange(1, len(alphabet) + 1)
+        # a stream's one-character messages: each character's encoding made once (read-only:
+        # every caller gets the same array)
+        self._single = {ch: _frozen([i]) for ch, i in self._index.items()}
+        self._single_unknown = _frozen([UNK])
 
     @classmethod
     def from_text(cls, text: str) -> Vocab:
@@ -47,7 +57,10 @@ class Vocab:
         return len(self.chars) + 1
 
     def encode(self, text: str) -> np.ndarray:
-        """Indices (int64, one per character); unseen characters become UNK."""
+        """Indices (int64, one per character); unseen characters become UNK. Read-only for one
+        character."""
+        if len(text) == 1:
+            return self._single.get(text, self._single_unknown)
         if len(text) <= _SHORT_TEXT:
             return np.array([self._index.get(ch, UNK) for ch in text], dtype=np.int64)
         codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)

@@ -101,19 +101,21 @@ class NextCharServicer:
                 request: pb.PredictStreamRequest = accepted(raw)
                 start = time.perf_counter()
                 first = stream.session is None
-                answer = await stream.message(
-                    StreamMessage(
-                        request.text,
-                        request.rewind,
-                        request.top_k,
-                        request.full_distribution,
-                        expected_offset(request),
-                        request.session_id,
-                        request.model.name,
-                        request.model.version,
-                        adapt_choice(request),
-                    )
+                msg = StreamMessage(
+                    request.text,
+                    request.rewind,
+                    request.top_k,
+                    request.full_distribution,
+                    expected_offset(request),
+                    request.session_id,
                 )
+                if first:  # (each read of request.model makes a message object: only once)
+                    msg = msg._replace(
+                        model_name=request.model.name,
+                        model_version=request.model.version,
+                        adapt=adapt_choice(request),
+                    )
+                answer = await stream.message(msg)
                 session = stream.session
                 assert session is not None
                 if first:

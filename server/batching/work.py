@@ -292,16 +292,19 @@ def compute(batch: Sequence[Work], stats: BatchStats) -> list[Result]:
         elif isinstance(work, CompleteWork):
             net = work.net if work.adapter is None else adapt.adapted(work.net, work.adapter)
             out[i] = complete(net, work.state, work.probs, work.n, work.max_chars)
+    answered = 0
     for members, works in prediction_groups(batch):
         packed = pack(works)
         answer = advance_packed(works[0].net, packed)
         for i, result in zip(members, unpack(works, packed, answer), strict=True):
             out[i] = result
         stats.count(works)
-    for members, adapting in grouped(batch, AdaptWork):  # (one network: one adaptation rule)
-        for i, result in zip(members, adapted_rows(adapting), strict=True):
-            out[i] = result
-        stats.count(adapting)
+        answered += len(works)
+    if answered < len(batch):  # generations, completions or adaptive chunks too
+        for members, adapting in grouped(batch, AdaptWork):  # (one network: one adaptation rule)
+            for i, result in zip(members, adapted_rows(adapting), strict=True):
+                out[i] = result
+            stats.count(adapting)
     stats.batches += 1
     stats.compute_seconds += time.perf_counter() - start
     return out  # type: ignore[return-value]  # every position filled above

@@ -193,11 +193,18 @@ class SessionManager:
         self.store.touch(session)
         return session
 
+    def held(self, session: Session) -> Session | None:
+        """``current`` without an await, when this server holds the session (the usual case);
+        None: ask ``current``."""
+        return self.store.resident(session.id)
+
     async def current(self, session: Session) -> Session:
         """A stream's session before its next message: still alive (not closed or expired),
         touched. Its id was checked and bound to the call's logs when the stream attached."""
-        now = self.store.resident(session.id) or await self.store.get(session.id)
-        self.store.touch(now)
+        now = self.store.resident(session.id)
+        if now is None:
+            now = await self.store.get(session.id)
+            self.store.touch(now)
         return now
 
     async def close(self, session_id: str) -> Session:
@@ -335,7 +342,8 @@ class SessionManager:
         except BaseException:
             self.budget.release(held)
             raise
-        return Predicted(before.offset, rows, self._unknown(net, text), after.rewind_limit, held)
+        unknown = "" if net.vocab.knows(text) else net.vocab.unknown(text)
+        return Predicted(before.offset, rows, unknown, after.rewind_limit, held)
 
     async def predict_once(
         self, model: ModelVersion, text: str, top_k: int, full: bool, adapt: bool | None = None
@@ -353,11 +361,7 @@ class SessionManager:
         except BaseException:
             self.budget.release(held)
             raise
-        return Predicted(0, rows, self._unknown(net, text), 0, held)
-
-    @staticmethod
-    def _unknown(net: CharRNN, text: str) -> str:
-        return "" if net.vocab.knows(text) else net.vocab.unknown(text)
+        return Predicted(0, rows, net.vocab.unknown(text), 0, held)
 
     async def rewind(self, session: Session, chars: int, expect_offset: int | None = None) -> SessionValue:
         """Take back session's last chars characters: restore the trail's mark before them and

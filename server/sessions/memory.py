@@ -42,14 +42,11 @@ class InMemorySessionStore:
         self._gone: OrderedDict[str, str] = OrderedDict()
         self._adaptive = 0  # sessions that adapt (a session's adaptivity is fixed when it is added)
 
-    def _expiry_reason(self, session: Session, now: float) -> str | None:
-        return expiry_reason(session, now, self.idle_timeout, self.lifetime)
-
     async def get(self, session_id: str, *, fresh: bool = False) -> Session:
         session = self._sessions.get(session_id)
         if session is None:
             raise gone(session_id, self._gone.get(session_id))
-        reason = self._expiry_reason(session, time.time())
+        reason = expiry_reason(session, time.time(), self.idle_timeout, self.lifetime)
         if reason is not None:
             self._remove(session_id, reason)
             raise gone(session_id, reason)
@@ -57,8 +54,11 @@ class InMemorySessionStore:
 
     def resident(self, session_id: str) -> Session | None:
         session = self._sessions.get(session_id)
-        if session is None or self._expiry_reason(session, time.time()) is not None:
+        now = time.time()
+        if session is None or expiry_reason(session, now, self.idle_timeout, self.lifetime):
             return None  # get() says why
+        session.last_used = now
+        self._recent.move_to_end(session_id)
         return session
 
     def touch(self, session: Session) -> None:
@@ -136,7 +136,11 @@ class InMemorySessionStore:
         return out
 
     async def sweep(self, now: float) -> int:
-        expired = [(s.id, r) for s in self._sessions.values() if (r := self._expiry_reason(s, now))]
+        expired = [
+            (s.id, r)
+            for s in self._sessions.values()
+            if (r := expiry_reason(s, now, self.idle_timeout, self.lifetime))
+        ]
         for session_id, reason in expired:
             self._remove(session_id, reason)
         return len(expired)

@@ -387,8 +387,10 @@ class RedisSessionStore:
 
     def resident(self, session_id: str) -> Session | None:
         session = self._hot.get(session_id)
-        if session is None or expiry_reason(session, time.time(), self.idle_timeout, self.lifetime):
+        now = time.time()
+        if session is None or expiry_reason(session, now, self.idle_timeout, self.lifetime):
             return None
+        session.last_used = now  # (as touch)
         return session  # the commit after the next change checks it is still current
 
     def commit_now(

@@ -120,8 +120,8 @@ class SessionStore(Protocol):
 
     # raises NotFound naming the reason; fresh: re-read a shared copy another replica may have advanced
     async def get(self, session_id: str, *, fresh: bool = False) -> Session: ...
-    # get's answer when it needs no round trip (a copy held here, not expired), else None: the hot
-    # path of a stream's message asks this first and awaits get only when it must
+    # get's answer, touched, when it needs no round trip (a copy held here, not expired), else
+    # None: the hot path of a stream's message asks this first and awaits get only when it must
     def resident(self, session_id: str) -> Session | None: ...
     def touch(self, session: Session) -> None: ...  # used now: the last a new session at the cap evicts
     async def add(self, session: Session, cap: int) -> None: ...  # AlreadyExists, ResourceExhausted

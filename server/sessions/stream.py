@@ -34,9 +34,11 @@ class StreamMessage(NamedTuple):
     full: bool = False  # every position's whole distribution
     expect_offset: int | None = None  # refuse unless the session is at this offset
     session_id: str = ""  # the first message: attach to this session ("" creates one)...
-    model_name: str = ""  # ...on this model ("" the default)
+    # ...on this model ("" the default), adaptive or not (None: the server's default); read on
+    # the first message only, so an adapter may leave them out of the others
+    model_name: str = ""
     model_version: int = 0
-    adapt: bool | None = None  # ...adaptive or not (None: the server's default)
+    adapt: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,18 @@ class SessionStream:
 
     async def message(self, msg: StreamMessage) -> Predicted | Rewound:
         """One message: the first attaches (or creates) the session; each rewinds, then predicts."""
-        session = await self._session(msg)
+        session = self.session
+        if session is None:
+            session = await self._open(msg)
+        else:  # (no await while this server holds the session: the usual message)
+            if msg.session_id and msg.session_id != session.id:
+                raise InvalidArgument(
+                    f"session_id: this stream is attached to {shown(session.id)}, not {shown(msg.session_id)}"
+                )
+            assert self._attachment is not None
+            if self._attachment.revoked:
+                raise Aborted(f"session {shown(session.id)}: another stream attached to it; this one ends")
+            session = self.session = self.sessions.held(session) or await self.sessions.current(session)
         expect = msg.expect_offset
         if msg.rewind:
             value = await self.sessions.rewind(session, msg.rewind, expect)
@@ -68,26 +81,16 @@ class SessionStream:
                 return Rewound(value.offset, value.probs, k, value.rewind_limit)
         return await self.sessions.predict(session, msg.text, msg.top_k, msg.full, expect)
 
-    async def _session(self, msg: StreamMessage) -> Session:
-        session = self.session
-        if session is None:
-            if msg.session_id:
-                session = await self.sessions.get(msg.session_id)
-            else:
-                self.sessions.limits.text(msg.text)  # a bad first chunk must not leave a session behind
-                model = await self.sessions.model(msg.model_name, msg.model_version)
-                session = await self.sessions.create("", model, adapt=msg.adapt)
-            self.session, self._attachment = session, self.sessions.attach(session.id)
-            return session
-        if msg.session_id and msg.session_id != session.id:
-            raise InvalidArgument(
-                f"session_id: this stream is attached to {shown(session.id)}, not {shown(msg.session_id)}"
-            )
-        assert self._attachment is not None
-        if self._attachment.revoked:
-            raise Aborted(f"session {shown(session.id)}: another stream attached to it; this one ends")
-        self.session = await self.sessions.current(session)
-        return self.session
+    async def _open(self, msg: StreamMessage) -> Session:
+        """The first message: attach to the session it names, or create one."""
+        if msg.session_id:
+            session = await self.sessions.get(msg.session_id)
+        else:
+            self.sessions.limits.text(msg.text)  # a bad first chunk must not leave a session behind
+            model = await self.sessions.model(msg.model_name, msg.model_version)
+            session = await self.sessions.create("", model, adapt=msg.adapt)
+        self.session, self._attachment = session, self.sessions.attach(session.id)
+        return session
 
     def close(self) -> None:
         """The stream ended (however): the session stays, free for another stream."""
