@@ -33,6 +33,7 @@ class Vocab:
         if UNK_CHAR in alphabet:
             raise ValueError(f"vocab may not contain the unknown marker {UNK_CHAR!r}")
         self.chars = alphabet
+        self.size = len(alphabet) + 1  # output classes, the unknown slot included
         self._known = frozenset(alphabet)
         self._index = {ch: i for i, ch in enumerate(alphabet, start=1)}
         self._itos = np.array([UNK_CHAR, *alphabet])
@@ -50,11 +51,6 @@ class Vocab:
         if not text:
             raise ValueError("cannot build a vocabulary from empty text")
         return cls("".join(sorted(set(text))))
-
-    @property
-    def size(self) -> int:
-        """Number of output classes, the unknown slot included."""
-        return len(self.chars) + 1
 
     def encode(self, text: str) -> np.ndarray:
         """Indices (int64, one per character); unseen characters become UNK. Read-only for one

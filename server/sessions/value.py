@@ -53,7 +53,9 @@ class SessionValue(NamedTuple):
         """The value after consuming idx (n,) from this one, ending at state and probs (and, for an
         adaptive session, with the adapter after idx and the base ``base_source`` led to)."""
         trail = self.trail.advanced(self.offset, self.state, self.probs, idx)
-        return SessionValue(state, probs, self.offset + len(idx), trail, adapter, base)
+        # (tuple.__new__: every field given, without the Python-level constructor NamedTuple
+        # writes; this runs once per message)
+        return tuple.__new__(SessionValue, (state, probs, self.offset + len(idx), trail, adapter, base))
 
     def base_source(self, chars: int) -> tuple[Adapter | None, np.ndarray]:
         """Where the base of the value after the next chars characters comes from: an adapter, and
