@@ -346,18 +346,39 @@ def start(cmd: list[str]) -> tuple[subprocess.Popen[str], int]:
     raise RuntimeError(f"{cmd} did not start")
 
 
+def _ticks(stat: Path) -> int:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+
+
 def cpu_seconds(pid: int) -> float | None:
     """CPU time (user + system) of a process and its live children (the compute worker),
     from /proc; None where there is no /proc."""
     try:
         pids = [pid, *(int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
-        total = 0
-        for p in pids:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
-        return total / os.sysconf("SC_CLK_TCK")
+        return sum(_ticks(Path(f"/proc/{p}/stat")) for p in pids) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def cpu_by_thread(pid: int) -> dict[str, float] | None:
+    """cpu_seconds by where they were spent: the server's event loop (its main thread), its
+    other live threads by name (gRPC's, the compute thread), its children (the compute process);
+    None where there is no /proc."""
+    out: dict[str, float] = {}
+    hz = os.sysconf("SC_CLK_TCK")
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                name = "event loop" if task.name == str(pid) else (task / "comm").read_text().strip()
+                out[name] = out.get(name, 0.0) + _ticks(task / "stat") / hz
+            except OSError:  # a thread that ended meanwhile
+                continue
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            out["children"] = out.get("children", 0.0) + _ticks(Path(f"/proc/{child}/stat")) / hz
+    except (OSError, ValueError, IndexError):
+        return None
+    return out
 
 
 def run_client(
@@ -365,7 +386,8 @@ def run_client(
 ) -> dict[str, Any]:
     """One load run (kind: grpc or ws streams, grpc-unary or http-unary calls); adds the server's
     CPU use (cores, and µs per message, both sides)."""
-    cpu0, wall0 = cpu_seconds(server_pid), time.perf_counter()  # (the client's start-up included)
+    cpu0, threads0 = cpu_seconds(server_pid), cpu_by_thread(server_pid)
+    wall0 = time.perf_counter()  # (the client's start-up included)
     cmd = [
         sys.executable,
         __file__,
@@ -381,16 +403,25 @@ def run_client(
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
     result = dict(json.loads(done.stdout.strip().splitlines()[-1]))
-    cpu1, wall = cpu_seconds(server_pid), time.perf_counter() - wall0
+    cpu1, threads1, wall = cpu_seconds(server_pid), cpu_by_thread(server_pid), time.perf_counter() - wall0
     rate = result["messages_per_sec"]  # steady from the first message: warm-up included
     server_seconds = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
     result["server_cpu"] = server_seconds / wall if server_seconds is not None else None  # cores
     if rate:
         # the server works only while messages flow (warm-up + measured window); the client's
         # own figure already covers exactly that span
+        messages = rate * (duration + warmup)
         result["server_us_per_message"] = (
-            server_seconds / (rate * (duration + warmup)) * 1e6 if server_seconds is not None else None
+            server_seconds / messages * 1e6 if server_seconds is not None else None
         )
+        if threads0 is not None and threads1 is not None:  # where it went (the event loop's share
+            # is what the server's Python code moves; a thread that ended meanwhile is left out)
+            result["server_us_per_message_by_thread"] = {
+                name: (seconds - threads0.get(name, 0.0)) / messages * 1e6
+                for name, seconds in sorted(threads1.items())
+                if seconds > threads0.get(name, 0.0)
+            }
+            result["loop_us_per_message"] = result["server_us_per_message_by_thread"].get("event loop")
         result["client_us_per_message"] = result["client_cpu"] / rate * 1e6
     return result
 
@@ -493,6 +524,9 @@ def main(
                 if baseline is not None:
                     row["cpu_vs_baseline"] = median_ratio(
                         runs["nextchar"], runs["baseline"], "server_us_per_message"
+                    )
+                    row["loop_vs_baseline"] = median_ratio(
+                        runs["nextchar"], runs["baseline"], "loop_us_per_message"
                     )
                 if adapt:
                     for key, field in (
@@ -654,7 +688,8 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{'':>9}   baseline: {num(b['chars_per_sec'], 12)} c/s, p50 {num(b['p50_ms'], 6, 2)} ms, "
                 f"{num(b.get('server_us_per_message'), 6)} µs/msg, overhead "
                 f"{num(c['baseline_overhead_us_per_message'], 6, 1)} (this build's CPU "
-                f"{num(c['cpu_vs_baseline'], 4, 2)}x the baseline's)"
+                f"{num(c['cpu_vs_baseline'], 4, 2)}x the baseline's, its event loop's "
+                f"{num(c['loop_vs_baseline'], 4, 2)}x)"
             )
         if "nextchar_ws" in c:
             w = c["nextchar_ws"]
