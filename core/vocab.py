@@ -11,7 +11,6 @@ import numpy as np
 
 UNK = 0
 UNK_CHAR = "\ufffd"  # how the unknown slot prints; never a member of the alphabet
-_TABLE_SIZE = 0x110000  # every Unicode code point, so encoding is one table lookup
 # Up to this length a dict lookup per character beats the table path's fixed cost
 # (~10 µs of NumPy calls): the one-character messages of a stream take this path.
 _SHORT_TEXT = 8
@@ -37,9 +36,13 @@ class Vocab:
         self._known = frozenset(alphabet)
         self._index = {ch: i for i, ch in enumerate(alphabet, start=1)}
         self._itos = np.array([UNK_CHAR, *alphabet])
-        # uint16 table over all code points: 2.2 MB, built once per vocab, makes encode O(n) in C.
-        self._table = np.zeros(_TABLE_SIZE, dtype=np.uint16 if len(alphabet) < 65535 else np.int32)
+        # indices by code point, up to the alphabet's last; the entry past it (UNK) stands for every
+        # code point beyond, which encode clips to it. A table over all of Unicode took 2.2 MB per
+        # vocab, and every model version a server holds keeps one (a storm of small trainings left
+        # a server 70 MB larger).
         codes = np.frombuffer(alphabet.encode("utf-32-le"), dtype=np.uint32)
+        top = int(codes.max()) + 1 if len(codes) else 0
+        self._table = np.zeros(top + 1, dtype=np.uint16 if len(alphabet) < 65535 else np.int32)
         self._table[codes] = np.arange(1, len(alphabet) + 1)
         # a stream's one-character messages: each character's encoding made once (read-only:
         # every caller gets the same array)
@@ -60,7 +63,7 @@ class Vocab:
         if len(text) <= _SHORT_TEXT:
             return np.array([self._index.get(ch, UNK) for ch in text], dtype=np.int64)
         codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        return self._table[codes].astype(np.int64)
+        return self._table.take(codes, mode="clip").astype(np.int64)  # (clip: past the table is UNK)
 
     def knows(self, text: str) -> bool:
         """Every character of text is in the alphabet (a set test in C: cheaper than
