@@ -66,9 +66,8 @@ from nextchar.server.wire import add_service
 
 log = logging.getLogger("nextchar.server")
 SWITCH_INTERVAL = 0.0005  # seconds
-GC_ALLOCATIONS = (
-    20_000  # objects allocated and not yet freed that start a collection (settle_garbage_collector)
-)
+# objects allocated and not yet freed that start a collection (settle_garbage_collector)
+GC_ALLOCATIONS = 20_000
 SERVICE_NAME = nextchar_pb2.DESCRIPTOR.services_by_name["NextCharService"].full_name
 STORE_CHECK = 1.0  # seconds between checks of the session store (health follows it)
 TRIM_INTERVAL = 5.0  # seconds between looks at whether freed heap pages should go back to the OS

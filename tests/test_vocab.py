@@ -20,7 +20,7 @@ def test_unknown_characters_never_crash_and_are_reported() -> None:
     assert idx.tolist() == [1, 2, UNK, UNK, UNK, 1, UNK]
     assert vocab.unknown(text) == "z€\U0001f600\udcff"
     assert np.flatnonzero(idx == UNK).tolist() == [2, 3, 4, 6]
-    assert not vocab.knows(text) and not vocab.knows("z") and vocab.knows("abca") and vocab.knows("")
+    assert vocab.unknown("z") == "z" and vocab.unknown("abca") == vocab.unknown("") == ""
 
 
 def test_empty_text_and_reserved_marker_are_rejected() -> None:

@@ -342,8 +342,7 @@ class SessionManager:
         except BaseException:
             self.budget.release(held)
             raise
-        unknown = "" if net.vocab.knows(text) else net.vocab.unknown(text)
-        return Predicted(before.offset, rows, unknown, after.rewind_limit, held)
+        return Predicted(before.offset, rows, net.vocab.unknown(text), after.rewind_limit, held)
 
     async def predict_once(
         self, model: ModelVersion, text: str, top_k: int, full: bool, adapt: bool | None = None
