@@ -71,7 +71,9 @@ GC_ALLOCATIONS = 20_000
 SERVICE_NAME = nextchar_pb2.DESCRIPTOR.services_by_name["NextCharService"].full_name
 STORE_CHECK = 1.0  # seconds between checks of the session store (health follows it)
 TRIM_INTERVAL = 5.0  # seconds between looks at whether freed heap pages should go back to the OS
-TRIM_SLACK = 32 * 1024 * 1024  # bytes above the server's smallest size that make a return worth it
+# bytes above the server's smallest size that make a return worth it while busy: freed pages a
+# burst left stay resident until then, and the batches re-fault what they reuse at no visible cost
+TRIM_SLACK = 8 * 1024 * 1024
 IDLE_TRIM_SLACK = 4 * 1024 * 1024  # the same for an idle server: returning pages costs it nothing
 IDLE_CPU = 0.02  # of a core, over TRIM_INTERVAL: a server using less is idle
 SERVER_TRIM_THRESHOLD = 64 * 1024 * 1024  # free bytes the heap's top keeps (a trainer keeps 1 GiB)
