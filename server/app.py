@@ -66,6 +66,7 @@ from nextchar.server.wire import add_service
 
 log = logging.getLogger("nextchar.server")
 SWITCH_INTERVAL = 0.0005  # seconds
+GC_ALLOCATIONS = 20_000  # objects allocated and not yet freed that start a collection
 SERVICE_NAME = nextchar_pb2.DESCRIPTOR.services_by_name["NextCharService"].full_name
 STORE_CHECK = 1.0  # seconds between checks of the session store (health follows it)
 TRIM_INTERVAL = 5.0  # seconds between looks at whether freed heap pages should go back to the OS
@@ -379,12 +380,13 @@ async def serve_async(config: ServerConfig) -> None:
 
 def settle_garbage_collector() -> None:
     """Once started: the objects the server starts with (its modules and models, ~55,000) live as
-    long as it does, so they are frozen out of every later collection. (Collecting less often,
-    every 20,000 objects instead of 700, saved more under 1,000 streams, but let the reference
-    cycles of refused calls pile up with the 60 KB requests they hold: a flood of them took a
-    server to 280 MB and left it 30 MB larger.)"""
+    long as it does, so they are frozen out of every later collection; and a collection comes
+    every GC_ALLOCATIONS objects allocated and not freed, not 700: 100 streams' messages in flight
+    hold more than 700, so each batch of them started one. (Garbage waits longer for it, so
+    refusals must not leave reference cycles: nextchar.server.grpc_errors.guarded.)"""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(GC_ALLOCATIONS, *gc.get_threshold()[1:])
 
 
 def raise_fd_limit() -> None:

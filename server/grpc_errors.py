@@ -2,7 +2,7 @@
 
 Every servicer method runs under one of three decorators (unary, server-streaming,
 bidirectional), which all guard the call the same way (``guarded``): a
-ServiceError becomes ``context.abort(status, message, trailing metadata)``
+ServiceError sets the call's status, message and trailing metadata (without raising)
 (``nextchar-<key>: <value>`` per detail), anything else INTERNAL with an error id
 the log line carries. The streaming kinds also count as open calls (the bound on
 what clients hold open, nextchar.server.open_calls).
@@ -62,7 +62,12 @@ async def guarded(edge: Edge, method: str, context: Ctx) -> AsyncIterator[None]:
         status = STATUS[exc.code]
         edge.on_refused(method, status.name)
         calls_log.info("%s refused: %s: %s", method, status.name, exc)
-        await context.abort(status, str(exc), trailing_metadata=trailing_metadata(exc))
+        # answered without raising (not context.abort): an AbortError raised here would tie
+        # this exception, its traceback's frames and the request into reference cycles that
+        # live until the next garbage collection
+        context.set_code(status)
+        context.set_details(str(exc))
+        context.set_trailing_metadata(trailing_metadata(exc))
     except grpc.aio.AbortError:
         raise
     except Exception as exc:
@@ -94,7 +99,7 @@ def unary(fn: Callable[[E, Req, Ctx], Awaitable[Resp]]) -> Callable[[E, Req | Re
     async def wrapper(self: E, request: Req | Refused, context: Ctx) -> Resp:
         async with guarded(self, fn.__name__, context):
             return await fn(self, accepted(request), context)
-        raise AssertionError("unreachable: a refusal aborts")
+        return None  # refused: the status is set, no message goes
 
     return wrapper
 
