@@ -44,9 +44,10 @@ class Vocab:
         top = int(codes.max()) + 1 if len(codes) else 0
         self._table = np.zeros(top + 1, dtype=np.uint16 if len(alphabet) < 65535 else np.int32)
         self._table[codes] = np.arange(1, len(alphabet) + 1)
-        # a stream's one-character messages: each character's encoding made once (read-only:
-        # every caller gets the same array)
-        self._single = {ch: _frozen([i]) for ch, i in self._index.items()}
+        # a stream's one-character messages: each character's encoding made once, when first met
+        # (read-only: every caller gets the same array; an alphabet of 20,000 characters built up
+        # front would cost megabytes per vocab)
+        self._single: dict[str, np.ndarray] = {}
         self._single_unknown = _frozen([UNK])
 
     @classmethod
@@ -59,7 +60,13 @@ class Vocab:
         """Indices (int64, one per character); unseen characters become UNK. Read-only for one
         character."""
         if len(text) == 1:
-            return self._single.get(text, self._single_unknown)
+            one = self._single.get(text)
+            if one is None:
+                index = self._index.get(text)
+                if index is None:
+                    return self._single_unknown
+                one = self._single[text] = _frozen([index])
+            return one
         if len(text) <= _SHORT_TEXT:
             return np.array([self._index.get(ch, UNK) for ch in text], dtype=np.int64)
         codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)

@@ -123,8 +123,6 @@ class ServerConfig:
             "(if idle --session-evict-idle seconds), else the new one is refused."
         ),
     )
-    # a floor, so a flood of new sessions cannot evict sessions in use; filling the cap with
-    # sessions nobody uses locks others out for at most this long (they are the idle ones)
     # HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS: a client's streams past it wait in the client. One
     # connection opening thousands of streams at once otherwise filled gRPC's queue of calls not
     # yet handed to the server (it accepts them one loop turn at a time), and gRPC then cancelled
@@ -136,6 +134,8 @@ class ServerConfig:
             "more wait in the client until one ends. A client needing more opens more connections."
         ),
     )
+    # a floor, so a flood of new sessions cannot evict sessions in use; filling the cap with
+    # sessions nobody uses locks others out for at most this long (they are the idle ones)
     session_evict_idle: float = field(
         default=60.0,
         metadata=_opt("Seconds a session must have been idle before it may be evicted at the cap."),

@@ -199,12 +199,11 @@ class SessionManager:
         return self.store.resident(session.id)
 
     async def current(self, session: Session) -> Session:
-        """A stream's session before its next message: still alive (not closed or expired),
-        touched. Its id was checked and bound to the call's logs when the stream attached."""
-        now = self.store.resident(session.id)
-        if now is None:
-            now = await self.store.get(session.id)
-            self.store.touch(now)
+        """A stream's session before its next message, when ``held`` could not answer: still alive
+        (not closed or expired; a shared store's copy fetched), touched. Its id was checked and
+        bound to the call's logs when the stream attached."""
+        now = await self.store.get(session.id)
+        self.store.touch(now)
         return now
 
     async def close(self, session_id: str) -> Session:
