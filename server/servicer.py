@@ -50,12 +50,24 @@ UNARY = (
 STREAMING = ("Generate", "WatchJob")
 
 
-async def upload_pieces(requests: AsyncIterator[pb.UploadTextRequest | Refused]) -> AsyncIterator[str]:
-    """An upload's pieces as they come. A generator function, not a generator expression: the
-    expression takes gRPC's request iterator (aiter) where it is written, and an upload cancelled
-    before it read a piece left gRPC's receiver "never awaited" (a RuntimeWarning per call)."""
+async def upload_pieces(
+    requests: AsyncIterator[pb.UploadTextRequest | Refused], context: Ctx
+) -> AsyncIterator[str]:
+    """An upload's pieces as they come, ending only for a client that ended them. gRPC ends the
+    messages of a stream whose connection broke as it ends a finished one, and cancels the call
+    only after, at a time of the loop's choosing (under load, after the text was committed). The
+    reply's headers, sent once the pieces end, tell the two apart at once: gRPC fails them on a
+    call whose client is gone, and the upload is then cancelled, leaving nothing.
+
+    A generator function, not a generator expression: the expression takes gRPC's request
+    iterator (aiter) where it is written, and an upload cancelled before it read a piece left
+    gRPC's receiver "never awaited" (a RuntimeWarning per call)."""
     async for raw in requests:
         yield accepted(raw).piece
+    try:
+        await context.send_initial_metadata(())
+    except Exception as gone:  # gRPC's batch error (its type is private): the call is over
+        raise asyncio.CancelledError("the client went away before the upload ended") from gone
 
 
 class NextCharServicer:
@@ -147,9 +159,9 @@ class NextCharServicer:
         self, request_iterator: AsyncIterator[pb.UploadTextRequest | Refused], context: Ctx
     ) -> pb.UploadTextResponse:
         async with self.open_calls.hold():
-            text_id, chars, size = await self.service.texts.receive(upload_pieces(request_iterator))
+            text_id, chars, size = await self.service.texts.receive(upload_pieces(request_iterator, context))
         texts = self.service.texts
-        # a client gone as its pieces ended can be told apart only once the call is over
+        # a client that ended its pieces and then went away is told apart only once the call is over
         context.add_done_callback(lambda call: texts.unanswered(text_id) if call.cancelled() else None)  # type: ignore[arg-type]  # stubs: a callable works
         return pb.UploadTextResponse(text_id=text_id, chars=chars, bytes=size)
 

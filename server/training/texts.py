@@ -38,10 +38,6 @@ T = TypeVar("T")
 TEXT_TTL = 3600.0  # seconds an uploaded text is kept for a Train to name it
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 FILE_WORKERS = 4  # threads for the texts' file work, apart from the pool every other RPC uses
-# seconds a committed upload waits for a cancel before it answers: a client that went away looks,
-# to the pieces, like one that finished, and the cancel that tells them apart comes behind; with
-# a busy loop (300 uploads dropped at once, on a loaded machine) it came after two loop turns
-SETTLE = 0.1
 
 
 def shared_key(text_id: str) -> str:
@@ -139,12 +135,10 @@ class TextStore:
         await self._run(self.taken, path)
 
     async def receive(self, pieces: AsyncIterator[str]) -> tuple[str, int, int]:
-        """Append pieces to a new text as they arrive; returns (text id, characters, bytes). An
-        upload that ends empty, or whose call is cancelled before its answer, leaves nothing: a
-        client that goes away mid-upload looks, to the pieces, like one that finished (gRPC ends
-        a broken stream's messages, then cancels the call), so the cancellation, which comes
-        right behind, is let in before the text is committed and, for SETTLE seconds, undoes it
-        after."""
+        """Append pieces to a new text as they arrive; returns (text id, characters, bytes). The
+        text is committed once the pieces end, so they must end only for a client that ended
+        them (the protocol's adapter sees to it). An upload that ends empty, or whose call is
+        cancelled before its answer, leaves nothing."""
         await self._count()
         text_id = secrets.token_hex(16)
         tmp, path = self.directory / f".{text_id}.txt.tmp", self.directory / f"{text_id}.txt"
@@ -165,7 +159,6 @@ class TextStore:
                 await self._run(_flush, f)
             finally:
                 await self._through(f.close)
-            await asyncio.sleep(0)
             try:
                 await self._through(tmp.replace, path)
             except asyncio.CancelledError:  # raised after the rename: the text is there, and goes below
@@ -174,7 +167,6 @@ class TextStore:
                 raise
             self._keep(text_id, size)
             committed = True
-            await asyncio.sleep(SETTLE)
             if self.shared is not None:
                 with reaching("upload store"):
                     await self._run(self.shared.put, shared_key(text_id), path, TEXT_TTL)
@@ -225,8 +217,8 @@ class TextStore:
 
     def unanswered(self, text_id: str) -> None:
         """The upload of text_id was committed but its answer never reached the client (its call
-        ended cancelled: the connection went away as the pieces ended, and the cancel came after
-        receive's window for it): nobody knows the id, so the text goes, off the loop."""
+        ended cancelled: the client ended its pieces and went away before the answer): nobody
+        knows the id, so the text goes, off the loop."""
 
         def remove() -> None:
             self.taken(self.directory / f"{text_id}.txt")
