@@ -20,7 +20,7 @@ from job_harness import MODEL, TrainerProcess
 from nextchar.core.demo import NOTEBOOK_TEXT
 from nextchar.proto import nextchar_pb2 as pb
 from redis_harness import RedisServer
-from server_harness import ServerProcess, cancel, take
+from server_harness import ServerProcess, cancel, take, wait_until
 
 LONG = pb.TrainConfigSpec(seq_len=8, batch=1, epochs=100_000, log_every=1_000_000, val_fraction=0.0)
 
@@ -40,6 +40,18 @@ def train(server: ServerProcess, name: str) -> pb.JobInfo:
     first = take(call).event.job
     cancel(call)  # stop watching; the job goes on
     return first
+
+
+def settled(client: redis.Redis, quiet: float = 0.5, timeout: float = 30.0) -> None:
+    """Wait until the store sees no job reads for quiet seconds: the watchers have all read what
+    they were started with, however slow the machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        client.config_resetstat()
+        time.sleep(quiet)
+        if (calls(client, "lrange"), calls(client, "hget")) == (0, 0):
+            return
+        assert time.monotonic() < deadline, "the watchers never settled"
 
 
 def calls(client: redis.Redis, command: str) -> int:
@@ -82,14 +94,15 @@ def test_idle_watchers_cost_the_store_nothing_and_a_change_is_placed_once(
             watch = replica.stub.WatchJob(pb.WatchJobRequest(job_id=waiting.job_id), timeout=60)
             assert take(watch).event.job.queue_position == 1
             watches.append(watch)
-        time.sleep(0.5)  # the watchers are all waiting now
+        settled(client)  # the watchers are all waiting now
         client.config_resetstat()
         time.sleep(2.0)
         assert (calls(client, "lrange"), calls(client, "hget")) == (0, 0)
 
         client.config_resetstat()
         assert train(replica, "behind").queue_position == 2
-        time.sleep(1.0)  # every watcher has looked again
+        wait_until(lambda: calls(client, "xinfo|groups"), 30, "the watchers looked again")
+        time.sleep(1.0)  # and every one of them has, on a slow machine too
         print(f"one change, 20 watchers: {calls(client, 'xinfo|groups')} reads of the queue's places")
         assert 1 <= calls(client, "xinfo|groups") <= 3
     finally:

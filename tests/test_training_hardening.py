@@ -109,10 +109,12 @@ def test_uploads_whose_client_vanished_are_not_committed(tmp_path: Path, size: i
     )
     try:
         assert client.stdout is not None and client.stdout.readline().strip() == "sent"
-        time.sleep(1.0)  # the pieces reach the server
+        texts = tmp_path / "_texts"
+        # every upload is under way (its partial file open, its piece in) before the client dies
+        wait_until(lambda: len(list(texts.glob(".*.tmp"))) == 300, 60, "300 uploads under way")
+        time.sleep(0.2)  # the pieces, sent before the calls' files were opened, are written
         client.kill()
         client.wait(10)
-        texts = tmp_path / "_texts"
         # the server sees the connection gone and discards each upload's partial file (in its own
         # time: waited for, not slept on, on a busy machine)
         wait_until(lambda: not list(texts.glob(".*.tmp")), 60, "the broken uploads' partial files removed")
