@@ -2,7 +2,7 @@
 
 The defaults are what ``nextchar serve`` with no arguments uses. Limits exist so one
 client cannot take the server down: a chunk cap bounds the work of one message, a
-session cap bounds memory (it refuses NEW sessions and never evicts live ones), and
+session cap bounds memory (at it, only a session idle for a while makes room for a new one), and
 idle sessions expire after minutes, not seconds, so a client can reconnect and resume.
 """
 
