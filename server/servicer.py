@@ -70,6 +70,17 @@ async def upload_pieces(
         raise asyncio.CancelledError("the client went away before the upload ended") from gone
 
 
+def when_over(callback: Callable[[], None]) -> None:
+    """Call callback once this call is over: its reply sent, or never to be. The handler runs in
+    the call's task, which gRPC ends after the reply's last batch. Not the context's
+    add_done_callback: gRPC keeps those in a reference cycle with the call's core state, which
+    holds the request's bytes until the cyclic collector runs (118 Predicts of 100,000
+    characters kept 12 MB on an idle server, which never collected them)."""
+    task = asyncio.current_task()
+    assert task is not None
+    task.add_done_callback(lambda _: callback())
+
+
 class NextCharServicer:
     """Registered method by method from the service descriptor (nextchar.server.wire.add_service),
     so it need not subclass the generated base."""
@@ -96,7 +107,7 @@ class NextCharServicer:
             predicted = await self.sessions.predict_once(model, text, k, full, adapt_choice(request))
         self.on_message(time.perf_counter() - start)
         if predicted.held:  # the reply leaves after this returns; the budget is back when the call is over
-            context.add_done_callback(lambda _: self.sessions.written(predicted))  # type: ignore[arg-type]  # stubs: a callable works
+            when_over(lambda: self.sessions.written(predicted))
         return replies.reply(
             replies.with_vocab(replies.head(request.session_id, model), model.vocab_chars), predicted
         )
@@ -162,7 +173,7 @@ class NextCharServicer:
             text_id, chars, size = await self.service.texts.receive(upload_pieces(request_iterator, context))
         texts = self.service.texts
         # a client that ended its pieces and then went away is told apart only once the call is over
-        context.add_done_callback(lambda call: texts.unanswered(text_id) if call.cancelled() else None)  # type: ignore[arg-type]  # stubs: a callable works
+        when_over(lambda: texts.unanswered(text_id) if context.cancelled() else None)
         return pb.UploadTextResponse(text_id=text_id, chars=chars, bytes=size)
 
 
