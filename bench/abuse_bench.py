@@ -590,6 +590,19 @@ def jobs_by_state(stub: Any) -> dict[str, int]:
     return out
 
 
+def apart(wanted: bool) -> set[int] | None:
+    """With wanted, the cores the hostile clients get (the last one), after moving this process
+    (the well-behaved clients, and the server it starts) to the others: the attackers then take
+    no CPU from the server, as if they were other machines. Measures the server's isolation of
+    its clients; without it, on a 2-core machine, the attackers' own processes take the server's
+    CPU and every latency moves with them. Every phase, alone included, runs on the same cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    if not wanted or len(cores) < 2:
+        return None
+    os.sched_setaffinity(0, set(cores[:-1]))
+    return {cores[-1]}
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
@@ -602,7 +615,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "--max-model-bytes",
             str(MAX_MODEL_BYTES),
         ]
-        proc, port = sb.start(cmd)
+        hostile_cores = apart(args.apart)
+        proc, port = sb.start(cmd)  # (its compute process and trainers inherit its cores)
         sampler = Sampler(proc.pid, model_dir)
         sampler.start()
         channel, stub = server_stub(port)
@@ -629,6 +643,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
+                preexec_fn=None if hostile_cores is None else lambda: os.sched_setaffinity(0, hostile_cores),
             )
             time.sleep(4.0)  # the hostile clients connected and flooding
             sessions_before = sessions_total(stub)
@@ -752,6 +767,11 @@ if __name__ == "__main__":
         parser.add_argument("--prime-chars", type=int, default=4096, help="long_primes' prime length")
         parser.add_argument(
             "--storm-trains", type=int, default=300, help="train_storm's Trains over the attack"
+        )
+        parser.add_argument(
+            "--apart",
+            action="store_true",
+            help="hostile clients on the last core, the server and well-behaved clients on the others",
         )
         args = parser.parse_args()
         result = main(args)
