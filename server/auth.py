@@ -89,14 +89,17 @@ def _header(metadata: Any, key: str) -> str | None:
 
 
 def _refusal(handler: Handler, message: str) -> Handler:
-    """A handler of the same kind as handler whose only act is to abort with UNAUTHENTICATED.
+    """A handler of the same kind as handler whose only act is to answer UNAUTHENTICATED.
 
     The request is never deserialized: no deserializers are installed, so an
-    unauthenticated caller costs no parsing.
+    unauthenticated caller costs no parsing. The status is set, not raised
+    (``context.abort``): a raised abort leaves the call's state in reference cycles
+    that wait for the next collection (nextchar.server.grpc_errors.guarded).
     """
 
     async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        context.set_details(message)
 
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort)

@@ -119,12 +119,15 @@ def address(server: ServerThread) -> str:
 
 # ---------------------------------------------------------------- tokens
 
-# one RPC of every kind the service has: unary, server-streaming, bidirectional
+# one RPC of every kind the service has: unary, server-streaming, client-streaming, bidirectional
 CALLS: dict[str, Callable[[pb_grpc.NextCharServiceStub, Any], Any]] = {
     "unary": lambda stub, md: stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=5),
     "unary-session": lambda stub, md: stub.CreateSession(pb.CreateSessionRequest(), metadata=md, timeout=5),
     "server-stream": lambda stub, md: list(
         stub.Generate(pb.GenerateRequest(prime_text="hel", length=5), metadata=md, timeout=5)
+    ),
+    "client-stream": lambda stub, md: stub.UploadText(
+        iter([pb.UploadTextRequest(piece="hello")]), metadata=md, timeout=5
     ),
     "bidi": lambda stub, md: list(
         stub.PredictStream(iter([pb.PredictStreamRequest(text="hello")]), metadata=md, timeout=5)
