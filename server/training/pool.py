@@ -58,7 +58,7 @@ from nextchar.server.training.store import (
     Job,
     JobStore,
 )
-from nextchar.server.training.trainer import run_training
+from nextchar.server.training.trainer import below_serving, run_training
 
 MAX_ATTEMPTS = 3  # trainer starts per job: a trainer that keeps dying fails its job
 CANCEL_GRACE = 5.0  # seconds a cancelled trainer gets to notice before it is terminated
@@ -212,6 +212,8 @@ class TrainerPool:
             daemon=True,
         )
         process.start()
+        assert process.pid is not None  # (started)
+        below_serving(process.pid)
         child.close()
         thread = threading.Thread(
             target=self._follow, args=(claim, job, checkpoint, parent), name=f"trainer-{job.id}", daemon=True
