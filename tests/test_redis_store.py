@@ -89,6 +89,23 @@ def test_a_session_continues_exactly_on_another_replica(
     )
 
 
+def test_list_sessions_pages_through_every_replica_s_sessions(pair: tuple[ServerThread, ServerThread]) -> None:
+    """ListSessions on the shared store (it answered INTERNAL once any session existed: the
+    store read its hashes as flat lists, and redis-py hands them over as dicts)."""
+    a, b = pair
+    made = {create(a), create(b), create(a)}
+    stream_chars(b.stub, "hello", session_id=sorted(made)[0])
+    listed, token = {}, ""
+    while True:
+        page = a.stub.ListSessions(pb.ListSessionsRequest(page_size=2, page_token=token), timeout=5)
+        assert len(page.sessions) <= 2 and page.total >= len(made)
+        listed.update({s.session_id: s.offset for s in page.sessions})
+        if not (token := page.next_page_token):
+            break
+    assert made <= listed.keys()
+    assert listed[sorted(made)[0]] == 5 and {listed[sid] for sid in made} == {0, 5}
+
+
 def test_racing_replicas_never_both_advance_a_session(
     pair: tuple[ServerThread, ServerThread], model: CharRNN, redis_server: RedisServer
 ) -> None:

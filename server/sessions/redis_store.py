@@ -485,10 +485,9 @@ class RedisSessionStore:
             ids = [i.decode() for i in await cast(Any, self.redis.zrange(CREATED, start, start + size - 1))]
         hashes = await self._pipeline([("HGETALL", [key(i)]) for i in ids])
         out = []
-        for session_id, flat in zip(ids, hashes, strict=True):
-            if isinstance(flat, Exception) or not flat:
+        for session_id, h in zip(ids, hashes, strict=True):
+            if isinstance(h, Exception) or not h:
                 continue  # expired since the index was read
-            h = dict(zip(flat[::2], flat[1::2], strict=True))
             with contextlib.suppress(ServiceError):  # a model this replica lacks: list the rest
                 session = await self._session(session_id, h)
                 session.last_used = int(h[b"used"]) / 1000
