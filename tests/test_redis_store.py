@@ -89,7 +89,9 @@ def test_a_session_continues_exactly_on_another_replica(
     )
 
 
-def test_list_sessions_pages_through_every_replica_s_sessions(pair: tuple[ServerThread, ServerThread]) -> None:
+def test_list_sessions_pages_through_every_replica_s_sessions(
+    pair: tuple[ServerThread, ServerThread],
+) -> None:
     """ListSessions on the shared store (it answered INTERNAL once any session existed: the
     store read its hashes as flat lists, and redis-py hands them over as dicts)."""
     a, b = pair
