@@ -30,6 +30,9 @@ from nextchar.server.training.jobs import FORSAKEN, JobManager, parse_configs
 from nextchar.server.training.texts import TextStore
 
 GENERATE_PIECE = 64  # characters per Generate response
+# the largest ListSessions page token (an offset): far past any listing, and start + page size
+# stays inside Redis's 64-bit integers (past them, ZRANGE failed and the call said "retry")
+MAX_PAGE_TOKEN = 1 << 53
 
 
 def expected_offset(
@@ -83,6 +86,8 @@ class Service:
         size = min(request.page_size or 100, 1000)
         try:
             start = int(request.page_token or 0)
+            if not 0 <= start <= MAX_PAGE_TOKEN:
+                raise ValueError
         except ValueError:
             raise InvalidArgument("page_token: not a token from ListSessions") from None
         page, total = await self.sessions.page(start, size)

@@ -92,15 +92,23 @@ class Fuzz:
     snapshot: pb.SessionSnapshot
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["memory", "redis"])
 def fuzz(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Fuzz]:
-    """One server for the whole module; prints the request count at the end."""
+    """One server for the whole module, on each session store (a real redis-server for the
+    shared one: its ListSessions answered INTERNAL, and no fuzzing had met it); prints the
+    request count at the end."""
     model_dir = tmp_path_factory.mktemp("models")
     registry = make_registry(model_dir, versions=1)
     model, history, summary = train_notebook_model(epochs=20, seed=3)
     registry.register("spare", model, history=history, summary=summary)  # a deletable, non-default model
+    store = request.getfixturevalue("redis_server").url if request.param == "redis" else ""
     srv = start_server(
-        model_dir, max_chunk_chars=MAX_CHUNK, max_generate_chars=MAX_GENERATE, max_message_bytes=1 << 20
+        model_dir,
+        max_chunk_chars=MAX_CHUNK,
+        max_generate_chars=MAX_GENERATE,
+        max_message_bytes=1 << 20,
+        store=store,
+        shared_models=False,
     )
     # an adaptive session that has stepped: its snapshot carries every field an import checks
     created = pb.CreateSessionRequest(prime_text="hello world hello world", adapt=True)
@@ -112,7 +120,8 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():  # shown under -q and in CI logs, like capsys.disabled()
         print(
-            f"\nproperty tests: {sum(state.tried.values())} fuzzed requests over {len(state.tried)} RPCs ({codes})"
+            f"\nproperty tests ({request.param} store): {sum(state.tried.values())} fuzzed requests over "
+            f"{len(state.tried)} RPCs ({codes})"
         )
     srv.close()
 

@@ -187,6 +187,18 @@ def test_export_import_reset_close_list(srv: ServerThread) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "closed" in str(err.value.details())
 
 
+@pytest.mark.parametrize("token", ["-1", "x", str(1 << 60), "9223372036854775807"])
+def test_a_page_token_no_listing_gave_is_invalid_argument(srv: ServerThread, token: str) -> None:
+    """Tokens are offsets ListSessions handed out: negative ones, and ones past 2**53 (on the
+    Redis store, ZRANGE overflowed its 64-bit integers and the call said "retry"), are refused;
+    one past the end is an empty last page."""
+    with pytest.raises(grpc.RpcError) as err:
+        srv.stub.ListSessions(pb.ListSessionsRequest(page_token=token), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in str(err.value.details())
+    past = srv.stub.ListSessions(pb.ListSessionsRequest(page_token=str(1 << 40)), timeout=5)
+    assert not past.sessions and not past.next_page_token
+
+
 def test_unknown_characters_are_reported_not_fatal(srv: ServerThread) -> None:
     r = srv.stub.Predict(pb.PredictRequest(text="hello 🙂 wXrld"), timeout=5).predictions
     assert r.count == 13
