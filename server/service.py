@@ -202,11 +202,11 @@ class Service:
             if inline:  # a refused job's text is nobody's (an upload stays, for a retry)
                 await self.texts.release(path)
             raise
-        await self.texts.release(path)  # the job took the file: it counts no longer
-        if not inline:
-            await asyncio.to_thread(self.texts.forget, request.text_id)
         told = False
-        try:
+        try:  # from here a cancel (the caller's deadline) cancels the job, whatever it meets
+            await self.texts.release(path)  # the job took the file: it counts no longer
+            if not inline:
+                await asyncio.to_thread(self.texts.forget, request.text_id)
             async for current, record, place in self.jobs.follow(job.id):
                 if not told and expired():
                     return  # the caller was told DEADLINE_EXCEEDED, never the job

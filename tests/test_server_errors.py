@@ -251,13 +251,14 @@ def test_a_full_server_evicts_the_session_idle_the_longest_not_one_in_use(
     url = request.getfixturevalue("redis_server").url if store == "redis" else ""
     if url:
         request.getfixturevalue("redis_server").client.flushall()
-    srv = start_server(model_dir, max_sessions=3, session_evict_idle=0.5, store=url, shared_models=False)
+    # 2 s: the three creates and the refused fourth finish well inside it, on a slow machine too
+    srv = start_server(model_dir, max_sessions=3, session_evict_idle=2.0, store=url, shared_models=False)
     try:
         hoarded = [session(srv), session(srv)]
         used = session(srv)
         code, message = status_of(lambda: session(srv))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "cap" in message  # none idle long enough yet
-        time.sleep(0.6)
+        time.sleep(2.1)
         srv.stub.Predict(pb.PredictRequest(session_id=used, text="h"), timeout=5)  # in use: stays
         newcomer = session(srv)
         code, _, why = refusal(

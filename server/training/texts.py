@@ -131,8 +131,9 @@ class TextStore:
                 self._held -= self._kept.pop(path.stem, 0)
 
     async def release(self, path: Path) -> None:
-        """taken, on the store's threads."""
-        await self._run(self.taken, path)
+        """taken, on the store's threads, run to its end even when the caller is cancelled (a
+        dropped one left its bytes counted against max_pending for good)."""
+        await self._through(self.taken, path)
 
     async def receive(self, pieces: AsyncIterator[str]) -> tuple[str, int, int]:
         """Append pieces to a new text as they arrive; returns (text id, characters, bytes). The
