@@ -301,9 +301,7 @@ class NextCharServer:
             if resident - floor > TRIM_SLACK or (
                 idle and not trimmed_idle and resident - floor > IDLE_TRIM_SLACK
             ):
-                if (
-                    idle
-                ):  # garbage in cycles waits for GC_ALLOCATIONS new objects, which an idle server never makes
+                if idle:  # cycles wait for GC_ALLOCATIONS new objects, which an idle server never makes
                     gc.collect()
                 await asyncio.to_thread(return_freed_memory)
                 trimmed_idle = idle

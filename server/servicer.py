@@ -74,8 +74,8 @@ def when_over(callback: Callable[[], None]) -> None:
     """Call callback once this call is over: its reply sent, or never to be. The handler runs in
     the call's task, which gRPC ends after the reply's last batch. Not the context's
     add_done_callback: gRPC keeps those in a reference cycle with the call's core state, which
-    holds the request's bytes until the cyclic collector runs (118 Predicts of 100,000
-    characters kept 12 MB on an idle server, which never collected them)."""
+    holds the call's reply until the cyclic collector runs (200 Predicts of 4,096 characters
+    kept 69 MB on an idle server, which never collected them)."""
     task = asyncio.current_task()
     assert task is not None
     task.add_done_callback(lambda _: callback())
