@@ -68,8 +68,6 @@ async def guarded(edge: Edge, method: str, context: Ctx) -> AsyncIterator[None]:
         context.set_code(status)
         context.set_details(str(exc))
         context.set_trailing_metadata(trailing_metadata(exc))
-    except grpc.aio.AbortError:
-        raise
     except Exception as exc:
         await fail(method, exc, context)
 

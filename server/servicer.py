@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from grpc._cython.cygrpc import ExecuteBatchError  # what a call whose client is gone raises
 from nextchar.proto import nextchar_pb2 as pb
 from nextchar.server import messages, replies
 from nextchar.server.grpc_errors import Ctx, accepted, duplex, streaming, unary
@@ -66,7 +67,7 @@ async def upload_pieces(
         yield accepted(raw).piece
     try:
         await context.send_initial_metadata(())
-    except Exception as gone:  # gRPC's batch error (its type is private): the call is over
+    except ExecuteBatchError as gone:  # the call is over
         raise asyncio.CancelledError("the client went away before the upload ended") from gone
 
 

@@ -112,7 +112,8 @@ class TextStore:
         try:
             await asyncio.shield(writing)
         except BaseException:
-            writing.add_done_callback(lambda _: self.taken(path))  # whenever the thread is done
+            # whenever the thread is done, in the file threads (taken unlinks: not on the loop)
+            writing.add_done_callback(lambda _: self._files.submit(self.taken, path))
             raise
         return path
 
