@@ -43,7 +43,8 @@ throughout and is at most 1.2x its pre-attack level ``--recovery`` (30) seconds 
 hostile clients stop; the model directory (models, ``_texts``, ``_jobs``) stays within the
 server's totals (``max_model_bytes`` + ``max_pending_upload_bytes``), and no text is left
 in ``_texts`` after the recovery. The server's RSS is sampled every 0.25 s (its children, the
-compute process among them, are reported beside it), the model directory every second.
+compute process among them, are reported beside it), the model directory every second; the
+server's CPU, alone and under attack, in cores: its event loop, its other threads, its children.
 Results: ``bench/results/abuse-<time>.json`` and a table. The measured processes run without
 this machine's OpenBLAS pin (``bench_env``).
 """
@@ -235,6 +236,28 @@ def sessions_total(stub: Any) -> int:
     from nextchar.proto import nextchar_pb2 as pb
 
     return int(stub.ListSessions(pb.ListSessionsRequest(page_size=1), timeout=10).total)
+
+
+class Spent:
+    """The server's CPU use from now until stop(), in cores: its event loop, its other threads
+    (gRPC's, the file and job threads; ended ones included) and its live children (the compute
+    process, running trainers). Tells where the well-behaved clients' latency goes under attack:
+    a saturated loop, or busy threads holding the GIL."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.began, self.at_start = time.monotonic(), self.now()
+        self.cores: dict[str, float] = {}
+
+    def now(self) -> dict[str, float]:
+        by_thread = sb.cpu_by_thread(self.pid) or {}
+        whole = sb.cpu_seconds(self.pid) or 0.0  # the process's every thread, and its live children
+        loop, children = by_thread.get("event loop", 0.0), by_thread.get("children", 0.0)
+        return {"event loop": loop, "threads": whole - children - loop, "children": children}
+
+    def stop(self) -> None:
+        wall, now = time.monotonic() - self.began, self.now()
+        self.cores = {k: (now[k] - self.at_start[k]) / wall for k in now}
 
 
 class Newcomer(threading.Thread):
@@ -625,7 +648,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             sampler.phase = "warm-up"
             well_behaved_run(port, 5.0)  # sessions, batches and the compute process warmed
             sampler.phase = "alone"
+            cpu_alone = Spent(proc.pid)
             alone = well_behaved_run(port, args.alone)
+            cpu_alone.stop()
             before_mb = sampler.last("alone")
             disk_before = sampler.dirs()
             sampler.phase = "attack"
@@ -655,7 +680,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             attackers.stdin.write("go\n")
             attackers.stdin.flush()
             newcomer.start()
+            cpu_attack = Spent(proc.pid)
             under_attack = finished(client, args.duration + 120)
+            cpu_attack.stop()
             out, _ = attackers.communicate(timeout=180)
             newcomer.stop.set()
             newcomer.join(30)
@@ -707,6 +734,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "newcomer_sessions": newcomer.counts,
         "sessions_after": sessions_after,
         "jobs_after": jobs,
+        "server_cores": {"alone": cpu_alone.cores, "under_attack": cpu_attack.cores},
         "rss_before_mb": before_mb,
         "rss_peak_mb": peak,
         "rss_after_mb": after_mb,
@@ -727,6 +755,10 @@ def print_table(r: dict[str, Any]) -> None:
         print(
             f"well-behaved, {label + ':':<13} {row['messages_per_sec']:8,.0f} msg/s  p50 {p50} ms  "
             f"p99 {p99} ms  errors {row['error_count']} {row['errors'][:1]}"
+        )
+    for label, cores in r["server_cores"].items():
+        print(
+            f"server CPU, {label + ':':<13} " + ", ".join(f"{k} {v:.2f}" for k, v in cores.items()) + " cores"
         )
     print(f"hostile requests: {r['hostile_requests']}")
     print(
