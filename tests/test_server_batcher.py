@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nextchar.core.config import ModelConfig
+from nextchar.core.config import ModelConfig, Sampling
 from nextchar.core.inference import feed, initial_probs, top_k_rows
 from nextchar.core.model import CharRNN
 from nextchar.core.vocab import Vocab
@@ -462,6 +462,38 @@ def test_one_character_work_is_not_held_behind_a_long_chunk() -> None:
     assert answered_first and rounds >= 3, (
         f"{rounds} rounds of one-character messages while the long chunk computed"
     )
+
+
+def test_one_character_work_is_not_held_behind_a_generate_piece() -> None:
+    """A Generate's 64-character piece draws character by character: it is long work, computed off
+    the loop, however few characters it counts (counted as 64 batched ones, it ran on the loop
+    and held every stream batched with it, ~5 ms at H=256: make bench-abuse's poison kind)."""
+    mv = version(hidden=512, cell="gru")
+    model = mv.require()
+    start = start_value(mv, model)
+
+    async def main() -> int:
+        scheduler = Scheduler()
+        scheduler.start()
+        drawing = asyncio.ensure_future(
+            scheduler.generate(
+                object(), model, start.state, start.probs, 64, np.random.default_rng(0), Sampling()
+            )
+        )
+        await asyncio.sleep(0)
+        rounds = 0  # rounds answered while it was still drawing
+        keys = [object() for _ in range(5)]
+        while not drawing.done():
+            one = VOCAB.encode("a")
+            await asyncio.gather(
+                *(scheduler.predict(k, model, one, start.state, start.probs, 3, False) for k in keys)
+            )
+            rounds += not drawing.done()
+        await scheduler.close()
+        return rounds
+
+    rounds = asyncio.run(main())
+    assert rounds >= 3, f"{rounds} rounds of one-character messages answered while it drew"
 
 
 def test_adaptive_steps_never_run_on_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:

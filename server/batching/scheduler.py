@@ -4,7 +4,7 @@ The compute service of the server: callers (the session manager) hand it arrays
 (a network, states, predictions, a chunk) and await rows back; it never sees a
 session, and changes nothing but its own queue. One loop task takes everything
 queued, cuts it into a batch (at most one work per caller's key) and hands the
-batch to an executor chosen by its size (nextchar.server.batching.executors). At
+batch to an executor chosen by its cost (nextchar.server.batching.executors). At
 H=256 stepping 100-1,000 sessions together costs a quarter of stepping them one by one.
 
 The policy, all of it here:
@@ -17,10 +17,13 @@ The policy, all of it here:
   answered, it is sent to queue behind the one computing (MAX_IN_FLIGHT), so
   the compute process does not wait for the event loop between two batches.
 - A key is in one batch at a time; its next work waits its turn, in order.
-- Long work (LONG_CHARS and more: a prime, a rewind's re-feed, a big chunk) never
-  shares a batch with shorter work, and while it computes off the loop, short work
-  goes on being batched and answered: a batch costs its longest chunk's steps, so
-  one-character messages batched with a 4,096-character chunk waited for all of it.
+- Work is weighed by its cost (nextchar.server.batching.work's DRAW_COST): a batched
+  character costs one, a character a Generate draws several (its own step, and a draw).
+- Long work (costing LONG_CHARS and more: a prime, a rewind's re-feed, a big chunk, a
+  Generate's piece) never shares a batch with shorter work, and while it computes off
+  the loop, short work goes on being batched and answered: a batch costs its longest
+  chunk's steps, so one-character messages batched with a 4,096-character chunk waited
+  for all of it.
 - A batch that fails is computed again work by work, so an error stays with the
   work that caused it and never fails the callers batched beside it.
 - Work that learns (an adapter's gradient steps) never runs on the loop: it is cut
@@ -61,7 +64,7 @@ from nextchar.server.batching.work import (
 LONE_WINDOW = 0.002  # seconds: another caller asking within this means streams overlap
 GATHER_LIMIT = 4096  # chunks per batch cut
 MAX_IN_FLIGHT = 2  # big batches at once: one computing, the next queued behind it (each for long work)
-LONG_CHARS = 256  # characters that make a work long (see the module's docstring)
+LONG_CHARS = 256  # the cost that makes a work long (see the module's docstring)
 SETTLE_LIMIT = 0.005  # seconds the next batch waits for callers settling (a Redis round trip: ~0.5 ms)
 
 
@@ -74,7 +77,7 @@ class Scheduler:
         compute_process: bool = False,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
-        self.inline_chars = inline_chars  # batches of at most this many characters run on the loop
+        self.inline_chars = inline_chars  # batches costing at most this many characters run on the loop
         self.on_batch = on_batch or (lambda sessions, chars: None)  # per batch run (metrics)
         self.stats = BatchStats()
         self.inline = InlineExecutor(self.stats)
@@ -135,7 +138,7 @@ class Scheduler:
             work = PredictWork(key, net, idx, state, probs, top_k, full, future)
         else:
             work = AdaptWork(key, net, idx, state, probs, top_k, full, adapting, future)
-        if not work.learns and self._alone(key, len(idx)):
+        if not work.learns and self._alone(key, work.cost):
             await self._run_inline([work])
         else:
             self._queue(work)
@@ -187,7 +190,7 @@ class Scheduler:
         self._pending.append(work)
         self._wake.set()
 
-    def _alone(self, key: object, size: int) -> bool:
+    def _alone(self, key: object, cost: int) -> bool:
         """True when nobody could share this step: the scheduler is idle, the last batch had
         one work, and no OTHER caller asked within LONE_WINDOW, nor since the last inline
         batch ended. As soon as streams overlap, everything queues and batches again.
@@ -197,7 +200,7 @@ class Scheduler:
         on a GRU-512 were stepped one session at a time, at a fifth of the batched speed.)"""
         now = time.perf_counter()
         alone = (
-            size <= self.inline_chars
+            cost <= self.inline_chars
             and self._last_batch <= 1
             and not self._pending
             and not self._busy
@@ -216,27 +219,26 @@ class Scheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._settled.wait(), SETTLE_LIMIT)
             short_offloaded = len(self._offloaded) - len(self._long)
-            if not short_offloaded and sum(w.size for w in self._pending) <= self.inline_chars:
+            if not short_offloaded and sum(w.cost for w in self._pending) <= self.inline_chars:
                 await self._gather()  # small work: wait for more to share the step
             if not self._worth_sending():
                 continue  # a finishing batch wakes this loop again
             batch = self._take()
             if self._pending and batch:  # more may be ready; what is left waits for a batch to end
                 self._wake.set()
-            long = [w for w in batch if w.size >= LONG_CHARS]
+            long = [w for w in batch if w.cost >= LONG_CHARS]
             if long:
-                self._offload(long, sum(w.size for w in long), long=True)
-                batch = [w for w in batch if w.size < LONG_CHARS]
+                self._offload(long, long=True)
+                batch = [w for w in batch if w.cost < LONG_CHARS]
             learning = [w for w in batch if w.learns]
             if learning:
-                self._offload(learning, sum(w.size for w in learning))
+                self._offload(learning)
                 batch = [w for w in batch if not w.learns]
             if not batch:
                 continue
             self._last_batch = len(batch)
-            size = sum(w.size for w in batch)
-            if size > self.inline_chars or short_offloaded:
-                self._offload(batch, size)
+            if sum(w.cost for w in batch) > self.inline_chars or short_offloaded:
+                self._offload(batch)
             else:
                 await self._run_inline(batch)
 
@@ -276,7 +278,7 @@ class Scheduler:
             if work.future.done():  # the caller went away (cancelled) before its turn
                 continue
             key = id(work.key)
-            if key in seen or (work.size >= LONG_CHARS and not long_room):
+            if key in seen or (work.cost >= LONG_CHARS and not long_room):
                 later.append(work)
             else:
                 seen.add(key)
@@ -308,7 +310,7 @@ class Scheduler:
             if not work.future.done():
                 work.future.set_result(result)  # type: ignore[arg-type]  # a work's future takes its own result kind
 
-    def _offload(self, batch: list[Work], size: int, *, long: bool = False) -> None:
+    def _offload(self, batch: list[Work], *, long: bool = False) -> None:
         """Compute a big batch (or one of long work) off the loop; its keys stay out of other
         batches meanwhile."""
         keys = [id(w.key) for w in batch]
@@ -323,7 +325,7 @@ class Scheduler:
                     self._offloaded.discard(task)
                     self._long.discard(task)
                     self._wake.set()
-                self.on_batch(len(batch), size)
+                self.on_batch(len(batch), sum(w.size for w in batch))
                 if not long:
                     self._returning = len(batch)
             except asyncio.CancelledError:

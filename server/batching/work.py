@@ -96,6 +96,15 @@ class Adapting:
         return adapt.replay(net, self.rule, self.base, self.replay)
 
 
+# What a work costs the scheduler, in characters of a batched prediction: what decides whether
+# it computes on the event loop and whether it is long (nextchar.server.batching.scheduler).
+# A generated character is a step of its own, one session wide, and a draw in Python: at H=256
+# 64 drawn characters took 4.4-5.9 ms, one session's 64-character chunk 0.85 ms (Intel Xeon).
+# Counted as one character each, a 64-character Generate piece ran inline, batched with
+# one-character streams, and held every one of them ~5 ms (make bench-abuse's poison kind:
+# the streams' p99 3.2x alone).
+DRAW_COST = 6
+
 # Every work names its caller's key (a session, or any object standing for one): the
 # scheduler puts at most one work per key in a batch, and tells a lone caller by it.
 
@@ -111,10 +120,11 @@ class PredictWork:
     full: bool
     future: asyncio.Future[Rows]
     size: int = field(init=False)  # characters: read several times per work by the scheduler
+    cost: int = field(init=False)  # what the scheduler weighs (see DRAW_COST): one per character
     learns: ClassVar[bool] = False  # takes an adapter's gradient steps: computed off the event loop
 
     def __post_init__(self) -> None:
-        self.size = len(self.idx)
+        self.size = self.cost = len(self.idx)
 
 
 @dataclass(slots=True)
@@ -134,10 +144,11 @@ class AdaptWork:
     adapting: Adapting
     future: asyncio.Future[Rows]
     size: int = field(init=False)
+    cost: int = field(init=False)
     learns: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.size = len(self.idx)
+        self.size = self.cost = len(self.idx)
         a = self.adapting
         # a step comes when a character arrives after a full window (nextchar.core.adapt)
         self.learns = len(a.adapter.window) + self.size > a.rule.config.segment or len(a.replay) > 0
@@ -165,6 +176,10 @@ class GenerateWork:
         return self.length
 
     @property
+    def cost(self) -> int:  # each character drawn is a step of its own (see DRAW_COST)
+        return self.length * DRAW_COST
+
+    @property
     def learns(self) -> bool:
         return self.adapting is not None
 
@@ -186,6 +201,10 @@ class CompleteWork:
     @property
     def size(self) -> int:  # characters it may step, at most
         return self.n * self.max_chars
+
+    @property
+    def cost(self) -> int:  # (a bound: the beams step together, and most end early)
+        return self.size
 
     @property
     def learns(self) -> bool:  # (no step: the adapted weights' copy is what goes off the loop)
