@@ -20,7 +20,7 @@ from nextchar.core.model import CharRNN
 from nextchar.core.vocab import Vocab
 from nextchar.server.batching.executors import ProcessExecutor
 from nextchar.server.batching.scheduler import Scheduler
-from nextchar.server.batching.work import BatchStats, PredictWork, Rows, compute
+from nextchar.server.batching.work import BatchStats, Generated, PredictWork, Rows, compute
 from nextchar.server.budget import ReplyBudget
 from nextchar.server.catalog import Catalog
 from nextchar.server.errors import Aborted
@@ -358,6 +358,77 @@ def test_a_killed_compute_process_falls_back_to_the_batch_thread() -> None:
         await scheduler.close()
 
     asyncio.run(main())
+
+
+def drawn_pieces(compute_process: bool, length: int = 64, pieces: int = 2) -> tuple[list[Generated], int]:
+    """A static session's generation, piece after piece from one seeded generator, and how many
+    batches the compute process answered."""
+    mv = version(cell="gru")
+    model = mv.require()
+    start = start_value(mv, model)
+
+    async def main() -> tuple[list[Generated], int]:
+        scheduler = Scheduler(inline_chars=0, compute_process=compute_process)
+        scheduler.start()
+        rng, state, probs, out = np.random.default_rng(7), start.state, start.probs, []
+        for _ in range(pieces):
+            piece = await scheduler.generate(
+                object(), model, state, probs, length, rng, Sampling(temperature=0.8, top_k=5)
+            )
+            out.append(piece)
+            state, probs = piece.state, piece.probs
+        await scheduler.close()
+        return out, scheduler.stats.remote_batches
+
+    return asyncio.run(main())
+
+
+def test_generations_in_the_compute_process_draw_what_the_thread_draws() -> None:
+    """A static session's Generate pieces are drawn in the compute process (off the server's GIL),
+    bit for bit what the thread draws: the same text, state and prediction, and the generator
+    moved on as far (the second piece draws on from where the first left it)."""
+    there, remote = drawn_pieces(compute_process=True)
+    here, _ = drawn_pieces(compute_process=False)
+    assert remote == 2
+    assert [p.text for p in there] == [p.text for p in here] and len(there[1].text) == 64
+    for a, b in zip(there, here, strict=True):
+        assert np.array_equal(a.state, b.state) and np.array_equal(a.probs, b.probs)
+        assert np.array_equal(a.idx, b.idx)
+
+
+@pytest.mark.parametrize("compute_process", [True, False])
+def test_a_batch_of_draws_that_fails_part_way_is_drawn_again_the_same(compute_process: bool) -> None:
+    """One generation of a batch is drawn, then the next fails (a state no model has): the batch
+    is computed again work by work (in the thread: the compute process is given up), and the
+    first generation draws what it drew the first time (its generator had not moved), the failure
+    staying with its work. (Its generator moved by the failed try, a seeded Generate batched
+    beside a failing one drew other text.)"""
+    mv = version(cell="gru")
+    model = mv.require()
+    start = start_value(mv, model)
+    sampling = Sampling(temperature=0.8, top_k=5)
+
+    async def main() -> tuple[Generated, BaseException | Generated, int | None]:
+        scheduler = Scheduler(inline_chars=0, compute_process=compute_process)
+        scheduler.start()
+        await scheduler.predict(object(), model, VOCAB.encode("a"), start.state, start.probs, 1, False)
+        good = scheduler.generate(
+            object(), model, start.state, start.probs, 64, np.random.default_rng(7), sampling
+        )
+        bad_state = np.zeros(3, dtype=start.state.dtype)  # no cell takes it: its product fails
+        bad = scheduler.generate(
+            object(), model, bad_state, start.probs, 64, np.random.default_rng(8), sampling
+        )
+        drawn, failed = await asyncio.gather(good, bad, return_exceptions=True)
+        assert isinstance(drawn, Generated)
+        pid = scheduler.compute_pid
+        await scheduler.close()
+        return drawn, failed, pid
+
+    drawn, failed, pid = asyncio.run(main())
+    assert isinstance(failed, ValueError) and pid is None  # the process gave up, the thread failed it alone
+    alone = drawn_pieces(compute_process=False, pieces=1)[0][0]
+    assert drawn.text == alone.text and np.array_equal(drawn.state, alone.state)
 
 
 def test_a_hung_compute_process_is_given_up_after_its_deadline() -> None:

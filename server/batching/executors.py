@@ -2,8 +2,8 @@
 
 The scheduler picks by size: a batch small enough that a hop would cost more than
 the arithmetic runs inline on the event loop; a bigger one goes off the loop, to
-the compute process (free of the server's GIL) or, for generations and after the
-process failed, to a thread. Every executor computes the same thing (``work.compute``
+the compute process (free of the server's GIL) or, for adaptive sessions' generations
+and after the process failed, to a thread. Every executor computes the same thing (``work.compute``
 or its packed arrays), so the choice changes the speed, never the answer.
 """
 
@@ -16,12 +16,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+import numpy as np
 from nextchar.server.batching.process import ComputeProcess
 from nextchar.server.batching.work import (
     BatchStats,
+    Generated,
+    GenerateWork,
     PredictWork,
     Result,
     Work,
+    commit_draws,
     compute,
     pack,
     prediction_groups,
@@ -78,8 +82,8 @@ class ThreadExecutor:
 
 
 class ProcessExecutor:
-    """Predictions in the compute process; generations, and everything once the process failed,
-    in the thread (slower, never wrong)."""
+    """Predictions and static sessions' generations in the compute process; adaptive sessions'
+    generations, and everything once the process failed, in the thread (slower, never wrong)."""
 
     def __init__(self, stats: BatchStats, fallback: ThreadExecutor) -> None:
         self.stats = stats
@@ -97,7 +101,9 @@ class ProcessExecutor:
 
     async def run(self, batch: Sequence[Work]) -> list[Result]:
         process = self.process
-        if process is not None and all(isinstance(w, PredictWork) for w in batch):
+        if process is not None and all(
+            isinstance(w, PredictWork) or (isinstance(w, GenerateWork) and w.adapting is None) for w in batch
+        ):
             try:
                 return await self._remote(process, batch)
             except Exception as exc:
@@ -110,16 +116,25 @@ class ProcessExecutor:
     async def _remote(self, process: ComputeProcess, batch: Sequence[Work]) -> list[Result]:
         start = time.perf_counter()
         out: list[Result | None] = [None] * len(batch)
+        draws: list[tuple[GenerateWork, np.random.Generator]] = []
+        for i, work in enumerate(batch):
+            if isinstance(work, GenerateWork):
+                drawn = await process.generate(
+                    work.net, work.state, work.probs, work.length, work.rng, work.sampling
+                )
+                out[i] = Generated(drawn.text, work.net.vocab.encode(drawn.text), drawn.state, drawn.probs)
+                draws.append((work, drawn.rng))
         for members, works in prediction_groups(batch):
             packed = pack(works)
             answer = await process.advance(works[0].net, packed)
             for i, result in zip(members, unpack(works, packed, answer), strict=True):
                 out[i] = result
             self.stats.count(works)
+        commit_draws(draws)  # (a batch that fails part way is computed again in the thread)
         self.stats.batches += 1
         self.stats.remote_batches += 1
         self.stats.compute_seconds += time.perf_counter() - start
-        return out  # type: ignore[return-value]  # all predictions (run() checked): every position filled
+        return out  # type: ignore[return-value]  # predictions and draws (run() checked): every position filled
 
     async def close(self) -> None:
         if self.process is not None:

@@ -4,15 +4,18 @@ In a thread, the batch step fights the event loop for the GIL: every NumPy call
 in the recurrence releases it and must win it back, so a 64-character batch ran at
 ~60% of its in-process speed while the loop served gRPC. Here a batch's arrays
 (states (N, S), chunks (T, N)) go over a socket to a process that holds a copy of
-each model, runs ``nextchar.core.inference.advance`` and sends the answer back.
+each model, runs ``nextchar.core.inference.advance`` and sends the answer back. A
+static session's generation goes the same way (``generate``, its random generator
+travelling both ways): drawn one character at a time, in Python, it is the most GIL
+a work can hold, and in a thread it slowed the loop that serves every stream.
 
 The server's side is driven by the event loop itself, with no thread: a request is
 a non-blocking write and the answer arrives as the loop reads the socket, so
 nothing waits for the GIL, and the batcher can queue the next batch behind the one
 computing (answers come back in the order asked). Frames are an 8-byte length and
 a pickle (protocol 5: arrays travel as raw bytes) of one message class below: the
-server sends ``LoadModel``, ``Forget`` and ``Advance``; the child answers each
-Advance with ``Answer`` or ``ComputeFailed``; anything else is refused. Models are sent once per model
+server sends ``LoadModel``, ``Forget``, ``Advance`` and ``Draw``; the child answers each
+Advance or Draw with ``Answer`` or ``ComputeFailed``; anything else is refused. Models are sent once per model
 object, and the child forgets a model once the server has none of it left (a deleted
 version, one no session is on any more): the server holds its models weakly here. If
 the process fails, or hangs past a batch's deadline, every waiting batch
@@ -32,10 +35,12 @@ import pickle
 import socket
 import struct
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from nextchar.core.config import Sampling
 from nextchar.core.inference import Advanced
 from nextchar.core.model import CharRNN
 from nextchar.core.modelfile import ModelPayload
@@ -46,6 +51,7 @@ if TYPE_CHECKING:  # the child never imports the server's side
 FRAME = struct.Struct("!Q")  # payload length
 DEADLINE = 30.0  # seconds: far beyond any batch's time, even on a loaded machine...
 DEADLINE_CHARS_PER_SEC = 10_000  # ...plus its characters at 1/30 of the usual speed
+DRAW_STEPS = 10  # a drawn character counts as this many (one step alone, and a draw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +79,29 @@ class Advance:
 
 
 @dataclass(frozen=True, slots=True)
+class Draw:
+    """One generation, as nextchar.core.inference.generate takes it; the generator comes back
+    with the answer, moved on as far as the draws took it."""
+
+    key: int
+    state: np.ndarray
+    probs: np.ndarray
+    length: int
+    rng: np.random.Generator
+    sampling: Sampling
+
+
+@dataclass(frozen=True, slots=True)
+class Drawn:
+    text: str
+    state: np.ndarray
+    probs: np.ndarray
+    rng: np.random.Generator
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
-    advanced: Advanced
+    result: Advanced | Drawn
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +109,7 @@ class ComputeFailed:
     why: str  # the executor computes in a thread from then on
 
 
-def _frame(message: LoadModel | Forget | Advance | Answer | ComputeFailed) -> list[bytes]:
+def _frame(message: LoadModel | Forget | Advance | Draw | Answer | ComputeFailed) -> list[bytes]:
     payload = pickle.dumps(message, protocol=5)
     return [FRAME.pack(len(payload)), payload]
 
@@ -100,11 +127,11 @@ def _read_exact(sock: socket.socket, n: int) -> bytearray | None:
 
 
 def child_main(sock: socket.socket, parent_pid: int) -> None:
-    """The child's loop: LoadModel registers a model, Forget drops it, Advance is answered."""
+    """The child's loop: LoadModel registers a model, Forget drops it, Advance and Draw are answered."""
     from nextchar.server.lifeline import die_with_parent
 
     die_with_parent(parent_pid)
-    from nextchar.core.inference import advance
+    from nextchar.core.inference import advance, generate
     from nextchar.core.memory import keep_freed_memory
 
     keep_freed_memory()
@@ -127,6 +154,13 @@ def child_main(sock: socket.socket, parent_pid: int) -> None:
                     try:
                         answer = Answer(advance(models[key], idx, lens, states, probs0, k, full))
                     except Exception as exc:  # the executor falls back to computing in a thread
+                        answer = ComputeFailed(f"{type(exc).__name__}: {exc}")
+                case Draw(key, state, probs, length, rng, sampling):
+                    try:
+                        answer = Answer(
+                            Drawn(*generate(models[key], state, probs, length, rng, sampling), rng)
+                        )
+                    except Exception as exc:
                         answer = ComputeFailed(f"{type(exc).__name__}: {exc}")
                 case other:
                     answer = ComputeFailed(f"not a message of this protocol: {type(other).__name__}")
@@ -151,7 +185,7 @@ class ComputeProcess:
         self._keys: weakref.WeakKeyDictionary[CharRNN, int] = weakref.WeakKeyDictionary()
         self._serial = itertools.count()  # keys are never reused
         self._gone: list[int] = []
-        self._waiting: collections.deque[asyncio.Future[Advanced]] = collections.deque()
+        self._waiting: collections.deque[asyncio.Future[Advanced | Drawn]] = collections.deque()
         self._connected: asyncio.Task[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._failure: str | None = None
@@ -170,6 +204,38 @@ class ComputeProcess:
 
     async def advance(self, model: CharRNN, packed: Packed) -> Advanced:
         """The batch's answer; raises RuntimeError if the child cannot give it."""
+        answer = await self._ask(
+            model,
+            lambda key: Advance(
+                key, packed.idx, packed.lens, packed.states, packed.probs0, packed.k, packed.full
+            ),
+            int(packed.idx.size),
+        )
+        assert isinstance(answer, Advanced)
+        return answer
+
+    async def generate(
+        self,
+        model: CharRNN,
+        state: np.ndarray,
+        probs: np.ndarray,
+        length: int,
+        rng: np.random.Generator,
+        sampling: Sampling,
+    ) -> Drawn:
+        """generate's text, state and probs after it, and a copy of rng moved on as far as the draws
+        took it (rng itself is untouched); raises RuntimeError if the child cannot give it."""
+        answer = await self._ask(
+            model, lambda key: Draw(key, state, probs, length, rng, sampling), length * DRAW_STEPS
+        )
+        assert isinstance(answer, Drawn)
+        return answer
+
+    async def _ask(
+        self, model: CharRNN, message: Callable[[int], Advance | Draw], steps: int
+    ) -> Advanced | Drawn:
+        """Send the message for model's key in the child (the model loaded there first if need be)
+        and wait for its answer, at most the deadline plus steps characters' worth."""
         assert self._connected is not None, "start() first"
         reader, writer = await self._connected
         if self._reader is None:
@@ -183,14 +249,12 @@ class ComputeProcess:
             key = self._keys[model] = next(self._serial)
             weakref.finalize(model, self._gone.append, key)
             writer.writelines(_frame(LoadModel(key, ModelPayload.of(model))))
-        writer.writelines(
-            _frame(Advance(key, packed.idx, packed.lens, packed.states, packed.probs0, packed.k, packed.full))
-        )
-        future: asyncio.Future[Advanced] = asyncio.get_running_loop().create_future()
+        writer.writelines(_frame(message(key)))
+        future: asyncio.Future[Advanced | Drawn] = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
         await writer.drain()
         # a child that hangs without dying must not stall the server's big batches forever
-        deadline = self.deadline + int(packed.idx.size) / DEADLINE_CHARS_PER_SEC
+        deadline = self.deadline + steps / DEADLINE_CHARS_PER_SEC
         try:
             return await asyncio.wait_for(future, deadline)
         except TimeoutError:
@@ -207,7 +271,7 @@ class ComputeProcess:
                 if future.done():
                     continue
                 if isinstance(message, Answer):
-                    future.set_result(message.advanced)
+                    future.set_result(message.result)
                 else:
                     why = message.why if isinstance(message, ComputeFailed) else repr(message)[:200]
                     future.set_exception(RuntimeError(f"compute process: {why}"))

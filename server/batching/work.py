@@ -18,6 +18,7 @@ and never on the event loop (the scheduler and executors see to it).
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -305,9 +306,12 @@ def compute(batch: Sequence[Work], stats: BatchStats) -> list[Result]:
     """Run one batch here: predictions one advance per network, the other works one by one."""
     start = time.perf_counter()
     out: list[Result | None] = [None] * len(batch)
+    draws: list[tuple[GenerateWork, np.random.Generator]] = []
     for i, work in enumerate(batch):
         if isinstance(work, GenerateWork):
-            out[i] = generated(work)
+            rng = copy.deepcopy(work.rng)
+            out[i] = generated(work, rng)
+            draws.append((work, rng))
         elif isinstance(work, CompleteWork):
             net = work.net if work.adapter is None else adapt.adapted(work.net, work.adapter)
             out[i] = complete(net, work.state, work.probs, work.n, work.max_chars)
@@ -324,6 +328,7 @@ def compute(batch: Sequence[Work], stats: BatchStats) -> list[Result]:
             for i, result in zip(members, adapted_rows(adapting), strict=True):
                 out[i] = result
             stats.count(adapting)
+    commit_draws(draws)
     stats.batches += 1
     stats.compute_seconds += time.perf_counter() - start
     return out  # type: ignore[return-value]  # every position filled above
@@ -354,10 +359,19 @@ def adapted_rows(works: Sequence[AdaptWork]) -> list[Rows]:
     return results
 
 
-def generated(work: GenerateWork) -> Generated:
+def commit_draws(draws: Sequence[tuple[GenerateWork, np.random.Generator]]) -> None:
+    """Move each work's generator on to where its draws (made from a copy) left it, once the whole
+    batch is answered. A batch that fails part way is computed again, work by work: a generator
+    moved by the failed try made a seeded Generate batched beside a failing work draw other text."""
+    for work, rng in draws:
+        work.rng.bit_generator.state = rng.bit_generator.state
+
+
+def generated(work: GenerateWork, rng: np.random.Generator) -> Generated:
+    """work's draws, from rng (a copy of the work's generator: see commit_draws)."""
     a = work.adapting
     net = work.net if a is None else adapt.adapted(work.net, a.adapter)
-    text, state, probs = generate(net, work.state, work.probs, work.length, work.rng, work.sampling)
+    text, state, probs = generate(net, work.state, work.probs, work.length, rng, work.sampling)
     idx = work.net.vocab.encode(text)
     if a is None:
         return Generated(text, idx, state, probs)
