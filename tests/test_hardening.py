@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import re
 import signal
 import threading
 import time
+import types
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -484,6 +486,52 @@ def test_memory_long_predicts_took_comes_back_once_idle(tmp_path: Path) -> None:
         assert after - before <= 8 * 1024, f"RSS stayed {after - before} KiB above where it started"
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("method", ["GetSession", "UploadText"])
+def test_refused_calls_leave_no_reference_cycles(srv: ServerThread, method: str) -> None:
+    """Bytes that are not a request are refused INVALID_ARGUMENT, and no refused call's state is
+    left for the garbage collector. The refusal's error held its traceback, whose frames held the
+    request that held the error, and with them the call's context and gRPC's call state: ~18
+    objects per call (~31 for an upload) in cycles that an idle server never collected (make
+    bench-abuse's malformed kind left ~900 calls' worth 30 s after)."""
+    service = pb.DESCRIPTOR.services_by_name["NextCharService"]
+    path = f"/{service.full_name}/{method}"
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    if service.methods_by_name[method].client_streaming:
+        call = channel.stream_unary(path)
+        garbage = lambda: call(iter([b"\xff\xff\xff"]), timeout=10)  # noqa: E731
+    else:
+        garbage = lambda: channel.unary_unary(path)(b"\xff\xff\xff", timeout=10)  # noqa: E731
+
+    def refused_calls(n: int) -> None:
+        codes = []
+        for _ in range(n):
+            try:
+                garbage()
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * n
+
+    refused_calls(10)  # every path warmed
+    time.sleep(0.3)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable is kept for counting
+    try:
+        refused_calls(100)
+        time.sleep(0.3)  # each call's end has run on the server's loop
+        gc.collect()
+        held = [
+            o
+            for o in gc.garbage
+            if type(o).__name__ in ("_ServicerContext", "RPCState")  # (the server's call state)
+            or (isinstance(o, types.FrameType) and "nextchar" in o.f_code.co_filename)
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        channel.close()
+    assert not held, f"{len(held)} of the refused calls' frames and call states left in cycles"
 
 
 def test_a_text_bigger_than_any_message_trains_through_an_upload(tmp_path: Path) -> None:
