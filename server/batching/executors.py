@@ -1,6 +1,6 @@
 """Where a batch is computed, behind one interface: on the loop, in a thread, or in the compute process.
 
-The scheduler picks by size: a batch small enough that a hop would cost more than
+The scheduler picks by cost: a batch cheap enough that a hop would cost more than
 the arithmetic runs inline on the event loop; a bigger one goes off the loop, to
 the compute process (free of the server's GIL) or, for adaptive sessions' generations
 and after the process failed, to a thread. Every executor computes the same thing (``work.compute``

@@ -51,7 +51,6 @@ if TYPE_CHECKING:  # the child never imports the server's side
 FRAME = struct.Struct("!Q")  # payload length
 DEADLINE = 30.0  # seconds: far beyond any batch's time, even on a loaded machine...
 DEADLINE_CHARS_PER_SEC = 10_000  # ...plus its characters at 1/30 of the usual speed
-DRAW_STEPS = 10  # a drawn character counts as this many (one step alone, and a draw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,9 +224,8 @@ class ComputeProcess:
     ) -> Drawn:
         """generate's text, state and probs after it, and a copy of rng moved on as far as the draws
         took it (rng itself is untouched); raises RuntimeError if the child cannot give it."""
-        answer = await self._ask(
-            model, lambda key: Draw(key, state, probs, length, rng, sampling), length * DRAW_STEPS
-        )
+        # (a piece draws at most a few dozen characters: the deadline's floor covers it)
+        answer = await self._ask(model, lambda key: Draw(key, state, probs, length, rng, sampling), length)
         assert isinstance(answer, Drawn)
         return answer
 
