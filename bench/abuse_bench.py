@@ -45,7 +45,9 @@ server's totals (``max_model_bytes`` + ``max_pending_upload_bytes``), and no tex
 in ``_texts`` after the recovery. The server's RSS is sampled every 0.25 s (its children, the
 compute process among them, are reported beside it), the model directory every second; the
 server's CPU, alone and under attack, in cores: its event loop, its other threads, its children.
-Results: ``bench/results/abuse-<time>.json`` and a table. The measured processes run without
+``--again N`` repeats the attack N more times on the same server, each followed by the
+recovery, and reports the RSS after each (not a goal: whether what stays grows). Results:
+``bench/results/abuse-<time>.json`` and a table. The measured processes run without
 this machine's OpenBLAS pin (``bench_env``).
 """
 
@@ -613,6 +615,27 @@ def jobs_by_state(stub: Any) -> dict[str, int]:
     return out
 
 
+def hostile_process(port: int, args: argparse.Namespace, cores: set[int] | None) -> subprocess.Popen[str]:
+    """The hostile clients, in a process of their own (on cores, when given); "go" on its stdin
+    starts the session flood."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--hostile",
+            str(port),
+            str(args.duration + 8),
+            args.kinds,
+            str(args.storm_trains),
+            str(args.prime_chars),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores),
+    )
+
+
 def apart(wanted: bool) -> set[int] | None:
     """With wanted, the cores the hostile clients get (the last one), after moving this process
     (the well-behaved clients, and the server it starts) to the others: the attackers then take
@@ -654,22 +677,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             before_mb = sampler.last("alone")
             disk_before = sampler.dirs()
             sampler.phase = "attack"
-            attackers = subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    "--hostile",
-                    str(port),
-                    str(args.duration + 8),
-                    args.kinds,
-                    str(args.storm_trains),
-                    str(args.prime_chars),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                preexec_fn=None if hostile_cores is None else lambda: os.sched_setaffinity(0, hostile_cores),
-            )
+            attackers = hostile_process(port, args, hostile_cores)
             time.sleep(4.0)  # the hostile clients connected and flooding
             sessions_before = sessions_total(stub)
             client = well_behaved(port, args.duration)
@@ -690,6 +698,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(args.recovery)
             after_mb = sampler.last("recovery")
             disk_after = sampler.dirs()
+            afters = [after_mb]
+            for _ in range(args.again):  # the same attack again: does what stays after grow?
+                sampler.phase = "attack"
+                again = hostile_process(port, args, hostile_cores)
+                time.sleep(4.0)
+                again.communicate("go\n", timeout=args.duration + 180)
+                sampler.phase = "recovery"
+                time.sleep(args.recovery)
+                afters.append(sampler.last("recovery"))
             sessions_after = sessions_total(stub)
             jobs = jobs_by_state(stub)
             still_serving = well_behaved_run(port, 3.0)
@@ -738,6 +755,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "rss_before_mb": before_mb,
         "rss_peak_mb": peak,
         "rss_after_mb": after_mb,
+        "rss_after_each_attack_mb": afters,
         "children_peak_mb": max((s["children_mb"] for s in sampler.samples), default=0.0),
         "disk_before": disk_before,
         "disk_peak_bytes": disk_peak,
@@ -769,6 +787,9 @@ def print_table(r: dict[str, Any]) -> None:
         f"server RSS: before {r['rss_before_mb']:.0f} MB, peak {r['rss_peak_mb']:.0f} MB, "
         f"{r['args']['recovery']:g} s after {r['rss_after_mb']:.0f} MB (children peak {r['children_peak_mb']:.0f} MB)"
     )
+    if len(r["rss_after_each_attack_mb"]) > 1:
+        each = ", ".join(f"{mb:.0f}" for mb in r["rss_after_each_attack_mb"])
+        print(f"server RSS {r['args']['recovery']:g} s after each attack: {each} MB")
     b, d = r["disk_before"], r["disk_after"]
     print(
         f"model dir: before {b['model_dir_bytes'] / MIB:.1f} MB, peak {r['disk_peak_bytes'] / MIB:.1f} MB, "
@@ -799,6 +820,12 @@ if __name__ == "__main__":
         parser.add_argument("--prime-chars", type=int, default=4096, help="long_primes' prime length")
         parser.add_argument(
             "--storm-trains", type=int, default=300, help="train_storm's Trains over the attack"
+        )
+        parser.add_argument(
+            "--again",
+            type=int,
+            default=0,
+            help="attacks more, each followed by --recovery seconds: the RSS after each (not a goal)",
         )
         parser.add_argument(
             "--apart",
