@@ -20,7 +20,6 @@ import numpy as np
 from nextchar.server.batching.process import ComputeProcess
 from nextchar.server.batching.work import (
     BatchStats,
-    Generated,
     GenerateWork,
     PredictWork,
     Result,
@@ -29,6 +28,7 @@ from nextchar.server.batching.work import (
     compute,
     pack,
     prediction_groups,
+    static_generated,
     unpack,
 )
 
@@ -122,7 +122,7 @@ class ProcessExecutor:
                 drawn = await process.generate(
                     work.net, work.state, work.probs, work.length, work.rng, work.sampling
                 )
-                out[i] = Generated(drawn.text, work.net.vocab.encode(drawn.text), drawn.state, drawn.probs)
+                out[i] = static_generated(work, drawn.text, drawn.state, drawn.probs)
                 draws.append((work, drawn.rng))
         for members, works in prediction_groups(batch):
             packed = pack(works)

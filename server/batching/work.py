@@ -367,13 +367,18 @@ def commit_draws(draws: Sequence[tuple[GenerateWork, np.random.Generator]]) -> N
         work.rng.bit_generator.state = rng.bit_generator.state
 
 
+def static_generated(work: GenerateWork, text: str, state: np.ndarray, probs: np.ndarray) -> Generated:
+    """A static session's work's result, from generate's (text, state, probs), wherever drawn."""
+    return Generated(text, work.net.vocab.encode(text), state, probs)
+
+
 def generated(work: GenerateWork, rng: np.random.Generator) -> Generated:
     """work's draws, from rng (a copy of the work's generator: see commit_draws)."""
     a = work.adapting
     net = work.net if a is None else adapt.adapted(work.net, a.adapter)
     text, state, probs = generate(net, work.state, work.probs, work.length, rng, work.sampling)
-    idx = work.net.vocab.encode(text)
     if a is None:
-        return Generated(text, idx, state, probs)
+        return static_generated(work, text, state, probs)
+    idx = work.net.vocab.encode(text)
     adapter, out = adapt.feed(work.net, a.rule, a.adapter, work.state, work.probs, idx)
     return Generated(text, idx, out.states[0], out.last_probs[0], adapter, a.moved_base(work.net))
